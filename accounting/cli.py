@@ -1,0 +1,366 @@
+"""The ``dpfl`` command line: privacy budgets without writing code.
+
+  dpfl epsilon   --noise-multiplier S --sampling-prob Q --steps T --delta D
+  dpfl calibrate --target-epsilon E --sampling-prob Q --steps T --delta D
+
+Either form of sampling input works: ``--sampling-prob Q --steps T`` or
+``--dataset-size N --batch-size B --epochs E``. ``--privacy-unit user
+--sampling-unit user`` is ULS; ``--privacy-unit user --sampling-unit example
+--examples-per-user K`` is ELS.
+
+Start-up is kept light: this module imports only the standard library and the
+mechanism descriptions; dp-accounting is imported when a number is computed,
+so ``dpfl --help`` never pays for it. Bad input exits with status 2 and one
+line on stderr naming the flag and its allowed range.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+
+from accounting import mechanisms as mech
+
+_FLAG_OF = {
+    "noise_multiplier": "--noise-multiplier", "sampling_prob": "--sampling-prob",
+    "num_steps": "--steps", "delta": "--delta", "examples_per_user": "--examples-per-user",
+    "dataset_size": "--dataset-size", "batch_size": "--batch-size", "epochs": "--epochs",
+    "target_epsilon": "--target-epsilon", "max_batch_size": "--max-batch-size",
+    "accountant": "--accountant",
+}
+
+
+class UsageError(Exception):
+  """Bad command-line input: one line on stderr, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):  # one line, no usage dump, status 2
+    raise UsageError(f"{self.prog}: {message}")
+
+
+def _flagged(message: str) -> str:
+  """Rewrites python argument names in a ValueError into the CLI's flags."""
+  return re.sub(r"(?<![-\w])(" + "|".join(_FLAG_OF) + r")\b", lambda m: _FLAG_OF[m.group(1)], message)
+
+
+# --- arguments ----------------------------------------------------------------
+
+def _add_common(p: argparse.ArgumentParser, *, calibrate: bool) -> None:
+  p.add_argument("--noise-multiplier", type=float, metavar="S",
+                 help="noise std / clip norm" + (" (omit to calibrate it)" if calibrate else ""))
+  p.add_argument("--sampling-prob", type=float, metavar="Q",
+                 help="Poisson sampling probability of a unit per step, in (0, 1]")
+  p.add_argument("--steps", type=int, metavar="T", help="number of noisy steps, >= 1")
+  p.add_argument("--dataset-size", type=int, metavar="N",
+                 help="number of sampling units (examples, or users for ULS)")
+  p.add_argument("--batch-size", type=int, metavar="B", help="expected batch size (q = B/N)")
+  p.add_argument("--epochs", type=float, metavar="E", help="passes over the data (T = ceil(E·N/B))")
+  p.add_argument("--delta", type=float, required=True, metavar="D", help="target δ in (0, 1)")
+  p.add_argument("--accountant", choices=("pld", "rdp"), default="pld",
+                 help="dp-accounting back end (default: pld)")
+  p.add_argument("--privacy-unit", choices=("example", "user"), default="example",
+                 help="what a neighbouring dataset adds or removes (default: example)")
+  p.add_argument("--sampling-unit", choices=("example", "user"), default=None,
+                 help="what is Poisson-sampled (default: same as --privacy-unit)")
+  p.add_argument("--examples-per-user", type=int, metavar="K",
+                 help="cap on examples per user; required for ELS")
+  p.add_argument("--sampling-scheme", choices=("poisson", "shuffle"), default="poisson",
+                 help="poisson (default), or fixed-size shuffled batches with no "
+                      "amplification (needs --dataset-size and --batch-size)")
+  p.add_argument("--max-batch-size", type=int, metavar="M",
+                 help="truncate Poisson batches to M examples (accounted exactly; "
+                      "needs --dataset-size)")
+  p.add_argument("--json", action="store_true",
+                 help="print one JSON object as the last line of stdout")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = _Parser(prog="dpfl", description="dpfl: differential privacy for JAX training. "
+                   "Privacy accounting from the command line.")
+  sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+  sub.required = True
+  eps = sub.add_parser("epsilon", help="ε spent by a DP-SGD configuration at δ",
+                       description="ε spent by a DP-SGD configuration at δ.")
+  _add_common(eps, calibrate=False)
+  eps.add_argument("--group-privacy", action="store_true",
+                   help="ELS: also report the group-privacy baseline (example-level ε "
+                        "converted to k examples)")
+  cal = sub.add_parser("calibrate", help="noise, steps or sampling rate for a target ε",
+                       description="Solves for the one quantity left out: the noise "
+                       "multiplier, the steps (or epochs), or the sampling rate (or "
+                       "batch size).")
+  cal.add_argument("--target-epsilon", type=float, required=True, metavar="E",
+                   help="the ε budget, > 0")
+  _add_common(cal, calibrate=True)
+  return parser
+
+
+# --- from flags to mechanisms ---------------------------------------------------
+
+def _scheme(args) -> str:
+  """Names the algorithm the flags describe, after checking they fit together."""
+  sampling_unit = args.sampling_unit or args.privacy_unit
+  if args.privacy_unit == "example" and sampling_unit == "user":
+    raise UsageError("--sampling-unit user needs --privacy-unit user (that is ULS); "
+                     "example-level privacy with user sampling is not a supported scheme")
+  els = args.privacy_unit == "user" and sampling_unit == "example"
+  if els and args.examples_per_user is None:
+    raise UsageError("--examples-per-user is required for ELS (--privacy-unit user "
+                     "--sampling-unit example): give an integer >= 1")
+  if not els and args.examples_per_user is not None:
+    raise UsageError("--examples-per-user applies only to ELS (--privacy-unit user "
+                     "--sampling-unit example)")
+  if args.examples_per_user is not None and args.examples_per_user < 1:
+    raise UsageError(f"--examples-per-user must be an integer >= 1, got {args.examples_per_user}")
+  if args.sampling_scheme == "shuffle":
+    if args.privacy_unit != "example":
+      raise UsageError("--sampling-scheme shuffle is supported for --privacy-unit example only")
+    if args.dataset_size is None or args.batch_size is None:
+      raise UsageError("--sampling-scheme shuffle needs --dataset-size and --batch-size")
+    if args.max_batch_size is not None:
+      raise UsageError("--max-batch-size applies to Poisson sampling, not to "
+                       "--sampling-scheme shuffle")
+    return "shuffle"
+  if args.max_batch_size is not None:
+    if args.privacy_unit != "example":
+      raise UsageError("--max-batch-size is supported for --privacy-unit example only")
+    if args.dataset_size is None:
+      raise UsageError("--max-batch-size needs --dataset-size")
+    return "truncated"
+  return "els" if els else ("uls" if args.privacy_unit == "user" else "poisson")
+
+
+_DESCRIPTION = {
+    "poisson": "example-level DP-SGD, Poisson sampling",
+    "truncated": "example-level DP-SGD, truncated Poisson sampling",
+    "shuffle": "example-level DP-SGD, shuffled fixed-size batches (no amplification)",
+    "uls": "user-level DP, ULS (users Poisson-sampled, one clipped vector per user)",
+    "els": "user-level DP, ELS (examples Poisson-sampled, <= K examples per user)",
+}
+
+
+def _maker(args, scheme):
+  """(σ, q, T) -> mechanism for the scheme the flags describe."""
+  def make(sigma, q, steps):
+    if scheme == "poisson":
+      return mech.PoissonDpSgd(sigma, q, steps)
+    if scheme == "uls":
+      return mech.UlsDpSgd(sigma, q, steps)
+    if scheme == "els":
+      return mech.ElsDpSgd(sigma, q, steps, args.examples_per_user)
+    if scheme == "truncated":
+      return mech.TruncatedPoissonDpSgd(sigma, q, args.dataset_size, args.max_batch_size, steps)
+    batch = args.batch_size if args.batch_size is not None else round(q * args.dataset_size)
+    return mech.ShuffledDpSgd(sigma, args.dataset_size, batch, steps)
+  return make
+
+
+def _sampling_inputs(args, *, need_q: bool, need_steps: bool):
+  """(q, T, batch_size) from either input form; None for what is left out."""
+  dataset_form = any(v is not None for v in (args.batch_size, args.epochs))
+  if args.sampling_prob is not None and dataset_form:
+    raise UsageError("give --sampling-prob/--steps or --dataset-size/--batch-size/--epochs, "
+                     "not both")
+  if args.sampling_prob is not None or not dataset_form:
+    if need_q and args.sampling_prob is None:
+      raise UsageError("--sampling-prob is required (in (0, 1]), or give --dataset-size, "
+                       "--batch-size and --epochs")
+    if args.epochs is not None:
+      raise UsageError("--epochs needs --dataset-size and --batch-size")
+    if need_steps and args.steps is None:
+      raise UsageError("--steps is required (an integer >= 1), or give --dataset-size, "
+                       "--batch-size and --epochs")
+    return args.sampling_prob, args.steps, args.batch_size
+  # dataset form
+  if args.dataset_size is None:
+    raise UsageError("--batch-size/--epochs need --dataset-size (an integer >= 1)")
+  for flag, value in (("--dataset-size", args.dataset_size), ("--batch-size", args.batch_size)):
+    if value is not None and value < 1:
+      raise UsageError(f"{flag} must be an integer >= 1, got {value}")
+  if need_q and args.batch_size is None:
+    raise UsageError("--batch-size is required with --dataset-size (an integer >= 1)")
+  if args.steps is not None and args.epochs is not None:
+    raise UsageError("give --steps or --epochs, not both")
+  q = steps = None
+  if args.batch_size is not None:
+    if args.batch_size > args.dataset_size:
+      raise UsageError(f"--batch-size must be <= --dataset-size ({args.dataset_size}), "
+                       f"got {args.batch_size}")
+    q = args.batch_size / args.dataset_size
+  if args.epochs is not None:
+    if args.batch_size is None:
+      raise UsageError("--epochs needs --batch-size")
+    q, steps = mech.sampling_from_epochs(dataset_size=args.dataset_size,
+                                         batch_size=args.batch_size, epochs=args.epochs)
+  elif args.steps is not None:
+    steps = args.steps
+  elif need_steps:
+    raise UsageError("--epochs (> 0) or --steps (>= 1) is required")
+  return q, steps, args.batch_size
+
+
+def _check_delta(args):
+  if not (0 < args.delta < 1):
+    raise UsageError(f"--delta must be in (0, 1), got {args.delta:g}")
+
+
+# --- commands ----------------------------------------------------------------------
+
+def _fmt(value) -> str:
+  if isinstance(value, float):
+    return f"{value:.6g}" if math.isfinite(value) else str(value)
+  return str(value)
+
+
+def _print_table(title: str, rows: list[tuple[str, object]]) -> None:
+  print(title)
+  width = max(len(k) for k, _ in rows)
+  for key, value in rows:
+    if value is not None:
+      print(f"  {key:<{width}}  {_fmt(value)}")
+
+
+def _accountant_label(args, disc) -> str:
+  if args.accountant == "rdp":
+    return "rdp"
+  return f"pld (Δ={disc:g})" if isinstance(disc, float) else f"pld ({disc})"
+
+
+def _cmd_epsilon(args) -> dict:
+  _check_delta(args)
+  scheme = _scheme(args)
+  if args.noise_multiplier is None:
+    raise UsageError("--noise-multiplier is required (> 0)")
+  q, steps, batch = _sampling_inputs(args, need_q=True, need_steps=True)
+  from accounting import accountants
+  mechanism = _maker(args, scheme)(args.noise_multiplier, q, steps)
+  eps, disc = accountants.epsilon_and_discretization(mechanism, delta=args.delta,
+                                                     accountant=args.accountant)
+  out = {"epsilon": eps, "delta": args.delta, "accountant": args.accountant,
+         "noise_multiplier": args.noise_multiplier, "sampling_prob": q, "steps": steps,
+         "privacy_unit": args.privacy_unit,
+         "sampling_unit": args.sampling_unit or args.privacy_unit,
+         "examples_per_user": args.examples_per_user, "scheme": scheme,
+         "discretization": disc, "mechanism": mechanism.to_dict()}
+  if args.group_privacy:
+    if scheme != "els":
+      raise UsageError("--group-privacy applies to ELS (--privacy-unit user "
+                       "--sampling-unit example --examples-per-user K)")
+    from accounting import group
+    example_level = mech.PoissonDpSgd(args.noise_multiplier, q, steps)
+    out["group_privacy_epsilon"] = group.group_privacy_epsilon(
+        example_level, group_size=args.examples_per_user, delta=args.delta,
+        accountant=args.accountant)
+  if not args.json:
+    _print_table(f"dpfl epsilon: {_DESCRIPTION[scheme]}", [
+        ("noise multiplier", args.noise_multiplier), ("sampling prob", q),
+        ("batch size", batch), ("steps", steps),
+        ("examples per user", args.examples_per_user), ("privacy unit", args.privacy_unit),
+        ("delta", args.delta), ("accountant", _accountant_label(args, disc)),
+        ("epsilon", eps), ("group-privacy epsilon", out.get("group_privacy_epsilon"))])
+  return out
+
+
+def _cmd_calibrate(args) -> dict:
+  _check_delta(args)
+  if not (args.target_epsilon > 0 and math.isfinite(args.target_epsilon)):
+    raise UsageError(f"--target-epsilon must be a finite number > 0, got {args.target_epsilon:g}")
+  scheme = _scheme(args)
+  from accounting import calibrate as cal
+  make = _maker(args, scheme)
+  common = dict(target_epsilon=args.target_epsilon, delta=args.delta, accountant=args.accountant)
+  out_batch = args.batch_size
+  if args.noise_multiplier is None:
+    q, steps, _ = _sampling_inputs(args, need_q=True, need_steps=True)
+    mech_for = lambda s: make(s, q, steps)
+    result = cal.calibrate_noise_multiplier(mech_for, **common)
+    sigma = result.value
+  else:
+    if args.noise_multiplier <= 0:
+      raise UsageError(f"--noise-multiplier must be > 0, got {args.noise_multiplier:g}")
+    sigma = args.noise_multiplier
+    missing_steps = args.steps is None and args.epochs is None
+    missing_q = args.sampling_prob is None and args.batch_size is None
+    if missing_steps == missing_q:
+      raise UsageError("with --noise-multiplier given, leave out exactly one of --steps "
+                       "(or --epochs) and --sampling-prob (or --batch-size) to calibrate it")
+    if missing_steps:
+      q, _, _ = _sampling_inputs(args, need_q=True, need_steps=False)
+      result = cal.calibrate_num_steps(lambda t: make(sigma, q, t), **common)
+      steps = int(result.value)
+    else:
+      if scheme in ("shuffle", "truncated"):
+        raise UsageError("calibrating the sampling rate is supported for Poisson sampling "
+                         "(drop --sampling-scheme/--max-batch-size)")
+      if args.epochs is not None:
+        raise UsageError("calibrating the batch size needs --steps, not --epochs")
+      steps = args.steps
+      if steps < 1:
+        raise UsageError(f"--steps must be an integer >= 1, got {steps}")
+      if args.dataset_size is not None:
+        n = args.dataset_size
+        if n < 1:
+          raise UsageError(f"--dataset-size must be an integer >= 1, got {n}")
+        result = cal.calibrate_batch_size(lambda b: make(sigma, b / n, steps),
+                                          dataset_size=n, **common)
+        out_batch = int(result.value)
+        q = out_batch / n
+      else:
+        result = cal.calibrate_sampling_prob(lambda qq: make(sigma, qq, steps), **common)
+        q = result.value
+  out = {"noise_multiplier": sigma, "epsilon": result.epsilon, "delta": args.delta,
+         "accountant": args.accountant, "target_epsilon": args.target_epsilon,
+         "sampling_prob": q, "steps": steps, "batch_size": out_batch,
+         "privacy_unit": args.privacy_unit,
+         "sampling_unit": args.sampling_unit or args.privacy_unit,
+         "examples_per_user": args.examples_per_user, "scheme": scheme,
+         "discretization": result.discretization, "mechanism": result.mechanism.to_dict()}
+  if not args.json:
+    _print_table(f"dpfl calibrate: {_DESCRIPTION[scheme]}", [
+        ("target epsilon", args.target_epsilon), ("noise multiplier", sigma),
+        ("sampling prob", q), ("batch size", out_batch), ("steps", steps),
+        ("examples per user", args.examples_per_user), ("privacy unit", args.privacy_unit),
+        ("delta", args.delta), ("accountant", _accountant_label(args, result.discretization)),
+        ("epsilon achieved", result.epsilon)])
+  return out
+
+
+_COMMANDS = {"epsilon": _cmd_epsilon, "calibrate": _cmd_calibrate}
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Entry point of the ``dpfl`` console script. Returns the exit status."""
+  try:
+    args = build_parser().parse_args(argv)
+    out = _COMMANDS[args.command](args)
+  except UsageError as e:
+    message = str(e)
+    if message.startswith("dpfl"):  # argparse's "dpfl epsilon: ..." form
+      prog, _, message = message.partition(": ")
+    else:
+      prog = "dpfl"
+    print(f"{prog}: error: {_flagged(message)}", file=sys.stderr)
+    return 2
+  except ValueError as e:  # a mechanism or accountant rejected an argument
+    print(f"dpfl: error: {_flagged(str(e))}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    return 130
+  except Exception as e:  # pragma: no cover - one line unless debugging
+    if os.environ.get("DPFL_DEBUG"):
+      raise
+    print(f"dpfl: internal error: {type(e).__name__}: {e} (set DPFL_DEBUG=1 for a "
+          "traceback)", file=sys.stderr)
+    return 1
+  if args.json:
+    print(json.dumps(out, sort_keys=True, default=str))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,127 @@
+"""The ledger: an append-only record of the mechanisms a run has executed.
+
+Training code records each private step (or a block of identical steps) as a
+mechanism description; ε is recomputed from the record at any time, by the
+same ``accounting.epsilon`` the CLI uses. Consecutive records that differ
+only in their step count are merged, so a million-step run is one entry.
+
+The JSON form is ``{"format": "dpfl-ledger", "version": 1, "privacy_unit":
+..., "entries": [<mechanism dict>, ...]}``; ``Ledger.load`` resumes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any, Iterable
+
+from accounting import accountants
+from accounting import mechanisms as mech
+
+_FORMAT = "dpfl-ledger"
+_VERSION = 1
+
+
+class Ledger:
+  """Append-only record of mechanisms; ε is always recomputed from it."""
+
+  def __init__(self, entries: Iterable[mech.Mechanism] = ()):
+    self._entries: list[mech.Mechanism] = []
+    for entry in entries:
+      self.record(entry)
+
+  @property
+  def entries(self) -> tuple[mech.Mechanism, ...]:
+    """The recorded mechanisms, oldest first (read-only)."""
+    return tuple(self._entries)
+
+  @property
+  def privacy_unit(self) -> str | None:
+    return self._entries[0].privacy_unit if self._entries else None
+
+  @property
+  def num_steps(self) -> int:
+    return sum(e.num_steps for e in self._entries)
+
+  def record(self, mechanism: mech.Mechanism) -> None:
+    """Appends what was just run. Never rewrites history, only extends it."""
+    if not isinstance(mechanism, mech.Mechanism):
+      raise ValueError(f"mechanism must be an accounting Mechanism, got {mechanism!r}")
+    for phase in mech.flatten(mechanism):
+      if self._entries and phase.privacy_unit != self.privacy_unit:
+        raise ValueError(
+            f"mechanism protects a {phase.privacy_unit!r} but this ledger records "
+            f"{self.privacy_unit!r}-level privacy; use a separate ledger")
+      last = self._entries[-1] if self._entries else None
+      if (last is not None and type(last) is type(phase)
+          and last.with_steps(1) == phase.with_steps(1)):
+        self._entries[-1] = last.with_steps(last.num_steps + phase.num_steps)
+      else:
+        self._entries.append(phase)
+
+  def mechanism(self) -> mech.Mechanism:
+    """Everything recorded, as one (composed) mechanism."""
+    if not self._entries:
+      raise ValueError("the ledger is empty: nothing has been run yet")
+    if len(self._entries) == 1:
+      return self._entries[0]
+    return mech.Composed(tuple(self._entries))
+
+  def epsilon(self, *, delta: float, accountant: str = "pld", discretization=None) -> float:
+    """ε spent so far at ``delta`` (0 if nothing has been run)."""
+    if not self._entries:
+      return 0.0
+    return accountants.epsilon(self.mechanism(), delta=delta, accountant=accountant,
+                               discretization=discretization)
+
+  # --- serialisation -------------------------------------------------------
+
+  def to_dict(self) -> dict[str, Any]:
+    return {"format": _FORMAT, "version": _VERSION, "privacy_unit": self.privacy_unit,
+            "entries": [e.to_dict() for e in self._entries]}
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), sort_keys=True)
+
+  @classmethod
+  def from_dict(cls, data: dict[str, Any]) -> "Ledger":
+    if not isinstance(data, dict) or data.get("format") != _FORMAT:
+      raise ValueError(f"not a dpfl ledger (format must be {_FORMAT!r})")
+    if data.get("version") != _VERSION:
+      raise ValueError(f"ledger version must be {_VERSION}, got {data.get('version')!r}")
+    return cls(mech.from_dict(e) for e in data["entries"])
+
+  @classmethod
+  def from_json(cls, text: str) -> "Ledger":
+    return cls.from_dict(json.loads(text))
+
+  def save(self, path: str | os.PathLike) -> None:
+    """Writes atomically (temp file + rename): a crash never truncates a ledger."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".ledger-", suffix=".json")
+    try:
+      with os.fdopen(fd, "w") as f:
+        f.write(self.to_json())
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(tmp, path)
+    except BaseException:
+      if os.path.exists(tmp):
+        os.unlink(tmp)
+      raise
+
+  @classmethod
+  def load(cls, path: str | os.PathLike) -> "Ledger":
+    with open(path) as f:
+      return cls.from_json(f.read())
+
+  def __len__(self) -> int:
+    return len(self._entries)
+
+  def __eq__(self, other) -> bool:
+    return isinstance(other, Ledger) and self._entries == other._entries
+
+  def __repr__(self) -> str:
+    return f"Ledger({self._entries!r})"

@@ -1,0 +1,384 @@
+"""Descriptions of what a private training run did, one frozen value each.
+
+A mechanism description is all the accountant needs: the noise multiplier, the
+sampling scheme and rate, the unit of privacy, and the number of steps. Each
+class states its exact mathematical mechanism in its docstring (the privacy
+argument fits on one screen) and converts to a ``dp_accounting.DpEvent``.
+
+Conventions shared by every class:
+
+* Sensitivities are in units of the clip norm ``C``: a unit's (example's or
+  user's) clipped contribution to the released sum has L2 norm ``<= C`` and the
+  noise added to the sum is ``N(0, (noise_multiplier * C)^2 I)``. The noise
+  multiplier is therefore the ratio of noise standard deviation to
+  sensitivity, as in dp-accounting.
+* Neighbouring datasets differ by adding or removing one *privacy unit*: one
+  example (``privacy_unit == "example"``) or all the examples of one user
+  (``privacy_unit == "user"``).
+* ``num_steps`` counts released noisy sums.
+
+This module never imports dp-accounting at import time (``dpfl --help`` must
+not pay for it); ``dp_event()`` imports it when called.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fractions
+import math
+from typing import Any, ClassVar
+
+from accounting import _validate as check
+
+_REGISTRY: dict[str, type["Mechanism"]] = {}
+
+
+def _register(cls):
+  _REGISTRY[cls.kind] = cls
+  return cls
+
+
+def binomial_pmf(num_trials: int, success_prob: float) -> list[float]:
+  """P[Binomial(num_trials, success_prob) = j] for j = 0..num_trials.
+
+  Computed in log space (lgamma) so it neither overflows for large
+  ``num_trials`` nor loses the tiny upper-tail masses that dominate the
+  privacy loss of the ELS mixture.
+  """
+  if success_prob >= 1.0:
+    return [0.0] * num_trials + [1.0]
+  log_q, log_1mq = math.log(success_prob), math.log1p(-success_prob)
+  lg = math.lgamma
+  return [
+      math.exp(lg(num_trials + 1) - lg(j + 1) - lg(num_trials - j + 1)
+               + j * log_q + (num_trials - j) * log_1mq)
+      for j in range(num_trials + 1)
+  ]
+
+
+@dataclasses.dataclass(frozen=True)
+class Mechanism:
+  """Base class: a serialisable description of a privatized computation."""
+
+  kind: ClassVar[str] = ""
+  privacy_unit: ClassVar[str] = "example"
+  # Set by classes whose event only dp-accounting's PLD accountant supports.
+  pld_only: ClassVar[bool] = False
+
+  def dp_event(self):
+    """The dp-accounting ``DpEvent`` of the whole mechanism (all steps)."""
+    raise NotImplementedError
+
+  def to_dict(self) -> dict[str, Any]:
+    """A JSON-ready dict; ``from_dict`` inverts it exactly."""
+    out: dict[str, Any] = {"type": self.kind}
+    for f in dataclasses.fields(self):
+      value = getattr(self, f.name)
+      if isinstance(value, tuple) and value and isinstance(value[0], Mechanism):
+        value = [m.to_dict() for m in value]
+      out[f.name] = value
+    return out
+
+  def with_steps(self, num_steps: int) -> "Mechanism":
+    """The same mechanism run for a different number of steps."""
+    return dataclasses.replace(self, num_steps=num_steps)
+
+  def describe(self) -> str:
+    """One human-readable line."""
+    fields = ", ".join(f"{f.name}={getattr(self, f.name)}"
+                       for f in dataclasses.fields(self))
+    return f"{self.kind}({fields})"
+
+
+def from_dict(data: dict[str, Any]) -> Mechanism:
+  """Rebuilds a mechanism written by ``Mechanism.to_dict``."""
+  if not isinstance(data, dict) or "type" not in data:
+    raise ValueError(f"mechanism must be a dict with a 'type' key, got {data!r}")
+  kind = data["type"]
+  if kind not in _REGISTRY:
+    raise ValueError(
+        f"mechanism type must be one of {', '.join(sorted(_REGISTRY))}; got {kind!r}")
+  kwargs = {k: v for k, v in data.items() if k != "type"}
+  if kind == Composed.kind:
+    kwargs["phases"] = tuple(from_dict(p) for p in kwargs.get("phases", ()))
+  return _REGISTRY[kind](**kwargs)
+
+
+def _poisson_gaussian(noise_multiplier: float, sampling_prob: float, num_steps: int):
+  import dp_accounting as dpa  # deferred: heavy import
+  return dpa.SelfComposedDpEvent(
+      dpa.PoissonSampledDpEvent(sampling_prob, dpa.GaussianDpEvent(noise_multiplier)),
+      num_steps)
+
+
+@_register
+@dataclasses.dataclass(frozen=True)
+class PoissonDpSgd(Mechanism):
+  """Example-level DP-SGD with Poisson sampling (Abadi et al. 2016).
+
+  Each step includes every example independently with probability
+  ``sampling_prob``, sums the included examples' gradients, each clipped to L2
+  norm ``C``, and adds ``N(0, (noise_multiplier * C)^2 I)``. Adding or removing
+  one example changes the sum by at most ``C``; ``num_steps`` such releases are
+  composed adaptively.
+
+  DpEvent: ``SelfComposed(PoissonSampled(q, Gaussian(noise_multiplier)), T)``.
+  """
+
+  kind: ClassVar[str] = "poisson_dp_sgd"
+  noise_multiplier: float
+  sampling_prob: float
+  num_steps: int
+
+  def __post_init__(self):
+    object.__setattr__(self, "noise_multiplier",
+                       check.positive("noise_multiplier", self.noise_multiplier))
+    object.__setattr__(self, "sampling_prob",
+                       check.probability("sampling_prob", self.sampling_prob))
+    object.__setattr__(self, "num_steps", check.positive_int("num_steps", self.num_steps))
+
+  def dp_event(self):
+    return _poisson_gaussian(self.noise_multiplier, self.sampling_prob, self.num_steps)
+
+
+@_register
+@dataclasses.dataclass(frozen=True)
+class UlsDpSgd(PoissonDpSgd):
+  """User-level DP-SGD with user-level sampling (ULS; DP-FedAvg).
+
+  Charles et al. 2024, "Fine-Tuning LLMs with User-Level DP". Each step
+  includes every *user* independently with probability ``sampling_prob``;
+  each included user contributes one vector (the gradient of their mean loss,
+  or their model delta after local steps) clipped to L2 norm ``C``; the sum
+  gets ``N(0, (noise_multiplier * C)^2 I)``. Adding or removing one user
+  changes the sum by at most ``C`` however many examples the user holds, so
+  this is DP-SGD over users.
+
+  DpEvent: ``SelfComposed(PoissonSampled(q_user, Gaussian(noise_multiplier)), T)``.
+  """
+
+  kind: ClassVar[str] = "uls_dp_sgd"
+  privacy_unit: ClassVar[str] = "user"
+
+
+@_register
+@dataclasses.dataclass(frozen=True)
+class ElsDpSgd(Mechanism):
+  """User-level DP from example-level sampling (ELS), Charles et al. 2024.
+
+  Each user holds at most ``examples_per_user`` = k examples. Each step
+  includes every example independently with probability ``sampling_prob`` = q,
+  clips each included example's gradient to L2 norm ``C``, sums, and adds
+  ``N(0, (noise_multiplier * C)^2 I)``. Removing one user removes J of their
+  examples from the step's sum, J ~ Binomial(k, q), shifting it by a vector of
+  norm at most J*C. One step is therefore dominated by the mixture of
+  Gaussians ``N(0, s^2)`` vs ``sum_j Binom(k,q)(j) N(j, s^2)`` with
+  ``s = noise_multiplier`` (sensitivities in units of C): for vector outputs
+  the worst case aligns all the sensitivity vectors, so their norms suffice
+  (Cor. 4.7 of arXiv 2310.15526). A user with fewer than k examples has a
+  stochastically smaller J and so no larger privacy loss.
+
+  DpEvent: ``SelfComposed(MixtureOfGaussians(s, [0..k], Binom(k, q)), T)``;
+  dp-accounting supports it with the PLD accountant only.
+  """
+
+  kind: ClassVar[str] = "els_dp_sgd"
+  privacy_unit: ClassVar[str] = "user"
+  pld_only: ClassVar[bool] = True
+  noise_multiplier: float
+  sampling_prob: float
+  num_steps: int
+  examples_per_user: int
+
+  def __post_init__(self):
+    object.__setattr__(self, "noise_multiplier",
+                       check.positive("noise_multiplier", self.noise_multiplier))
+    object.__setattr__(self, "sampling_prob",
+                       check.probability("sampling_prob", self.sampling_prob))
+    object.__setattr__(self, "num_steps", check.positive_int("num_steps", self.num_steps))
+    object.__setattr__(self, "examples_per_user",
+                       check.positive_int("examples_per_user", self.examples_per_user))
+
+  def mixture(self) -> tuple[list[float], list[float]]:
+    """(sensitivities 0..k in units of C, their Binomial(k, q) probabilities)."""
+    k = self.examples_per_user
+    return [float(j) for j in range(k + 1)], binomial_pmf(k, self.sampling_prob)
+
+  def dp_event(self):
+    from dp_accounting import dp_event as dpe
+    sensitivities, probs = self.mixture()
+    return dpe.SelfComposedDpEvent(
+        dpe.MixtureOfGaussiansDpEvent(self.noise_multiplier, sensitivities, probs),
+        self.num_steps)
+
+
+@_register
+@dataclasses.dataclass(frozen=True)
+class ShuffledDpSgd(Mechanism):
+  """Example-level DP-SGD on fixed-size batches from shuffling — no amplification.
+
+  Each epoch shuffles the ``dataset_size`` examples and cuts them into
+  ``dataset_size // batch_size`` batches of exactly ``batch_size`` (the
+  remainder is dropped). Each batch's sum of per-example gradients, clipped to
+  ``C``, gets ``N(0, (noise_multiplier * C)^2 I)``.
+
+  Honest accounting: shuffling is *not* Poisson sampling, and using a Poisson
+  accountant for shuffled batches under-reports ε (Chua et al. 2024, "How
+  Private are DP-SGD Implementations?"). We claim no amplification: within an
+  epoch an example lands in exactly one batch (parallel composition over the
+  data-independent partition), so the example's privacy loss is that of one
+  Gaussian mechanism with sensitivity C per epoch it takes part in, i.e.
+  ``participations = ceil(num_steps / (dataset_size // batch_size))`` composed
+  Gaussians. Neighbouring relation: zero-out (one example replaced by one
+  contributing nothing), which keeps batch shapes fixed and gives sensitivity
+  C; its ε coincides with add/remove-one for the Gaussian mechanism.
+
+  DpEvent: ``SelfComposed(Gaussian(noise_multiplier), participations)``.
+  """
+
+  kind: ClassVar[str] = "shuffled_dp_sgd"
+  noise_multiplier: float
+  dataset_size: int
+  batch_size: int
+  num_steps: int
+
+  def __post_init__(self):
+    object.__setattr__(self, "noise_multiplier",
+                       check.positive("noise_multiplier", self.noise_multiplier))
+    object.__setattr__(self, "dataset_size",
+                       check.positive_int("dataset_size", self.dataset_size))
+    object.__setattr__(self, "batch_size", check.positive_int("batch_size", self.batch_size))
+    object.__setattr__(self, "num_steps", check.positive_int("num_steps", self.num_steps))
+    if self.batch_size > self.dataset_size:
+      raise ValueError(f"batch_size must be <= dataset_size ({self.dataset_size}), "
+                       f"got {self.batch_size}")
+
+  @property
+  def participations(self) -> int:
+    """Most steps any single example can take part in."""
+    return -(-self.num_steps // (self.dataset_size // self.batch_size))
+
+  def dp_event(self):
+    import dp_accounting as dpa
+    return dpa.SelfComposedDpEvent(dpa.GaussianDpEvent(self.noise_multiplier),
+                                   self.participations)
+
+
+@_register
+@dataclasses.dataclass(frozen=True)
+class TruncatedPoissonDpSgd(Mechanism):
+  """Example-level DP-SGD with Poisson sampling truncated to a maximum batch.
+
+  Static shapes under ``jit`` need a maximum batch size. Each step draws a
+  Poisson sample with rate ``sampling_prob`` from ``dataset_size`` examples;
+  if it holds more than ``max_batch_size`` examples, a uniformly random subset
+  of ``max_batch_size`` of them is kept. The kept examples' clipped gradients
+  (norm <= C) are summed and ``N(0, (noise_multiplier * C)^2 I)`` is added.
+  The truncation is accounted, not ignored: dp-accounting's
+  ``TruncatedSubsampledGaussianDpEvent`` (arXiv 2508.15089; PLD only).
+
+  DpEvent: ``SelfComposed(TruncatedSubsampledGaussian(N, q, B_max, s), T)``.
+  """
+
+  kind: ClassVar[str] = "truncated_poisson_dp_sgd"
+  pld_only: ClassVar[bool] = True
+  noise_multiplier: float
+  sampling_prob: float
+  dataset_size: int
+  max_batch_size: int
+  num_steps: int
+
+  def __post_init__(self):
+    object.__setattr__(self, "noise_multiplier",
+                       check.positive("noise_multiplier", self.noise_multiplier))
+    object.__setattr__(self, "sampling_prob",
+                       check.probability("sampling_prob", self.sampling_prob))
+    object.__setattr__(self, "dataset_size",
+                       check.positive_int("dataset_size", self.dataset_size))
+    object.__setattr__(self, "max_batch_size",
+                       check.positive_int("max_batch_size", self.max_batch_size))
+    object.__setattr__(self, "num_steps", check.positive_int("num_steps", self.num_steps))
+
+  def dp_event(self):
+    import dp_accounting as dpa
+    return dpa.SelfComposedDpEvent(
+        dpa.TruncatedSubsampledGaussianDpEvent(
+            dataset_size=self.dataset_size, sampling_probability=self.sampling_prob,
+            truncated_batch_size=self.max_batch_size,
+            noise_multiplier=self.noise_multiplier),
+        self.num_steps)
+
+
+@_register
+@dataclasses.dataclass(frozen=True)
+class Composed(Mechanism):
+  """Phases run one after another (σ, q or the scheme changing in training).
+
+  Adaptive sequential composition of the phases' mechanisms. All phases must
+  protect the same privacy unit; their ε is not comparable otherwise.
+
+  DpEvent: ``Composed([phase.dp_event() for phase in phases])``.
+  """
+
+  kind: ClassVar[str] = "composed"
+  phases: tuple[Mechanism, ...]
+
+  def __post_init__(self):
+    phases = tuple(self.phases)
+    if not phases or not all(isinstance(p, Mechanism) for p in phases):
+      raise ValueError("phases must be a non-empty sequence of Mechanism values, "
+                       f"got {self.phases!r}")
+    units = {p.privacy_unit for p in phases}
+    if len(units) > 1:
+      raise ValueError(f"phases must all protect the same privacy unit, got {sorted(units)}")
+    object.__setattr__(self, "phases", phases)
+
+  @property
+  def privacy_unit(self) -> str:  # type: ignore[override]
+    return self.phases[0].privacy_unit
+
+  @property
+  def pld_only(self) -> bool:  # type: ignore[override]
+    return any(p.pld_only for p in self.phases)
+
+  @property
+  def num_steps(self) -> int:
+    return sum(p.num_steps for p in self.phases)
+
+  def with_steps(self, num_steps):
+    raise TypeError("a Composed mechanism has per-phase step counts; change a phase")
+
+  def dp_event(self):
+    import dp_accounting as dpa
+    return dpa.ComposedDpEvent([p.dp_event() for p in self.phases])
+
+  def describe(self) -> str:
+    return " then ".join(p.describe() for p in self.phases)
+
+
+def flatten(mechanism: Mechanism) -> list[Mechanism]:
+  """The non-composed phases of a mechanism, in order."""
+  if isinstance(mechanism, Composed):
+    out: list[Mechanism] = []
+    for p in mechanism.phases:
+      out.extend(flatten(p))
+    return out
+  return [mechanism]
+
+
+def sampling_from_epochs(*, dataset_size: int, batch_size: int,
+                         epochs: float) -> tuple[float, int]:
+  """(sampling_prob, num_steps) for an expected batch over a number of epochs.
+
+  q = batch_size / dataset_size and T = ceil(epochs * dataset_size / batch_size):
+  the smallest number of steps that processes ``epochs`` passes in expectation
+  (rounding up never under-reports ε).
+  """
+  dataset_size = check.positive_int("dataset_size", dataset_size)
+  batch_size = check.positive_int("batch_size", batch_size)
+  epochs = check.positive("epochs", epochs)
+  if batch_size > dataset_size:
+    raise ValueError(f"batch_size must be <= dataset_size ({dataset_size}), got {batch_size}")
+  # Exact rational arithmetic: float round-off must not drop a step.
+  steps = math.ceil(fractions.Fraction(str(epochs)) * dataset_size / batch_size)
+  return batch_size / dataset_size, max(1, steps)
