@@ -8,6 +8,8 @@ without optimism:
   once per discretisation and cached; composing it T times is an FFT. So ε at
   every training step, or a search over the number of steps, costs one
   composition, not one construction.
+* **A vectorised mixture-of-Gaussians PLD** (``_fast_mog``): the same
+  distribution dp-accounting builds, value for value, ~10x faster.
 * **Choosing the discretisation from the required accuracy.** dp-accounting's
   PLD rounds privacy losses *pessimistically* onto a grid of width Δ, so every
   Δ gives an upper bound on the true ε; a finer grid is tighter and slower.
@@ -83,7 +85,8 @@ def _build_one_step_pld(event, discretization: float):
         value_discretization_interval=discretization,
         sampling_prob=event.sampling_probability)
   if isinstance(event, dpe.MixtureOfGaussiansDpEvent):
-    return pld.from_mixture_gaussian_mechanism(
+    from accounting import _fast_mog  # same PLD, vectorised inverse (see module)
+    return _fast_mog.from_mixture_gaussian_mechanism(
         standard_deviation=event.standard_deviation,
         sensitivities=event.sensitivities, sampling_probs=event.sampling_probs,
         value_discretization_interval=discretization)
@@ -136,8 +139,8 @@ def _rdp_accountant(mechanism: Mechanism):
   from dp_accounting.rdp import rdp_privacy_accountant as rdp
   if mechanism.pld_only:
     raise ValueError(
-        f"accountant must be 'pld' for {mechanism.describe()}: dp-accounting's RDP "
-        "accountant does not support its event")
+        f"accountant must be 'pld' for a {mechanism.kind} mechanism (the RDP back end of "
+        "dp-accounting does not support its event)")
   acc = rdp.RdpAccountant()
   acc.compose(mechanism.dp_event())
   return acc

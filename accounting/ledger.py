@@ -5,6 +5,12 @@ mechanism description; ε is recomputed from the record at any time, by the
 same ``accounting.epsilon`` the CLI uses. Consecutive records that differ
 only in their step count are merged, so a million-step run is one entry.
 
+Merging is sound only within one uninterrupted run: for shuffled batches,
+steps 1..T of one shuffle sequence touch an example ceil(T/steps_per_epoch)
+times, but a resumed run reshuffles, so an example may appear once more. A
+ledger loaded from disk is therefore *sealed*: the first record after a
+resume starts a new entry, never merging into the history it resumed from.
+
 The JSON form is ``{"format": "dpfl-ledger", "version": 1, "privacy_unit":
 ..., "entries": [<mechanism dict>, ...]}``; ``Ledger.load`` resumes it.
 """
@@ -28,6 +34,7 @@ class Ledger:
 
   def __init__(self, entries: Iterable[mech.Mechanism] = ()):
     self._entries: list[mech.Mechanism] = []
+    self._sealed = 0  # entries before this index never absorb new records
     for entry in entries:
       self.record(entry)
 
@@ -53,7 +60,7 @@ class Ledger:
         raise ValueError(
             f"mechanism protects a {phase.privacy_unit!r} but this ledger records "
             f"{self.privacy_unit!r}-level privacy; use a separate ledger")
-      last = self._entries[-1] if self._entries else None
+      last = self._entries[-1] if len(self._entries) > self._sealed else None
       if (last is not None and type(last) is type(phase)
           and last.with_steps(1) == phase.with_steps(1)):
         self._entries[-1] = last.with_steps(last.num_steps + phase.num_steps)
@@ -90,7 +97,10 @@ class Ledger:
       raise ValueError(f"not a dpfl ledger (format must be {_FORMAT!r})")
     if data.get("version") != _VERSION:
       raise ValueError(f"ledger version must be {_VERSION}, got {data.get('version')!r}")
-    return cls(mech.from_dict(e) for e in data["entries"])
+    ledger = cls()
+    ledger._entries = [mech.from_dict(e) for e in data["entries"]]  # kept exactly as saved
+    ledger._sealed = len(ledger._entries)
+    return ledger
 
   @classmethod
   def from_json(cls, text: str) -> "Ledger":
