@@ -1,0 +1,232 @@
+"""Tests for dpfl.noise: calibration, key handling, resume safety, validation.
+
+Statistical checks use fixed seeds and 6-sigma bounds. For n iid N(0, s^2)
+samples the sample variance has relative standard deviation sqrt(2/(n-1)),
+the sample mean has standard deviation s/sqrt(n), and the sample correlation
+of two independent vectors has standard deviation ~1/sqrt(n); a two-sided
+6-sigma bound has a false-failure rate of ~2e-9 per check.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from dpfl import noise
+
+SIX_SIGMA = 6.0
+
+
+def _assert_std(samples, expected_std):
+  samples = np.asarray(samples, np.float64).ravel()
+  n = samples.size
+  # 6-sigma bound on the sample variance, then on the std (sqrt is monotone).
+  var_tol = SIX_SIGMA * math.sqrt(2.0 / (n - 1))
+  ratio = samples.var(ddof=1) / expected_std**2
+  assert abs(ratio - 1) <= var_tol, (ratio, var_tol)
+  assert abs(samples.mean()) <= SIX_SIGMA * expected_std / math.sqrt(n)
+
+
+def _assert_uncorrelated(a, b):
+  a = np.asarray(a, np.float64).ravel()
+  b = np.asarray(b, np.float64).ravel()
+  r = np.corrcoef(a, b)[0, 1]
+  assert abs(r) <= SIX_SIGMA / math.sqrt(a.size), r
+
+
+def _transform(key=0, noise_multiplier=1.3, l2_clip_norm=0.7, expected_batch_size=32.0):
+  return noise.gaussian_noise(noise_multiplier=noise_multiplier, l2_clip_norm=l2_clip_norm,
+                              expected_batch_size=expected_batch_size, key=key)
+
+
+def test_noise_std_is_sigma_c_over_expected_batch_size():
+  sigma, clip, batch = 1.3, 0.7, 32.0
+  tx = _transform(noise_multiplier=sigma, l2_clip_norm=clip, expected_batch_size=batch)
+  rng = np.random.default_rng(0)
+  clipped_sum = {"w": jnp.asarray(rng.normal(size=(400, 500)), jnp.float32)}
+  out, _ = tx.update(clipped_sum, tx.init(clipped_sum))
+  residual = np.asarray(out["w"], np.float64) - np.asarray(clipped_sum["w"], np.float64) / batch
+  _assert_std(residual, sigma * clip / batch)  # 200,000 samples
+
+
+def test_issue_383_noise_relative_to_mean_of_clipped_gradients():
+  """jax-privacy #383: sum-calibrated noise applied to a mean (a factor-B mismatch).
+
+  Independent reference: clip per-example gradients with numpy, average them,
+  and check the transform's output is that mean plus noise of std
+  sigma*C/B -- not sigma*C (noise for the sum put on the mean) and not
+  sigma*C/B^2 (noise divided twice).
+  """
+  sigma, clip, batch, dim = 1.1, 2.0, 8, 25_000
+  rng = np.random.default_rng(1)
+  per_example = rng.normal(scale=3.0, size=(batch, dim))
+  norms = np.linalg.norm(per_example, axis=1, keepdims=True)
+  clipped = per_example * np.minimum(1.0, clip / norms)
+  mean_of_clipped = clipped.mean(axis=0)
+  tx = noise.gaussian_noise(noise_multiplier=sigma, l2_clip_norm=clip,
+                            expected_batch_size=batch, key=3)
+  update = {"g": jnp.asarray(clipped.sum(axis=0), jnp.float32)}
+  state = tx.init(update)
+  residuals = []
+  for _ in range(8):  # 8 steps x 25,000 coordinates = 200,000 samples
+    out, state = tx.update(update, state)
+    residuals.append(np.asarray(out["g"], np.float64) - mean_of_clipped)
+  residuals = np.concatenate(residuals)
+  _assert_std(residuals, sigma * clip / batch)
+  assert residuals.std() < 0.5 * sigma * clip          # not the #383 scale
+  assert residuals.std() > 2.0 * sigma * clip / batch**2  # not divided twice
+
+
+def test_noise_does_not_depend_on_input_scale():
+  # The noise scale is fixed inside the transform: no caller-side rescaling of
+  # the input can shrink it (feeding a mean instead of a sum only loses signal).
+  tx = _transform(key=5)
+  zeros = {"a": jnp.zeros((1000,))}
+  big = {"a": jnp.full((1000,), 1e3)}
+  state = tx.init(zeros)
+  out0, _ = tx.update(zeros, state)
+  out1, _ = tx.update(big, state)
+  np.testing.assert_allclose(np.asarray(out1["a"]) - 1e3 / 32.0, np.asarray(out0["a"]),
+                             atol=1e-4)
+
+
+def test_expected_batch_size_is_required():
+  with pytest.raises(TypeError, match="expected_batch_size"):
+    noise.gaussian_noise(noise_multiplier=1.0, l2_clip_norm=1.0)  # pylint: disable=missing-kwoa
+
+
+def test_independent_across_leaves_and_steps():
+  tx = _transform(key=11)
+  zeros = {"a": jnp.zeros((100_000,)), "b": jnp.zeros((100_000,))}
+  state = tx.init(zeros)
+  out1, state = tx.update(zeros, state)
+  out2, state = tx.update(zeros, state)
+  _assert_uncorrelated(out1["a"], out1["b"])
+  _assert_uncorrelated(out1["a"], out2["a"])
+  _assert_uncorrelated(out1["b"], out2["b"])
+  assert int(state.count) == 2
+
+
+def test_same_key_same_noise_and_int_equals_jax_key():
+  zeros = {"a": jnp.zeros((64,)), "b": jnp.zeros((3, 3))}
+  outputs = []
+  for key in (42, 42, jax.random.key(42), jax.random.PRNGKey(42)):
+    tx = _transform(key=key)
+    outputs.append(tx.update(zeros, tx.init(zeros))[0])
+  for out in outputs[1:]:
+    jax.tree.map(np.testing.assert_array_equal, outputs[0], out)
+
+
+def test_different_keys_give_different_noise():
+  zeros = {"a": jnp.zeros((64,))}
+  tx1, tx2 = _transform(key=1), _transform(key=2)
+  out1 = tx1.update(zeros, tx1.init(zeros))[0]["a"]
+  out2 = tx2.update(zeros, tx2.init(zeros))[0]["a"]
+  assert not np.any(np.asarray(out1) == np.asarray(out2))
+
+
+def test_no_key_draws_os_entropy_per_init_even_under_jit():
+  zeros = {"a": jnp.zeros((64,))}
+  tx1, tx2 = _transform(key=None), _transform(key=None)
+  out1 = tx1.update(zeros, tx1.init(zeros))[0]["a"]
+  out2 = tx2.update(zeros, tx2.init(zeros))[0]["a"]
+  assert not np.any(np.asarray(out1) == np.asarray(out2))
+  # A jitted init must not bake one key in at trace time and replay it.
+  init = jax.jit(tx1.init)
+  assert not np.array_equal(np.asarray(init(zeros).key), np.asarray(init(zeros).key))
+
+
+def test_jit_matches_eager_and_state_is_array_pytree():
+  tx = _transform(key=9)
+  params = {"w": jnp.ones((4, 3)), "b": jnp.ones((3,), jnp.bfloat16)}
+  state = tx.init(params)
+  eager, eager_state = tx.update(params, state)
+  jitted, jitted_state = jax.jit(tx.update)(params, state)
+  # Same key, same noise; XLA may fuse the arithmetic differently (ulp-level).
+  np.testing.assert_allclose(eager["w"], jitted["w"], rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(eager["b"], np.float32),
+                             np.asarray(jitted["b"], np.float32), rtol=1e-2)
+  jax.tree.map(np.testing.assert_array_equal, eager_state, jitted_state)
+  assert jitted["b"].dtype == jnp.bfloat16 and jitted["w"].dtype == jnp.float32
+  assert all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(state))
+  # Checkpoint-like round trip through numpy continues the same stream.
+  restored = jax.tree.map(np.asarray, eager_state)
+  again, _ = tx.update(params, restored)
+  expected, _ = tx.update(params, eager_state)
+  jax.tree.map(np.testing.assert_array_equal, again, expected)
+
+
+def test_works_inside_optax_chain():
+  opt = optax.chain(_transform(key=0), optax.sgd(0.1))
+  params = {"w": jnp.zeros((5,))}
+  state = opt.init(params)
+  updates, state = jax.jit(opt.update)(params, state)
+  assert updates["w"].shape == (5,) and int(state[0].count) == 1
+
+
+def _resume_scenario(reseed_key=None, do_reseed=True):
+  """Noise of the first step after resuming from a checkpoint."""
+  opt = optax.chain(_transform(key=123), optax.sgd(1.0))
+  zeros = {"w": jnp.zeros((256,))}
+  checkpoint = opt.init(zeros)
+  crashed_run_noise, _ = opt.update(zeros, checkpoint)  # released before a crash
+  state = noise.reseed(checkpoint, key=reseed_key) if do_reseed else checkpoint
+  resumed_noise, resumed_state = opt.update(zeros, state)
+  return np.asarray(crashed_run_noise["w"]), np.asarray(resumed_noise["w"]), resumed_state
+
+
+def test_reseed_changes_noise_after_resume():
+  crashed, resumed_without_reseed, _ = _resume_scenario(do_reseed=False)
+  np.testing.assert_array_equal(crashed, resumed_without_reseed)  # the hazard
+  crashed, resumed, state = _resume_scenario()
+  assert not np.any(crashed == resumed)
+  assert int(state[0].count) == 1  # the count survives a reseed
+  _, resumed_again, _ = _resume_scenario()
+  assert not np.any(resumed == resumed_again)  # OS entropy: fresh each time
+
+
+def test_reseed_with_explicit_key_is_reproducible_and_fresh():
+  crashed, resumed_a, _ = _resume_scenario(reseed_key=7)
+  _, resumed_b, _ = _resume_scenario(reseed_key=7)
+  _, resumed_c, _ = _resume_scenario(reseed_key=8)
+  _, resumed_zero, _ = _resume_scenario(reseed_key=0)
+  np.testing.assert_array_equal(resumed_a, resumed_b)
+  assert not np.any(resumed_a == crashed) and not np.any(resumed_a == resumed_c)
+  assert not np.any(resumed_zero == crashed)  # key 0 (all-zero key data) still mixes
+
+
+def test_reseed_without_noise_state_raises():
+  state = optax.sgd(0.1).init({"w": jnp.zeros(3)})
+  with pytest.raises(ValueError, match="opt_state"):
+    noise.reseed(state)
+
+
+@pytest.mark.parametrize("name,value", [
+    ("noise_multiplier", -1.0), ("noise_multiplier", float("nan")),
+    ("noise_multiplier", float("inf")), ("noise_multiplier", 0.0),
+    ("noise_multiplier", "1"), ("l2_clip_norm", 0.0), ("l2_clip_norm", -2.0),
+    ("l2_clip_norm", float("inf")), ("expected_batch_size", 0),
+    ("expected_batch_size", -8), ("expected_batch_size", float("nan")),
+])
+def test_invalid_arguments_name_argument_and_value(name, value):
+  kwargs = dict(noise_multiplier=1.0, l2_clip_norm=1.0, expected_batch_size=16)
+  kwargs[name] = value
+  with pytest.raises(ValueError, match=rf"{name} must be .*got {value!r}"):
+    noise.gaussian_noise(**kwargs)
+
+
+@pytest.mark.parametrize("key", ["seed", 1.5, jnp.zeros(3), jnp.zeros((2,), jnp.float32),
+                                 jax.random.split(jax.random.key(0), 2)])
+def test_invalid_key(key):
+  with pytest.raises(ValueError, match="key must be"):
+    _transform(key=key)
+
+
+def test_integer_updates_rejected():
+  tx = _transform()
+  updates = {"step": jnp.zeros((3,), jnp.int32)}
+  with pytest.raises(ValueError, match=r"updates must .*\['step'\].*int32"):
+    tx.update(updates, tx.init(updates))
