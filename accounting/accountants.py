@@ -28,6 +28,7 @@ add distribution and reports the worse).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal
 
@@ -162,9 +163,17 @@ def epsilon_and_discretization(mechanism: Mechanism, *, delta: float,
   """(ε, the PLD Δ actually used; None for RDP). See ``epsilon``."""
   delta = check.open_unit("delta", delta)
   check.choice("accountant", accountant, ACCOUNTANTS)
+  if accountant == "pld":
+    discretization = resolve_discretization(mechanism, discretization)
+  return _cached_epsilon(mechanism, delta, accountant, discretization, rtol)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_epsilon(mechanism: Mechanism, delta: float, accountant: str, disc, rtol: float):
+  # Mechanisms are frozen values, so a repeated query (a training loop logging
+  # ε, the CLI and the ledger agreeing) is answered without recomputation.
   if accountant == "rdp":
     return _rdp_accountant(mechanism).get_epsilon(delta), None
-  disc = resolve_discretization(mechanism, discretization)
   value_at = lambda d: _composed_pld(mechanism, d).get_epsilon_for_delta(delta)
   if disc == "auto":
     return _refine(value_at, start=AUTO_START_DISCRETIZATION, rtol=rtol)

@@ -122,6 +122,11 @@ class _RawEvent(Mechanism):
   def dp_event(self):
     return self._event
 
+  # Identity semantics: results are cached by mechanism value, and this
+  # test-only class has no dataclass fields to compare.
+  __eq__ = object.__eq__
+  __hash__ = object.__hash__
+
 
 _MOG_EVENT = dpe.ComposedDpEvent([
     dpe.SelfComposedDpEvent(dpe.MixtureOfGaussiansDpEvent(1.0, [0, 1, 2], [.2, .6, .2]), 3),
