@@ -1,0 +1,341 @@
+"""Per-example and per-user clipped gradient sums.
+
+``clipped_grad`` transforms a loss the way ``jax.grad`` does, but returns the
+sum over units of privacy (examples, or users) of each unit's gradient clipped
+to a global L2 norm: the quantity DP-SGD adds Gaussian noise to. The clip norm
+it enforces is the L2 sensitivity that the noise and accounting layers use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dpfl import _clip_strategies as _strategies
+
+PyTree = Any
+LossFn = Callable[[PyTree, PyTree], Any]
+
+UNITS = ("example", "user")
+STRATEGIES = _strategies.STRATEGIES
+
+
+class ClippedGradAux(NamedTuple):
+  """Statistics returned next to the clipped sum, for logging.
+
+  These are per-unit quantities computed WITHOUT noise: releasing them is
+  not covered by the clipped sum's guarantee.
+
+  Attributes:
+    grad_norms: ``[units]`` float32 L2 norm of each unit's gradient before
+      clipping (``[users]`` for ``unit="user"``); 0 for masked units, and
+      ``inf``/``nan`` for non-finite units.
+    values: ``[units]`` float32 loss of each unit (an example's loss, or a
+      user's mean loss over their unmasked examples); 0 for masked units.
+    num_units: int32, number of unmasked units (examples, or users with at
+      least one unmasked example), non-finite ones included.
+    num_clipped: int32, number of finite unmasked units whose norm exceeded
+      ``l2_clip_norm`` (scaled down).
+    fraction_clipped: float32, ``num_clipped / max(num_units, 1)``.
+    num_nonfinite: int32, number of unmasked units whose gradient (or its
+      norm) was NaN/Inf; each contributed exactly zero.
+    aux: the loss function's auxiliary output when ``has_aux=True``, with
+      leading axes ``[examples]`` (or ``[users, examples_per_user]``) in
+      front of the shape ``loss_fn`` returned for a batch of one example;
+      ``None`` otherwise. Entries of masked examples are unspecified.
+  """
+
+  grad_norms: jax.Array
+  values: jax.Array
+  num_units: jax.Array
+  num_clipped: jax.Array
+  fraction_clipped: jax.Array
+  num_nonfinite: jax.Array
+  aux: PyTree = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ClippedGradFn:
+  """The function returned by :func:`clipped_grad`, with its guarantee.
+
+  Call it as ``fn(params, batch, mask=None) -> (clipped_sum, aux)``.
+  ``l2_clip_norm`` is the L2 sensitivity of ``clipped_sum`` under adding or
+  removing one ``unit`` (replacing one unit: twice that).
+  """
+
+  fun: Callable[..., tuple[PyTree, ClippedGradAux]]
+  l2_clip_norm: float
+  unit: str
+
+  def __call__(
+      self, params: PyTree, batch: PyTree, *, mask: jax.Array | None = None
+  ) -> tuple[PyTree, ClippedGradAux]:
+    return self.fun(params, batch, mask=mask)
+
+
+def _check_l2_clip_norm(l2_clip_norm: Any) -> float:
+  # A Python/NumPy real or a concrete 0-d array; not a bool, string or tracer
+  # (the clip norm is the mechanism's sensitivity: it must be known here).
+  is_real_scalar = (
+      isinstance(l2_clip_norm, numbers.Real)
+      or (
+          isinstance(l2_clip_norm, (np.ndarray, jax.Array))
+          and not isinstance(l2_clip_norm, jax.core.Tracer)
+          and np.ndim(l2_clip_norm) == 0
+          and np.issubdtype(np.result_type(l2_clip_norm), np.number)
+      )
+  ) and not isinstance(l2_clip_norm, (bool, np.bool_))
+  if not is_real_scalar:
+    raise ValueError(
+        "l2_clip_norm must be a concrete real number with"
+        f" 0 < l2_clip_norm < inf, got {l2_clip_norm!r}."
+    )
+  value = float(l2_clip_norm)
+  if not math.isfinite(value) or value <= 0:
+    raise ValueError(
+        f"l2_clip_norm must be finite and > 0 (0 < l2_clip_norm < inf), got"
+        f" {l2_clip_norm!r}."
+    )
+  return value
+
+
+def _check_microbatch_size(microbatch_size: Any) -> int | None:
+  if microbatch_size is None:
+    return None
+  if (
+      isinstance(microbatch_size, bool)
+      or not isinstance(microbatch_size, numbers.Integral)
+      or microbatch_size < 1
+  ):
+    raise ValueError(
+        "microbatch_size must be None or an integer >= 1, got"
+        f" {microbatch_size!r}."
+    )
+  return int(microbatch_size)
+
+
+def _batch_shape(batch: PyTree, unit: str) -> tuple[int, ...]:
+  """The leading unit axes shared by every batch leaf: (B,) or (U, K)."""
+  leaves = jax.tree.leaves(batch)
+  if not leaves:
+    raise ValueError("batch must contain at least one array, got an empty pytree.")
+  ndim = 1 if unit == "example" else 2
+  axes = "[examples, ...]" if unit == "example" else "[users, examples_per_user, ...]"
+  shapes = {tuple(np.shape(x)[:ndim]) for x in leaves}
+  if any(np.ndim(x) < ndim for x in leaves) or len(shapes) != 1:
+    raise ValueError(
+        f"batch leaves must share leading axes {axes} for unit={unit!r}, got"
+        f" leading shapes {sorted(shapes)} (leaf shapes"
+        f" {[np.shape(x) for x in leaves]})."
+    )
+  (shape,) = shapes
+  if math.prod(shape) == 0:
+    raise ValueError(f"batch must hold at least one {unit}, got leading shape {shape}.")
+  return shape
+
+
+def _check_mask(mask: Any, shape: tuple[int, ...], unit: str) -> jax.Array:
+  if mask is None:
+    return jnp.ones(shape, dtype=bool)
+  if tuple(np.shape(mask)) != shape:
+    expected = "[examples]" if unit == "example" else "[users, examples_per_user]"
+    raise ValueError(
+        f"mask must have shape {shape} ({expected}, the batch's leading axes"
+        f" for unit={unit!r}), got shape {tuple(np.shape(mask))}."
+    )
+  # Any nonzero entry means "a real example"; 0/False means padding.
+  return jnp.asarray(mask) != 0
+
+
+def _example_loss(loss_fn: LossFn, has_aux: bool):
+  """loss_fn on one example, with its batch axis of size 1 put back."""
+
+  def fn(params, example):
+    out = loss_fn(params, jax.tree.map(lambda x: jnp.expand_dims(x, 0), example))
+    if not has_aux:
+      return out, None
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+      raise ValueError(
+          "has_aux=True: loss_fn must return a pair (loss, aux), got"
+          f" {type(out).__name__}."
+      )
+    return out[0], out[1]
+
+  return fn
+
+
+def _unit_loss(loss_fn: LossFn, has_aux: bool, unit: str):
+  """unit_loss(params, (data, inner_mask)) -> (scalar loss, aux)."""
+  example_loss = _example_loss(loss_fn, has_aux)
+  if unit == "example":
+    return lambda params, u: example_loss(params, u[0])
+
+  def user_loss(params, u):
+    data, mask = u
+    # Padded slots are recomputed on the user's first real example and then
+    # dropped by a select: their own (possibly garbage, NaN-producing) data
+    # never enters the computation, so 0 * NaN cannot poison the gradient.
+    index = jnp.where(mask, jnp.arange(mask.shape[0]), jnp.argmax(mask))
+    data = jax.tree.map(lambda x: x[index], data)
+    losses, aux = jax.vmap(example_loss, (None, 0))(params, data)
+    count = jnp.sum(mask)
+    total = jnp.sum(jnp.where(mask, losses, jnp.zeros_like(losses)))
+    return total / jnp.maximum(count, 1).astype(total.dtype), aux
+
+  return user_loss
+
+
+def clipped_grad(
+    loss_fn: LossFn,
+    *,
+    l2_clip_norm: float,
+    has_aux: bool = False,
+    unit: str = "example",
+    microbatch_size: int | None = None,
+    strategy: str = "auto",
+) -> ClippedGradFn:
+  """Transforms a mean loss into a function returning a clipped gradient sum.
+
+  Like ``jax.grad(loss_fn)``, but the result is
+
+      clipped_sum = sum over unmasked units u of  clip(g_u),
+      clip(g) = g * min(1, l2_clip_norm / ||g||_2),
+
+  where ``||.||_2`` is the global L2 norm over the whole parameter pytree and
+  ``g_u`` is the gradient of unit ``u``'s loss:
+
+  * ``unit="example"``: ``batch`` leaves have a leading axis ``[examples]``;
+    ``g_u`` is the gradient of ``loss_fn(params, example_u)``, where the
+    example is passed with its leading batch axis of size 1 (``loss_fn`` is
+    the user's own mean loss over a batch; it is called one example at a
+    time inside ``vmap``).
+  * ``unit="user"``: ``batch`` leaves have leading axes
+    ``[users, examples_per_user]`` and ``mask`` has that shape; ``g_u`` is
+    the gradient of the user's mean loss over their unmasked examples,
+    ``sum_k m_uk loss_fn(params, x_uk) / sum_k m_uk``. A user with no
+    unmasked example contributes zero and is not counted.
+
+  Formal guarantee:
+    Every unit's contribution to ``clipped_sum`` has L2 norm
+    <= ``l2_clip_norm``. Masked (padding) units and units whose gradient is
+    not finite (NaN/Inf anywhere, or an overflowing norm) contribute exactly
+    zero, and a unit's contribution depends only on that unit's data. Hence
+    adding or removing one unit changes ``clipped_sum`` by at most
+    ``l2_clip_norm`` in L2 norm (replacing one unit: ``2 * l2_clip_norm``),
+    which is the sensitivity the noise and accounting layers assume. With
+    ``strategy="reweight"`` the norm and the sum come from two evaluations
+    of the same gradient, so the bound holds up to float rounding of the
+    order of 1e-6 relative; ``"materialize"`` scales the very vector whose
+    norm it measured. The statistics in ``aux`` are not privatized.
+
+  Precision: norms and sums are accumulated in float32 (float64 for float64
+  parameters): each leaf of ``clipped_sum`` has dtype
+  ``jnp.promote_types(param.dtype, jnp.float32)``, so bf16/fp16 parameters
+  give a float32 sum. Cast it back when applying the update.
+
+  Microbatching: with ``microbatch_size=M`` the units are processed in
+  sequential blocks of ``M`` under ``jax.lax.scan``, so peak memory is that
+  of one block; the result equals the unblocked one up to float summation
+  order. If ``M`` does not divide the number of units ``n``, the remainder
+  is processed as one smaller final block (no padding, no error). Blocks
+  are strided (block ``j`` holds units ``j, j + n//M, ...``) so that a unit
+  axis sharded over devices stays sharded inside every block. Independently
+  of ``M``, per-unit gradients are formed a cache-sized chunk at a time, so
+  the footprint of per-unit gradients is bounded even with ``M=None``.
+
+  Sharding: the unit axis of ``batch`` and ``mask`` may be sharded over
+  devices (``jax.sharding``; with explicit mesh axes, call under
+  ``jax.set_mesh`` as for any gradient of a sharded batch). The sum is
+  reduced across devices by XLA; no batch-sized all-gather.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> loss`` (or ``(loss, aux)`` when
+      ``has_aux``), the mean loss over a batch whose leaves have a leading
+      example axis. Works with any parameter pytree of floating arrays,
+      e.g. Flax Linen ``variables`` used through ``model.apply``, or Flax
+      NNX state from ``nnx.split`` merged back with ``nnx.merge``.
+    l2_clip_norm: clip norm C, a finite number > 0.
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``; the per-example aux
+      is returned in ``ClippedGradAux.aux``.
+    unit: unit of privacy, ``"example"`` or ``"user"``.
+    microbatch_size: ``None`` (all units in one block) or an integer >= 1,
+      the number of units (examples or users) per sequential block.
+    strategy: how the clipped sum is computed; all give the same result.
+      ``"materialize"`` forms per-unit gradients (a cache-sized chunk at a
+      time); ``"reweight"`` computes per-unit norms, then one backward pass
+      of the loss weighted by the clip factors (float32+ parameters only);
+      ``"auto"`` (default) picks one from the loss's matmul FLOPs per
+      parameter (see ``dpfl._clip_strategies.choose_strategy``).
+
+  Returns:
+    A :class:`ClippedGradFn`; calling it as ``fn(params, batch, mask=None)``
+    returns ``(clipped_sum, aux)``: ``clipped_sum`` shaped like ``params``
+    and ``aux`` a :class:`ClippedGradAux`. ``mask`` (bool, shape
+    ``[examples]`` or ``[users, examples_per_user]``; nonzero = real)
+    marks padding, so batches can have a static shape under ``jit``.
+
+  Raises:
+    ValueError: ``l2_clip_norm`` not finite or <= 0; ``unit``, ``strategy``
+      unknown; ``microbatch_size`` < 1; and, when called, batch leaves
+      without common leading unit axes or a ``mask`` of another shape.
+
+  Example::
+
+    grad_fn = clipped_grad(loss_fn, l2_clip_norm=1.0)
+    clipped_sum, aux = jax.jit(grad_fn)(params, batch, mask=mask)
+    # add N(0, (sigma * 1.0)^2) noise to clipped_sum, divide by batch size
+  """
+  l2_clip_norm = _check_l2_clip_norm(l2_clip_norm)
+  if unit not in UNITS:
+    raise ValueError(f"unit must be one of {UNITS}, got {unit!r}.")
+  if strategy not in STRATEGIES:
+    raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}.")
+  microbatch_size = _check_microbatch_size(microbatch_size)
+  if not isinstance(has_aux, bool):
+    raise ValueError(f"has_aux must be True or False, got {has_aux!r}.")
+  unit_loss = _unit_loss(loss_fn, has_aux, unit)
+
+  def fun(params, batch, *, mask=None):
+    shape = _batch_shape(batch, unit)
+    mask = _check_mask(mask, shape, unit)
+    if unit == "example":
+      units, included = (batch, None), mask
+    else:
+      units, included = (batch, mask), jnp.any(mask, axis=1)
+
+    chosen = strategy
+    if chosen == "auto":
+      one_unit = jax.tree.map(lambda x: x[0], units)
+      chosen = _strategies.choose_strategy(unit_loss, params, one_unit)
+    elif chosen == "reweight" and _strategies.has_half_precision(params):
+      raise ValueError(
+          "strategy='reweight' needs float32 or wider parameters (its sum is"
+          " accumulated inside the backward pass, in the parameters' dtype);"
+          " use strategy='materialize' or 'auto' for half precision."
+      )
+    backend = _strategies.BACKENDS[chosen]
+    clipped_sum, (norms, values, aux) = backend(
+        unit_loss, l2_clip_norm, params, units, included, microbatch_size
+    )
+
+    finite = jnp.isfinite(norms)
+    num_units = jnp.sum(included, dtype=jnp.int32)
+    num_clipped = jnp.sum(included & finite & (norms > l2_clip_norm), dtype=jnp.int32)
+    stats = ClippedGradAux(
+        grad_norms=jnp.where(included, norms, 0.0).astype(jnp.float32),
+        values=jnp.where(included, values.astype(jnp.float32), 0.0),
+        num_units=num_units,
+        num_clipped=num_clipped,
+        fraction_clipped=num_clipped / jnp.maximum(num_units, 1).astype(jnp.float32),
+        num_nonfinite=jnp.sum(included & ~finite, dtype=jnp.int32),
+        aux=aux if has_aux else None,
+    )
+    return clipped_sum, stats
+
+  return ClippedGradFn(fun=fun, l2_clip_norm=l2_clip_norm, unit=unit)

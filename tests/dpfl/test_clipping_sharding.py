@@ -1,0 +1,86 @@
+"""clipped_grad on a unit axis sharded over 4 (host-platform) devices.
+
+The device count is fixed when JAX starts, so the check runs in a child
+process with ``--xla_force_host_platform_device_count=4``. The reference is
+the same computation on unsharded inputs in that process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+_CHILD = textwrap.dedent(
+    """
+    import json
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from dpfl.clipping import clipped_grad
+
+    assert jax.device_count() == 4, jax.devices()
+
+    def loss(params, batch):
+      h = jnp.tanh(batch["x"] @ params["w1"])
+      return jnp.mean((h @ params["w2"] - batch["y"]) ** 2)
+
+    k = jax.random.split(jax.random.key(0), 5)
+    params = {"w1": jax.random.normal(k[0], (5, 4)),
+              "w2": jax.random.normal(k[1], (4,))}
+    users, per_user = 16, 3
+    batch = {"x": jax.random.normal(k[2], (users, per_user, 5)),
+             "y": jax.random.normal(k[3], (users, per_user))}
+    mask = jax.random.bernoulli(k[4], 0.7, (users, per_user))
+    # jax.make_mesh's default axis type is Explicit: the strictest case.
+    mesh = jax.make_mesh((4,), ("users",))
+    put = lambda t: jax.device_put(t, NamedSharding(mesh, P("users")))
+    out = {}
+    configs = [("user", "materialize", None), ("user", "reweight", 8),
+               ("example", "materialize", 8), ("example", "reweight", None)]
+    for unit, strategy, microbatch_size in configs:
+      b, m = batch, mask
+      if unit == "example":
+        b = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), b)
+        m = m.reshape(-1)
+      fn = jax.jit(clipped_grad(loss, l2_clip_norm=0.5, unit=unit,
+                                strategy=strategy,
+                                microbatch_size=microbatch_size))
+      ref, ref_aux = fn(params, b, mask=m)
+      with jax.set_mesh(mesh):
+        got, got_aux = fn(params, put(b), mask=put(m))
+      diff = max(float(jnp.max(jnp.abs(x - y))) for x, y in
+                 zip(jax.tree.leaves(got), jax.tree.leaves(ref)))
+      out[f"{unit}/{strategy}/{microbatch_size}"] = {
+          "diff": diff,
+          "units": [int(got_aux.num_units), int(ref_aux.num_units)],
+          "norm": float(jnp.sqrt(sum(jnp.sum(x**2)
+                                     for x in jax.tree.leaves(ref)))),
+      }
+    print(json.dumps(out))
+    """
+)
+
+
+def test_sharded_unit_axis_matches_single_device():
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = (
+      env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+  )
+  env["JAX_PLATFORMS"] = "cpu"
+  proc = subprocess.run(
+      [sys.executable, "-c", _CHILD],
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert len(results) == 4
+  for config, r in results.items():
+    assert r["norm"] > 0.1, config  # the reference is not trivially zero
+    assert r["diff"] <= 1e-5 * max(1.0, r["norm"]), (config, r)
+    assert r["units"][0] == r["units"][1], (config, r)
