@@ -1,0 +1,204 @@
+"""One call that makes an existing JAX/optax training loop private.
+
+``make_private`` takes what a loop already has — a mean loss and an optax
+optimizer — plus the privacy settings, and returns what the loop needs:
+
+* ``clipped_grad``: use it where the loop called ``jax.grad(loss_fn)``;
+* ``optimizer``: the user's optimizer behind the Gaussian noise step;
+* ``batches(dataset)``: Poisson (or shuffled) batches with static shapes and a
+  mask, each draw recorded in the ledger *before* it is used;
+* ``ledger`` / ``epsilon()``: the privacy spent so far, at any step — the same
+  number ``dpfl epsilon`` prints for the same settings.
+
+Everything is built from the public pieces (``dpfl.clipping``,
+``dpfl.noise``, ``dpfl.sampling``, ``accounting``); nothing here computes a
+gradient, draws noise or accounts on its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterator
+
+import jax
+import optax
+
+import accounting
+from dpfl import noise, sampling
+from dpfl.clipping import clipped_grad as _clipped_grad
+
+
+@dataclasses.dataclass
+class PrivateTraining:
+  """What ``make_private`` returns. Attributes are read by the training loop.
+
+  Attributes:
+    clipped_grad: ``(params, batch, mask=...) -> (clipped_sum, aux)``; the sum
+      of per-unit gradients clipped to ``l2_clip_norm`` (see
+      ``dpfl.clipped_grad``).
+    optimizer: ``optax.chain(gaussian_noise(...), user_optimizer)``; feed it
+      the clipped sum, it adds N(0, (σC)²) and divides by the expected batch
+      size before the user's optimizer sees it.
+    sampler: the batch sampler (``PoissonSampler`` or ``ShuffledSampler``).
+    ledger: ``accounting.Ledger`` of the steps drawn so far.
+    noise_multiplier: σ (given, or calibrated for the target).
+    l2_clip_norm: C.
+    delta: the δ at which ``epsilon()`` reports.
+    num_steps: the planned number of steps (what a target ε was calibrated for).
+  """
+
+  clipped_grad: Callable[..., Any]
+  optimizer: optax.GradientTransformation
+  sampler: Any
+  ledger: accounting.Ledger
+  noise_multiplier: float
+  l2_clip_norm: float
+  delta: float
+  num_steps: int
+  accountant: str = "pld"
+
+  @property
+  def mechanism(self) -> accounting.Mechanism:
+    """The planned run (``num_steps`` steps) as an accounting description."""
+    return self.sampler.mechanism(noise_multiplier=self.noise_multiplier,
+                                  num_steps=self.num_steps)
+
+  def planned_epsilon(self) -> float:
+    """ε after all ``num_steps`` planned steps."""
+    return accounting.epsilon(self.mechanism, delta=self.delta, accountant=self.accountant)
+
+  def epsilon(self, delta: float | None = None) -> float:
+    """ε spent so far (from the ledger) at ``delta`` (default: the run's δ)."""
+    return self.ledger.epsilon(delta=self.delta if delta is None else delta,
+                               accountant=self.accountant)
+
+  def record_step(self) -> None:
+    """Records one released step in the ledger (``batches`` does this for you)."""
+    self.ledger.record(self.sampler.mechanism(noise_multiplier=self.noise_multiplier,
+                                              num_steps=1))
+
+  def batches(self, dataset: Any, num_steps: int | None = None) -> Iterator[tuple[Any, Any]]:
+    """Yields ``(batch, mask)`` with static shapes for ``num_steps`` steps.
+
+    Each draw is recorded in the ledger when it is handed out (before the
+    step uses it), so ``epsilon()`` never lags behind what was released.
+    ``dataset`` is a pytree of arrays with a leading example axis, or any
+    indexable sequence of examples (``dpfl.sampling.gather``).
+    """
+    steps = self.num_steps if num_steps is None else num_steps
+    for _ in range(steps):
+      draw = self.sampler()
+      self.record_step()
+      yield sampling.gather(dataset, draw.indices, draw.mask), draw.mask
+
+  def init(self, params) -> optax.OptState:
+    return self.optimizer.init(params)
+
+  def reseed(self, opt_state: optax.OptState, *, key: Any = None) -> optax.OptState:
+    """Fresh noise keys for an optimizer state restored from a checkpoint.
+
+    Call it on every resume (with the saved ledger passed to
+    ``make_private(ledger=...)``): a restored key would replay noise that a
+    crashed run may already have released. See ``dpfl.noise.reseed``.
+    """
+    return noise.reseed(opt_state, key=key)
+
+  def make_step(self, *, jit: bool = True) -> Callable[..., Any]:
+    """A ready train step: ``(params, opt_state, batch, mask) -> (params, opt_state, aux)``."""
+    def step(params, opt_state, batch, mask):
+      grads, aux = self.clipped_grad(params, batch, mask=mask)
+      updates, opt_state = self.optimizer.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state, aux
+    return jax.jit(step) if jit else step
+
+
+def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransformation, *,
+                 l2_clip_norm: float, dataset_size: int, batch_size: int,
+                 delta: float, num_steps: int | None = None, epochs: float | None = None,
+                 noise_multiplier: float | None = None, target_epsilon: float | None = None,
+                 sampling_scheme: str = "poisson", max_batch_size: int | None = None,
+                 has_aux: bool = False, microbatch_size: int | None = None,
+                 accountant: str = "pld", key: Any = None, seed: Any = None,
+                 ledger: accounting.Ledger | None = None) -> PrivateTraining:
+  """Makes a loss and an optax optimizer into example-level DP-SGD.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch)``, the mean loss over a batch whose
+      leaves have a leading example axis (``(loss, aux)`` with ``has_aux``).
+    optimizer: any optax optimizer; it receives the noisy mean gradient.
+    l2_clip_norm: C, the per-example clip norm.
+    dataset_size: N, the number of examples.
+    batch_size: the expected batch size; Poisson rate q = batch_size / N (or
+      the fixed batch size for ``sampling_scheme="shuffle"``).
+    delta: δ for reporting and calibration.
+    num_steps / epochs: the length of the run (give one); epochs become
+      ceil(epochs * N / batch_size) steps.
+    noise_multiplier / target_epsilon: give σ, or a target ε to calibrate σ
+      for (through ``accounting.calibrate_noise_multiplier``, never above it).
+    sampling_scheme: ``"poisson"`` (amplified; padded to ``max_batch_size``
+      with truncation accounted) or ``"shuffle"`` (fixed batches, no
+      amplification claimed).
+    max_batch_size: static batch shape for Poisson sampling (default: a size
+      exceeded with probability <= 1e-9 per step; truncation is accounted).
+    has_aux, microbatch_size: passed to ``dpfl.clipped_grad``.
+    accountant: ``"pld"`` or ``"rdp"``.
+    key: noise PRNG key (default: OS entropy). seed: sampler seed (default:
+      OS entropy).
+    ledger: an existing ledger to extend (e.g. one loaded to resume a run).
+
+  Returns:
+    A ``PrivateTraining``.
+
+  Formal guarantee: each step releases the clipped sum (sensitivity C per
+  example) plus N(0, (σC)²I), on a batch drawn by the returned sampler;
+  ``epsilon()`` is the ε of the steps drawn so far for add/remove-one-example
+  neighbours, computed by ``accounting`` from the ledger.
+  """
+  if (noise_multiplier is None) == (target_epsilon is None):
+    raise ValueError("give exactly one of noise_multiplier and target_epsilon, got "
+                     f"noise_multiplier={noise_multiplier!r}, target_epsilon={target_epsilon!r}")
+  if (num_steps is None) == (epochs is None):
+    raise ValueError(f"give exactly one of num_steps and epochs, got num_steps={num_steps!r}, "
+                     f"epochs={epochs!r}")
+  if sampling_scheme not in ("poisson", "shuffle"):
+    raise ValueError(f"sampling_scheme must be 'poisson' or 'shuffle', got {sampling_scheme!r}")
+  if accountant not in accounting.accountants.ACCOUNTANTS:
+    raise ValueError(f"accountant must be 'pld' or 'rdp', got {accountant!r}")
+  if not (isinstance(delta, (int, float)) and 0 < delta < 1):
+    raise ValueError(f"delta must be in (0, 1), got {delta!r}")
+  if epochs is not None:
+    _, num_steps = accounting.sampling_from_epochs(dataset_size=dataset_size,
+                                                   batch_size=batch_size, epochs=epochs)
+  if sampling_scheme == "poisson":
+    if not (isinstance(dataset_size, int) and dataset_size >= 1):
+      raise ValueError(f"dataset_size must be an integer >= 1, got {dataset_size!r}")
+    if not (isinstance(batch_size, int) and 1 <= batch_size <= dataset_size):
+      raise ValueError(f"batch_size must be an integer in [1, dataset_size={dataset_size}], "
+                       f"got {batch_size!r}")
+    sampler = sampling.PoissonSampler(dataset_size, sampling_prob=batch_size / dataset_size,
+                                      max_batch_size=max_batch_size, seed=seed)
+  else:
+    if max_batch_size is not None:
+      raise ValueError("max_batch_size applies to sampling_scheme='poisson' only")
+    sampler = sampling.ShuffledSampler(dataset_size, batch_size=batch_size, seed=seed)
+
+  if target_epsilon is not None:
+    calibration = accounting.calibrate_noise_multiplier(
+        lambda s: sampler.mechanism(noise_multiplier=s, num_steps=num_steps),
+        target_epsilon=target_epsilon, delta=delta, accountant=accountant)
+    noise_multiplier = calibration.value
+  grad_fn = _clipped_grad(loss_fn, l2_clip_norm=l2_clip_norm, has_aux=has_aux,
+                          microbatch_size=microbatch_size)
+  noisy = noise.gaussian_noise(noise_multiplier=noise_multiplier, l2_clip_norm=l2_clip_norm,
+                               expected_batch_size=sampler.expected_batch_size, key=key)
+  # Validate σ and the step count the way the accountant will, before any step runs.
+  sampler.mechanism(noise_multiplier=noise_multiplier, num_steps=num_steps)
+  return PrivateTraining(clipped_grad=grad_fn, optimizer=optax.chain(noisy, optimizer),
+                         sampler=sampler, ledger=accounting.Ledger() if ledger is None else ledger,
+                         noise_multiplier=float(noise_multiplier),
+                         l2_clip_norm=float(l2_clip_norm), delta=float(delta),
+                         num_steps=int(num_steps), accountant=accountant)
+
+
+# The same entry point under the name the literature uses.
+dp_sgd = make_private

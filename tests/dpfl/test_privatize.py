@@ -1,0 +1,145 @@
+"""make_private: a loop made private, its ε from the ledger equals the CLI's."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import accounting
+import dpfl
+from accounting import cli
+
+
+def _data(n=200, d=5, seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n, d)).astype(np.float32)
+  y = (x @ rng.normal(size=d) > 0).astype(np.float32)
+  return {"x": x, "y": y}
+
+
+def loss_fn(params, batch):
+  logits = batch["x"] @ params["w"] + params["b"]
+  return optax.sigmoid_binary_cross_entropy(logits, batch["y"]).mean()
+
+
+PARAMS = {"w": jnp.zeros(5), "b": jnp.zeros(())}
+
+
+def test_loop_runs_and_ledger_epsilon_equals_cli(capsys):
+  data = _data()
+  private = dpfl.make_private(loss_fn, optax.sgd(0.5), l2_clip_norm=1.0, dataset_size=200,
+                              batch_size=20, num_steps=30, noise_multiplier=1.5, delta=1e-5,
+                              key=0, seed=0)
+  opt_state = private.init(PARAMS)
+  step = private.make_step()
+  params = PARAMS
+  eps_so_far = []
+  for i, (batch, mask) in enumerate(private.batches(data)):
+    params, opt_state, aux = step(params, opt_state, batch, mask)
+    if i in (0, 9, 29):  # ε is available at any step
+      eps_so_far.append(private.epsilon())
+  assert private.ledger.num_steps == 30
+  assert eps_so_far == sorted(eps_so_far) and eps_so_far[0] > 0
+  assert np.isfinite(float(loss_fn(params, data)))
+  # The same number `dpfl epsilon` gives for the same settings.
+  m = private.sampler.mechanism(noise_multiplier=1.5, num_steps=30)
+  argv = ["epsilon", "--noise-multiplier", "1.5", "--sampling-prob", str(20 / 200), "--steps",
+          "30", "--delta", "1e-5", "--json"]
+  if isinstance(m, accounting.TruncatedPoissonDpSgd):
+    argv = ["epsilon", "--noise-multiplier", "1.5", "--dataset-size", "200", "--batch-size", "20",
+            "--steps", "30", "--max-batch-size", str(m.max_batch_size), "--delta", "1e-5",
+            "--json"]
+  assert cli.main(argv) == 0
+  from_cli = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["epsilon"]
+  assert private.epsilon() == pytest.approx(from_cli, rel=1e-12)
+  # ...and plain Poisson accounting differs only by the (accounted) truncation.
+  plain = accounting.epsilon(accounting.PoissonDpSgd(1.5, 0.1, 30), delta=1e-5)
+  assert private.epsilon() == pytest.approx(plain, rel=1e-4)
+
+
+def test_target_epsilon_is_calibrated_and_met():
+  private = dpfl.make_private(loss_fn, optax.adam(1e-2), l2_clip_norm=1.0, dataset_size=500,
+                              batch_size=50, epochs=2, target_epsilon=2.0, delta=1e-5)
+  assert private.num_steps == 20
+  assert private.planned_epsilon() <= 2.0
+  looser = dpfl.make_private(loss_fn, optax.adam(1e-2), l2_clip_norm=1.0, dataset_size=500,
+                             batch_size=50, epochs=2,
+                             noise_multiplier=private.noise_multiplier / 1.01, delta=1e-5)
+  assert looser.planned_epsilon() > 2.0
+
+
+def test_update_is_noisy_sum_over_expected_batch():
+  # Per-example gradient of this loss is exactly 1 in "b": the clipped sum is
+  # the count of sampled examples; the update must be that count over the
+  # *expected* batch size plus N(0, (σC/B)^2) noise.
+  def const_loss(params, batch):
+    return jnp.mean(params["b"] * jnp.ones_like(batch["x"][:, 0]))
+  sigma, clip, n, b = 2.0, 1.0, 100, 10
+  private = dpfl.make_private(const_loss, optax.identity(), l2_clip_norm=clip, dataset_size=n,
+                              batch_size=b, num_steps=1, noise_multiplier=sigma, delta=1e-5,
+                              key=3, seed=3)
+  params = {"b": jnp.zeros(())}
+  opt_state = private.init(params)
+  data = _data(n)
+  residuals = []
+  for _ in range(400):
+    batch, mask = next(private.batches(data, 1))
+    grads, aux = private.clipped_grad(params, batch, mask=mask)
+    updates, opt_state = private.optimizer.update(grads, opt_state, params)
+    residuals.append(float(updates["b"]) - int(mask.sum()) / b)
+  std = np.std(residuals)
+  expected = sigma * clip / b
+  # 400 samples: the sample std is within 6 standard errors (~ 6/sqrt(800)) w.p. > 1 - 1e-8.
+  assert abs(std / expected - 1) < 6 / np.sqrt(2 * 400)
+
+
+def test_resume_with_saved_ledger_and_fresh_keys(tmp_path):
+  kwargs = dict(l2_clip_norm=1.0, dataset_size=200, batch_size=20, num_steps=10,
+                noise_multiplier=1.5, delta=1e-5)
+  first = dpfl.make_private(loss_fn, optax.sgd(0.1), **kwargs)
+  state = first.init(PARAMS)
+  for _ in first.batches(_data(), 4):
+    pass
+  first.ledger.save(tmp_path / "ledger.json")
+  resumed = dpfl.make_private(loss_fn, optax.sgd(0.1), ledger=accounting.Ledger.load(
+      tmp_path / "ledger.json"), **kwargs)
+  assert resumed.epsilon() == first.epsilon()
+  fresh = resumed.reseed(state)
+  assert not np.array_equal(np.asarray(fresh[0].key), np.asarray(state[0].key))
+  for _ in resumed.batches(_data(), 6):
+    pass
+  assert resumed.ledger.num_steps == 10
+  assert resumed.epsilon() >= first.planned_epsilon() * (1 - 1e-9)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(noise_multiplier=1.0, target_epsilon=1.0), "exactly one of noise_multiplier"),
+    (dict(), "exactly one of noise_multiplier"),
+    (dict(noise_multiplier=1.0, epochs=1.0), "exactly one of num_steps and epochs"),
+    (dict(noise_multiplier=1.0, delta=0.0), "delta"),
+    (dict(noise_multiplier=-1.0), "noise_multiplier"),
+    (dict(noise_multiplier=1.0, l2_clip_norm=0.0), "l2_clip_norm"),
+    (dict(noise_multiplier=1.0, batch_size=0), "batch_size"),
+    (dict(noise_multiplier=1.0, sampling_scheme="random"), "sampling_scheme"),
+])
+def test_bad_arguments(kwargs, match):
+  base = dict(l2_clip_norm=1.0, dataset_size=100, batch_size=10, num_steps=5, delta=1e-5)
+  base.update(kwargs)
+  if "epochs" in kwargs:
+    base.pop("num_steps", None)
+    base["num_steps"] = 5
+  with pytest.raises(ValueError, match=match):
+    dpfl.make_private(loss_fn, optax.sgd(0.1), **base)
+
+
+def test_shuffled_scheme_accounts_without_amplification():
+  private = dpfl.make_private(loss_fn, optax.sgd(0.1), l2_clip_norm=1.0, dataset_size=100,
+                              batch_size=10, num_steps=25, noise_multiplier=2.0, delta=1e-5,
+                              sampling_scheme="shuffle")
+  for _ in private.batches(_data(100)):
+    pass
+  ref = accounting.epsilon(accounting.ShuffledDpSgd(2.0, 100, 10, 25), delta=1e-5)
+  assert private.epsilon() == pytest.approx(ref, rel=1e-12)
