@@ -17,6 +17,7 @@ line on stderr naming the flag and its allowed range.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -79,7 +80,15 @@ def _add_common(p: argparse.ArgumentParser, *, calibrate: bool) -> None:
                  help="print one JSON object as the last line of stdout")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(extra_commands: dict | None = None,
+                 selected: str | None = None) -> argparse.ArgumentParser:
+  """The ``dpfl`` parser: accounting commands, plus those a caller plugs in.
+
+  ``extra_commands`` maps a command name to ``(help, module)``; the module
+  provides ``add_arguments(parser)``, ``run(args) -> dict`` and
+  ``format_table(result) -> str``. It is imported only when its command is
+  the ``selected`` one, so ``dpfl --help`` stays light.
+  """
   parser = _Parser(prog="dpfl", description="dpfl: differential privacy for JAX training. "
                    "Privacy accounting from the command line.")
   sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -97,7 +106,21 @@ def build_parser() -> argparse.ArgumentParser:
   cal.add_argument("--target-epsilon", type=float, required=True, metavar="E",
                    help="the ε budget, > 0")
   _add_common(cal, calibrate=True)
+  for name, (help_text, module_name) in (extra_commands or {}).items():
+    p = sub.add_parser(name, help=help_text, description=help_text)
+    if name == selected:
+      importlib.import_module(module_name).add_arguments(p)
+      if not any("--json" in a.option_strings for a in p._actions):
+        p.add_argument("--json", action="store_true",
+                       help="print one JSON object as the last line of stdout")
   return parser
+
+
+def _selected_command(argv: list[str], names) -> str | None:
+  for arg in argv:
+    if not arg.startswith("-"):
+      return arg if arg in names else None
+  return None
 
 
 # --- from flags to mechanisms ---------------------------------------------------
@@ -333,11 +356,26 @@ def _cmd_calibrate(args) -> dict:
 _COMMANDS = {"epsilon": _cmd_epsilon, "calibrate": _cmd_calibrate}
 
 
-def main(argv: list[str] | None = None) -> int:
-  """Entry point of the ``dpfl`` console script. Returns the exit status."""
+def main(argv: list[str] | None = None, extra_commands: dict | None = None) -> int:
+  """Runs one ``dpfl`` command. Returns the exit status.
+
+  Args:
+    argv: the arguments (default: ``sys.argv[1:]``).
+    extra_commands: further commands, ``{name: (help, module)}`` (see
+      ``build_parser``); ``dpfl.cli`` plugs in the training-side ones.
+  """
+  argv = sys.argv[1:] if argv is None else list(argv)
+  extra_commands = extra_commands or {}
   try:
-    args = build_parser().parse_args(argv)
-    out = _COMMANDS[args.command](args)
+    selected = _selected_command(argv, extra_commands)
+    args = build_parser(extra_commands, selected).parse_args(argv)
+    if args.command in _COMMANDS:
+      out = _COMMANDS[args.command](args)
+    else:
+      module = importlib.import_module(extra_commands[args.command][1])
+      out = module.run(args)
+      if not args.json:
+        print(module.format_table(out))
   except UsageError as e:
     message = str(e)
     if message.startswith("dpfl"):  # argparse's "dpfl epsilon: ..." form

@@ -1,14 +1,34 @@
-"""dpfl: differential-privacy training for JAX."""
+"""dpfl: differential-privacy training for JAX.
 
-from dpfl.clipping import ClippedGradAux, ClippedGradFn, clipped_grad
-from dpfl.noise import GaussianNoiseState, gaussian_noise, reseed
-from dpfl.privatize import PrivateTraining, dp_sgd, make_private
-from dpfl.sampling import Batch, PoissonSampler, ShuffledSampler, gather
+Public names are re-exported lazily (PEP 562): ``import dpfl`` is cheap, and
+the ``dpfl`` command line can live in this package without importing JAX for
+``dpfl epsilon``. ``dpfl.clipped_grad`` etc. import their module on first use.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Batch", "ClippedGradAux", "ClippedGradFn", "GaussianNoiseState", "PoissonSampler", "PrivateTraining",
-    "ShuffledSampler", "clipped_grad", "dp_sgd", "gather", "gaussian_noise", "make_private",
-    "reseed",
-]
+_EXPORTS = {
+    "ClippedGradAux": "dpfl.clipping", "ClippedGradFn": "dpfl.clipping",
+    "clipped_grad": "dpfl.clipping",
+    "GaussianNoiseState": "dpfl.noise", "gaussian_noise": "dpfl.noise", "reseed": "dpfl.noise",
+    "PrivateTraining": "dpfl.privatize", "dp_sgd": "dpfl.privatize",
+    "make_private": "dpfl.privatize",
+    "Batch": "dpfl.sampling", "PoissonSampler": "dpfl.sampling",
+    "ShuffledSampler": "dpfl.sampling", "gather": "dpfl.sampling",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+  if name in _EXPORTS:
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+  raise AttributeError(f"module 'dpfl' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(list(globals()) + __all__)
