@@ -33,7 +33,7 @@ def test_plugged_in_command(tmp_path, monkeypatch, capsys):
   assert cli.main(["fake", "--size", "3", "--json"]) == 0
   assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"double": 6}
   assert cli.main(["fake", "--size", "3"]) == 0
-  assert capsys.readouterr().out.strip() == "double: 3 * 2".replace("3 * 2", "6")
+  assert capsys.readouterr().out.strip() == "double: 6"
   assert cli.main(["fake", "--size", "0"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "--size" in err[0]
