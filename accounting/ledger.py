@@ -60,12 +60,25 @@ class Ledger:
         raise ValueError(
             f"mechanism protects a {phase.privacy_unit!r} but this ledger records "
             f"{self.privacy_unit!r}-level privacy; use a separate ledger")
-      last = self._entries[-1] if len(self._entries) > self._sealed else None
-      if (last is not None and type(last) is type(phase)
-          and last.with_steps(1) == phase.with_steps(1)):
-        self._entries[-1] = last.with_steps(last.num_steps + phase.num_steps)
-      else:
+      merged = self._merged(phase)
+      if merged is None:
         self._entries.append(phase)
+      else:
+        self._entries[-1] = merged
+
+  def _merged(self, phase: mech.Mechanism) -> mech.Mechanism | None:
+    """The last entry extended by ``phase``, or None if they are separate runs."""
+    last = self._entries[-1] if len(self._entries) > self._sealed else None
+    if last is None or type(last) is not type(phase):
+      return None
+    try:
+      if last.with_steps(1) != phase.with_steps(1):
+        return None
+      return last.with_steps(last.num_steps + phase.num_steps)
+    except ValueError:
+      # The mechanism has no room for more steps (a matrix mechanism's n is
+      # used up): what follows is a new run, composed after this one.
+      return None
 
   def mechanism(self) -> mech.Mechanism:
     """Everything recorded, as one (composed) mechanism."""

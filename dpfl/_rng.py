@@ -13,6 +13,8 @@ checkpointer can save.
 
 from __future__ import annotations
 
+import math
+
 import numbers
 import os
 import secrets
@@ -88,3 +90,61 @@ def numpy_generator(seed, *, name: str = "seed") -> np.random.Generator:
   if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
     raise ValueError(f"{name} must be None (OS entropy) or an integer >= 0, got {seed!r}")
   return np.random.Generator(np.random.PCG64(int(seed)))
+
+
+# jax.random.normal's float32 pipeline: uniform on [nextafter(-1, 0), 1) from the
+# top 23 bits, then sqrt(2) * erf_inv.
+_UNIFORM_LOW = np.nextafter(np.float32(-1), np.float32(0))
+_UNIFORM_SPAN = np.float32(1) - _UNIFORM_LOW
+_SQRT2 = np.float32(np.sqrt(2))
+_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def _threefry2x32(key0, key1, count_hi, count_lo):
+  """Threefry-2x32, 20 rounds (Salmon et al. 2011), as straight-line array ops.
+
+  The same function as JAX's ``threefry2x32`` primitive, whose CPU lowering is a
+  rolled loop of 5 iterations that writes both full-size words to memory each
+  time; written out here, XLA fuses the hash into its consumer (4-5x faster
+  draws on CPU, and the correlated-noise buffers update in the same pass).
+  """
+  ks = (key0, key1, key0 ^ key1 ^ np.uint32(0x1BD11BDA))
+  x0, x1 = count_hi + ks[0], count_lo + ks[1]
+  for i in range(5):
+    for r in _THREEFRY_ROTATIONS[i % 2]:
+      x0 = x0 + x1
+      x1 = (x1 << np.uint32(r)) | (x1 >> np.uint32(32 - r))
+      x1 = x0 ^ x1
+    x0 = x0 + ks[(i + 1) % 3]
+    x1 = x1 + ks[(i + 2) % 3] + np.uint32(i + 1)
+  return x0, x1
+
+
+def _fused_normal_applies(shape, dtype) -> bool:
+  return (dtype == jnp.float32 and math.prod(shape) < 2**32
+          and jax.config.jax_default_prng_impl == "threefry2x32"
+          and jax.config.jax_threefry_partitionable)
+
+
+def normal(leaf_key, shape, dtype) -> jax.Array:
+  """Standard normal draws, bit for bit ``jax.random.normal(leaf_key, shape, dtype)``.
+
+  ``jax.random.normal(leaf_key, shape, dtype)``. For float32 under the default
+  (partitionable threefry) PRNG it is computed by the same steps written out:
+  counter ``i`` (the row-major index, as ``iota_2x32_shape``) hashed with the
+  key, ``bits = hi ^ lo``, then ``normal``'s uniform-to-Gaussian map.
+  Used by every dpfl noise transform; tests check the equality for several shapes.
+  """
+  if not _fused_normal_applies(shape, dtype):
+    return jax.random.normal(leaf_key, shape, dtype)
+  key = jax.random.key_data(leaf_key)
+  index = jnp.zeros(shape, jnp.uint32)
+  stride = 1
+  for dim in reversed(range(len(shape))):  # elementwise, so sharding-friendly
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, dim) * np.uint32(stride)
+    stride *= shape[dim]
+  hi, lo = _threefry2x32(key[0], key[1], jnp.zeros(shape, jnp.uint32), index)
+  float_bits = ((hi ^ lo) >> np.uint32(9)) | np.uint32(0x3F800000)
+  floats = jax.lax.bitcast_convert_type(float_bits, jnp.float32) - np.float32(1)
+  uniform = jax.lax.max(_UNIFORM_LOW, floats * _UNIFORM_SPAN + _UNIFORM_LOW)
+  return _SQRT2 * jax.lax.erf_inv(uniform)

@@ -187,7 +187,7 @@ def gaussian_noise(*, noise_multiplier: float, l2_clip_norm: float,
     for leaf, leaf_key in zip(leaves, leaf_keys):
       leaf = jnp.asarray(leaf)
       dtype = jnp.promote_types(leaf.dtype, jnp.float32)
-      noise = stddev * jax.random.normal(leaf_key, leaf.shape, dtype)
+      noise = stddev * _rng.normal(leaf_key, leaf.shape, dtype)  # == jax.random.normal
       noisy.append(((leaf.astype(dtype) + noise) / expected_batch_size).astype(leaf.dtype))
     new_state = GaussianNoiseState(key=jax.random.key_data(next_key),
                                    count=optax.safe_increment(state.count))

@@ -230,3 +230,13 @@ def test_integer_updates_rejected():
   updates = {"step": jnp.zeros((3,), jnp.int32)}
   with pytest.raises(ValueError, match=r"updates must .*\['step'\].*int32"):
     tx.update(updates, tx.init(updates))
+
+
+@pytest.mark.parametrize("shape", [(7,), (3, 5), (2, 3, 4), ()])
+def test_fused_normal_is_jax_random_normal_bit_for_bit(shape):
+  # dpfl._rng.normal is a fused rewrite of jax.random.normal (3x faster on
+  # CPU); the noise distribution is only as good as this equality.
+  from dpfl import _rng
+  key = jax.random.key(1234)
+  ours = jax.jit(_rng.normal, static_argnums=(1, 2))(key, shape, jnp.float32)
+  np.testing.assert_array_equal(np.asarray(ours), np.asarray(jax.random.normal(key, shape)))
