@@ -12,7 +12,9 @@ import sys
 from accounting import cli as _accounting_cli
 
 # name -> (one-line help, module with add_arguments / run / format_table)
-COMMANDS: dict[str, tuple[str, str]] = {}
+COMMANDS: dict[str, tuple[str, str]] = {
+    "mf": ("matrix-factorization strategy: sensitivity, max/mean loss", "dpfl.mf.cli"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,22 @@
+"""Matrix-factorization (DP-FTRL / DP-MF) strategies, their losses and sensitivity."""
+
+from dpfl.mf.banded import BandedStrategy, optimize_banded
+from dpfl.mf.blt import BltStrategy, optimize_blt
+from dpfl.mf.dense import DenseStrategy, optimize_dense
+from dpfl.mf.participation import Participation, participation
+from dpfl.mf.sensitivity import brute_force_sensitivity, matrix_sensitivity
+from dpfl.mf.streaming import (CorrelatedNoiseState, banded_noise, blt_noise, dense_noise,
+                                identity_noise, matrix_noise)
+from dpfl.mf.strategies import (IdentityStrategy, SqrtToeplitzStrategy, Strategy,
+                                ToeplitzStrategy, TreeStrategy, identity, sqrt_toeplitz, tree,
+                                tree_matrix)
+from dpfl.mf.workload import Workload
+
+__all__ = [
+    "CorrelatedNoiseState", "banded_noise", "blt_noise", "dense_noise", "identity_noise",
+    "matrix_noise",
+    "BandedStrategy", "BltStrategy", "DenseStrategy", "IdentityStrategy", "Participation",
+    "SqrtToeplitzStrategy", "Strategy", "ToeplitzStrategy", "TreeStrategy", "Workload",
+    "brute_force_sensitivity", "identity", "matrix_sensitivity", "optimize_banded",
+    "optimize_blt", "optimize_dense", "participation", "sqrt_toeplitz", "tree", "tree_matrix",
+]

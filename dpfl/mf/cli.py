@@ -1,0 +1,167 @@
+"""The logic of ``dpfl mf``: build or optimize a strategy and report its numbers.
+
+  dpfl mf --strategy identity|tree|sqrt|banded|blt|dense --steps N
+          [--epochs K | --min-sep B] [--bands M] [--buffers M]
+          [--objective max|mean] [--json]
+
+``--epochs K`` is ``k = K`` participations with separation ``b = N / K``;
+``--min-sep B`` gives ``b`` (then ``k = N / B``); neither is single
+participation. ``run`` returns a dict with ``sensitivity``, ``max_loss``,
+``mean_loss`` and ``seconds`` (wall time to build or optimize the strategy)
+plus the settings used; bad flags raise ``ValueError`` naming the flag.
+
+This module imports only the standard library; numpy and scipy load when
+``run`` builds a strategy (no strategy here needs JAX).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import time
+from typing import Any
+
+STRATEGIES = ("identity", "tree", "sqrt", "banded", "blt", "dense")
+OBJECTIVES = ("max", "mean")
+DEFAULT_BUFFERS = 3
+DEFAULT_MAX_BANDS = 32
+
+# Library argument names -> flags, for messages raised below the CLI.
+_FLAG_OF = {"num_steps": "--steps", "num_participations": "--epochs",
+            "min_separation": "--min-sep", "bands": "--bands", "buffers": "--buffers",
+            "objective": "--objective", "strategy": "--strategy"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  """Adds the ``dpfl mf`` flags to ``parser``."""
+  parser.add_argument("--strategy", required=True, choices=STRATEGIES,
+                      help="identity (DP-SGD), tree (binary tree, Honaker estimator), sqrt "
+                           "(square-root Toeplitz), banded, blt (buffered linear Toeplitz) "
+                           "or dense; the last three are optimized")
+  parser.add_argument("--steps", type=int, required=True, metavar="N",
+                      help="number of steps n, >= 1")
+  parser.add_argument("--epochs", type=int, metavar="K",
+                      help="participations per unit k (separation b = N / K)")
+  parser.add_argument("--min-sep", type=int, metavar="B",
+                      help="minimum separation b between a unit's participations (k = N / B)")
+  parser.add_argument("--bands", type=int, metavar="M",
+                      help=f"banded only: nonzero diagonals, in [1, b] "
+                           f"(default min({DEFAULT_MAX_BANDS}, b))")
+  parser.add_argument("--buffers", type=int, metavar="M",
+                      help=f"blt only: number of buffers, >= 1 (default {DEFAULT_BUFFERS})")
+  parser.add_argument("--objective", choices=OBJECTIVES, default="mean",
+                      help="loss the optimized strategies minimize (default: mean)")
+  parser.add_argument("--json", action="store_true",
+                      help="print one JSON object as the last line of stdout")
+
+
+def _flagged(message: str) -> str:
+  return re.sub(r"(?<![-\w])(" + "|".join(_FLAG_OF) + r")\b",
+                lambda m: _FLAG_OF[m.group(1)], message)
+
+
+def _positive(flag: str, value) -> int:
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f"{flag} must be an integer >= 1, got {value!r}")
+  return value
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+  strategy = getattr(args, "strategy", None)
+  if strategy not in STRATEGIES:
+    raise ValueError(f"--strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
+  objective = getattr(args, "objective", "mean") or "mean"
+  if objective not in OBJECTIVES:
+    raise ValueError(f"--objective must be one of {', '.join(OBJECTIVES)}; got {objective!r}")
+  n = _positive("--steps", getattr(args, "steps", None))
+  epochs, min_sep = getattr(args, "epochs", None), getattr(args, "min_sep", None)
+  if epochs is not None:
+    epochs = _positive("--epochs", epochs)
+    if epochs > n or n % epochs:
+      raise ValueError(f"--epochs must divide --steps={n} (b = N / K), got {epochs}")
+  if min_sep is not None:
+    min_sep = _positive("--min-sep", min_sep)
+    if min_sep > n or n % min_sep:
+      raise ValueError(f"--min-sep must divide --steps={n} (k = N / B), got {min_sep}")
+  if epochs is not None and min_sep is not None and epochs * min_sep != n:
+    raise ValueError(
+        f"--epochs * --min-sep must equal --steps={n}, got {epochs} * {min_sep}")
+  k = epochs if epochs is not None else (n // min_sep if min_sep is not None else 1)
+  b = n // k
+  bands, buffers = getattr(args, "bands", None), getattr(args, "buffers", None)
+  if bands is not None and strategy != "banded":
+    raise ValueError(f"--bands applies only to --strategy banded, not {strategy}")
+  if buffers is not None and strategy != "blt":
+    raise ValueError(f"--buffers applies only to --strategy blt, not {strategy}")
+  if strategy == "banded":
+    bands = min(DEFAULT_MAX_BANDS, b) if bands is None else bands
+    if isinstance(bands, bool) or not isinstance(bands, int) or not 1 <= bands <= b:
+      limit = "--steps" if k == 1 else "--min-sep (b)"
+      raise ValueError(f"--bands must be an integer in [1, {b}] (at most {limit}), got {bands!r}")
+  if strategy == "blt":
+    from dpfl.mf.blt import MAX_BUFFERS
+    buffers = DEFAULT_BUFFERS if buffers is None else buffers
+    if isinstance(buffers, bool) or not isinstance(buffers, int) or not 1 <= buffers <= MAX_BUFFERS:
+      raise ValueError(f"--buffers must be an integer in [1, {MAX_BUFFERS}], got {buffers!r}")
+  return {"strategy": strategy, "steps": n, "epochs": k, "min_sep": b, "bands": bands,
+          "buffers": buffers, "objective": objective}
+
+
+def build(settings: dict[str, Any]):
+  """The strategy for validated ``settings`` (the keys ``_settings`` returns)."""
+  import dpfl.mf as mf
+  n, name = settings["steps"], settings["strategy"]
+  common = {"participation": (settings["epochs"], settings["min_sep"])}
+  if name == "identity":
+    return mf.identity(n, **common)
+  if name == "tree":
+    return mf.tree(n, **common)
+  if name == "sqrt":
+    return mf.sqrt_toeplitz(n, **common)
+  common["objective"] = settings["objective"]
+  if name == "banded":
+    return mf.optimize_banded(n, bands=settings["bands"], **common)
+  if name == "blt":
+    return mf.optimize_blt(n, buffers=settings["buffers"], **common)
+  return mf.optimize_dense(n, **common)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+  """Builds the strategy ``args`` describe and returns its numbers.
+
+  Raises:
+    ValueError: on bad flags, with a message naming the flag.
+  """
+  settings = _settings(args)
+  try:
+    start = time.perf_counter()
+    strategy = build(settings)
+    seconds = time.perf_counter() - start
+    numbers = {"sensitivity": strategy.sensitivity,
+               "sensitivity_exact": strategy.sensitivity_exact,
+               "max_loss": strategy.max_loss, "mean_loss": strategy.mean_loss}
+  except ValueError as err:
+    raise ValueError(_flagged(str(err))) from None
+  return {**settings, **numbers, "seconds": seconds}
+
+
+def format_table(result: dict[str, Any]) -> str:
+  """The human-readable report of ``run``'s result."""
+  k = result["epochs"]
+  participation = ("single participation" if k == 1 else
+                   f"{k} participations, min separation {result['min_sep']}")
+  lines = [f"dpfl mf: {result['strategy']} strategy, {result['steps']} steps, {participation}"]
+  rows = []
+  if result["strategy"] in ("banded", "blt", "dense"):
+    rows.append(("objective", result["objective"]))
+  if result.get("bands") is not None:
+    rows.append(("bands", result["bands"]))
+  if result.get("buffers") is not None:
+    rows.append(("buffers", result["buffers"]))
+  sens = f"{result['sensitivity']:.6g}"
+  if not result.get("sensitivity_exact", True):
+    sens += " (upper bound)"
+  rows += [("sensitivity", sens), ("max_loss", f"{result['max_loss']:.6g}"),
+           ("mean_loss", f"{result['mean_loss']:.6g}"), ("seconds", f"{result['seconds']:.3g}")]
+  lines += [f"  {name:<22} {value}" for name, value in rows]
+  return "\n".join(lines)

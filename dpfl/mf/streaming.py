@@ -1,0 +1,607 @@
+"""Correlated noise for DP-FTRL / DP-MF, streamed one step at a time (optax).
+
+A matrix-factorization mechanism (Denisov et al. 2022, "Improved Differential
+Privacy for SGD via Optimal Private Linear Operators on Adaptive Streams",
+arXiv 2202.08312; Choquette-Choo et al. 2023, arXiv 2211.06530) picks a
+lower-triangular, invertible *strategy* ``C`` (n x n) and releases, over the
+``n`` steps of training, ``C G + s Z`` where row ``t`` of ``G`` is step
+``t``'s clipped gradient sum and ``Z`` has iid ``N(0, 1)`` entries. Training
+consumes ``C^{-1}(C G + s Z) = G + s C^{-1} Z``, so step ``t`` adds the
+correlated noise ``s (C^{-1} Z)_t`` to its clipped sum. The transforms here
+generate that noise in a stream: ``(C^{-1} Z)_t`` from the fresh ``z_t`` and a
+small state, never the n x n product.
+
+================  ==================================  ======================
+strategy          state (besides key and count)       cost per step
+================  ==================================  ======================
+``identity_noise``  none (DP-SGD's iid noise)             one draw
+``blt_noise``       ``m`` model-sized buffers             one draw + 2m axpys
+``banded_noise``    ``b - 1`` model-sized buffers         one draw + b axpys
+``dense_noise``     ``n`` PRNG keys (tiny)                ``t + 1`` draws at step t
+================  ==================================  ======================
+
+BLT (Dvijotham et al. 2024, arXiv 2404.16706): ``C`` is Toeplitz with
+``c_0 = 1``, ``c_t = sum_i omega_i theta_i^(t-1)``; solving ``C x = z`` row by
+row is ``x_t = z_t - sum_i omega_i s_i``, then ``s_i <- theta_i s_i + x_t``
+(``s_i`` holds ``sum_{j<t} theta_i^(t-1-j) x_j``, so ``sum_i omega_i s_i`` is
+``sum_{j<t} c_{t-j} x_j``). Banded: forward substitution that only looks
+``b - 1`` rows back. Dense: ``x_t = sum_{s<=t} (C^{-1})_{ts} z_s``, regenerating
+each past ``z_s`` from its stored key, O(params) memory but O(t * params)
+work at step ``t``; when ``n * params`` floats fit in memory,
+``banded_noise(matrix=C, num_bands=n)`` keeps the past ``x`` instead (``n - 1``
+buffers, O(n * params) work per step, no regeneration).
+
+Semantics. The input is the clipped *sum* (as for ``dpfl.noise.gaussian_noise``)
+and step ``t`` returns ``(clipped_sum + s * x_t) / expected_batch_size`` with
+``s = noise_multiplier * l2_clip_norm * sensitivity`` and ``x = C^{-1} z``.
+Why the sum and the fixed denominator: see ``dpfl.noise``.
+
+The noise ``z``. Every transform here splits its key exactly as
+``gaussian_noise`` does, so ``z_t`` (per leaf, drawn in float32 or the leaf's
+dtype if wider) is *bit for bit* the noise ``gaussian_noise`` with the same key
+would add at step ``t`` (scaled by its ``noise_multiplier * l2_clip_norm``).
+``identity_noise`` therefore equals ``gaussian_noise`` with noise multiplier
+``noise_multiplier * sensitivity``, and tests reconstruct ``Z`` from the key.
+
+Keys, checkpoints, resumes. The key is raw ``uint32`` key data in the state,
+split every step (no two steps share ``z``); OS entropy by default, an explicit
+key for reproducible runs. The state type is registered with
+``dpfl.noise.reseed``: after restoring a checkpoint call ``reseed`` so the
+resumed steps draw fresh ``z`` (the buffers, and for ``dense_noise`` the keys
+of past steps, are kept: they are what ties the new steps to the old ones).
+Privacy of a resume: steps released after the checkpoint and before a crash
+were released *again* by the resumed run with fresh noise. Both releases are
+Gaussian mechanisms on rows of ``C G`` (so, if the resumed run keeps the
+participation pattern, each has sensitivity at most ``sens(C) * l2_clip_norm``)
+with independent noise; a ledger that composes the interrupted run and the
+resumed run (``accounting.Ledger`` seals on load) is therefore a valid,
+conservative account.
+
+Past the last step. Each transform knows ``n`` and the state counts steps; the
+mechanism is not defined (and not accounted) beyond step ``n``. An eager
+``update`` at step ``>= n`` raises ``ValueError``; a jitted one cannot raise,
+so it returns all-NaN updates, which release nothing and make the overrun
+impossible to miss.
+
+Speed. A BLT step is memory-bound: it reads and writes ``m`` float32 buffers
+per parameter. Two things keep it near that floor. (1) ``x_t`` is computed
+once and stored (``_materialize``), instead of XLA recomputing it, and
+re-reading every buffer, inside each buffer update. (2) ``z`` is drawn by a
+fused, bit-identical implementation of ``jax.random.normal`` (``_rng.normal``): on
+CPU JAX lowers the threefry hash to a rolled loop that streams its state
+through memory five times, which costs more than the buffers. On a 2-core CPU
+with 10M parameters, a 4-buffer BLT step takes ~0.8x the time of a
+``gaussian_noise`` step, and ~2.3x that of iid noise drawn the same fused way
+(``benchmarks/_mf_streaming.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import scipy.linalg
+
+from dpfl import _rng
+from dpfl import noise as _noise
+
+
+class CorrelatedNoiseState(NamedTuple):
+  """State of the correlated-noise transforms (a pytree of arrays).
+
+  Attributes:
+    key: raw ``uint32`` PRNG key data for the *next* step's noise.
+    count: number of noisy updates released so far (int32 scalar).
+    buffers: a tuple of pytrees shaped like the updates (float32, or the
+      leaf's dtype if wider): ``m`` for BLT, ``num_bands - 1`` for banded,
+      none for identity and dense.
+    step_keys: ``dense_noise`` only: ``[n, *key_shape]`` raw key data of every
+      step's noise so far (zeros for future steps), so past ``z_s`` can be
+      regenerated; ``[0, *key_shape]`` for the other strategies.
+  """
+
+  key: jax.Array
+  count: jax.Array
+  buffers: tuple[Any, ...]
+  step_keys: jax.Array
+
+
+_noise.register_noise_state(CorrelatedNoiseState)
+
+
+# --- argument checks -----------------------------------------------------------
+
+
+def _check_num_steps(name: str, value) -> int:
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+  return int(value)
+
+
+def _as_float_array(name: str, value, ndim: int) -> np.ndarray:
+  try:
+    arr = np.array(value, dtype=np.float64)
+  except (TypeError, ValueError) as err:
+    raise ValueError(f"{name} must be a real {ndim}-D array, got {value!r}") from err
+  if arr.ndim != ndim:
+    raise ValueError(f"{name} must be a {ndim}-D array, got shape {arr.shape}")
+  if not np.all(np.isfinite(arr)):
+    raise ValueError(f"{name} must be finite, got {arr!r}")
+  return arr
+
+
+def _check_blt(buffer_decay, output_scale) -> tuple[np.ndarray, np.ndarray]:
+  theta = _as_float_array("buffer_decay", buffer_decay, 1)
+  omega = _as_float_array("output_scale", output_scale, 1)
+  if theta.size < 1:
+    raise ValueError("buffer_decay must hold at least one buffer's decay, got shape (0,)")
+  if omega.shape != theta.shape:
+    raise ValueError(f"output_scale must have the shape of buffer_decay {theta.shape}, "
+                     f"got {omega.shape}")
+  if not np.all((theta > 0) & (theta < 1)):
+    raise ValueError(f"buffer_decay must lie in (0, 1), got {theta.tolist()}")
+  return theta, omega
+
+
+def _check_lower_triangular(name: str, matrix) -> np.ndarray:
+  """A finite, square, lower-triangular matrix with a nonzero diagonal."""
+  arr = _as_float_array(name, matrix, 2)
+  n = arr.shape[0]
+  if arr.shape != (n, n) or n < 1:
+    raise ValueError(f"{name} must be a square n x n matrix with n >= 1, got shape {arr.shape}")
+  # Exactly zero above the diagonal: the stream solves the lower triangle only,
+  # so any mass above it would make the noise differ from the accounted C^{-1} z.
+  upper = np.argwhere(np.triu(arr, 1) != 0)
+  if upper.size:
+    i, j = upper[0]
+    raise ValueError(f"{name} must be lower-triangular; entry [{i}, {j}] above the "
+                     f"diagonal is {arr[i, j]!r}")
+  zero_diag = np.flatnonzero(np.diag(arr) == 0)
+  if zero_diag.size:
+    i = zero_diag[0]
+    raise ValueError(f"{name} must be invertible (nonzero diagonal); entry [{i}, {i}] is 0")
+  return arr
+
+
+def _lower_bandwidth(matrix: np.ndarray) -> int:
+  """Smallest b with matrix[i, j] == 0 whenever i - j >= b."""
+  rows, cols = np.nonzero(matrix)
+  return int(np.max(rows - cols)) + 1 if rows.size else 1
+
+
+def _concrete_int(value) -> int | None:
+  """``int(value)`` outside of tracing, None for a tracer (inside jit/vmap)."""
+  if isinstance(value, jax.core.Tracer):
+    return None
+  return int(value)
+
+
+# --- the shared transform ---------------------------------------------------------
+
+
+def _noise_dtype(leaf) -> jnp.dtype:
+  return jnp.promote_types(jnp.result_type(leaf), jnp.float32)
+
+
+def _materialize(xs: list, valid: jax.Array) -> list:
+  """``xs`` written to memory once; NaN when ``valid`` is False (past step n).
+
+  Why a ``cond``: each of ``x``'s consumers (m buffer updates, the output) is
+  a separate loop, and XLA fuses the cheap sum ``z - sum_i omega_i s_i`` into
+  every one of them, re-reading all m buffers m + 1 times; on CPU it ignores
+  ``optimization_barrier`` for this. A conditional's result must be stored, so
+  ``x`` is computed once (with the draw of ``z`` fused in) and read back.
+  """
+  return jax.lax.cond(valid, lambda xs: xs,
+                      lambda xs: [jnp.full_like(x, jnp.nan) for x in xs], xs)
+
+
+# A step kernel maps (step index t, whether t < n, this step's z for every leaf,
+# the buffers of every leaf, the state's step_keys) to (x = (C^{-1} z)_t per
+# leaf, new buffers per leaf).
+_Kernel = Callable[[jax.Array, jax.Array, list, list, jax.Array], tuple[list, list]]
+
+
+def _correlated_transform(*, num_steps: int, num_buffers: int, kernel: _Kernel,
+                          noise_multiplier: float, l2_clip_norm: float, sensitivity: float,
+                          expected_batch_size: float, key: Any,
+                          store_step_keys: bool = False) -> optax.GradientTransformation:
+  noise_multiplier = _noise._check_noise_multiplier(noise_multiplier)
+  l2_clip_norm = _noise._check_positive("l2_clip_norm", l2_clip_norm)
+  sensitivity = _noise._check_positive("sensitivity", sensitivity)
+  expected_batch_size = _noise._check_positive("expected_batch_size", expected_batch_size)
+  explicit_key = None if key is None else _rng.key_data(key)
+  stddev = noise_multiplier * l2_clip_norm * sensitivity
+  key_shape = _rng._key_data_shape()
+
+  def init_fn(params):
+    key_data = _rng.fresh_key_data() if explicit_key is None else explicit_key
+    zeros = lambda p: jnp.zeros(jnp.shape(p), _noise_dtype(p))
+    buffers = tuple(jax.tree.map(zeros, params) for _ in range(num_buffers))
+    step_keys = jnp.zeros(((num_steps if store_step_keys else 0),) + key_shape, jnp.uint32)
+    return CorrelatedNoiseState(key=key_data, count=jnp.zeros([], jnp.int32),
+                                buffers=buffers, step_keys=step_keys)
+
+  def update_fn(updates, state, params=None):
+    del params
+    _noise._check_float_leaves(updates)
+    count = _concrete_int(state.count)
+    if count is not None and count >= num_steps:
+      raise ValueError(
+          f"this correlated-noise transform was built for num_steps={num_steps} steps and "
+          f"its state is at step {count}; the matrix mechanism (and its accounting) does not "
+          "extend past its last step. Build a new transform (and account a new mechanism).")
+    leaves, treedef = jax.tree.flatten(updates)
+    leaves = [jnp.asarray(leaf) for leaf in leaves]
+    # Split exactly as gaussian_noise does, so z_t is the noise it would draw.
+    next_key, step_key = jax.random.split(jax.random.wrap_key_data(jnp.asarray(state.key)))
+    leaf_keys = jax.random.split(step_key, max(len(leaves), 1))
+    z = [_rng.normal(k, leaf.shape, _noise_dtype(leaf)) for k, leaf in zip(leaf_keys, leaves)]
+    # Past the planned steps the tables are indexed at n - 1 (no out-of-bounds
+    # reads) and the output is NaN.
+    t = jnp.minimum(state.count, num_steps - 1)
+    step_keys = state.step_keys
+    if store_step_keys:
+      step_keys = jax.lax.dynamic_update_index_in_dim(
+          step_keys, jax.random.key_data(step_key), t, axis=0)
+    buffers = [treedef.flatten_up_to(b) for b in state.buffers]
+    per_leaf_buffers = [[b[j] for b in buffers] for j in range(len(leaves))]
+    valid = state.count < num_steps
+    x, new_per_leaf = kernel(t, valid, z, per_leaf_buffers, step_keys)
+    out = []
+    for leaf, x_leaf in zip(leaves, x):
+      dtype = _noise_dtype(leaf)
+      noisy = (leaf.astype(dtype) + stddev * x_leaf) / expected_batch_size
+      out.append(jnp.where(valid, noisy, jnp.nan).astype(leaf.dtype))
+    new_buffers = tuple(
+        jax.tree.unflatten(treedef, [new_per_leaf[j][i] for j in range(len(leaves))])
+        for i in range(num_buffers))
+    new_state = CorrelatedNoiseState(key=jax.random.key_data(next_key),
+                                     count=optax.safe_increment(state.count),
+                                     buffers=new_buffers, step_keys=step_keys)
+    return jax.tree.unflatten(treedef, out), new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+_SHARED_ARGS_DOC = """
+    noise_multiplier: ``sigma``, the ratio of the noise standard deviation to
+      the sensitivity ``sens(C) * l2_clip_norm`` of ``C G``; finite and > 0.
+    l2_clip_norm: the clip norm ``C_clip`` the input sums were clipped with; > 0.
+    sensitivity: ``sens(C)``, the largest L2 norm of ``C u`` over the
+      participation patterns ``u`` one privacy unit may have (in units of the
+      clip norm; e.g. ``strategy.sensitivity`` from ``dpfl.mf``); > 0.
+    expected_batch_size: the public normaliser (``sampling_prob * N``, or the
+      fixed batch size, or the number of users per round); > 0.
+    key: None (OS entropy each time ``init`` runs), or an ``int`` seed /
+      ``jax.random.key`` for reproducible noise. Multi-process training must
+      pass the same explicit key on every process.
+"""
+
+_GUARANTEE_DOC = """
+  Privacy guarantee: if every privacy unit changes each step's clipped sum by a
+  vector of L2 norm at most ``l2_clip_norm``, and takes part in the steps of
+  one of the participation patterns ``sensitivity`` was computed for, then the
+  ``n`` outputs are post-processing of ``C G + s Z`` with
+  ``s = noise_multiplier * l2_clip_norm * sensitivity``: ONE Gaussian mechanism
+  whose sensitivity is ``sensitivity * l2_clip_norm``, i.e. with noise
+  multiplier ``noise_multiplier``, also when gradients are chosen adaptively
+  (``C`` lower-triangular; Denisov et al. 2022, arXiv 2202.08312). Account it with
+  ``accounting.MatrixMechanism(noise_multiplier, sensitivity, planned_steps=n,
+  ...)``.
+"""
+
+
+def _docstring(fn):
+  """Fills the ``{shared_args}`` and ``{guarantee}`` blocks of a docstring."""
+  fn.__doc__ = fn.__doc__.replace("{shared_args}", _SHARED_ARGS_DOC.strip("\n")).replace(
+      "{guarantee}", _GUARANTEE_DOC.strip())
+  return fn
+
+
+# --- the four strategies -------------------------------------------------------------
+
+
+@_docstring
+def identity_noise(*, num_steps: int, noise_multiplier: float, l2_clip_norm: float,
+                   sensitivity: float, expected_batch_size: float,
+                   key: Any = None) -> optax.GradientTransformation:
+  """Independent noise (``C = I``, DP-SGD) with the matrix mechanism's scaling.
+
+  Output at step ``t``: ``(clipped_sum + s * z_t) / expected_batch_size``,
+  exactly ``dpfl.noise.gaussian_noise`` with noise multiplier
+  ``noise_multiplier * sensitivity`` (and the same key), plus the step limit.
+  With ``k`` participations ``sensitivity = sqrt(k)``.
+
+  {guarantee}
+
+  Args:
+    num_steps: ``n``, the number of steps the mechanism is accounted for.
+{shared_args}
+
+  Returns:
+    An ``optax.GradientTransformation`` with ``CorrelatedNoiseState``.
+  """
+  num_steps = _check_num_steps("num_steps", num_steps)
+
+  def kernel(t, valid, z, buffers, step_keys):
+    del t, valid, step_keys
+    return z, buffers
+
+  return _correlated_transform(
+      num_steps=num_steps, num_buffers=0, kernel=kernel, noise_multiplier=noise_multiplier,
+      l2_clip_norm=l2_clip_norm, sensitivity=sensitivity,
+      expected_batch_size=expected_batch_size, key=key)
+
+
+@_docstring
+def blt_noise(*, buffer_decay: Sequence[float], output_scale: Sequence[float], num_steps: int,
+              noise_multiplier: float, l2_clip_norm: float, sensitivity: float,
+              expected_batch_size: float, key: Any = None) -> optax.GradientTransformation:
+  """Correlated noise ``C^{-1} z`` of a buffered linear Toeplitz (BLT) strategy.
+
+  ``C`` is lower-triangular Toeplitz with ``c_0 = 1`` and
+  ``c_t = sum_i output_scale_i * buffer_decay_i^(t-1)`` (Dvijotham, McMahan,
+  Pillutla, Steinke, Thakurta 2024, arXiv 2404.16706; McMahan et al. 2024,
+  arXiv 2408.08868). Step ``t`` computes ``x_t = z_t - sum_i omega_i s_i``,
+  outputs ``(clipped_sum + s * x_t) / expected_batch_size`` and updates
+  ``s_i <- theta_i s_i + x_t``: ``m = len(buffer_decay)`` model-sized float32
+  buffers, a few fused multiply-adds per parameter besides the draw of ``z``.
+
+  {guarantee}
+
+  Args:
+    buffer_decay: ``theta``, shape ``[m]``, each in (0, 1).
+    output_scale: ``omega``, shape ``[m]``, finite.
+    num_steps: ``n``, the number of steps ``sensitivity`` was computed for.
+{shared_args}
+
+  Returns:
+    An ``optax.GradientTransformation`` with ``CorrelatedNoiseState``
+    (``len(state.buffers) == m``).
+  """
+  theta, omega = _check_blt(buffer_decay, output_scale)
+  num_steps = _check_num_steps("num_steps", num_steps)
+  theta_f, omega_f = [float(v) for v in theta], [float(v) for v in omega]
+
+  def kernel(t, valid, z, buffers, step_keys):
+    del t, step_keys
+    xs = []
+    for z_leaf, s in zip(z, buffers):
+      x = z_leaf
+      for w, s_i in zip(omega_f, s):
+        x = x - w * s_i
+      xs.append(x)
+    xs = _materialize(xs, valid)
+    new = [[th * s_i + x for th, s_i in zip(theta_f, s)] for x, s in zip(xs, buffers)]
+    return xs, new
+
+  return _correlated_transform(
+      num_steps=num_steps, num_buffers=len(theta_f), kernel=kernel,
+      noise_multiplier=noise_multiplier, l2_clip_norm=l2_clip_norm, sensitivity=sensitivity,
+      expected_batch_size=expected_batch_size, key=key)
+
+
+def _band_tables(matrix: np.ndarray | None, diagonals: np.ndarray | None,
+                 num_bands: int | None) -> tuple[np.ndarray, np.ndarray, int]:
+  """(coefs [n, b-1] with coefs[t, j-1] = C[t, t-j], 1 / diag(C) [n], b)."""
+  if (matrix is None) == (diagonals is None):
+    raise ValueError("give exactly one of matrix (n x n) and diagonals ([num_bands, n])")
+  if matrix is not None:
+    matrix = _check_lower_triangular("matrix", matrix)
+    n = matrix.shape[0]
+    needed = _lower_bandwidth(matrix)
+    if num_bands is None:
+      num_bands = needed
+    num_bands = _check_num_steps("num_bands", num_bands)
+    if num_bands > n:
+      raise ValueError(f"num_bands must be <= n = {n}, got {num_bands}")
+    if needed > num_bands:
+      raise ValueError(f"num_bands={num_bands} but matrix has nonzeros {needed - 1} "
+                       f"diagonals below the main one; num_bands must be >= {needed}")
+    diagonals = np.zeros((num_bands, n))
+    for d in range(num_bands):
+      diagonals[d, :n - d] = np.diagonal(matrix, -d)
+  else:
+    diagonals = _as_float_array("diagonals", diagonals, 2)
+    if num_bands is not None and num_bands != diagonals.shape[0]:
+      raise ValueError(f"num_bands must equal diagonals.shape[0] = {diagonals.shape[0]}, "
+                       f"got {num_bands!r}")
+    num_bands, n = diagonals.shape
+    if num_bands < 1 or n < 1 or num_bands > n:
+      raise ValueError(f"diagonals must have shape [num_bands, n] with 1 <= num_bands <= n, "
+                       f"got {diagonals.shape}")
+    zero_diag = np.flatnonzero(diagonals[0] == 0)
+    if zero_diag.size:
+      i = zero_diag[0]
+      raise ValueError(f"diagonals must describe an invertible C; diagonals[0, {i}] is 0")
+  coefs = np.zeros((n, max(num_bands - 1, 0)))
+  for j in range(1, num_bands):
+    coefs[j:, j - 1] = diagonals[j, :n - j]  # C[t, t - j] = diagonals[j, t - j]
+  return coefs, 1.0 / diagonals[0], num_bands
+
+
+@_docstring
+def banded_noise(*, matrix: Any = None, diagonals: Any = None, num_bands: int | None = None,
+                 noise_multiplier: float, l2_clip_norm: float, sensitivity: float,
+                 expected_batch_size: float, key: Any = None) -> optax.GradientTransformation:
+  """Correlated noise ``C^{-1} z`` of a banded lower-triangular strategy.
+
+  ``C[t, s] = 0`` for ``t - s >= num_bands`` (Toeplitz or not). Forward
+  substitution: ``x_t = (z_t - sum_{j=1}^{b-1} C[t, t-j] x_{t-j}) / C[t, t]``,
+  keeping the last ``b - 1`` values of ``x`` (model-sized float32 buffers,
+  newest first). ``num_bands = n`` works for any lower-triangular ``C``, at
+  ``n - 1`` buffers.
+
+  {guarantee}
+
+  Args:
+    matrix: ``C``, n x n, lower-triangular, nonzero diagonal; or None if
+      ``diagonals`` is given.
+    diagonals: alternatively ``[num_bands, n]`` with ``diagonals[d, j] =
+      C[j + d, j]`` (``dpfl.mf.BandedStrategy.diagonals``): no n x n matrix.
+    num_bands: ``b``; default: the bandwidth of ``matrix``. A larger value is
+      allowed (more buffers), a smaller one is an error.
+{shared_args}
+
+  Returns:
+    An ``optax.GradientTransformation`` with ``CorrelatedNoiseState``
+    (``len(state.buffers) == num_bands - 1``).
+  """
+  coefs, inv_diag, num_bands = _band_tables(
+      None if matrix is None else matrix, None if diagonals is None else diagonals, num_bands)
+  num_steps = inv_diag.shape[0]
+  coefs_f32 = jnp.asarray(coefs, jnp.float32)
+  inv_diag_f32 = jnp.asarray(inv_diag, jnp.float32)
+
+  def kernel(t, valid, z, buffers, step_keys):
+    del step_keys
+    row, scale = coefs_f32[t], inv_diag_f32[t]
+    xs = []
+    for z_leaf, past in zip(z, buffers):  # past[j - 1] holds x_{t-j}
+      x = z_leaf
+      for j, x_past in enumerate(past):
+        x = x - row[j].astype(x.dtype) * x_past
+      xs.append(x * scale.astype(x.dtype))
+    xs = _materialize(xs, valid)
+    # Shift: new x first, the oldest dropped (unchanged arrays, no arithmetic).
+    return xs, [[x] + list(past[:-1]) for x, past in zip(xs, buffers)]
+
+  return _correlated_transform(
+      num_steps=num_steps, num_buffers=num_bands - 1, kernel=kernel,
+      noise_multiplier=noise_multiplier, l2_clip_norm=l2_clip_norm, sensitivity=sensitivity,
+      expected_batch_size=expected_batch_size, key=key)
+
+
+@_docstring
+def dense_noise(*, matrix: Any, noise_multiplier: float, l2_clip_norm: float,
+                sensitivity: float, expected_batch_size: float,
+                key: Any = None) -> optax.GradientTransformation:
+  """Correlated noise ``C^{-1} z`` of any lower-triangular strategy, in O(params) memory.
+
+  Step ``t`` regenerates ``z_0 .. z_{t-1}`` from their keys (kept in the state,
+  ``n`` tiny key arrays) and returns ``x_t = sum_{s<=t} (C^{-1})_{ts} z_s``
+  with ``C^{-1}`` precomputed in float64. Memory: O(params); work at step
+  ``t``: ``t + 1`` draws of model-sized noise, so a run costs ``~n^2 / 2``
+  draws. The trade-off: ``banded_noise(matrix=C, num_bands=n)`` keeps the
+  past ``x`` instead, ``n - 1`` model-sized buffers and ``n`` multiply-adds
+  per step: use it when ``n * params`` floats fit in memory, this otherwise.
+  (``reseed`` changes only the key of future steps; past keys are kept, since
+  ``x_t`` needs the ``z_s`` that were actually used.)
+
+  {guarantee}
+
+  Args:
+    matrix: ``C``, n x n, lower-triangular with a nonzero diagonal.
+{shared_args}
+
+  Returns:
+    An ``optax.GradientTransformation`` with ``CorrelatedNoiseState``.
+  """
+  matrix = _check_lower_triangular("matrix", matrix)
+  num_steps = matrix.shape[0]
+  inverse = scipy.linalg.solve_triangular(matrix, np.eye(num_steps), lower=True)
+  if not np.all(np.isfinite(inverse)):
+    raise ValueError("matrix must be invertible; its inverse overflows (ill-conditioned C)")
+  inverse_f32 = jnp.asarray(np.tril(inverse), jnp.float32)
+
+  def kernel(t, valid, z, buffers, step_keys):
+    del valid
+    row = inverse_f32[t]
+    shapes = [(leaf.shape, leaf.dtype) for leaf in z]
+    # z_t was just drawn; add the regenerated z_s, s < t. The step keys of
+    # past steps were stored when those steps ran, so these are the same z_s.
+    acc = [row[t].astype(z_leaf.dtype) * z_leaf for z_leaf in z]
+
+    def body(s, acc):
+      keys = jax.random.split(jax.random.wrap_key_data(step_keys[s]), max(len(shapes), 1))
+      return [a + row[s].astype(dtype) * _rng.normal(k, shape, dtype)
+              for a, k, (shape, dtype) in zip(acc, keys, shapes)]
+
+    acc = jax.lax.fori_loop(0, t, body, acc)
+    return acc, buffers
+
+  return _correlated_transform(
+      num_steps=num_steps, num_buffers=0, kernel=kernel, noise_multiplier=noise_multiplier,
+      l2_clip_norm=l2_clip_norm, sensitivity=sensitivity,
+      expected_batch_size=expected_batch_size, key=key, store_step_keys=True)
+
+
+# --- dispatch on a strategy object ------------------------------------------------------
+
+
+def _strategy_matrix(strategy) -> np.ndarray:
+  matrix = getattr(strategy, "matrix", strategy)
+  return np.asarray(matrix() if callable(matrix) else matrix)
+
+
+def matrix_noise(strategy: Any, *, noise_multiplier: float, l2_clip_norm: float,
+                 expected_batch_size: float, sensitivity: float | None = None,
+                 num_steps: int | None = None, key: Any = None) -> optax.GradientTransformation:
+  """The streaming correlated-noise transform for a strategy ``C``.
+
+  Picks the cheapest stream the strategy allows:
+
+  * ``buffer_decay`` and ``output_scale`` attributes (``dpfl.mf.BltStrategy``):
+    ``blt_noise``;
+  * a ``diagonals`` attribute (``dpfl.mf.BandedStrategy``): ``banded_noise``;
+  * otherwise its ``matrix`` (or ``strategy`` itself as an n x n array):
+    ``identity_noise`` if ``C = I``, ``banded_noise`` if ``C`` has fewer
+    than ``n`` nonzero diagonals, else ``dense_noise``.
+
+  See those functions for the semantics and the privacy guarantee (one
+  Gaussian mechanism with noise multiplier ``noise_multiplier``; account it
+  with ``accounting.MatrixMechanism``).
+
+  Args:
+    strategy: a ``dpfl.mf`` strategy, any object with the attributes above,
+      or an n x n lower-triangular array.
+    noise_multiplier: ``sigma``; > 0.
+    l2_clip_norm: the clip norm of the input sums; > 0.
+    expected_batch_size: the public normaliser; > 0.
+    sensitivity: ``sens(C)`` under the run's participation pattern; default
+      ``strategy.sensitivity`` (required for a plain array).
+    num_steps: ``n``; default ``strategy.num_steps`` or the matrix size. Must
+      match the strategy's when both are known.
+    key: None (OS entropy) or an ``int`` / ``jax.random.key``.
+
+  Returns:
+    An ``optax.GradientTransformation`` with ``CorrelatedNoiseState``.
+  """
+  own_steps = getattr(strategy, "num_steps", None)
+  if num_steps is None:
+    num_steps = own_steps
+  elif own_steps is not None and num_steps != own_steps:
+    raise ValueError(f"num_steps must match strategy.num_steps = {own_steps}, got {num_steps!r}")
+  if sensitivity is None:
+    sensitivity = getattr(strategy, "sensitivity", None)
+    if sensitivity is None:
+      raise ValueError("sensitivity must be given for a strategy without a .sensitivity "
+                       "attribute (sens(C) under the run's participation pattern)")
+  shared = dict(noise_multiplier=noise_multiplier, l2_clip_norm=l2_clip_norm,
+                sensitivity=sensitivity, expected_batch_size=expected_batch_size, key=key)
+  if hasattr(strategy, "buffer_decay") and hasattr(strategy, "output_scale"):
+    if num_steps is None:
+      raise ValueError("num_steps must be given for a BLT strategy without .num_steps")
+    return blt_noise(buffer_decay=strategy.buffer_decay, output_scale=strategy.output_scale,
+                     num_steps=num_steps, **shared)
+  if getattr(strategy, "diagonals", None) is not None:
+    diagonals = np.asarray(strategy.diagonals)
+    if num_steps is not None and diagonals.ndim == 2 and diagonals.shape[1] != num_steps:
+      raise ValueError(f"num_steps must equal the strategy's size {diagonals.shape[1]}, "
+                       f"got {num_steps!r}")
+    return banded_noise(diagonals=diagonals, **shared)
+  matrix = _check_lower_triangular("matrix", _strategy_matrix(strategy))
+  n = matrix.shape[0]
+  if num_steps is not None and num_steps != n:
+    raise ValueError(f"num_steps must equal the strategy matrix size {n}, got {num_steps!r}")
+  if np.array_equal(matrix, np.eye(n)):
+    return identity_noise(num_steps=n, **shared)
+  if _lower_bandwidth(matrix) < n:
+    return banded_noise(matrix=matrix, **shared)
+  return dense_noise(matrix=matrix, **shared)

@@ -1,0 +1,85 @@
+"""The ``dpfl mf`` logic: flags in, numbers out, flag-naming errors."""
+
+import argparse
+import json
+import subprocess
+import sys
+
+import pytest
+
+import dpfl.mf as mf
+from dpfl.mf import cli
+
+
+def _run(*argv):
+  parser = argparse.ArgumentParser()
+  cli.add_arguments(parser)
+  return cli.run(parser.parse_args(list(argv)))
+
+
+def test_identity_numbers_and_keys():
+  result = _run("--strategy", "identity", "--steps", "100")
+  assert result["max_loss"] == pytest.approx(100)
+  assert result["mean_loss"] == pytest.approx(50.5)
+  assert result["sensitivity"] == 1.0
+  for key in ("sensitivity", "max_loss", "mean_loss", "seconds", "strategy", "steps", "epochs",
+              "min_sep", "bands", "buffers", "objective"):
+    assert key in result
+  json.dumps(result)
+  table = cli.format_table(result)
+  assert "identity" in table and "mean_loss" in table and "50.5" in table
+
+
+def test_epochs_and_min_sep_define_the_same_participation():
+  by_epochs = _run("--strategy", "sqrt", "--steps", "64", "--epochs", "4")
+  by_sep = _run("--strategy", "sqrt", "--steps", "64", "--min-sep", "16")
+  assert (by_epochs["epochs"], by_epochs["min_sep"]) == (by_sep["epochs"], by_sep["min_sep"]) == (4, 16)
+  assert by_epochs["sensitivity"] == by_sep["sensitivity"]
+  assert by_epochs["sensitivity"] == pytest.approx(
+      mf.sqrt_toeplitz(64, participation=(4, 16)).sensitivity)
+
+
+def test_optimized_strategies_report_what_the_library_computes():
+  result = _run("--strategy", "blt", "--steps", "128", "--buffers", "2", "--objective", "max")
+  direct = mf.optimize_blt(128, buffers=2, objective="max")
+  assert result["max_loss"] == pytest.approx(direct.max_loss, rel=1e-9)
+  assert result["buffers"] == 2 and result["bands"] is None
+  result = _run("--strategy", "banded", "--steps", "64", "--epochs", "2")
+  assert result["bands"] == 32  # default min(32, b)
+  assert result["sensitivity"] == pytest.approx(2 ** 0.5)
+  assert "bands" in cli.format_table(result)
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--strategy", "banded", "--steps", "64", "--epochs", "4", "--bands", "17"], "--bands"),
+    (["--strategy", "banded", "--steps", "64", "--bands", "0"], "--bands"),
+    (["--strategy", "blt", "--steps", "64", "--buffers", "0"], "--buffers"),
+    (["--strategy", "sqrt", "--steps", "0"], "--steps"),
+    (["--strategy", "sqrt", "--steps", "10", "--epochs", "3"], "--epochs"),
+    (["--strategy", "sqrt", "--steps", "10", "--min-sep", "4"], "--min-sep"),
+    (["--strategy", "sqrt", "--steps", "12", "--epochs", "3", "--min-sep", "3"], "--epochs"),
+    (["--strategy", "sqrt", "--steps", "12", "--bands", "3"], "--bands"),
+    (["--strategy", "tree", "--steps", "12", "--buffers", "3"], "--buffers"),
+    (["--strategy", "tree", "--steps", "100000"], "--steps"),
+])
+def test_bad_flags_name_the_flag(argv, flag):
+  with pytest.raises(ValueError, match=flag):
+    _run(*argv)
+
+
+def test_namespace_without_parser_is_validated():
+  with pytest.raises(ValueError, match="--strategy"):
+    cli.run(argparse.Namespace(strategy="svd", steps=8))
+  with pytest.raises(ValueError, match="--objective"):
+    cli.run(argparse.Namespace(strategy="blt", steps=8, objective="median"))
+
+
+def test_module_imports_no_numerics():
+  # The command's module must not pull numpy/scipy/jax by itself (dpfl's own
+  # package __init__ is another module's business, so import the file directly).
+  code = ("import importlib.util, sys; "
+          f"spec = importlib.util.spec_from_file_location('mfcli', {cli.__file__!r}); "
+          "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+          "print(sorted(x for x in ('numpy', 'scipy', 'jax') if x in sys.modules))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "[]"
