@@ -17,6 +17,12 @@ _EXPORTS = {
     "make_private": "dpfl.privatize",
     "Batch": "dpfl.sampling", "PoissonSampler": "dpfl.sampling",
     "ShuffledSampler": "dpfl.sampling", "gather": "dpfl.sampling",
+    "UserDataset": "dpfl.data",
+    "UserLevelPrivateTraining": "dpfl.user_level",
+    "make_private_user_level": "dpfl.user_level",
+    "UserSampler": "dpfl.user_level_sampling", "ElsSampler": "dpfl.user_level_sampling",
+    "clipped_user_updates": "dpfl.federated", "user_mesh": "dpfl.federated",
+    "shard_users": "dpfl.federated",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -113,21 +113,34 @@ class PrivateTraining:
 
 
 def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransformation, *,
-                 l2_clip_norm: float, dataset_size: int, batch_size: int,
-                 delta: float, num_steps: int | None = None, epochs: float | None = None,
+                 l2_clip_norm: float, batch_size: int, delta: float,
+                 dataset_size: int | None = None, num_steps: int | None = None,
+                 epochs: float | None = None,
                  noise_multiplier: float | None = None, target_epsilon: float | None = None,
                  sampling_scheme: str = "poisson", max_batch_size: int | None = None,
                  has_aux: bool = False, microbatch_size: int | None = None,
                  accountant: str = "pld", key: Any = None, seed: Any = None,
-                 ledger: accounting.Ledger | None = None) -> PrivateTraining:
+                 ledger: accounting.Ledger | None = None, privacy_unit: str = "example",
+                 sampling_unit: str | None = None, examples_per_user: int | None = None,
+                 dataset: Any = None, local_steps: int | None = None,
+                 local_learning_rate: float | None = None,
+                 local_optimizer: optax.GradientTransformation | None = None,
+                 local_batch_size: int | None = None, mesh: Any = None) -> PrivateTraining:
   """Makes a loss and an optax optimizer into example-level DP-SGD.
+
+  With ``privacy_unit="user"`` it makes user-level DP training instead and
+  returns ``dpfl.user_level.make_private_user_level(...)``'s result: pass
+  ``sampling_unit="user"`` (ULS, the default) or ``"example"`` (ELS),
+  ``examples_per_user``, optionally ``dataset`` (a ``dpfl.data.UserDataset``),
+  ``local_steps`` / ``local_learning_rate`` (DP-FedAvg) and ``mesh``; see
+  that function for every user-level option.
 
   Args:
     loss_fn: ``loss_fn(params, batch)``, the mean loss over a batch whose
       leaves have a leading example axis (``(loss, aux)`` with ``has_aux``).
     optimizer: any optax optimizer; it receives the noisy mean gradient.
     l2_clip_norm: C, the per-example clip norm.
-    dataset_size: N, the number of examples.
+    dataset_size: N, the number of examples (user level: of sampling units).
     batch_size: the expected batch size; Poisson rate q = batch_size / N (or
       the fixed batch size for ``sampling_scheme="shuffle"``).
     delta: δ for reporting and calibration.
@@ -145,15 +158,47 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
     key: noise PRNG key (default: OS entropy). seed: sampler seed (default:
       OS entropy).
     ledger: an existing ledger to extend (e.g. one loaded to resume a run).
+    privacy_unit: ``"example"`` (DP-SGD) or ``"user"`` (see above).
+    sampling_unit, examples_per_user, dataset, local_steps,
+      local_learning_rate, local_optimizer, local_batch_size, mesh: the
+      user-level options (``privacy_unit="user"`` only).
 
   Returns:
-    A ``PrivateTraining``.
+    A ``PrivateTraining`` (a ``dpfl.user_level.UserLevelPrivateTraining``
+    for ``privacy_unit="user"``).
 
   Formal guarantee: each step releases the clipped sum (sensitivity C per
   example) plus N(0, (σC)²I), on a batch drawn by the returned sampler;
   ``epsilon()`` is the ε of the steps drawn so far for add/remove-one-example
   neighbours, computed by ``accounting`` from the ledger.
   """
+  if privacy_unit == "user":
+    if sampling_scheme != "poisson":
+      raise ValueError("sampling_scheme applies to privacy_unit='example' only; user-level "
+                       "training Poisson-samples users (ULS) or examples (ELS)")
+    from dpfl import user_level  # deferred: user_level imports this module
+    return user_level.make_private_user_level(
+        loss_fn, optimizer, l2_clip_norm=l2_clip_norm, dataset_size=dataset_size,
+        batch_size=batch_size, delta=delta, num_steps=num_steps, epochs=epochs,
+        noise_multiplier=noise_multiplier, target_epsilon=target_epsilon,
+        max_batch_size=max_batch_size, has_aux=has_aux, microbatch_size=microbatch_size,
+        accountant=accountant, key=key, seed=seed, ledger=ledger,
+        sampling_unit="user" if sampling_unit is None else sampling_unit,
+        examples_per_user=examples_per_user, dataset=dataset, local_steps=local_steps,
+        local_learning_rate=local_learning_rate, local_optimizer=local_optimizer,
+        local_batch_size=local_batch_size, mesh=mesh)
+  if privacy_unit != "example":
+    raise ValueError(f"privacy_unit must be 'example' or 'user', got {privacy_unit!r}")
+  user_only = dict(examples_per_user=examples_per_user, dataset=dataset,
+                   local_steps=local_steps, local_learning_rate=local_learning_rate,
+                   local_optimizer=local_optimizer, local_batch_size=local_batch_size,
+                   mesh=mesh)
+  given = sorted(name for name, value in user_only.items() if value is not None)
+  if given:
+    raise ValueError(f"{', '.join(given)} apply to privacy_unit='user' only (user-level DP)")
+  if sampling_unit not in (None, "example"):
+    raise ValueError(f"sampling_unit={sampling_unit!r} needs privacy_unit='user' (ULS); "
+                     "example-level DP samples examples")
   if (noise_multiplier is None) == (target_epsilon is None):
     raise ValueError("give exactly one of noise_multiplier and target_epsilon, got "
                      f"noise_multiplier={noise_multiplier!r}, target_epsilon={target_epsilon!r}")

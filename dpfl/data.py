@@ -1,0 +1,293 @@
+"""User-grouped datasets: each user's examples, capped at k, padded to ``[users, k, ...]``.
+
+User-level DP protects everything one user contributed. Both algorithms of
+Charles et al. 2024 ("Fine-Tuning Large Language Models with User-Level
+Differential Privacy", arXiv 2407.07737) first cap every user at ``k``
+examples: ELS's accounting assumes a user holds at most ``k`` examples, and
+ULS's per-user computation needs a static shape under ``jit``.
+
+A ``UserDataset`` holds the capped data as numpy arrays of shape
+``[num_users, examples_per_user, ...]`` with a bool ``mask`` of shape
+``[num_users, examples_per_user]`` (True: a real example; False: padding).
+Build one from arrays plus a user-id column (``UserDataset.from_arrays``) or
+from a mapping user -> arrays (``UserDataset.from_dict``).
+
+Which examples a capped user keeps (``selection``):
+
+* ``"first"`` (default): the user's first ``k`` examples in input order.
+* ``"random"``: a uniformly random ``k``-subset, drawn with ``seed`` (None:
+  OS entropy), kept in input order.
+
+The selection is a function of each user's own examples only, so it costs
+no privacy whichever rule is used (it is part of the per-user computation
+whose output the mechanism bounds); the seed only makes it reproducible.
+
+Users are ordered by sorted id (``from_arrays``; ``from_dict`` sorts keys when
+they are mutually comparable, else keeps insertion order). Users with zero
+examples are dropped and counted in ``num_dropped_users``: they cannot affect
+any release, and keeping them would only waste padded compute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from dpfl import _rng
+
+PyTree = Any
+SELECTIONS = ("first", "random")
+
+
+def _check_examples_per_user(value: Any) -> int:
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    raise ValueError(f"examples_per_user must be an integer >= 1 (the cap k), got {value!r}")
+  return int(value)
+
+
+def _leading_size(data: PyTree, name: str) -> int:
+  leaves = jax.tree.leaves(data)
+  if not leaves:
+    raise ValueError(f"{name} must contain at least one array, got an empty pytree {data!r}")
+  sizes = set()
+  for leaf in leaves:
+    if np.ndim(leaf) < 1:
+      raise ValueError(f"{name} arrays must have a leading example axis; got a scalar leaf")
+    sizes.add(np.shape(leaf)[0])
+  if len(sizes) != 1:
+    raise ValueError(f"{name} arrays must share one leading (example) size, got sizes "
+                     f"{sorted(sizes)}")
+  return sizes.pop()
+
+
+def _id_array(ids: list) -> np.ndarray:
+  """A 1-D array of ids: numeric/string dtype when numpy can, else objects."""
+  try:
+    array = np.asarray(ids)
+    if array.ndim == 1 and array.dtype != object:
+      return array
+  except ValueError:  # ragged ids
+    pass
+  array = np.empty(len(ids), dtype=object)
+  for i, u in enumerate(ids):
+    array[i] = u
+  return array
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class UserDataset:
+  """Users' examples, capped at ``examples_per_user`` and padded to a static shape.
+
+  Attributes:
+    data: pytree of numpy arrays with leading axes ``[num_users,
+      examples_per_user]``; padded slots hold zeros.
+    mask: bool ``[num_users, examples_per_user]``, True for real examples.
+      Every user has at least one real example.
+    user_ids: ``[num_users]`` the users' ids, in row order.
+    examples_per_user: the cap k (>= every user's kept count).
+    num_dropped_users: users given with zero examples, dropped.
+    num_dropped_examples: examples beyond the cap, not kept.
+  """
+
+  data: PyTree
+  mask: np.ndarray
+  user_ids: np.ndarray
+  examples_per_user: int
+  num_dropped_users: int = 0
+  num_dropped_examples: int = 0
+
+  @property
+  def num_users(self) -> int:
+    return int(self.mask.shape[0])
+
+  @property
+  def num_examples(self) -> int:
+    """Number of kept (capped) examples, the population ELS samples from."""
+    return int(self.mask.sum())
+
+  @property
+  def counts(self) -> np.ndarray:
+    """``[num_users]`` kept examples per user (1..k)."""
+    return self.mask.sum(axis=1)
+
+  # --- building ---------------------------------------------------------------
+
+  @classmethod
+  def from_arrays(cls, data: PyTree, user_ids: Any, *, examples_per_user: int,
+                  selection: str = "first", seed: int | None = None,
+                  users: Sequence[Any] | None = None) -> "UserDataset":
+    """Groups examples by a user-id column.
+
+    Args:
+      data: pytree of arrays sharing a leading example axis of length n.
+      user_ids: ``[n]`` the user of each example (any sortable ids).
+      examples_per_user: the cap k >= 1.
+      selection: ``"first"`` or ``"random"`` (see the module docstring).
+      seed: for ``selection="random"``: None (OS entropy) or an int.
+      users: optionally the whole population of user ids. Users listed here
+        without any example are dropped and counted in
+        ``num_dropped_users``; every id in ``user_ids`` must be listed.
+
+    Returns:
+      A ``UserDataset``.
+
+    Raises:
+      ValueError: ``user_ids`` not of length n, ``examples_per_user`` < 1,
+        an empty dataset, an unknown ``selection``, or ids outside ``users``.
+    """
+    k = _check_examples_per_user(examples_per_user)
+    if selection not in SELECTIONS:
+      raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+    n = _leading_size(data, "data")
+    ids = np.asarray(user_ids)
+    if ids.ndim != 1 or ids.shape[0] != n:
+      raise ValueError(f"user_ids must be a 1-D column with one id per example (length {n}, "
+                       f"the leading size of data), got shape {ids.shape}")
+    if n == 0:
+      raise ValueError("data must hold at least one example, got an empty dataset")
+    unique, inverse = np.unique(ids, return_inverse=True)
+    dropped = 0
+    if users is not None:
+      population = np.unique(np.asarray(users))
+      unknown = ~np.isin(unique, population)
+      if unknown.any():
+        raise ValueError(f"user_ids must all be listed in users; {int(unknown.sum())} are not, "
+                         f"e.g. {unique[unknown][:3].tolist()}")
+      dropped = int(population.size - unique.size)
+    rng = _rng.numpy_generator(seed) if selection == "random" else None
+    return cls._build(data, inverse.reshape(-1), unique, k, rng, dropped)
+
+  @classmethod
+  def from_dict(cls, mapping: Mapping[Any, PyTree], *, examples_per_user: int,
+                selection: str = "first", seed: int | None = None) -> "UserDataset":
+    """Builds from ``{user_id: pytree of arrays [n_user, ...]}``.
+
+    Users whose arrays have zero rows are dropped and counted. All users'
+    pytrees must have the same structure and trailing shapes.
+
+    Args:
+      mapping: user id -> that user's examples.
+      examples_per_user, selection, seed: as in ``from_arrays``.
+
+    Returns:
+      A ``UserDataset``.
+
+    Raises:
+      ValueError: an empty mapping, every user empty, ``examples_per_user``
+        < 1, or users with different structures / shapes.
+    """
+    k = _check_examples_per_user(examples_per_user)
+    if selection not in SELECTIONS:
+      raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+    if not isinstance(mapping, Mapping) or not mapping:
+      raise ValueError(f"mapping must be a non-empty mapping user -> arrays, got {mapping!r}")
+    keys = list(mapping)
+    try:
+      keys = sorted(keys)
+    except TypeError:  # ids that do not compare: insertion order
+      pass
+    sizes = [_leading_size(mapping[u], f"mapping[{u!r}]") for u in keys]
+    kept = [u for u, s in zip(keys, sizes) if s > 0]
+    if not kept:
+      raise ValueError(f"mapping must hold at least one example; all {len(keys)} users have "
+                       "zero examples (empty dataset)")
+    treedef = jax.tree.structure(mapping[kept[0]])
+    for u in kept:
+      if jax.tree.structure(mapping[u]) != treedef:
+        raise ValueError(f"mapping values must share one structure; user {u!r} has "
+                         f"{jax.tree.structure(mapping[u])}, expected {treedef}")
+    try:
+      data = jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]),
+                          *[mapping[u] for u in kept])
+    except ValueError as err:
+      raise ValueError(f"mapping values must have the same trailing shapes: {err}") from err
+    counts = [s for s in sizes if s > 0]
+    inverse = np.repeat(np.arange(len(kept)), counts)
+    ids = _id_array(kept)
+    rng = _rng.numpy_generator(seed) if selection == "random" else None
+    return cls._build(data, inverse, ids, k, rng, len(keys) - len(kept))
+
+  @classmethod
+  def _build(cls, data, inverse: np.ndarray, ids: np.ndarray, k: int,
+             rng: np.random.Generator | None, dropped_users: int) -> "UserDataset":
+    n, num_users = inverse.shape[0], ids.shape[0]
+    # Order examples by user; within a user by input position ("first") or by
+    # a random key ("random"); the first k of each user are kept.
+    within = np.arange(n) if rng is None else rng.random(n)
+    order = np.lexsort((within, inverse))
+    counts = np.bincount(inverse, minlength=num_users)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.arange(n) - starts[inverse[order]]
+    keep = order[rank < k]
+    keep = keep[np.lexsort((keep, inverse[keep]))]  # kept ones back in input order per user
+    user = inverse[keep]
+    kept_counts = np.minimum(counts, k)
+    slot = np.arange(keep.size) - np.concatenate([[0], np.cumsum(kept_counts)[:-1]])[user]
+    mask = np.zeros((num_users, k), bool)
+    mask[user, slot] = True
+
+    def pad(leaf):
+      leaf = np.asarray(leaf)
+      out = np.zeros((num_users, k) + leaf.shape[1:], leaf.dtype)
+      out[user, slot] = leaf[keep]
+      return out
+
+    return cls(data=jax.tree.map(pad, data), mask=mask, user_ids=ids, examples_per_user=k,
+               num_dropped_users=int(dropped_users),
+               num_dropped_examples=int(n - keep.size))
+
+  # --- access -----------------------------------------------------------------
+
+  def subset(self, indices: Any) -> "UserDataset":
+    """The users at ``indices`` (e.g. a held-out split), same cap."""
+    idx = np.asarray(indices)
+    if idx.ndim != 1 or idx.size == 0 or not np.issubdtype(idx.dtype, np.integer):
+      raise ValueError(f"indices must be a non-empty 1-D integer array, got {indices!r}")
+    if idx.min() < -self.num_users or idx.max() >= self.num_users:
+      raise ValueError(f"indices must lie in [0, {self.num_users}), got "
+                       f"[{idx.min()}, {idx.max()}]")
+    return dataclasses.replace(self, data=jax.tree.map(lambda x: x[idx], self.data),
+                               mask=self.mask[idx], user_ids=self.user_ids[idx],
+                               num_dropped_users=0, num_dropped_examples=0)
+
+  def gather_users(self, indices: np.ndarray, mask: np.ndarray) -> tuple[PyTree, np.ndarray]:
+    """A ULS batch: the users at ``indices`` as ``([B, k, ...], mask [B, k])``.
+
+    Slots where ``mask`` (``[B]``, e.g. ``Batch.mask``) is False are padding
+    users: their example mask is all False, so ``dpfl.clipped_grad(...,
+    unit="user")`` gives them zero weight.
+    """
+    indices, mask = np.asarray(indices), np.asarray(mask, bool)
+    if indices.ndim != 1 or mask.shape != indices.shape:
+      raise ValueError(f"indices and mask must be 1-D of one shape, got {indices.shape} and "
+                       f"{mask.shape}")
+    real = indices[mask]
+    if real.size and (real.min() < 0 or real.max() >= self.num_users):
+      raise ValueError(f"indices must lie in [0, {self.num_users}) where mask is True")
+    safe = np.where(mask, indices, 0)
+    batch = jax.tree.map(lambda x: x[safe], self.data)
+    return batch, self.mask[safe] & mask[:, None]
+
+  def examples(self) -> tuple[PyTree, np.ndarray]:
+    """The kept examples flattened for ELS: ``(data [num_examples, ...], user_index)``.
+
+    User-major order (user 0's kept examples first); ``user_index[i]`` is the
+    row (not the id) of example i's user.
+    """
+    user, slot = np.nonzero(self.mask)
+    return jax.tree.map(lambda x: x[user, slot], self.data), user
+
+  def __repr__(self) -> str:
+    return (f"UserDataset(num_users={self.num_users}, examples_per_user="
+            f"{self.examples_per_user}, num_examples={self.num_examples}, "
+            f"num_dropped_users={self.num_dropped_users}, "
+            f"num_dropped_examples={self.num_dropped_examples})")
+
+
+from_arrays = UserDataset.from_arrays
+from_dict = UserDataset.from_dict

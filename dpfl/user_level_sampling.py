@@ -1,0 +1,170 @@
+"""Poisson sampling for user-level DP: users (ULS) or capped examples (ELS).
+
+Both samplers include each unit independently with probability
+``sampling_prob`` and return a ``dpfl.sampling.Batch`` (indices + mask)
+padded to a static length, as ``dpfl.sampling.PoissonSampler`` does, with
+one difference: they never truncate. A draw larger than ``max_batch_size``
+is padded to the next multiple of ``max_batch_size`` instead (a new static
+shape, so ``jit`` compiles once more; with the default ``max_batch_size``
+this happens with probability <= ``DEFAULT_OVERFLOW_PROB`` = 1e-4 per step). Why: the user-level mechanisms in
+``accounting`` (``UlsDpSgd``, ``ElsDpSgd``) describe plain Poisson sampling,
+and a truncated sample would need an accountant they do not have. The
+sample is therefore exactly what the ledger says, at every step.
+
+* ``UserSampler`` samples users: ``mechanism()`` is ``accounting.UlsDpSgd``.
+* ``ElsSampler`` samples examples out of users capped at ``examples_per_user``
+  examples each: ``mechanism()`` is ``accounting.ElsDpSgd``, whose ε is
+  user-level (a mixture of Gaussians per step).
+
+Secrecy of the sample is part of the guarantee: seeds default to OS entropy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+
+import accounting
+from dpfl import _rng, sampling
+from dpfl.sampling import Batch
+
+__all__ = ["DEFAULT_OVERFLOW_PROB", "ElsSampler", "UserSampler"]
+
+# Per-step probability that a draw exceeds the default static length. An
+# overflow costs one more compilation (for a longer shape, cached by jit
+# afterwards), not data or privacy, so this can be far looser than the 1e-9
+# that ``dpfl.sampling`` allows for truncation; at small expected batches it
+# cuts the padding (expected 24 of 500: static 44 instead of 57).
+DEFAULT_OVERFLOW_PROB = 1e-4
+
+
+class _PaddedPoissonSampler:
+  """Poisson sampling of ``population_size`` units, padded, never truncated."""
+
+  _unit = "unit"
+
+  def __init__(self, population_size: int, *, sampling_prob: float,
+               max_batch_size: int | None = None, multiple_of: int = 1,
+               seed: int | None = None):
+    self._size = sampling._positive_int(f"num_{self._unit}s", population_size)
+    self._sampling_prob = sampling._probability("sampling_prob", sampling_prob)
+    multiple_of = sampling._positive_int("multiple_of", multiple_of)
+    if max_batch_size is None:
+      max_batch_size = sampling.default_max_batch_size(
+          self._size, self._sampling_prob, truncation_prob=DEFAULT_OVERFLOW_PROB)
+    max_batch_size = sampling._positive_int("max_batch_size", max_batch_size)
+    # A multiple of the device count keeps the unit axis evenly shardable.
+    self._max_batch_size = multiple_of * math.ceil(max_batch_size / multiple_of)
+    self._rng = _rng.numpy_generator(seed)
+    self._dtype = sampling._index_dtype(self._size)
+    self.num_batches = 0
+    self.num_overflows = 0
+
+  @property
+  def population_size(self) -> int:
+    return self._size
+
+  @property
+  def sampling_prob(self) -> float:
+    return self._sampling_prob
+
+  @property
+  def max_batch_size(self) -> int:
+    """The usual static batch length (a draw above it gets a longer one)."""
+    return self._max_batch_size
+
+  @property
+  def expected_batch_size(self) -> float:
+    """``q * N``: the public normaliser for ``dpfl.noise.gaussian_noise``."""
+    return self._sampling_prob * self._size
+
+  def __call__(self) -> Batch:
+    """Draws the next sample: sorted indices, then padding (mask False)."""
+    size = int(self._rng.binomial(self._size, self._sampling_prob))
+    length = self._max_batch_size
+    if size > length:  # rare: a longer static shape, never a truncated sample
+      length *= math.ceil(size / length)
+      self.num_overflows += 1
+    chosen = self._rng.choice(self._size, size=size, replace=False)
+    indices = np.zeros(length, self._dtype)
+    indices[:size] = np.sort(chosen)
+    self.num_batches += 1
+    return Batch(indices=indices, mask=np.arange(length) < size)
+
+  def __iter__(self) -> Iterator[Batch]:
+    """An endless stream of samples; stop after your number of steps."""
+    while True:
+      yield self()
+
+  def __repr__(self) -> str:
+    return (f"{type(self).__name__}({self._size} {self._unit}s, sampling_prob="
+            f"{self._sampling_prob}, max_batch_size={self._max_batch_size})")
+
+
+class UserSampler(_PaddedPoissonSampler):
+  """ULS: each user is included independently with probability ``sampling_prob``.
+
+  Privacy guarantee: with one clipped contribution (norm <= C) per sampled
+  user and N(0, (σC)²) noise on their sum, ``num_steps`` steps are
+  ``accounting.UlsDpSgd(σ, q, num_steps)``: DP-SGD over users, for
+  add/remove-one-user neighbours, however many examples a user holds.
+
+  Args:
+    num_users: number of users N >= 1.
+    sampling_prob: q in (0, 1].
+    max_batch_size: usual static number of user slots (default: exceeded
+      with probability <= 1e-4 per step), rounded up to ``multiple_of``.
+    multiple_of: e.g. the number of devices the user axis is sharded over.
+    seed: None (OS entropy, the private default) or an int.
+  """
+
+  _unit = "user"
+
+  def __init__(self, num_users: int, *, sampling_prob: float, max_batch_size: int | None = None,
+               multiple_of: int = 1, seed: int | None = None):
+    super().__init__(num_users, sampling_prob=sampling_prob, max_batch_size=max_batch_size,
+                     multiple_of=multiple_of, seed=seed)
+
+  def mechanism(self, *, noise_multiplier: float, num_steps: int) -> accounting.Mechanism:
+    """``accounting.UlsDpSgd`` for ``num_steps`` steps on samples of this sampler."""
+    return accounting.UlsDpSgd(noise_multiplier=noise_multiplier,
+                               sampling_prob=self._sampling_prob, num_steps=num_steps)
+
+
+class ElsSampler(_PaddedPoissonSampler):
+  """ELS: each (capped) example is included independently with probability ``sampling_prob``.
+
+  Privacy guarantee: if every user holds at most ``examples_per_user`` = k of
+  the ``num_examples`` examples (true for a ``dpfl.data.UserDataset`` capped
+  at k), each example's gradient is clipped to C and the sum gets
+  N(0, (σC)²), then removing one user moves each step's sum by at most J·C,
+  J ~ Binomial(k, q): ``num_steps`` steps are ``accounting.ElsDpSgd(σ, q,
+  num_steps, k)``, a user-level guarantee.
+
+  Args:
+    num_examples: number of kept examples (``UserDataset.num_examples``).
+    sampling_prob: q in (0, 1].
+    examples_per_user: the cap k the accounting assumes.
+    max_batch_size, multiple_of, seed: as for ``UserSampler``.
+  """
+
+  _unit = "example"
+
+  def __init__(self, num_examples: int, *, sampling_prob: float, examples_per_user: int,
+               max_batch_size: int | None = None, multiple_of: int = 1,
+               seed: int | None = None):
+    super().__init__(num_examples, sampling_prob=sampling_prob, max_batch_size=max_batch_size,
+                     multiple_of=multiple_of, seed=seed)
+    self._examples_per_user = sampling._positive_int("examples_per_user", examples_per_user)
+
+  @property
+  def examples_per_user(self) -> int:
+    return self._examples_per_user
+
+  def mechanism(self, *, noise_multiplier: float, num_steps: int) -> accounting.Mechanism:
+    """``accounting.ElsDpSgd`` for ``num_steps`` steps on samples of this sampler."""
+    return accounting.ElsDpSgd(noise_multiplier=noise_multiplier,
+                               sampling_prob=self._sampling_prob, num_steps=num_steps,
+                               examples_per_user=self._examples_per_user)

@@ -1,0 +1,224 @@
+"""ULS with local steps: clipped pseudo-gradients vs a brute-force loop over users."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import dpfl
+from dpfl.clipping import clipped_grad
+from dpfl.data import UserDataset
+from dpfl.federated import clipped_user_updates
+
+
+def loss_fn(params, batch):
+  h = jnp.tanh(batch["x"] @ params["w1"])
+  return jnp.mean((h @ params["w2"] - batch["y"]) ** 2)
+
+
+def _problem(users=5, per_user=4, seed=0, scale=1.0):
+  k = jax.random.split(jax.random.key(seed), 5)
+  params = {"w1": jax.random.normal(k[0], (3, 4)), "w2": jax.random.normal(k[1], (4,))}
+  batch = {"x": scale * jax.random.normal(k[2], (users, per_user, 3)),
+           "y": scale * jax.random.normal(k[3], (users, per_user))}
+  mask = np.array(jax.random.bernoulli(k[4], 0.7, (users, per_user)))
+  mask[0] = False  # a user with no example at all
+  mask[1] = [True] + [False] * (per_user - 1)
+  return params, batch, mask
+
+
+def _numpy_grad(w1, w2, x, y):
+  """Closed-form gradient of mean((tanh(x w1) w2 - y)^2), float64, no JAX."""
+  h = np.tanh(x @ w1)
+  r = h @ w2 - y
+  n = x.shape[0]
+  g2 = 2.0 / n * h.T @ r
+  g1 = 2.0 / n * x.T @ (np.outer(r, w2) * (1 - h ** 2))
+  return g1, g2
+
+
+def _brute_force(params, batch, mask, *, clip, steps, lr, local_batch_size=None):
+  """Plain numpy: local SGD on each user's real examples, clip, sum."""
+  w1 = np.asarray(params["w1"], np.float64)
+  w2 = np.asarray(params["w2"], np.float64)
+  x, y = np.asarray(batch["x"], np.float64), np.asarray(batch["y"], np.float64)
+  total = np.zeros(w1.size + w2.size)
+  k = mask.shape[1]
+  b = k if local_batch_size is None else local_batch_size
+  for u in range(mask.shape[0]):
+    if not mask[u].any():
+      continue
+    v1, v2 = w1.copy(), w2.copy()
+    for t in range(steps):
+      chunk = np.arange(k)[(t % (k // b)) * b:(t % (k // b) + 1) * b]
+      real = chunk[mask[u, chunk]]
+      if real.size == 0:
+        continue  # a local batch of padding only: no step
+      g1, g2 = _numpy_grad(v1, v2, x[u, real], y[u, real])
+      v1, v2 = v1 - lr * g1, v2 - lr * g2
+    pseudo = np.concatenate([(w1 - v1).ravel(), w2 - v2])  # leaf order: w1, w2
+    total += pseudo * min(1.0, clip / np.linalg.norm(pseudo))
+  return total
+
+
+def _flat(tree):
+  return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(tree)])
+
+
+@pytest.mark.parametrize("steps,local_batch_size", [(3, None), (5, 2)])
+def test_clipped_sum_of_local_updates_equals_brute_force(steps, local_batch_size):
+  params, batch, mask = _problem()
+  clip, lr = 0.05, 0.1
+  fn = jax.jit(clipped_user_updates(loss_fn, l2_clip_norm=clip, local_steps=steps,
+                                    local_learning_rate=lr, local_batch_size=local_batch_size))
+  got, aux = fn(params, batch, mask=mask)
+  ref = _brute_force(params, batch, mask, clip=clip, steps=steps, lr=lr,
+                     local_batch_size=local_batch_size)
+  assert np.linalg.norm(ref) > 0.05  # not trivially zero
+  np.testing.assert_allclose(_flat(got), ref, rtol=1e-5, atol=1e-6)
+  assert int(aux.num_units) == int(mask.any(axis=1).sum())
+  assert int(aux.num_clipped) >= 1  # the clip is active in this problem
+
+
+def test_local_steps_1_plain_sgd_equals_gradient_path():
+  # θ − θ_u = η ∇L_u(θ) after one SGD step, so clipping at ηC gives η × the
+  # gradient path clipped at C, user by user.
+  params, batch, mask = _problem(users=6, per_user=3, seed=1)
+  lr, clip = 0.3, 0.4
+  fed, fed_aux = jax.jit(clipped_user_updates(loss_fn, l2_clip_norm=lr * clip, local_steps=1,
+                                              local_learning_rate=lr))(params, batch, mask=mask)
+  grad, grad_aux = jax.jit(clipped_grad(loss_fn, l2_clip_norm=clip, unit="user"))(
+      params, batch, mask=mask)
+  np.testing.assert_allclose(_flat(fed), lr * _flat(grad), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(fed_aux.grad_norms, lr * grad_aux.grad_norms, rtol=1e-5)
+  np.testing.assert_allclose(fed_aux.values, grad_aux.values, rtol=1e-5)
+
+
+def test_local_steps_1_round_equals_gradient_round_end_to_end():
+  """Whole ULS rounds (sampling, noise, server SGD) agree with the same seeds."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(300, 3)).astype(np.float32)
+  ds = UserDataset.from_arrays({"x": x, "y": np.sin(x).sum(1)}, rng.integers(0, 40, 300),
+                               examples_per_user=6)
+  lr, clip, server_lr = 0.5, 0.2, 0.7
+  common = dict(privacy_unit="user", dataset=ds, batch_size=8, num_steps=4,
+                noise_multiplier=1.0, delta=1e-5, key=11, seed=5)
+  fed = dpfl.make_private(loss_fn, optax.sgd(server_lr), l2_clip_norm=lr * clip,
+                          local_steps=1, local_learning_rate=lr, **common)
+  grad = dpfl.make_private(loss_fn, optax.sgd(server_lr * lr), l2_clip_norm=clip, **common)
+  params = _problem()[0]
+  results = []
+  for private in (fed, grad):
+    p, state, step = params, private.init(params), private.make_step()
+    for b, m in private.batches(ds):
+      p, state, _ = step(p, state, b, m)
+    results.append(_flat(p))
+  assert np.linalg.norm(results[0] - _flat(params)) > 1e-3
+  np.testing.assert_allclose(results[0], results[1], rtol=1e-5, atol=1e-6)
+  assert fed.epsilon() == grad.epsilon()
+
+
+def test_server_sgd_1_is_fedavg_plus_noise():
+  params, batch, mask = _problem(users=4, per_user=3, seed=2)
+  clip, expected_users = 0.1, 2.5
+  fn = clipped_user_updates(loss_fn, l2_clip_norm=clip, local_steps=2, local_learning_rate=0.2)
+  noise = dpfl.gaussian_noise(noise_multiplier=1.3, l2_clip_norm=clip,
+                              expected_batch_size=expected_users, key=4)
+  opt = optax.chain(noise, optax.sgd(1.0))
+
+  @jax.jit
+  def run(params, batch, mask):
+    clipped_sum, _ = fn(params, batch, mask=mask)
+    updates, _ = opt.update(clipped_sum, opt.init(params), params)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    noise_only, _ = noise.update(zeros, noise.init(params))  # the same draw (same key)
+    return clipped_sum, optax.apply_updates(params, updates), noise_only
+
+  clipped_sum, new, noise_only = run(params, batch, mask)
+  # θ_new = θ − (Σ clip(θ − θ_u) + z) / B = θ + mean clipped delta − z / B.
+  want = _flat(params) - _flat(clipped_sum) / expected_users - _flat(noise_only)
+  np.testing.assert_allclose(_flat(new), want, rtol=1e-5, atol=1e-6)
+
+
+def test_padding_and_nonfinite_users_contribute_zero():
+  params, batch, mask = _problem(users=4, per_user=3, seed=3)
+  fn = jax.jit(clipped_user_updates(loss_fn, l2_clip_norm=0.1, local_steps=2,
+                                    local_learning_rate=0.2))
+  ref, _ = fn(params, batch, mask=mask)
+  # Garbage (NaN) in padded slots and a padded user full of NaN change nothing.
+  garbage = jax.tree.map(lambda x: jnp.where(jnp.reshape(jnp.asarray(mask), mask.shape +
+                                                         (1,) * (x.ndim - 2)), x, jnp.nan),
+                         batch)
+  padded_user = jax.tree.map(lambda x: jnp.concatenate([x, jnp.full_like(x[:1], jnp.nan)]),
+                             garbage)
+  padded_mask = np.concatenate([mask, np.zeros((1, 3), bool)])
+  got, aux = fn(params, padded_user, mask=padded_mask)
+  np.testing.assert_array_equal(_flat(got), _flat(ref))
+  assert int(aux.num_nonfinite) == 0
+  # A real user whose data is NaN contributes exactly zero and is counted.
+  bad = jax.tree.map(lambda x: x.at[2].set(jnp.nan), batch)
+  got, aux = fn(params, bad, mask=mask)
+  mask_without = mask.copy()
+  mask_without[2] = False
+  want, _ = fn(params, batch, mask=mask_without)
+  np.testing.assert_allclose(_flat(got), _flat(want), rtol=1e-6, atol=1e-7)
+  assert int(aux.num_nonfinite) == int(mask[2].any())
+
+
+_HYPO_FN = {}
+
+
+@pytest.mark.parametrize("per_user", [1, 6])
+@settings(max_examples=10, deadline=None)
+@given(data=st.data())
+def test_each_users_contribution_is_at_most_clip(per_user, data):
+  # Whatever each user's number of examples (1..k), data scale and local
+  # steps, one user's contribution (the sum with only that user unmasked)
+  # has norm <= C, and the full sum is the sum of the contributions.
+  steps = data.draw(st.sampled_from([1, 3]))
+  key = (per_user, steps)
+  if key not in _HYPO_FN:
+    _HYPO_FN[key] = jax.jit(clipped_user_updates(loss_fn, l2_clip_norm=0.25,
+                                                 local_steps=steps, local_learning_rate=0.5))
+  fn = _HYPO_FN[key]
+  scale = data.draw(st.sampled_from([1e-3, 0.1, 1.0, 30.0]))
+  seed = data.draw(st.integers(0, 2**16))
+  params, batch, _ = _problem(users=3, per_user=per_user, seed=seed, scale=scale)
+  counts = data.draw(st.lists(st.integers(0, per_user), min_size=3, max_size=3))
+  mask = np.arange(per_user)[None, :] < np.asarray(counts)[:, None]
+  total, _ = fn(params, batch, mask=mask)
+  parts = []
+  for u in range(3):
+    only = mask & (np.arange(3) == u)[:, None]
+    part, _ = fn(params, batch, mask=only)
+    parts.append(_flat(part))
+    assert np.linalg.norm(parts[-1]) <= 0.25 * (1 + 1e-5)
+    if counts[u] == 0:
+      assert not parts[-1].any()
+  np.testing.assert_allclose(_flat(total), np.sum(parts, axis=0), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(local_steps=0, local_learning_rate=0.1), "local_steps"),
+    (dict(local_steps=2), "exactly one of local_learning_rate"),
+    (dict(local_steps=2, local_learning_rate=0.1, local_optimizer=optax.sgd(0.1)),
+     "exactly one"),
+    (dict(local_steps=2, local_learning_rate=-1.0), "local_learning_rate"),
+    (dict(local_steps=2, local_learning_rate=0.1, local_batch_size=0), "local_batch_size"),
+    (dict(local_steps=2, local_learning_rate=0.1, l2_clip_norm=0.0), "l2_clip_norm"),
+])
+def test_bad_arguments(kwargs, match):
+  kwargs = {"l2_clip_norm": 1.0, **kwargs}
+  with pytest.raises(ValueError, match=match):
+    clipped_user_updates(loss_fn, **kwargs)
+
+
+def test_local_batch_size_must_divide_examples_per_user():
+  params, batch, mask = _problem(users=2, per_user=4)
+  fn = clipped_user_updates(loss_fn, l2_clip_norm=1.0, local_steps=2, local_learning_rate=0.1,
+                            local_batch_size=3)
+  with pytest.raises(ValueError, match="local_batch_size must divide"):
+    jax.eval_shape(lambda p, b, m: fn(p, b, mask=m), params, batch, mask)
