@@ -14,6 +14,8 @@ from accounting import cli as _accounting_cli
 # name -> (one-line help, module with add_arguments / run / format_table)
 COMMANDS: dict[str, tuple[str, str]] = {
     "mf": ("matrix-factorization strategy: sensitivity, max/mean loss", "dpfl.mf.cli"),
+    "sweep": ("run a DP scaling-law sweep (resumable; one JSON line per run)",
+              "dpfl.scaling.sweep_cli"),
 }
 
 

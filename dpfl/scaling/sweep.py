@@ -1,0 +1,441 @@
+"""Scaling-law sweeps: train a grid of configurations, one results line per run.
+
+A run trains one member of the model family (``dpfl.scaling.models``) on the
+standard-library corpus (``dpfl.scaling.corpus``) with Adam, either
+
+* **privately**: example-level DP-SGD through ``dpfl.make_private`` (Poisson
+  sampling with a static padded batch, per-example clipping to
+  ``l2_clip_norm``, Gaussian noise σ·C, division by the expected batch size);
+  ε at δ is recomputed from the run's ledger by ``accounting``; or
+* **non-privately** (``noise_multiplier == 0``): the plain optimizer on the
+  mean loss of fixed-size shuffled batches, no clipping, ε = ∞ (null). These
+  runs give the irreducible term E of the fitted law.
+
+The learning rate warms up linearly for ``warmup_steps`` and is then
+constant, independent of the run length, so each point of a run's eval curve
+estimates the loss of a shorter run with the same settings (the curves are
+what ``dpfl fit`` smooths over steps; McKenna et al. 2025, arXiv 2501.18914).
+
+Every run appends one line to a results file (schema: ``dpfl.scaling.results``)
+and is identified by ``run_id``, a hash of its configuration and of the
+corpus; ``run_sweep`` skips runs whose id is already in the file, so an
+interrupted sweep resumes where it stopped.
+
+Seeds: model init, batch sampling and noise all derive from ``seed``, so runs
+that differ only in σ see the same data order (common random numbers make
+their losses comparable). Fixed seeds are fine for a study whose models are
+thrown away; a model meant for release must be trained with OS-entropy seeds
+(``dpfl.make_private``'s default), or its ε does not hold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import sys
+import time
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from dpfl.scaling import corpus as corpus_lib
+from dpfl.scaling import models, results
+
+# PLD grid for the ε recorded per run: "auto" refines Δ until ε is stable to
+# 1e-3 relative and stays a pessimistic upper bound (see accounting.epsilon).
+# dp-accounting's fixed Δ = 1e-4 takes minutes per run at the small σ a
+# sweep explores (σ = 0.06: ~90 s), "auto" a few seconds.
+EPSILON_DISCRETIZATION = "auto"
+EVAL_CHUNK = 128  # eval sequences per forward pass (bounds eval memory)
+PLAIN_MICROBATCH = 32  # largest accumulation block of the non-private step
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """One training run of a sweep (all fields enter the run_id).
+
+  Attributes:
+    model: family name, e.g. ``"s200k"``.
+    batch_size: B, expected batch size (fixed batch size when not private).
+    noise_multiplier: σ; 0 means a non-private run.
+    steps: T, optimizer steps.
+    learning_rate: peak Adam learning rate.
+    seq_len: tokens per example.
+    delta: δ for the reported ε.
+    l2_clip_norm: C, per-example clip norm (private runs).
+    warmup_steps: linear learning-rate warm-up length (0: none).
+    eval_every: eval (and train-loss) points every this many steps; the
+      first eval is at step 0 and the last at step T.
+    eval_examples: held-out sequences evaluated (an evenly spaced subset).
+    seed: seed of init, sampling and noise.
+    examples_per_user: corpus cap on sequences per file.
+    max_users: corpus cap on files (None: all).
+  """
+
+  model: str
+  batch_size: int
+  noise_multiplier: float
+  steps: int
+  learning_rate: float
+  seq_len: int = 64
+  delta: float = 1e-6
+  l2_clip_norm: float = 1.0
+  warmup_steps: int = 10
+  eval_every: int = 25
+  eval_examples: int = 512
+  seed: int = 0
+  examples_per_user: int = 32
+  max_users: int | None = None
+
+  def __post_init__(self):
+    models.get_config(self.model)  # raises on an unknown name
+    for name in ("batch_size", "steps", "seq_len", "eval_every", "eval_examples",
+                 "examples_per_user"):
+      _check_int(name, getattr(self, name), 1)
+    _check_int("warmup_steps", self.warmup_steps, 0)
+    _check_int("seed", self.seed, 0)
+    if self.max_users is not None:
+      _check_int("max_users", self.max_users, 2)
+    _check_real("noise_multiplier", self.noise_multiplier, minimum=0.0)
+    _check_real("learning_rate", self.learning_rate, minimum=0.0, strict=True)
+    _check_real("l2_clip_norm", self.l2_clip_norm, minimum=0.0, strict=True)
+    if not (isinstance(self.delta, (int, float)) and 0 < self.delta < 1):
+      raise ValueError(f"delta must be in (0, 1), got {self.delta!r}")
+
+  @property
+  def private(self) -> bool:
+    return self.noise_multiplier > 0
+
+  @property
+  def noise_batch_ratio(self) -> float:
+    """σ / B, the quantity that governs utility (0 when not private)."""
+    return self.noise_multiplier / self.batch_size
+
+  def key(self) -> dict[str, Any]:
+    """The configuration as a JSON-ready dict (what ``run_id`` hashes)."""
+    return dataclasses.asdict(self)
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_real(name: str, value: Any, *, minimum: float, strict: bool = False) -> None:
+  ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+        and (value > minimum if strict else value >= minimum))
+  if not ok:
+    raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {minimum:g}, "
+                     f"got {value!r}")
+
+
+def run_id(config: RunConfig, corpus_fingerprint: str) -> str:
+  """Stable id of a run: 16 hex digits of SHA-256 over its config and corpus."""
+  text = json.dumps({"config": config.key(), "corpus": corpus_fingerprint,
+                     "schema": results.SCHEMA_VERSION}, sort_keys=True)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def make_grid(*, models: Sequence[str], batch_sizes: Sequence[int], steps: Sequence[int],
+              learning_rates: Sequence[float], noise_multipliers: Sequence[float] | None = None,
+              noise_batch_ratios: Sequence[float] | None = None,
+              **common: Any) -> list[RunConfig]:
+  """The Cartesian product model × batch × noise × steps × learning rate.
+
+  Give the noise either as ``noise_multipliers`` (σ) or as
+  ``noise_batch_ratios`` (σ/B, so σ = ratio · B); 0 in either means a
+  non-private run. Duplicates are dropped; order is model (as given), batch
+  size, noise, steps, learning rate. ``common`` holds the other
+  ``RunConfig`` fields.
+  """
+  if (noise_multipliers is None) == (noise_batch_ratios is None):
+    raise ValueError("give exactly one of noise_multipliers and noise_batch_ratios")
+  configs: dict[RunConfig, None] = {}
+  for model in models:
+    for batch in batch_sizes:
+      noises = (noise_multipliers if noise_multipliers is not None
+                else [ratio * batch for ratio in noise_batch_ratios])
+      for sigma in noises:
+        for num_steps in steps:
+          for lr in learning_rates:
+            configs[RunConfig(model=model, batch_size=batch, noise_multiplier=float(sigma),
+                              steps=num_steps, learning_rate=float(lr), **common)] = None
+  return list(configs)
+
+
+def corpus_for(config: RunConfig) -> corpus_lib.Corpus:
+  """The (cached) corpus a run trains on."""
+  return corpus_lib.load_corpus(seq_len=config.seq_len,
+                                examples_per_user=config.examples_per_user,
+                                max_users=config.max_users)
+
+
+# --- training ------------------------------------------------------------------
+
+def _schedule(learning_rate: float, warmup_steps: int):
+  """Linear warm-up to ``learning_rate`` over ``warmup_steps`` steps, then constant."""
+  import optax
+  if warmup_steps <= 1:
+    return optax.constant_schedule(learning_rate)
+  return optax.join_schedules([
+      optax.linear_schedule(learning_rate / warmup_steps, learning_rate, warmup_steps - 1),
+      optax.constant_schedule(learning_rate)], [warmup_steps - 1])
+
+
+def plain_microbatch_size(batch_size: int) -> int:
+  """Examples per gradient-accumulation block of the non-private step.
+
+  The largest divisor of ``batch_size`` up to ``PLAIN_MICROBATCH``: on CPU a
+  single backward pass over a whole batch of 256 sequences runs ~4x slower
+  than the same gradient accumulated over blocks of 16-32 (activations stop
+  fitting in cache), so the non-private baseline accumulates.
+  """
+  return max(d for d in range(1, min(batch_size, PLAIN_MICROBATCH) + 1) if batch_size % d == 0)
+
+
+@functools.lru_cache(maxsize=16)
+def plain_step(model: str, learning_rate: float, warmup_steps: int):
+  """The non-private Adam step of a sweep: ``(optimizer, step)``, jitted, cached.
+
+  ``step(params, opt_state, tokens) -> (params, opt_state, mean_loss)`` takes
+  the mean loss gradient over ``tokens`` [batch, seq_len + 1], accumulated
+  over blocks of ``plain_microbatch_size(batch)`` examples (the same gradient
+  as one pass, faster on CPU). No clipping, no noise.
+  """
+  import jax
+  import jax.numpy as jnp
+  import optax
+  optimizer = optax.adam(_schedule(learning_rate, warmup_steps))
+  grad_fn = jax.value_and_grad(models.make_loss_fn(model))
+
+  @jax.jit
+  def step(params, opt_state, tokens):
+    block = plain_microbatch_size(tokens.shape[0])
+    blocks = tokens.reshape(tokens.shape[0] // block, block, *tokens.shape[1:])
+
+    def accumulate(total, x):
+      loss, grads = grad_fn(params, x)
+      return jax.tree.map(jnp.add, total, (loss, grads)), None
+
+    zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    (loss, grads), _ = jax.lax.scan(accumulate, zero, blocks)
+    loss, grads = jax.tree.map(lambda x: x / blocks.shape[0], (loss, grads))
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return optimizer, step
+
+
+@functools.lru_cache(maxsize=16)
+def _row_losses(model: str):
+  import jax
+  loss_fn = models.make_loss_fn(model)
+  return jax.jit(jax.vmap(lambda params, row: loss_fn(params, row[None]), in_axes=(None, 0)))
+
+
+def eval_subset(corpus: corpus_lib.Corpus, count: int) -> np.ndarray:
+  """``count`` held-out sequences spread evenly over all eval users (deterministic)."""
+  n = corpus.num_eval_examples
+  if count >= n:
+    return np.asarray(corpus.eval_tokens)
+  return np.asarray(corpus.eval_tokens[np.linspace(0, n - 1, count).round().astype(int)])
+
+
+def evaluate(model: str, params, tokens: np.ndarray) -> float:
+  """Mean per-token loss of ``params`` on ``tokens``, EVAL_CHUNK rows per forward pass."""
+  row_losses = _row_losses(model)
+  size = min(EVAL_CHUNK, len(tokens))
+  total = 0.0
+  for start in range(0, len(tokens), size):
+    chunk = tokens[start:start + size]
+    real = len(chunk)
+    if real < size:  # pad the last chunk: one compiled shape
+      chunk = np.concatenate([chunk, np.repeat(chunk[:1], size - real, 0)])
+    total += float(np.asarray(row_losses(params, chunk))[:real].sum())
+  return total / len(tokens)
+
+
+def _log_points(config: RunConfig) -> set[int]:
+  return set(range(config.eval_every, config.steps, config.eval_every)) | {config.steps}
+
+
+def train_run(config: RunConfig, *, corpus: corpus_lib.Corpus | None = None,
+              progress: bool = False) -> results.ResultRow:
+  """Trains one configuration and returns its results row (not written).
+
+  Args:
+    config: the run.
+    corpus: the corpus (default: ``corpus_for(config)``).
+    progress: show a tqdm bar over steps on stderr.
+
+  Returns:
+    A ``results.ResultRow``.
+  """
+  import jax
+  import optax
+
+  import dpfl
+  from dpfl import __version__
+
+  start = time.perf_counter()
+  corpus = corpus_for(config) if corpus is None else corpus
+  train = np.asarray(corpus.train_tokens)
+  dataset_size = len(train)
+  if config.batch_size > dataset_size:
+    raise ValueError(f"batch_size {config.batch_size} exceeds the {dataset_size} training "
+                     "sequences of the corpus")
+  evals = eval_subset(corpus, config.eval_examples)
+  n_params = models.params_count(config.model)
+  root = jax.random.key(config.seed)
+  params = models.init_params(config.model, jax.random.fold_in(root, 0),
+                              seq_len=config.seq_len)
+
+  private = None
+  if config.private:
+    private = dpfl.make_private(
+        models.make_loss_fn(config.model), optax.adam(_schedule(config.learning_rate, config.warmup_steps)),
+        l2_clip_norm=config.l2_clip_norm, dataset_size=dataset_size,
+        batch_size=config.batch_size, delta=config.delta, num_steps=config.steps,
+        noise_multiplier=config.noise_multiplier, seed=config.seed,
+        key=jax.random.fold_in(root, 1))
+    step_fn = private.make_step()
+    opt_state = private.init(params)
+    draws = private.batches(train)
+  else:
+    optimizer, step_fn = plain_step(config.model, config.learning_rate, config.warmup_steps)
+    opt_state = optimizer.init(params)
+    sampler = dpfl.ShuffledSampler(dataset_size, batch_size=config.batch_size,
+                                   seed=config.seed)
+    draws = (train[sampler().indices] for _ in range(config.steps))
+
+  eval_curve = [[0, evaluate(config.model, params, evals)]]
+  train_curve, pending = [], []
+  log_at = _log_points(config)
+  train_seconds = 0.0
+  bar = _steps_bar(config, progress)
+  try:
+    t_step = time.perf_counter()
+    for step in range(1, config.steps + 1):
+      if private is not None:
+        batch, mask = next(draws)
+        params, opt_state, aux = step_fn(params, opt_state, batch, mask)
+        values = np.asarray(aux.values)[mask]
+        pending.append(float(values.mean()) if values.size else math.nan)
+      else:
+        params, opt_state, loss = step_fn(params, opt_state, next(draws))
+        pending.append(float(loss))
+      now = time.perf_counter()
+      if step > 1 or config.steps == 1:  # step 1 compiles
+        train_seconds += now - t_step
+      if step in log_at:
+        train_curve.append([step, float(np.nanmean(pending)) if pending else math.nan])
+        pending = []
+        eval_curve.append([step, evaluate(config.model, params, evals)])
+        if bar is not None:
+          bar.set_postfix(train=f"{train_curve[-1][1]:.3f}", eval=f"{eval_curve[-1][1]:.3f}")
+      if bar is not None:
+        bar.update(1)
+      t_step = time.perf_counter()
+  finally:
+    if bar is not None:
+      bar.close()
+
+  tokens_per_step = config.batch_size * config.seq_len
+  timed_steps = max(config.steps - 1, 1)
+  epsilon = mechanism = accountant = max_batch = None
+  if private is not None:
+    accountant = private.accountant
+    epsilon = private.ledger.epsilon(delta=config.delta, accountant=accountant,
+                                     discretization=EPSILON_DISCRETIZATION)
+    mechanism = private.ledger.mechanism().to_dict()
+    max_batch = private.sampler.max_batch_size
+  return results.ResultRow(
+      schema_version=results.SCHEMA_VERSION, run_id=run_id(config, corpus.fingerprint),
+      model=config.model, params=n_params, private=config.private,
+      batch_size=config.batch_size, noise_multiplier=float(config.noise_multiplier),
+      noise_batch_ratio=config.noise_batch_ratio, steps=config.steps,
+      learning_rate=config.learning_rate, warmup_steps=config.warmup_steps,
+      l2_clip_norm=config.l2_clip_norm if config.private else None, seq_len=config.seq_len,
+      dataset_size=dataset_size, sampling_prob=config.batch_size / dataset_size,
+      max_batch_size=max_batch, delta=config.delta,
+      epsilon=None if epsilon is None else float(epsilon), accountant=accountant,
+      mechanism=mechanism,
+      flops=models.training_flops(params=n_params, num_steps=config.steps,
+                                  batch_size=config.batch_size, seq_len=config.seq_len),
+      tokens=config.steps * tokens_per_step, train_loss=train_curve, eval_loss=eval_curve,
+      final_eval_loss=eval_curve[-1][1], eval_examples=len(evals), seed=config.seed,
+      corpus=corpus.summary(), seconds=time.perf_counter() - start,
+      tokens_per_second=timed_steps * tokens_per_step / max(train_seconds, 1e-9),
+      dpfl_version=__version__)
+
+
+def _steps_bar(config: RunConfig, progress: bool):
+  if not progress:
+    return None
+  from tqdm.auto import tqdm
+  noise = f"σ={config.noise_multiplier:g}" if config.private else "non-private"
+  return tqdm(total=config.steps, desc=f"{config.model} B={config.batch_size} {noise} "
+              f"lr={config.learning_rate:g}", unit="step", leave=False, file=sys.stderr)
+
+
+# --- sweeps --------------------------------------------------------------------
+
+@dataclasses.dataclass
+class SweepSummary:
+  """What ``run_sweep`` did.
+
+  Attributes:
+    rows: the results row of every configuration, in grid order (rows of
+      skipped runs are read back from the file).
+    trained: run_ids trained now.
+    skipped: run_ids already in the file.
+    results_path: the file appended to.
+  """
+
+  rows: list[dict[str, Any]]
+  trained: list[str]
+  skipped: list[str]
+  results_path: str
+
+
+def run_sweep(configs: Iterable[RunConfig], results_path: str, *,
+              progress: bool = True) -> SweepSummary:
+  """Trains every configuration not yet in ``results_path``; appends one line per run.
+
+  Args:
+    configs: the runs (e.g. ``make_grid(...)``); duplicates are run once.
+    results_path: JSON-lines results file (created if absent).
+    progress: tqdm bars over runs and steps on stderr.
+
+  Returns:
+    A ``SweepSummary``.
+  """
+  configs = list(dict.fromkeys(configs))
+  done = {row["run_id"]: row for row in results.read_results(results_path)
+          if "run_id" in row}
+  ids = [run_id(c, corpus_for(c).fingerprint) for c in configs]
+  todo = [i for i, rid in enumerate(ids) if rid not in done]
+  bar = None
+  if progress:
+    from tqdm.auto import tqdm
+    bar = tqdm(total=len(configs), initial=len(configs) - len(todo), desc="runs", unit="run",
+               file=sys.stderr)
+  trained = []
+  try:
+    for i in todo:
+      row = train_run(configs[i], progress=progress)
+      results.append_result(results_path, row)
+      done[ids[i]] = row
+      trained.append(ids[i])
+      if bar is not None:
+        bar.update(1)
+  finally:
+    if bar is not None:
+      bar.close()
+  pending = set(todo)
+  return SweepSummary(rows=[done[rid] for rid in ids], trained=trained,
+                      skipped=[rid for i, rid in enumerate(ids) if i not in pending],
+                      results_path=results_path)

@@ -1,0 +1,194 @@
+"""``dpfl sweep``: train a grid of DP (and non-private) language models, one JSON line per run.
+
+  dpfl sweep --results runs.jsonl --models s50k,s200k --batch-sizes 64,256 \\
+      --noise-multipliers 0,1,4 --steps 300 --learning-rates 1e-3,3e-3
+
+Give the noise as ``--noise-multipliers`` (σ) or ``--noise-batch-ratios``
+(σ/B); 0 in either is the non-private baseline. Finished runs (same run_id
+in ``--results``) are skipped, so re-running the command resumes a sweep.
+``--dry-run`` lists the grid and what is already done without training.
+The schema of the results file is documented in ``dpfl.scaling.results``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+
+_DEFAULT_NOISE_MULTIPLIERS = [1.0]
+
+
+def _noise(args) -> tuple[str, list[float]]:
+  """(the noise flag given, its values); ``--noise-multipliers 1`` by default."""
+  if args.noise_batch_ratios is not None:
+    return "--noise-batch-ratios", args.noise_batch_ratios
+  return "--noise-multipliers", args.noise_multipliers or _DEFAULT_NOISE_MULTIPLIERS
+
+
+def _csv(kind):
+  """argparse type: a comma-separated list of ``kind`` (argparse names the flag)."""
+  def parse(text: str):
+    items = [t.strip() for t in text.split(",")]
+    if not items or any(not t for t in items):
+      raise argparse.ArgumentTypeError(f"needs a comma-separated list, got {text!r}")
+    values = []
+    for item in items:
+      try:
+        value = kind(item)
+      except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{item!r} is not {'an integer' if kind is int else 'a number'}") from None
+      if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"values must be finite, got {item!r}")
+      values.append(value)
+    return values
+  return parse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--results", required=True, metavar="FILE",
+                 help="JSON-lines results file to append to (resumed if it exists)")
+  p.add_argument("--models", type=_csv(str), default=["s50k"], metavar="M,...",
+                 help="model sizes: s50k, s100k, s200k, s500k, s1m, s2m, s5m (default: s50k)")
+  p.add_argument("--batch-sizes", type=_csv(int), default=[256],
+                 metavar="B,...", help="expected batch sizes (default: 256)")
+  noise = p.add_mutually_exclusive_group()
+  noise.add_argument("--noise-multipliers", type=_csv(float),
+                     metavar="S,...", help="noise multipliers σ; 0 = non-private (default: 1)")
+  noise.add_argument("--noise-batch-ratios", type=_csv(float),
+                     metavar="R,...", help="noise-batch ratios σ/B (σ = R·B); 0 = non-private")
+  p.add_argument("--steps", type=_csv(int), default=[300], metavar="T,...",
+                 help="training steps (default: 300)")
+  p.add_argument("--learning-rates", type=_csv(float), default=[3e-3],
+                 metavar="LR,...", help="peak Adam learning rates (default: 3e-3)")
+  p.add_argument("--delta", type=float, default=1e-6, metavar="D",
+                 help="δ at which ε is reported, in (0, 1) (default: 1e-6)")
+  p.add_argument("--seq-len", type=int, default=64, metavar="L",
+                 help="tokens per example (default: 64)")
+  p.add_argument("--l2-clip-norm", type=float, default=1.0, metavar="C",
+                 help="per-example clip norm (default: 1)")
+  p.add_argument("--warmup-steps", type=int, default=10, metavar="W",
+                 help="linear learning-rate warm-up steps, then constant (default: 10)")
+  p.add_argument("--eval-every", type=int, default=25, metavar="N",
+                 help="steps between points of the loss curves (default: 25)")
+  p.add_argument("--eval-examples", type=int, default=512, metavar="N",
+                 help="held-out sequences per evaluation (default: 512)")
+  p.add_argument("--examples-per-user", type=int, default=32, metavar="K",
+                 help="corpus: sequences kept per source file (default: 32)")
+  p.add_argument("--max-users", type=int, default=None, metavar="U",
+                 help="corpus: use only the first U source files (default: all)")
+  p.add_argument("--seed", type=int, default=0, metavar="S",
+                 help="seed of init, sampling and noise (default: 0)")
+  p.add_argument("--dry-run", action="store_true",
+                 help="list the runs and whether each is done; train nothing")
+  p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+
+
+def _check(args) -> None:
+  """Flag-level validation: ValueError naming the flag, before anything is loaded."""
+  from dpfl.scaling import models
+  for name in args.models:
+    if name not in models.MODELS:
+      raise ValueError(f"--models: unknown model {name!r}; choose from "
+                       f"{', '.join(models.model_names())}")
+  positive_ints = {"--batch-sizes": args.batch_sizes, "--steps": args.steps}
+  for flag, values in positive_ints.items():
+    bad = [v for v in values if v < 1]
+    if bad:
+      raise ValueError(f"{flag} must be integers >= 1, got {bad[0]}")
+  noise_flag, noise = _noise(args)
+  if any(v < 0 for v in noise):
+    raise ValueError(f"{noise_flag} must be >= 0 (0 = non-private), got "
+                     f"{min(noise):g}")
+  if any(v <= 0 for v in args.learning_rates):
+    raise ValueError(f"--learning-rates must be > 0, got {min(args.learning_rates):g}")
+  if not 0 < args.delta < 1:
+    raise ValueError(f"--delta must be in (0, 1), got {args.delta:g}")
+  if not 2 <= args.seq_len <= 4096:
+    raise ValueError(f"--seq-len must be an integer in [2, 4096], got {args.seq_len}")
+  if not (math.isfinite(args.l2_clip_norm) and args.l2_clip_norm > 0):
+    raise ValueError(f"--l2-clip-norm must be a finite number > 0, got {args.l2_clip_norm:g}")
+  for flag, value, low in (("--warmup-steps", args.warmup_steps, 0),
+                           ("--eval-every", args.eval_every, 1),
+                           ("--eval-examples", args.eval_examples, 1),
+                           ("--examples-per-user", args.examples_per_user, 1),
+                           ("--seed", args.seed, 0)):
+    if value < low:
+      raise ValueError(f"{flag} must be an integer >= {low}, got {value}")
+  if args.max_users is not None and args.max_users < 2:
+    raise ValueError(f"--max-users must be an integer >= 2, got {args.max_users}")
+
+
+def run(args) -> dict:
+  """Builds the grid, checks it against the corpus, trains what is not done yet."""
+  _check(args)
+  from dpfl.scaling import results, sweep
+  common = dict(seq_len=args.seq_len, delta=args.delta, l2_clip_norm=args.l2_clip_norm,
+                warmup_steps=args.warmup_steps, eval_every=args.eval_every,
+                eval_examples=args.eval_examples, seed=args.seed,
+                examples_per_user=args.examples_per_user, max_users=args.max_users)
+  flag, values = _noise(args)
+  noise = {flag[2:].replace("-", "_"): values}
+  configs = sweep.make_grid(models=args.models, batch_sizes=args.batch_sizes,
+                            steps=args.steps, learning_rates=args.learning_rates,
+                            **noise, **common)
+  corpus = sweep.corpus_for(configs[0])
+  too_big = [c.batch_size for c in configs if c.batch_size > corpus.num_train_examples]
+  if too_big:
+    raise ValueError(f"--batch-sizes: {too_big[0]} exceeds the {corpus.num_train_examples} "
+                     "training sequences of the corpus")
+  directory = os.path.dirname(os.path.abspath(args.results))
+  if not os.path.isdir(directory):
+    raise ValueError(f"--results: directory {directory!r} does not exist")
+  try:
+    results.read_results(args.results)
+  except (OSError, UnicodeDecodeError) as err:
+    raise ValueError(f"--results: cannot read {args.results!r}: {err}") from None
+  if args.dry_run:
+    done = results.completed_run_ids(args.results)
+    rows = [dict(c.key(), run_id=(rid := sweep.run_id(c, corpus.fingerprint)),
+                 status="done" if rid in done else "pending") for c in configs]
+    return {"results": args.results, "runs": len(configs),
+            "done": sum(r["status"] == "done" for r in rows), "trained": 0, "dry_run": True,
+            "corpus": corpus.summary(), "rows": rows}
+  summary = sweep.run_sweep(configs, args.results, progress=not args.no_progress)
+  keys = ("run_id", "model", "params", "batch_size", "noise_multiplier", "noise_batch_ratio",
+          "steps", "learning_rate", "epsilon", "final_eval_loss", "flops", "seconds",
+          "tokens_per_second")
+  return {"results": args.results, "runs": len(configs), "trained": len(summary.trained),
+          "skipped": len(summary.skipped), "dry_run": False, "corpus": corpus.summary(),
+          "rows": [{k: row.get(k) for k in keys} for row in summary.rows]}
+
+
+def _fmt(value, spec: str) -> str:
+  if value is None:
+    return "-"
+  return format(value, spec)
+
+
+def format_table(result: dict) -> str:
+  corpus = result["corpus"]
+  lines = [f"dpfl sweep: {result['runs']} runs -> {result['results']}",
+           f"  corpus: python-stdlib, {corpus['train_examples']} train / "
+           f"{corpus['eval_examples']} eval sequences of {corpus['seq_len']} tokens"]
+  if result["dry_run"]:
+    lines.append(f"  dry run: {result['done']} done, {result['runs'] - result['done']} pending")
+    header = f"  {'run_id':<16} {'model':<6} {'B':>5} {'σ':>8} {'T':>6} {'lr':>8}  status"
+    lines.append(header)
+    for r in result["rows"]:
+      lines.append(f"  {r['run_id']:<16} {r['model']:<6} {r['batch_size']:>5} "
+                   f"{r['noise_multiplier']:>8.4g} {r['steps']:>6} {r['learning_rate']:>8.2g}"
+                   f"  {r['status']}")
+    return "\n".join(lines)
+  lines.append(f"  trained {result['trained']}, skipped {result['skipped']} (already done)")
+  lines.append(f"  {'model':<6} {'B':>5} {'σ':>8} {'σ/B':>9} {'T':>6} {'lr':>8} {'ε':>9} "
+               f"{'eval loss':>9} {'seconds':>8} {'tok/s':>8}")
+  for r in result["rows"]:
+    lines.append(
+        f"  {r['model']:<6} {r['batch_size']:>5} {r['noise_multiplier']:>8.4g} "
+        f"{r['noise_batch_ratio']:>9.3g} {r['steps']:>6} {r['learning_rate']:>8.2g} "
+        f"{_fmt(r['epsilon'], '9.3g') if r['epsilon'] is not None else 'inf':>9} "
+        f"{_fmt(r['final_eval_loss'], '9.4f')} {r['seconds']:>8.1f} "
+        f"{r['tokens_per_second']:>8.0f}")
+  return "\n".join(lines)
