@@ -5,8 +5,6 @@ from dpfl.mf.blt import BltStrategy, optimize_blt
 from dpfl.mf.dense import DenseStrategy, optimize_dense
 from dpfl.mf.participation import Participation, participation
 from dpfl.mf.sensitivity import brute_force_sensitivity, matrix_sensitivity
-from dpfl.mf.streaming import (CorrelatedNoiseState, banded_noise, blt_noise, dense_noise,
-                                identity_noise, matrix_noise)
 from dpfl.mf.strategies import (IdentityStrategy, SqrtToeplitzStrategy, Strategy,
                                 ToeplitzStrategy, TreeStrategy, identity, sqrt_toeplitz, tree,
                                 tree_matrix)
@@ -20,3 +18,14 @@ __all__ = [
     "brute_force_sensitivity", "identity", "matrix_sensitivity", "optimize_banded",
     "optimize_blt", "optimize_dense", "participation", "sqrt_toeplitz", "tree", "tree_matrix",
 ]
+
+# Streaming noise needs JAX; `dpfl mf` must not. Loaded on first use (PEP 562).
+_STREAMING = ("CorrelatedNoiseState", "banded_noise", "blt_noise", "dense_noise",
+              "identity_noise", "matrix_noise")
+
+
+def __getattr__(name):
+  if name in _STREAMING:
+    from dpfl.mf import streaming
+    return getattr(streaming, name)
+  raise AttributeError(f"module 'dpfl.mf' has no attribute {name!r}")
