@@ -206,6 +206,12 @@ class ElsDpSgd(Mechanism):
 
   def dp_event(self):
     from dp_accounting import dp_event as dpe
+    if self.sampling_prob >= 1.0:
+      # Every example is in every step: a Gaussian with sensitivity k (units
+      # of C), i.e. noise multiplier σ/k. (dp-accounting's mixture PLD fails
+      # on a single point mass, so it is stated exactly instead.)
+      return dpe.SelfComposedDpEvent(
+          dpe.GaussianDpEvent(self.noise_multiplier / self.examples_per_user), self.num_steps)
     sensitivities, probs = self.mixture()
     return dpe.SelfComposedDpEvent(
         dpe.MixtureOfGaussiansDpEvent(self.noise_multiplier, sensitivities, probs),

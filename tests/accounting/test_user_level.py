@@ -94,3 +94,13 @@ def test_group_privacy_epsilon_is_certified():
 def test_group_privacy_needs_example_level_mechanism():
   with pytest.raises(ValueError, match="example-level"):
     A.group_privacy_epsilon(A.UlsDpSgd(1.0, 0.1, 10), group_size=2, delta=1e-6)
+
+
+def test_els_with_full_batches_is_a_gaussian_with_sensitivity_k():
+  # q = 1: all k examples of a user are in every step; closed form Gaussian.
+  m = A.ElsDpSgd(1.25, 1.0, 10, 4)
+  ref = dpa.pld.PLDAccountant()
+  ref.compose(dpe.GaussianDpEvent(1.25 / 4), 10)
+  assert A.epsilon(m, delta=1e-6) == pytest.approx(ref.get_epsilon(1e-6), rel=1e-9)
+  assert A.epsilon(m, delta=1e-6) == pytest.approx(
+      dpa.get_epsilon_gaussian(1.25 / 4 / math.sqrt(10), 1e-6), rel=2e-3)
