@@ -22,7 +22,7 @@ _EXPORTS = {
     "make_private_user_level": "dpfl.user_level",
     "UserSampler": "dpfl.user_level_sampling", "ElsSampler": "dpfl.user_level_sampling",
     "clipped_user_updates": "dpfl.federated", "user_mesh": "dpfl.federated",
-    "shard_users": "dpfl.federated",
+    "shard_users": "dpfl.federated", "shared_secret_seed": "dpfl.federated",
 }
 
 __all__ = sorted(_EXPORTS)

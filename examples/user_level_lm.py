@@ -16,7 +16,8 @@ privacy_unit="user")``:
 
 * ``--method uls``: users Poisson-sampled, one clipped contribution per user
   (the gradient of the user's mean loss; with ``--local-steps N``, the
-  pseudo-gradient after N local SGD steps, i.e. DP-FedAvg), Adam on the server.
+  pseudo-gradient θ − θ_u after N local SGD steps, i.e. DP-FedAvg, clipped at
+  ``C·η·N``), Adam on the server.
 * ``--method els``: windows Poisson-sampled from the capped data, each
   clipped; the same expected number of windows per step as ULS; the ledger
   accounts the mixture of Gaussians that makes ε user-level.
@@ -142,7 +143,10 @@ def main(argv=None) -> dict:
   p.add_argument("--learning-rate", type=float, default=3e-3, help="server Adam")
   p.add_argument("--local-steps", type=int, default=None,
                  help="ULS only: DP-FedAvg with this many local SGD steps per user")
-  p.add_argument("--local-learning-rate", type=float, default=0.5)
+  p.add_argument("--local-learning-rate", type=float, default=0.1,
+                 help="local SGD step; the pseudo-gradient is clipped at "
+                      "l2-clip-norm * local-learning-rate * local-steps (the size of that "
+                      "many clipped gradient steps)")
   p.add_argument("--max-users", type=int, default=None,
                  help="use this many modules (default: all, ~560)")
   p.add_argument("--quick", action="store_true", help="a smaller run (~1 minute)")
@@ -170,9 +174,12 @@ def main(argv=None) -> dict:
   if args.method == "uls":
     local = {}
     if args.local_steps is not None:
-      local = dict(local_steps=args.local_steps, local_learning_rate=args.local_learning_rate)
+      # θ − θ_u after τ SGD steps of size η is about τ·η gradients long: clip
+      # at τ·η·C (exactly η·C, the gradient path's C, for τ = 1).
+      local = dict(local_steps=args.local_steps, local_learning_rate=args.local_learning_rate,
+                   l2_clip_norm=args.l2_clip_norm * args.local_learning_rate * args.local_steps)
     private = dpfl.make_private(loss_fn, optimizer, sampling_unit="user",
-                                batch_size=args.users_per_step, **local, **common)
+                                batch_size=args.users_per_step, **{**common, **local})
   else:  # the same expected number of windows per step as ULS
     windows_per_step = round(args.users_per_step * train.num_examples / train.num_users)
     private = dpfl.make_private(loss_fn, optimizer, sampling_unit="example",
@@ -180,7 +187,8 @@ def main(argv=None) -> dict:
   print(f"users: {train.num_users} train / {held_out.num_users} held out (modules; "
         f"{train.num_dropped_users + held_out.num_dropped_users} too short, dropped), "
         f"k={train.examples_per_user}, {train.num_examples} train windows")
-  print(f"{args.method.upper()}: σ={private.noise_multiplier:.3f} for user-level "
+  print(f"{args.method.upper()}: C={private.l2_clip_norm:g}, σ={private.noise_multiplier:.3f} "
+        f"for user-level "
         f"ε={args.target_epsilon} at δ={args.delta}, q={private.sampler.sampling_prob:.4f}, "
         f"{args.steps} steps")
   initial = eval_loss(loss_fn, params, held_out)

@@ -172,17 +172,20 @@ _HYPO_FN = {}
 
 
 @pytest.mark.parametrize("per_user", [1, 6])
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(data=st.data())
 def test_each_users_contribution_is_at_most_clip(per_user, data):
   # Whatever each user's number of examples (1..k), data scale and local
-  # steps, one user's contribution (the sum with only that user unmasked)
-  # has norm <= C, and the full sum is the sum of the contributions.
-  steps = data.draw(st.sampled_from([1, 3]))
+  # steps (0: the gradient path, dpfl.clipped_grad(unit="user")), one user's
+  # contribution (the sum with only that user unmasked) has norm <= C, and
+  # the full sum is the sum of the contributions.
+  steps = data.draw(st.sampled_from([0, 1, 3]))
   key = (per_user, steps)
   if key not in _HYPO_FN:
-    _HYPO_FN[key] = jax.jit(clipped_user_updates(loss_fn, l2_clip_norm=0.25,
-                                                 local_steps=steps, local_learning_rate=0.5))
+    _HYPO_FN[key] = jax.jit(
+        clipped_grad(loss_fn, l2_clip_norm=0.25, unit="user") if steps == 0 else
+        clipped_user_updates(loss_fn, l2_clip_norm=0.25, local_steps=steps,
+                             local_learning_rate=0.5))
   fn = _HYPO_FN[key]
   scale = data.draw(st.sampled_from([1e-3, 0.1, 1.0, 30.0]))
   seed = data.draw(st.integers(0, 2**16))
