@@ -126,7 +126,8 @@ _TYPES: dict[str, tuple] = {
     "dataset_size": _INT, "sampling_prob": _REAL, "max_batch_size": _INT + (type(None),),
     "delta": _REAL, "epsilon": _REAL + (type(None),), "accountant": (str, type(None)),
     "mechanism": (dict, type(None)), "flops": _REAL, "tokens": _INT, "train_loss": (list,),
-    "eval_loss": (list,), "final_eval_loss": _REAL + (type(None),), "eval_examples": _INT, "seed": _INT,
+    "eval_loss": (list,), "final_eval_loss": _REAL + (type(None),), "eval_examples": _INT,
+    "seed": _INT,
     "corpus": (dict,), "seconds": _REAL, "tokens_per_second": _REAL, "dpfl_version": (str,),
 }
 REQUIRED_KEYS = tuple(ResultRow.__annotations__)

@@ -104,6 +104,9 @@ class RunConfig:
     _check_real("l2_clip_norm", self.l2_clip_norm, minimum=0.0, strict=True)
     if not (isinstance(self.delta, (int, float)) and 0 < self.delta < 1):
       raise ValueError(f"delta must be in (0, 1), got {self.delta!r}")
+    # Floats as floats, so that σ = 1 and σ = 1.0 are one run (one run_id).
+    for name in ("noise_multiplier", "learning_rate", "l2_clip_norm", "delta"):
+      object.__setattr__(self, name, float(getattr(self, name)))
 
   @property
   def private(self) -> bool:
@@ -295,8 +298,9 @@ def train_run(config: RunConfig, *, corpus: corpus_lib.Corpus | None = None,
 
   private = None
   if config.private:
+    optimizer = optax.adam(_schedule(config.learning_rate, config.warmup_steps))
     private = dpfl.make_private(
-        models.make_loss_fn(config.model), optax.adam(_schedule(config.learning_rate, config.warmup_steps)),
+        models.make_loss_fn(config.model), optimizer,
         l2_clip_norm=config.l2_clip_norm, dataset_size=dataset_size,
         batch_size=config.batch_size, delta=config.delta, num_steps=config.steps,
         noise_multiplier=config.noise_multiplier, seed=config.seed,

@@ -75,4 +75,5 @@ def test_initial_loss_is_near_uniform_and_differentiable():
 def test_unknown_model_and_flops():
   with pytest.raises(ValueError, match="unknown model 's3m'.*s50k"):
     models.get_config("s3m")
-  assert models.training_flops(params=10, num_steps=3, batch_size=4, seq_len=5) == 6 * 10 * 3 * 4 * 5
+  flops = models.training_flops(params=10, num_steps=3, batch_size=4, seq_len=5)
+  assert flops == 6 * 10 * 3 * 4 * 5

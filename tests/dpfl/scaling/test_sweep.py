@@ -141,6 +141,7 @@ def test_noise_batch_ratios_set_sigma_from_batch():
                                                             max_users=None,
                                                             examples_per_user=32), "x")
   assert sweep.run_id(grid[1], "x") != sweep.run_id(grid[1], "y")
+  assert sweep.run_id(_config(noise_multiplier=2), "x") == sweep.run_id(_config(), "x")
 
 
 @pytest.mark.parametrize("flags, flag", [
