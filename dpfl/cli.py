@@ -16,6 +16,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "mf": ("matrix-factorization strategy: sensitivity, max/mean loss", "dpfl.mf.cli"),
     "sweep": ("run a DP scaling-law sweep (resumable; one JSON line per run)",
               "dpfl.scaling.sweep_cli"),
+    "fit": ("fit a DP scaling law to a sweep's results file", "dpfl.scaling.fit_cli"),
+    "plan": ("compute-optimal model, batch size and steps for a compute and privacy budget",
+             "dpfl.scaling.plan_cli"),
 }
 
 

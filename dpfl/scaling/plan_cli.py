@@ -1,0 +1,149 @@
+"""``dpfl plan``: the compute-optimal private configuration for a budget.
+
+  dpfl plan --compute 1e15 --epsilon 4 --delta 1e-6 --users 20000 [--law LAW.json] [--json]
+
+Imports numpy and the scaling law / σ grid JSON files only (no JAX, no scipy,
+no dp-accounting), so it answers in well under two seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+
+def _number(text: str) -> float:
+  try:
+    return float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _names(text: str) -> list[str]:
+  return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--compute", type=_number, required=True, metavar="FLOPS",
+                 help="compute budget in FLOPs (6·params·batch·steps·seq), an upper limit")
+  p.add_argument("--epsilon", type=_number, required=True, metavar="E", help="privacy budget ε > 0")
+  p.add_argument("--delta", type=_number, required=True, metavar="D", help="δ in (0, 1)")
+  p.add_argument("--users", type=_number, required=True, metavar="N",
+                 help="privacy units (users, or examples): sampling rate q = batch/N")
+  p.add_argument("--law", metavar="FILE", help="scaling law from `dpfl fit` (default: shipped)")
+  p.add_argument("--seq-len", type=_number, metavar="S",
+                 help="tokens per example (default: the law's)")
+  p.add_argument("--models", type=_names, metavar="A,B,...",
+                 help="only these model names of the law")
+  p.add_argument("--batch-sizes", type=_names, metavar="B1,B2,...",
+                 help="candidate batch sizes (default: powers of two <= N, and N)")
+  p.add_argument("--max-steps", type=_number, metavar="T",
+                 help="most training steps considered (default: 10x the most steps in "
+                      "the law's data)")
+  p.add_argument("--sigma-grid", metavar="FILE", help="σ grid (default: shipped)")
+
+
+def _integer(flag: str, value: float) -> int:
+  if not (math.isfinite(value) and value >= 1 and float(value).is_integer()):
+    raise ValueError(f"{flag} must be an integer >= 1, got {value:g}")
+  return int(value)
+
+
+def run(args) -> dict:
+  if not (math.isfinite(args.compute) and args.compute > 0):
+    raise ValueError(f"--compute must be a finite number of FLOPs > 0, got {args.compute:g}")
+  if not (math.isfinite(args.epsilon) and args.epsilon > 0):
+    raise ValueError(f"--epsilon must be a finite number > 0, got {args.epsilon:g}")
+  if not 0 < args.delta < 1:
+    raise ValueError(f"--delta must be in (0, 1), got {args.delta:g}")
+  users = _integer("--users", args.users)
+  seq_len = None if args.seq_len is None else _integer("--seq-len", args.seq_len)
+  max_steps = None if args.max_steps is None else _integer("--max-steps", args.max_steps)
+  batch_sizes = None
+  if args.batch_sizes is not None:
+    try:
+      batch_sizes = [_integer("--batch-sizes", float(b)) for b in args.batch_sizes]
+    except ValueError:
+      raise ValueError(f"--batch-sizes must be integers >= 1, got {','.join(args.batch_sizes)}") from None
+    if not batch_sizes or max(batch_sizes) > users:
+      raise ValueError(f"--batch-sizes must be non-empty and <= --users ({users})")
+  from dpfl.scaling import fit, planner, sigma_grid
+  try:
+    law = fit.load_law(args.law)
+  except OSError as err:
+    raise ValueError(f"--law: cannot read {args.law!r}: {err.strerror}") from None
+  except ValueError as err:
+    raise ValueError(f"--law: {err}") from None
+  if seq_len is None and law.get("seq_len") is None:
+    raise ValueError("--seq-len is required: the law does not record one")
+  names = fit.model_params(law)
+  if args.models is not None:
+    unknown = [m for m in args.models if m not in names]
+    if unknown or not args.models:
+      raise ValueError(f"--models must name models of the law ({', '.join(names)}); "
+                       f"unknown: {', '.join(unknown) or 'none given'}")
+  try:
+    grid = sigma_grid._as_table(args.sigma_grid)
+  except OSError as err:
+    raise ValueError(f"--sigma-grid: cannot read {args.sigma_grid!r}: {err.strerror}") from None
+  except (ValueError, KeyError) as err:
+    raise ValueError(f"--sigma-grid: not a σ grid ({err})") from None
+  if not grid.eps[0] <= args.epsilon <= grid.eps[-1]:
+    raise ValueError(f"--epsilon must be in [{grid.eps[0]:g}, {grid.eps[-1]:g}] (the σ "
+                     f"grid's range), got {args.epsilon:g}; build a wider grid with "
+                     "`python -m dpfl.scaling.sigma_grid` and pass --sigma-grid")
+  if args.delta < grid.delta[0]:
+    raise ValueError(f"--delta must be >= {grid.delta[0]:g} (the σ grid's smallest δ), got "
+                     f"{args.delta:g}; build a wider grid with `python -m "
+                     "dpfl.scaling.sigma_grid` and pass --sigma-grid")
+  try:
+    return planner.plan(compute=args.compute, epsilon=args.epsilon, delta=args.delta,
+                        users=users, law=law, seq_len=seq_len, models=args.models,
+                        batch_sizes=batch_sizes, grid=grid, max_steps=max_steps)
+  except ValueError as err:
+    message = str(err)
+    for name, flag in (("compute=", "--compute"), ("max_steps=", "--max-steps")):
+      if message.startswith(name):
+        message = flag + message[len(name) - 1:]
+    raise ValueError(message) from None
+
+
+def _fmt_flops(x: float) -> str:
+  return f"{x:.3g}"
+
+
+def format_table(result: dict) -> str:
+  top = 5
+  r = result
+  lines = [f"dpfl plan: compute-optimal DP-SGD for {_fmt_flops(r['compute_budget'])} FLOPs, "
+           f"ε={r['epsilon']:g}, δ={r['delta']:g}, {r['users']} users, seq {r['seq_len']}"]
+  if r["law"]["placeholder"]:
+    lines.append("  WARNING: the law is a placeholder, not fitted to a real sweep: "
+                 + r["law"]["description"])
+  rows = [("model", f"{r['model']} ({r['params']:,} params)"),
+          ("batch size", f"{r['batch_size']} (q = {r['sampling_prob']:.4g})"),
+          ("steps", f"{r['steps']} ({r['epochs']:.3g} epochs, {r['tokens']:,} tokens)"),
+          ("noise multiplier", f"{r['noise_multiplier']:.4g}"
+           + ("  (upper bound: q or δ outside the σ grid)" if r["sigma_bound"] else "")),
+          ("noise-batch ratio", f"{r['noise_batch_ratio']:.4g}"),
+          ("predicted loss", f"{r['predicted_loss']:.4f}"),
+          ("compute used", _fmt_flops(r["compute"])
+           + (f"  (steps capped at {r['max_steps']}: --max-steps)"
+              if r["steps"] * 1.05 >= r["max_steps"] else "")),
+          ("within 1% at", f"{_fmt_flops(r['smallest_compute_within_1pct']['compute'])} FLOPs "
+           f"({r['smallest_compute_within_1pct']['model']}, batch "
+           f"{r['smallest_compute_within_1pct']['batch_size']}, "
+           f"{r['smallest_compute_within_1pct']['steps']} steps)")]
+  extra = [k for k, v in r["extrapolated"].items() if v]
+  if extra:
+    rows.append(("extrapolated", ", ".join(extra) + " beyond the law's data"))
+  width = max(len(k) for k, _ in rows)
+  lines += [f"  {k:<{width}}  {v}" for k, v in rows]
+  configs = r["configs_within_2pct"]
+  lines.append(f"  within 2% of the best ({len(configs)} model/batch pairs; best {min(top, len(configs))}):")
+  lines.append(f"    {'model':<10} {'batch':>8} {'steps':>8} {'σ':>8} {'σ/B':>10} {'loss':>8} {'FLOPs':>9}")
+  for c in configs[:top]:
+    lines.append(f"    {c['model']:<10} {c['batch_size']:>8} {c['steps']:>8} "
+                 f"{c['noise_multiplier']:>8.3g} {c['noise_batch_ratio']:>10.3g} "
+                 f"{c['predicted_loss']:>8.4f} {_fmt_flops(c['compute']):>9}")
+  return "\n".join(lines)

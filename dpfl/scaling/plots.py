@@ -1,0 +1,122 @@
+"""Plots of a DP scaling law (PNG, matplotlib's Agg back end).
+
+* ``plot_loss_vs_ratio``: predicted loss against the noise-batch ratio σ/B,
+  one line per model size, at a few step counts (with the smoothed sweep
+  data when given) — the paper's observation that σ/B drives utility.
+* ``plot_compute_optimal``: the compute-optimal model size and batch size
+  against compute, one line per ε — the paper's observation that private
+  training wants smaller models and larger batches.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+
+def _pyplot():
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def plot_loss_vs_ratio(law: dict, path: str, *, steps: Sequence[int] | None = None,
+                       tables: dict | None = None) -> str:
+  """Loss vs σ/B per model size; writes ``path`` (PNG) and returns it.
+
+  Args:
+    law: a fitted law (``dpfl.scaling.fit``).
+    path: output PNG.
+    steps: step counts to draw (default: the smallest and largest fitted).
+    tables: ``fit.loss_tables(rows)`` to overlay the smoothed data.
+  """
+  from dpfl.scaling import fit
+  plt = _pyplot()
+  models = sorted(law["models"], key=lambda m: m["params"])
+  ratios = [c["noise_batch_ratio"] for m in models for c in m["curves"] if c["noise_batch_ratio"] > 0]
+  lo = min(ratios) if ratios else 1e-4
+  hi = max(ratios) if ratios else 1e-1
+  grid = np.geomspace(lo / 3, hi * 3, 200)
+  if steps is None:
+    all_steps = [s for m in models for c in m["curves"] for s in c["steps_range"]]
+    steps = sorted({min(all_steps), max(all_steps)})
+  fig, axes = plt.subplots(1, len(steps), figsize=(5.5 * len(steps), 4.2), squeeze=False)
+  colors = plt.cm.viridis(np.linspace(0, 0.9, len(models)))
+  for ax, t in zip(axes[0], steps):
+    for color, m in zip(colors, models):
+      ax.plot(grid, fit.predict(law, m["params"], t, grid), color=color,
+              label=f"{m['model']} ({m['params']:,})")
+      if tables and m["model"] in tables:
+        tab = tables[m["model"]]
+        j = np.argmin(np.abs(np.log(tab["steps"]) - math.log(t)))
+        if abs(tab["steps"][j] - t) <= 0.1 * t:
+          ok = (tab["ratios"] > 0) & ~np.isnan(tab["loss"][:, j])
+          ax.scatter(tab["ratios"][ok], tab["loss"][ok, j], color=color, s=14)
+    ax.set_xscale("log")
+    ax.set_xlabel("noise-batch ratio σ/B")
+    ax.set_ylabel(f"predicted {law.get('loss', 'loss')}")
+    ax.set_title(f"T = {t} steps")
+    ax.grid(alpha=0.3)
+  axes[0][0].legend(fontsize=7)
+  if law.get("placeholder"):
+    fig.suptitle("PLACEHOLDER law (not fitted to a real sweep)", color="red")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def compute_optimal_curves(law: dict, *, epsilons: Sequence[float], delta: float, users: int,
+                           computes: Sequence[float], seq_len: int | None = None,
+                           grid=None) -> dict[float, list[dict | None]]:
+  """``{ε: [plan at each compute, or None where no config fits]}``."""
+  from dpfl.scaling import planner
+  out = {}
+  for eps in epsilons:
+    row = []
+    for c in computes:
+      try:
+        row.append(planner.plan(compute=float(c), epsilon=float(eps), delta=delta, users=users,
+                                law=law, seq_len=seq_len, grid=grid))
+      except ValueError:
+        row.append(None)
+    out[eps] = row
+  return out
+
+
+def plot_compute_optimal(law: dict, path: str, *, epsilons: Sequence[float], delta: float,
+                         users: int, computes: Sequence[float], seq_len: int | None = None,
+                         grid=None) -> str:
+  """Compute-optimal model size, batch size and loss vs compute, per ε; writes ``path``."""
+  plt = _pyplot()
+  curves = compute_optimal_curves(law, epsilons=epsilons, delta=delta, users=users,
+                                  computes=computes, seq_len=seq_len, grid=grid)
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+  colors = plt.cm.plasma(np.linspace(0, 0.85, len(epsilons)))
+  for color, eps in zip(colors, epsilons):
+    pts = [(c, p) for c, p in zip(computes, curves[eps]) if p is not None]
+    if not pts:
+      continue
+    cs = [c for c, _ in pts]
+    for ax, key in zip(axes, ("params", "batch_size", "predicted_loss")):
+      ax.plot(cs, [p[key] for _, p in pts], "o-", color=color, label=f"ε = {eps:g}", ms=3)
+  for ax, label in zip(axes, ("compute-optimal params", "compute-optimal batch size",
+                              "best predicted loss")):
+    ax.set_xscale("log")
+    if label != "best predicted loss":
+      ax.set_yscale("log")
+    ax.set_xlabel("compute (FLOPs)")
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=8)
+  title = f"δ = {delta:g}, {users:,} users"
+  if law.get("placeholder"):
+    title += " — PLACEHOLDER law"
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
