@@ -17,6 +17,7 @@ _EXPORTS = {
     "make_private": "dpfl.privatize",
     "Batch": "dpfl.sampling", "PoissonSampler": "dpfl.sampling",
     "ShuffledSampler": "dpfl.sampling", "gather": "dpfl.sampling",
+    "CyclicSampler": "dpfl.sampling", "CyclicPoissonSampler": "dpfl.sampling",
     "UserDataset": "dpfl.data",
     "UserLevelPrivateTraining": "dpfl.user_level",
     "make_private_user_level": "dpfl.user_level",

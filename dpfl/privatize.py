@@ -24,7 +24,7 @@ import jax
 import optax
 
 import accounting
-from dpfl import noise, sampling
+from dpfl import ftrl, noise, sampling
 from dpfl.clipping import clipped_grad as _clipped_grad
 
 
@@ -45,6 +45,9 @@ class PrivateTraining:
     l2_clip_norm: C.
     delta: the δ at which ``epsilon()`` reports.
     num_steps: the planned number of steps (what a target ε was calibrated for).
+    accountant: ``"pld"`` or ``"rdp"``.
+    ftrl: DP-FTRL only: the ``dpfl.ftrl.FtrlPlan`` (strategy ``C``, its
+      participation and accounting); None for DP-SGD.
   """
 
   clipped_grad: Callable[..., Any]
@@ -56,12 +59,16 @@ class PrivateTraining:
   delta: float
   num_steps: int
   accountant: str = "pld"
+  ftrl: Any = None
+
+  def _mechanism(self, num_steps: int) -> accounting.Mechanism:
+    source = self.sampler if self.ftrl is None else self.ftrl
+    return source.mechanism(noise_multiplier=self.noise_multiplier, num_steps=num_steps)
 
   @property
   def mechanism(self) -> accounting.Mechanism:
     """The planned run (``num_steps`` steps) as an accounting description."""
-    return self.sampler.mechanism(noise_multiplier=self.noise_multiplier,
-                                  num_steps=self.num_steps)
+    return self._mechanism(self.num_steps)
 
   def planned_epsilon(self) -> float:
     """ε after all ``num_steps`` planned steps."""
@@ -74,8 +81,7 @@ class PrivateTraining:
 
   def record_step(self) -> None:
     """Records one released step in the ledger (``batches`` does this for you)."""
-    self.ledger.record(self.sampler.mechanism(noise_multiplier=self.noise_multiplier,
-                                              num_steps=1))
+    self.ledger.record(self._mechanism(1))
 
   def batches(self, dataset: Any, num_steps: int | None = None) -> Iterator[tuple[Any, Any]]:
     """Yields ``(batch, mask)`` with static shapes for ``num_steps`` steps.
@@ -117,7 +123,7 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
                  dataset_size: int | None = None, num_steps: int | None = None,
                  epochs: float | None = None,
                  noise_multiplier: float | None = None, target_epsilon: float | None = None,
-                 sampling_scheme: str = "poisson", max_batch_size: int | None = None,
+                 sampling_scheme: str | None = None, max_batch_size: int | None = None,
                  has_aux: bool = False, microbatch_size: int | None = None,
                  accountant: str = "pld", key: Any = None, seed: Any = None,
                  ledger: accounting.Ledger | None = None, privacy_unit: str = "example",
@@ -125,8 +131,9 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
                  dataset: Any = None, local_steps: int | None = None,
                  local_learning_rate: float | None = None,
                  local_optimizer: optax.GradientTransformation | None = None,
-                 local_batch_size: int | None = None, mesh: Any = None) -> PrivateTraining:
-  """Makes a loss and an optax optimizer into example-level DP-SGD.
+                 local_batch_size: int | None = None, mesh: Any = None,
+                 strategy: Any = None, strategy_options: dict | None = None) -> PrivateTraining:
+  """Makes a loss and an optax optimizer into example-level DP-SGD (or DP-FTRL).
 
   With ``privacy_unit="user"`` it makes user-level DP training instead and
   returns ``dpfl.user_level.make_private_user_level(...)``'s result: pass
@@ -149,8 +156,11 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
     noise_multiplier / target_epsilon: give σ, or a target ε to calibrate σ
       for (through ``accounting.calibrate_noise_multiplier``, never above it).
     sampling_scheme: ``"poisson"`` (amplified; padded to ``max_batch_size``
-      with truncation accounted) or ``"shuffle"`` (fixed batches, no
-      amplification claimed).
+      with truncation accounted; the default for DP-SGD), ``"shuffle"``
+      (fixed batches, no amplification claimed) or, with a ``strategy``,
+      ``"cyclic"`` (its default: one fixed order repeated every epoch) or
+      ``"poisson"`` (banded strategies: amplified banded MF, cyclic Poisson
+      sampling over ``bands`` groups, q = batch_size / (N // bands)).
     max_batch_size: static batch shape for Poisson sampling (default: a size
       exceeded with probability <= 1e-9 per step; truncation is accounted).
     has_aux, microbatch_size: passed to ``dpfl.clipped_grad``.
@@ -162,6 +172,16 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
     sampling_unit, examples_per_user, dataset, local_steps,
       local_learning_rate, local_optimizer, local_batch_size, mesh: the
       user-level options (``privacy_unit="user"`` only).
+    strategy: None (DP-SGD: independent noise) or DP-FTRL's matrix
+      factorization: a name from ``dpfl.ftrl.STRATEGIES`` (``"identity"``,
+      ``"tree"``, ``"sqrt"``, ``"banded"``, ``"blt"``, ``"dense"``; built or
+      optimized for the run's participation) or a ``dpfl.mf`` strategy
+      object. See ``dpfl.ftrl`` for how sampling, noise and accounting match.
+    strategy_options: with a named strategy: ``buffers`` (blt, default 4),
+      ``bands`` (banded, default min(16, steps per epoch)), ``objective``
+      (``"mean"`` or ``"max"``) and ``momentum`` (optimize for the momentum
+      workload of heavy-ball ``beta``: pair it with ``optax.sgd(lr,
+      momentum=beta)``; default 0, prefix sums).
 
   Returns:
     A ``PrivateTraining`` (a ``dpfl.user_level.UserLevelPrivateTraining``
@@ -170,10 +190,18 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
   Formal guarantee: each step releases the clipped sum (sensitivity C per
   example) plus N(0, (σC)²I), on a batch drawn by the returned sampler;
   ``epsilon()`` is the ε of the steps drawn so far for add/remove-one-example
-  neighbours, computed by ``accounting`` from the ledger.
+  neighbours, computed by ``accounting`` from the ledger. DP-FTRL: the steps
+  release ``G + σ C sens(C) C^{-1} Z``, a post-processing of one Gaussian
+  mechanism ``C G + σ C sens(C) Z`` (``accounting.MatrixMechanism``; or
+  amplified banded MF, ``accounting.AmplifiedBandedMatrixMechanism``).
   """
+  if strategy is not None:
+    ftrl.check_strategy(strategy)
+    strategy_options = ftrl.check_options(strategy_options)
+  elif strategy_options is not None:
+    raise ValueError("strategy_options apply with a strategy (DP-FTRL) only")
   if privacy_unit == "user":
-    if sampling_scheme != "poisson":
+    if sampling_scheme not in (None, "poisson") and strategy is None:
       raise ValueError("sampling_scheme applies to privacy_unit='example' only; user-level "
                        "training Poisson-samples users (ULS) or examples (ELS)")
     from dpfl import user_level  # deferred: user_level imports this module
@@ -186,7 +214,8 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
         sampling_unit="user" if sampling_unit is None else sampling_unit,
         examples_per_user=examples_per_user, dataset=dataset, local_steps=local_steps,
         local_learning_rate=local_learning_rate, local_optimizer=local_optimizer,
-        local_batch_size=local_batch_size, mesh=mesh)
+        local_batch_size=local_batch_size, mesh=mesh, strategy=strategy,
+        strategy_options=strategy_options, sampling_scheme=sampling_scheme)
   if privacy_unit != "example":
     raise ValueError(f"privacy_unit must be 'example' or 'user', got {privacy_unit!r}")
   user_only = dict(examples_per_user=examples_per_user, dataset=dataset,
@@ -205,8 +234,15 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
   if (num_steps is None) == (epochs is None):
     raise ValueError(f"give exactly one of num_steps and epochs, got num_steps={num_steps!r}, "
                      f"epochs={epochs!r}")
-  if sampling_scheme not in ("poisson", "shuffle"):
-    raise ValueError(f"sampling_scheme must be 'poisson' or 'shuffle', got {sampling_scheme!r}")
+  if sampling_scheme is None:
+    sampling_scheme = "poisson" if strategy is None else "cyclic"
+  if strategy is None and sampling_scheme not in ("poisson", "shuffle"):
+    raise ValueError(f"sampling_scheme must be 'poisson' or 'shuffle' for DP-SGD, got "
+                     f"{sampling_scheme!r} ('cyclic' needs a strategy, e.g. 'identity')")
+  if strategy is not None and sampling_scheme not in ("cyclic", "poisson"):
+    raise ValueError(f"sampling_scheme must be 'cyclic' or 'poisson' with a strategy "
+                     f"(DP-FTRL), got {sampling_scheme!r} (a reshuffle per epoch would break "
+                     "the participation pattern its sensitivity assumes)")
   if accountant not in accounting.accountants.ACCOUNTANTS:
     raise ValueError(f"accountant must be 'pld' or 'rdp', got {accountant!r}")
   if not (isinstance(delta, (int, float)) and 0 < delta < 1):
@@ -214,7 +250,32 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
   if epochs is not None:
     _, num_steps = accounting.sampling_from_epochs(dataset_size=dataset_size,
                                                    batch_size=batch_size, epochs=epochs)
-  if sampling_scheme == "poisson":
+  plan = None
+  if strategy is not None:
+    if not (isinstance(dataset_size, int) and dataset_size >= 1):
+      raise ValueError(f"dataset_size must be an integer >= 1, got {dataset_size!r}")
+    if not (isinstance(batch_size, int) and 1 <= batch_size <= dataset_size):
+      raise ValueError(f"batch_size must be an integer in [1, dataset_size={dataset_size}], "
+                       f"got {batch_size!r}")
+    if not (isinstance(num_steps, int) and num_steps >= 1):
+      raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+    if sampling_scheme == "cyclic":
+      if max_batch_size is not None:
+        raise ValueError("max_batch_size applies to Poisson sampling only (cyclic batches "
+                         "have the fixed batch_size)")
+      sampler = sampling.CyclicSampler(dataset_size, batch_size=batch_size, seed=seed)
+    else:
+      bands = ftrl.amplified_bands(strategy, strategy_options, num_steps)
+      group = dataset_size // bands
+      if bands > dataset_size or not batch_size <= group:
+        raise ValueError(f"batch_size must be in [1, dataset_size // bands = {group}] for "
+                         f"amplified banded MF ({bands} bands), got {batch_size!r}")
+      sampler = sampling.CyclicPoissonSampler(dataset_size, num_groups=bands,
+                                              sampling_prob=batch_size / group,
+                                              max_batch_size=max_batch_size, seed=seed)
+    plan = ftrl.plan(strategy, strategy_options, sampler=sampler, num_steps=num_steps,
+                     privacy_unit="example")
+  elif sampling_scheme == "poisson":
     if not (isinstance(dataset_size, int) and dataset_size >= 1):
       raise ValueError(f"dataset_size must be an integer >= 1, got {dataset_size!r}")
     if not (isinstance(batch_size, int) and 1 <= batch_size <= dataset_size):
@@ -227,22 +288,27 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
       raise ValueError("max_batch_size applies to sampling_scheme='poisson' only")
     sampler = sampling.ShuffledSampler(dataset_size, batch_size=batch_size, seed=seed)
 
+  describe = sampler.mechanism if plan is None else plan.mechanism
   if target_epsilon is not None:
     calibration = accounting.calibrate_noise_multiplier(
-        lambda s: sampler.mechanism(noise_multiplier=s, num_steps=num_steps),
+        lambda s: describe(noise_multiplier=s, num_steps=num_steps),
         target_epsilon=target_epsilon, delta=delta, accountant=accountant)
     noise_multiplier = calibration.value
+  # Validate σ and the step count the way the accountant will, before any step runs.
+  describe(noise_multiplier=noise_multiplier, num_steps=num_steps)
   grad_fn = _clipped_grad(loss_fn, l2_clip_norm=l2_clip_norm, has_aux=has_aux,
                           microbatch_size=microbatch_size)
-  noisy = noise.gaussian_noise(noise_multiplier=noise_multiplier, l2_clip_norm=l2_clip_norm,
-                               expected_batch_size=sampler.expected_batch_size, key=key)
-  # Validate σ and the step count the way the accountant will, before any step runs.
-  sampler.mechanism(noise_multiplier=noise_multiplier, num_steps=num_steps)
+  if plan is None:
+    noisy = noise.gaussian_noise(noise_multiplier=noise_multiplier, l2_clip_norm=l2_clip_norm,
+                                 expected_batch_size=sampler.expected_batch_size, key=key)
+  else:
+    noisy = plan.noise(noise_multiplier=noise_multiplier, l2_clip_norm=l2_clip_norm,
+                       expected_batch_size=sampler.expected_batch_size, key=key)
   return PrivateTraining(clipped_grad=grad_fn, optimizer=optax.chain(noisy, optimizer),
                          sampler=sampler, ledger=accounting.Ledger() if ledger is None else ledger,
                          noise_multiplier=float(noise_multiplier),
                          l2_clip_norm=float(l2_clip_norm), delta=float(delta),
-                         num_steps=int(num_steps), accountant=accountant)
+                         num_steps=int(num_steps), accountant=accountant, ftrl=plan)
 
 
 # The same entry point under the name the literature uses.

@@ -37,7 +37,7 @@ import jax
 import optax
 
 import accounting
-from dpfl import noise, sampling
+from dpfl import ftrl, noise, sampling
 from dpfl.clipping import clipped_grad as _clipped_grad
 from dpfl.data import UserDataset
 from dpfl.federated import clipped_user_updates, shard_users
@@ -135,7 +135,9 @@ def make_private_user_level(
     local_batch_size: int | None = None, max_batch_size: int | None = None,
     has_aux: bool = False, microbatch_size: int | None = None, mesh: Any = None,
     accountant: str = "pld", key: Any = None, seed: Any = None,
-    ledger: accounting.Ledger | None = None) -> UserLevelPrivateTraining:
+    ledger: accounting.Ledger | None = None, strategy: Any = None,
+    strategy_options: dict | None = None,
+    sampling_scheme: str | None = None) -> UserLevelPrivateTraining:
   """Makes a loss and an optax optimizer into user-level DP training (ELS or ULS).
 
   Args:
@@ -174,6 +176,16 @@ def make_private_user_level(
     key: noise PRNG key (default: OS entropy). seed: sampler seed (default:
       OS entropy).
     ledger: an existing user-level ledger to extend (resuming a run).
+    strategy, strategy_options: ULS only: federated DP-FTRL (Kairouz et al.
+      2021; Choquette-Choo et al. 2023) with the matrix factorization
+      ``strategy`` instead of independent noise, as in ``dpfl.make_private``.
+      Users are then taken in one fixed order repeated every pass
+      (``sampling_scheme="cyclic"``, the only scheme for it): ``batch_size``
+      users per round, each user in at most ``ceil(T / b)`` rounds ``b =
+      num_users // batch_size`` apart, accounted as
+      ``accounting.UserMatrixMechanism``.
+    sampling_scheme: None or ``"poisson"`` (ULS / ELS), ``"cyclic"``
+      (with a strategy; its default).
 
   Returns:
     A ``UserLevelPrivateTraining``.
@@ -189,6 +201,23 @@ def make_private_user_level(
   if sampling_unit not in SAMPLING_UNITS:
     raise ValueError(f"sampling_unit must be one of {SAMPLING_UNITS} (ULS or ELS), got "
                      f"{sampling_unit!r}")
+  if strategy is not None:
+    ftrl.check_strategy(strategy)
+    strategy_options = ftrl.check_options(strategy_options)
+    if sampling_unit != "user":
+      raise ValueError("strategy (DP-FTRL) needs sampling_unit='user' (federated DP-FTRL over "
+                       "users); ELS samples examples, which its accounting does not cover")
+    if sampling_scheme not in (None, "cyclic"):
+      raise ValueError(f"sampling_scheme must be 'cyclic' for user-level DP-FTRL, got "
+                       f"{sampling_scheme!r}")
+    if max_batch_size is not None:
+      raise ValueError("max_batch_size applies to Poisson sampling only (cyclic rounds have "
+                       "batch_size users)")
+  elif strategy_options is not None:
+    raise ValueError("strategy_options apply with a strategy (DP-FTRL) only")
+  elif sampling_scheme not in (None, "poisson"):
+    raise ValueError(f"sampling_scheme must be 'poisson' for user-level DP-SGD, got "
+                     f"{sampling_scheme!r} ('cyclic' needs a strategy)")
   if (noise_multiplier is None) == (target_epsilon is None):
     raise ValueError("give exactly one of noise_multiplier and target_epsilon, got "
                      f"noise_multiplier={noise_multiplier!r}, target_epsilon={target_epsilon!r}")
@@ -236,19 +265,26 @@ def make_private_user_level(
                                                    batch_size=batch_size, epochs=epochs)
   multiple_of = 1 if mesh is None else int(mesh.shape[mesh.axis_names[0]])
   q = batch_size / dataset_size
-  if sampling_unit == "user":
+  plan = None
+  if strategy is not None:
+    sampler = sampling.CyclicSampler(dataset_size, batch_size=batch_size,
+                                     multiple_of=multiple_of, seed=seed)
+    plan = ftrl.plan(strategy, strategy_options, sampler=sampler, num_steps=num_steps,
+                     privacy_unit="user")
+  elif sampling_unit == "user":
     sampler = UserSampler(dataset_size, sampling_prob=q, max_batch_size=max_batch_size,
                           multiple_of=multiple_of, seed=seed)
   else:
     sampler = ElsSampler(dataset_size, sampling_prob=q, examples_per_user=examples_per_user,
                          max_batch_size=max_batch_size, multiple_of=multiple_of, seed=seed)
+  describe = sampler.mechanism if plan is None else plan.mechanism
   if target_epsilon is not None:
     calibration = accounting.calibrate_noise_multiplier(
-        lambda s: sampler.mechanism(noise_multiplier=s, num_steps=num_steps),
+        lambda s: describe(noise_multiplier=s, num_steps=num_steps),
         target_epsilon=target_epsilon, delta=delta, accountant=accountant)
     noise_multiplier = calibration.value
   # Validate σ and the step count the way the accountant will, before any step runs.
-  sampler.mechanism(noise_multiplier=noise_multiplier, num_steps=num_steps)
+  describe(noise_multiplier=noise_multiplier, num_steps=num_steps)
   if sampling_unit == "user" and local_steps is not None:
     grad_fn = clipped_user_updates(
         loss_fn, l2_clip_norm=l2_clip_norm, local_steps=local_steps,
@@ -257,8 +293,12 @@ def make_private_user_level(
   else:
     grad_fn = _clipped_grad(loss_fn, l2_clip_norm=l2_clip_norm, has_aux=has_aux,
                             unit=sampling_unit, microbatch_size=microbatch_size)
-  noisy = noise.gaussian_noise(noise_multiplier=noise_multiplier, l2_clip_norm=l2_clip_norm,
-                               expected_batch_size=sampler.expected_batch_size, key=key)
+  if plan is None:
+    noisy = noise.gaussian_noise(noise_multiplier=noise_multiplier, l2_clip_norm=l2_clip_norm,
+                                 expected_batch_size=sampler.expected_batch_size, key=key)
+  else:
+    noisy = plan.noise(noise_multiplier=noise_multiplier, l2_clip_norm=l2_clip_norm,
+                       expected_batch_size=sampler.expected_batch_size, key=key)
   if ledger is not None and ledger.privacy_unit not in (None, "user"):
     raise ValueError(f"ledger must record user-level privacy, got {ledger.privacy_unit!r}")
   return UserLevelPrivateTraining(
@@ -267,4 +307,4 @@ def make_private_user_level(
       noise_multiplier=float(noise_multiplier), l2_clip_norm=float(l2_clip_norm),
       delta=float(delta), num_steps=int(num_steps), accountant=accountant,
       sampling_unit=sampling_unit, examples_per_user=examples_per_user,
-      local_steps=local_steps, mesh=mesh)
+      local_steps=local_steps, mesh=mesh, ftrl=plan)

@@ -244,12 +244,40 @@ def optimize_blt(num_steps: int, *, buffers: int = 3, participation=None,
     iterations += int(result.nit)
     if best is None or result.fun < best.fun:
       best = result
-  values = special.expit(_unchain(best.x))
+  values = _cancel_degenerate_pairs(special.expit(_unchain(best.x)))
   theta, zeros = values[0::2], values[1::2]
   strategy = BltStrategy(
       num_steps=n, participation=participation, workload=workload, objective=objective,
       buffer_decay=theta, output_scale=output_scale_from_pair(theta, zeros),
       info={"iterations": iterations, "restarts": restarts,
             "optimizer_seconds": time.perf_counter() - start,
-            "converged": bool(best.success), "inverse_buffer_decay": zeros.tolist()})
+            "converged": bool(best.success), "inverse_buffer_decay": zeros.tolist(),
+            "buffers_requested": d})
   return strategy
+
+
+# Adjacent interlaced values closer than this (relative to the larger) are a
+# pole cancelling a zero: the optimum needs fewer buffers.
+_CANCEL_TOL = 1e-6
+
+
+def _cancel_degenerate_pairs(values: np.ndarray) -> np.ndarray:
+  """Drops pole/zero pairs that (numerically) cancel, keeping at least one pair.
+
+  The optimum for short runs or few epochs can use fewer buffers than asked:
+  L-BFGS then drives a decay onto its neighbouring zero (or two pairs onto 0),
+  where the partial fractions divide by zero. The generating function
+  ``prod (1 - hat_theta x) / prod (1 - theta x)`` is unchanged (to the
+  tolerance) by removing a pole together with the zero next to it, and the
+  remaining values still interlace, so the BLT is the same strategy with
+  fewer buffers (its sensitivity and losses are computed from what is kept).
+  """
+  values = np.asarray(values, dtype=float)
+  while len(values) > 2:
+    gaps = -np.diff(values)
+    scale = np.maximum(np.abs(values[:-1]), np.finfo(float).tiny)
+    j = int(np.argmin(gaps / scale))
+    if gaps[j] > _CANCEL_TOL * scale[j]:
+      break
+    values = np.delete(values, [j, j + 1])
+  return values
