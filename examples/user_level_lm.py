@@ -3,6 +3,7 @@
   python examples/user_level_lm.py --method uls --json
   python examples/user_level_lm.py --method els --json
   python examples/user_level_lm.py --method uls --local-steps 4 --local-learning-rate 0.5
+  python examples/user_level_lm.py --method uls --strategy blt   # federated DP-FTRL
 
 A real, offline group structure: every ``.py`` module of this interpreter's
 standard library (``sysconfig.get_paths()["stdlib"]``; tests, ``site-packages``
@@ -18,6 +19,12 @@ privacy_unit="user")``:
   (the gradient of the user's mean loss; with ``--local-steps N``, the
   pseudo-gradient θ − θ_u after N local SGD steps, i.e. DP-FedAvg, clipped at
   ``C·η·N``), Adam on the server.
+* ``--method uls --strategy blt`` (or any ``dpfl.mf`` strategy name):
+  federated DP-FTRL. Users are taken in one fixed order, repeated every pass
+  (no sampling), and the noise is correlated across rounds by that matrix
+  factorization, optimized for the run's passes; the server optimizer is
+  SGD with momentum 0.9 (``--learning-rate`` is then its rate, default 0.1)
+  and the strategy is optimized for that momentum.
 * ``--method els``: windows Poisson-sampled from the capped data, each
   clipped; the same expected number of windows per step as ULS; the ledger
   accounts the mixture of Gaussians that makes ε user-level.
@@ -140,13 +147,17 @@ def main(argv=None) -> dict:
                       "of windows (users-per-step * k * kept/capacity)")
   p.add_argument("--steps", type=int, default=150)
   p.add_argument("--l2-clip-norm", type=float, default=1.0)
-  p.add_argument("--learning-rate", type=float, default=3e-3, help="server Adam")
+  p.add_argument("--learning-rate", type=float, default=None,
+                 help="server Adam (default 3e-3); with --strategy, SGD-momentum (default 0.1)")
   p.add_argument("--local-steps", type=int, default=None,
                  help="ULS only: DP-FedAvg with this many local SGD steps per user")
   p.add_argument("--local-learning-rate", type=float, default=0.1,
                  help="local SGD step; the pseudo-gradient is clipped at "
                       "l2-clip-norm * local-learning-rate * local-steps (the size of that "
                       "many clipped gradient steps)")
+  p.add_argument("--strategy", default=None,
+                 choices=("identity", "tree", "sqrt", "banded", "blt", "dense"),
+                 help="ULS only: federated DP-FTRL with this matrix factorization")
   p.add_argument("--max-users", type=int, default=None,
                  help="use this many modules (default: all, ~560)")
   p.add_argument("--quick", action="store_true", help="a smaller run (~1 minute)")
@@ -160,6 +171,8 @@ def main(argv=None) -> dict:
     args.users_per_step = min(args.users_per_step, 16)
   if args.method == "els" and args.local_steps is not None:
     p.error("--local-steps applies to --method uls only")
+  if args.method == "els" and args.strategy is not None:
+    p.error("--strategy (DP-FTRL) applies to --method uls only")
 
   start = time.perf_counter()
   train, held_out = load_users(args.max_users, args.examples_per_user)
@@ -170,13 +183,18 @@ def main(argv=None) -> dict:
   common = dict(privacy_unit="user", l2_clip_norm=args.l2_clip_norm, dataset=train,
                 num_steps=args.steps, target_epsilon=args.target_epsilon, delta=args.delta,
                 key=args.seed, seed=args.seed)
-  optimizer = optax.adam(args.learning_rate)
+  if args.strategy is None:
+    optimizer = optax.adam(args.learning_rate or 3e-3)
+  else:
+    optimizer = optax.sgd(args.learning_rate or 0.1, momentum=0.9)
   if args.method == "uls":
     local = {}
+    if args.strategy is not None:
+      local = dict(strategy=args.strategy, strategy_options={"momentum": 0.9})
     if args.local_steps is not None:
       # θ − θ_u after τ SGD steps of size η is about τ·η gradients long: clip
       # at τ·η·C (exactly η·C, the gradient path's C, for τ = 1).
-      local = dict(local_steps=args.local_steps, local_learning_rate=args.local_learning_rate,
+      local.update(local_steps=args.local_steps, local_learning_rate=args.local_learning_rate,
                    l2_clip_norm=args.l2_clip_norm * args.local_learning_rate * args.local_steps)
     private = dpfl.make_private(loss_fn, optimizer, sampling_unit="user",
                                 batch_size=args.users_per_step, **{**common, **local})
@@ -187,10 +205,12 @@ def main(argv=None) -> dict:
   print(f"users: {train.num_users} train / {held_out.num_users} held out (modules; "
         f"{train.num_dropped_users + held_out.num_dropped_users} too short, dropped), "
         f"k={train.examples_per_user}, {train.num_examples} train windows")
+  sampling_prob = getattr(private.sampler, "sampling_prob", None)
+  how = (f"q={sampling_prob:.4f}" if private.ftrl is None else
+         f"DP-FTRL {args.strategy}, {private.ftrl.participation[0]} passes of "
+         f"{private.ftrl.participation[1]} rounds")
   print(f"{args.method.upper()}: C={private.l2_clip_norm:g}, σ={private.noise_multiplier:.3f} "
-        f"for user-level "
-        f"ε={args.target_epsilon} at δ={args.delta}, q={private.sampler.sampling_prob:.4f}, "
-        f"{args.steps} steps")
+        f"for user-level ε={args.target_epsilon} at δ={args.delta}, {how}, {args.steps} steps")
   initial = eval_loss(loss_fn, params, held_out)
   opt_state = private.init(params)
   step = private.make_step()
@@ -207,7 +227,7 @@ def main(argv=None) -> dict:
   result = {"method": args.method, "epsilon": epsilon, "delta": args.delta,
             "eval_loss": final, "initial_eval_loss": initial,
             "noise_multiplier": private.noise_multiplier, "steps": args.steps,
-            "sampling_prob": private.sampler.sampling_prob,
+            "sampling_prob": sampling_prob, "strategy": args.strategy,
             "num_train_users": train.num_users, "num_eval_users": held_out.num_users,
             "examples_per_user": train.examples_per_user, "local_steps": args.local_steps,
             "seconds": seconds}

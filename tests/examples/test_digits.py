@@ -32,3 +32,15 @@ def test_non_private_baseline(capsys):
   digits.main(["--non-private", "--epochs", "3", "--json", "--seed", "0"])
   result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert result["epsilon"] is None and result["accuracy"] > 0.8
+
+
+@pytest.mark.parametrize("flags", [["--strategy", "blt"],
+                                   ["--strategy", "banded", "--bands", "4",
+                                    "--sampling", "poisson"]])
+def test_dp_ftrl_run(capsys, flags):
+  digits = _load()
+  digits.main(["--target-epsilon", "3", "--epochs", "3", "--json", "--seed", "0", *flags])
+  result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert result["mechanism"] == f"dp-ftrl-{flags[1]}"
+  assert 2.9 < result["epsilon"] <= 3.0
+  assert 0.3 < result["accuracy"] <= 1.0

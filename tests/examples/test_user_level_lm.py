@@ -44,3 +44,15 @@ def test_json_last_line(method, capsys):
   assert result["method"] == method
   assert 0 < result["epsilon"] <= 4.0 and result["delta"] == 1e-5
   assert 0 < result["eval_loss"] < 1.2 * result["initial_eval_loss"]
+
+
+@pytest.mark.slow
+def test_federated_dp_ftrl_json_last_line(capsys):
+  example = _load()
+  example.main(["--method", "uls", "--strategy", "blt", "--max-users", "48", "--steps", "8",
+                "--users-per-step", "6", "--examples-per-user", "4", "--target-epsilon", "4",
+                "--seed", "0", "--json"])
+  result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert result["strategy"] == "blt" and result["sampling_prob"] is None
+  assert 3.9 < result["epsilon"] <= 4.0
+  assert 0 < result["eval_loss"] < 1.2 * result["initial_eval_loss"]
