@@ -138,12 +138,13 @@ def calibrate_noise_multiplier(make_mechanism: Callable[[float], Mechanism], *,
     g_lo = g_hi = g
     step = first_step
     while g_hi > 0:
-      lo, g_lo = hi, g_hi
-      hi *= step
-      step *= step
-      if hi > _MAX_NOISE:
+      if hi >= _MAX_NOISE:
         raise ValueError(f"target_epsilon={target_epsilon} is not reachable with "
                          f"noise_multiplier <= {_MAX_NOISE:g}")
+      lo, g_lo = hi, g_hi
+      # Squared steps gallop; the cap is tried itself, so no σ below it is skipped.
+      hi = min(hi * step, _MAX_NOISE)
+      step *= step
       g_hi = gap(hi)
     if lo == hi:  # sigma was feasible: walk down until infeasible
       step = first_step

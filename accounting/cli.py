@@ -389,6 +389,8 @@ def main(argv: list[str] | None = None, extra_commands: dict | None = None) -> i
     return 2
   except KeyboardInterrupt:
     return 130
+  except BrokenPipeError:  # the reader left early (`dpfl ... | head`): not our error
+    return _quiet_broken_pipe()
   except Exception as e:  # pragma: no cover - one line unless debugging
     if os.environ.get("DPFL_DEBUG"):
       raise
@@ -396,7 +398,20 @@ def main(argv: list[str] | None = None, extra_commands: dict | None = None) -> i
           "traceback)", file=sys.stderr)
     return 1
   if args.json:
-    print(json.dumps(out, sort_keys=True, default=str))
+    try:
+      print(json.dumps(out, sort_keys=True, default=str), flush=True)
+    except BrokenPipeError:
+      return _quiet_broken_pipe()
+  return 0
+
+
+def _quiet_broken_pipe() -> int:
+  """Stops writing to a closed pipe without a traceback at interpreter exit."""
+  try:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+  except (OSError, ValueError):
+    pass
   return 0
 
 

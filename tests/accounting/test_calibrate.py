@@ -98,3 +98,19 @@ def test_bad_arguments(kwargs, match):
 def test_unreachable_steps_target():
   with pytest.raises(ValueError, match="not reachable"):
     A.calibrate_num_steps(lambda t: A.PoissonDpSgd(0.3, 1.0, t), target_epsilon=0.1, delta=1e-5)
+
+
+def test_sigma_in_the_thousands_is_found_not_jumped_over():
+  # The bracket used to gallop 1009 -> 1.27e6 and give up above the 1e6 cap.
+  mech = lambda s: A.PoissonDpSgd(noise_multiplier=s, sampling_prob=1.0,
+                                  num_steps=1_000_000)
+  c = A.calibrate_noise_multiplier(mech, target_epsilon=1.0, delta=1e-5,
+                                            accountant="rdp")
+  assert 1000 < c.value < 1e5
+
+  def rdp_eps(sigma):
+    acc = dpa.rdp.RdpAccountant()
+    acc.compose(dpa.GaussianDpEvent(sigma), 1_000_000)
+    return acc.get_epsilon(1e-5)
+
+  assert rdp_eps(c.value) <= 1.0 < rdp_eps(c.value * 0.99)

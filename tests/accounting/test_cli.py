@@ -165,3 +165,14 @@ def test_console_script_and_light_start_up():
                          "--steps", "10", "--delta", "0", "--json"], capture_output=True,
                         text=True, env=env)
   assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--delta" in proc.stderr
+
+
+def test_a_reader_leaving_early_is_not_an_error():
+  import subprocess
+  import sys
+  cmd = (f"{sys.executable} -m accounting.cli epsilon --noise-multiplier 1.1 "
+         "--sampling-prob 0.01 --steps 1000 --delta 1e-5 | head -c 5")
+  out = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True,
+                       timeout=120)
+  assert out.returncode == 0, out.stderr
+  assert "error" not in out.stderr and "Traceback" not in out.stderr
