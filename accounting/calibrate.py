@@ -66,6 +66,29 @@ def _final_discretization(mechanism: Mechanism, discretization):
   return CALIBRATION_DISCRETIZATION
 
 
+# The finest grid calibration refines to when the default one has not converged.
+FINEST_CALIBRATION_DISCRETIZATION = 1e-5
+
+
+def _converged_discretization(eps, mechanism: Mechanism, disc):
+  """The calibration grid Δ, refined (halved) until ε at ``mechanism`` converges.
+
+  Pessimistic PLD rounding adds up over compositions: at 1e5 steps a 1e-3
+  grid can inflate ε by 50% and the calibrated σ by far more than the
+  tolerance. Starting from ``disc``, Δ is halved while two successive ε differ
+  by more than ``DEFAULT_RTOL`` (relative), down to
+  ``FINEST_CALIBRATION_DISCRETIZATION``. Only the default grid is refined; an
+  explicit ``discretization`` (or ``"auto"``) is used as given.
+  """
+  previous = eps(mechanism, disc)
+  while disc / 2 >= FINEST_CALIBRATION_DISCRETIZATION * (1 - 1e-12):
+    current = eps(mechanism, disc / 2)
+    if abs(previous - current) <= DEFAULT_RTOL * abs(current):
+      break
+    disc, previous = disc / 2, current
+  return disc
+
+
 def _smallest_feasible(gap: Callable[[float], float], lo: float, hi: float,
                        gap_lo: float, gap_hi: float, rtol: float) -> float:
   """Smallest x in (lo, hi] with gap(x) <= 0, for gap decreasing in x.
@@ -163,6 +186,8 @@ def calibrate_noise_multiplier(make_mechanism: Callable[[float], Mechanism], *,
     coarse = gap_at(max(COARSE_DISCRETIZATION, final_disc) if final_disc != "auto"
                     else 2 * accountants.AUTO_START_DISCRETIZATION)
     sigma1 = _smallest_feasible(coarse, *bracket(coarse, 1.0), 0.02)
+    if discretization is None and final_disc != "auto":
+      final_disc = _converged_discretization(eps, make_mechanism(sigma1), final_disc)
     # Stage 2: the final grid, bracketed just below σ1.
     fine = gap_at(final_disc)
     sigma = _smallest_feasible(fine, *bracket(fine, sigma1, 1.004), rtol)
@@ -204,6 +229,11 @@ def _calibrate_int(make_mechanism: Callable[[int], Mechanism], *, name: str,
     start = _largest_feasible_int(lambda n: ok(n, COARSE_DISCRETIZATION), 1, upper) \
         if ok(1, COARSE_DISCRETIZATION) else 1
   n = _largest_feasible_int(ok, start, upper)
+  if accountant == "pld" and discretization is None and final_disc != "auto":
+    refined = _converged_discretization(eps, make_mechanism(n), final_disc)
+    if refined != final_disc:  # a finer grid lowers ε: n can only grow
+      final_disc = refined
+      n = _largest_feasible_int(lambda m: ok(m, refined), n, upper)
   mechanism = make_mechanism(n)
   return Calibration(n, eps(mechanism, final_disc), delta, mechanism, accountant, final_disc)
 

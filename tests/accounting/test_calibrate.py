@@ -114,3 +114,28 @@ def test_sigma_in_the_thousands_is_found_not_jumped_over():
     return acc.get_epsilon(1e-5)
 
   assert rdp_eps(c.value) <= 1.0 < rdp_eps(c.value * 0.99)
+
+
+def test_long_runs_refine_the_grid_instead_of_inflating_sigma():
+  # 1e5 steps: a fixed 1e-3 grid inflated ε by ~50% and σ from ~2.65 to ~5.2
+  # (worse than RDP's 2.84). The refined grid is tight against dp-accounting.
+  mech = lambda s: A.PoissonDpSgd(noise_multiplier=s, sampling_prob=0.001,
+                                  num_steps=100_000)
+  c = A.calibrate_noise_multiplier(mech, target_epsilon=0.5, delta=1e-6)
+  assert c.discretization < 1e-3
+
+  def eps(sigma):
+    acc = dpa.pld.PLDAccountant(value_discretization_interval=1e-5)
+    acc.compose(dpa.PoissonSampledDpEvent(0.001, dpa.GaussianDpEvent(sigma)), 100_000)
+    return acc.get_epsilon(1e-6)
+
+  assert eps(c.value) <= 0.5 < eps(c.value * 0.99)
+  rdp = A.calibrate_noise_multiplier(mech, target_epsilon=0.5, delta=1e-6, accountant="rdp")
+  assert c.value < rdp.value
+
+
+def test_step_calibration_refines_the_grid_too():
+  mech = lambda t: A.PoissonDpSgd(noise_multiplier=2.65, sampling_prob=0.001, num_steps=t)
+  c = A.calibrate_num_steps(mech, target_epsilon=0.5, delta=1e-6, max_steps=200_000)
+  assert c.value > 90_000  # ~100k: the fixed 1e-3 grid allowed far fewer steps
+  assert A.epsilon(mech(c.value), delta=1e-6, discretization=1e-5) <= 0.5
