@@ -38,7 +38,7 @@ from typing import Any
 import accounting
 from dpfl import sampling
 
-STRATEGIES = ("identity", "tree", "sqrt", "banded", "blt", "dense")
+from dpfl.mf.build import NAMES as STRATEGIES
 OPTIONS = ("buffers", "bands", "objective", "momentum")
 DEFAULT_BUFFERS = 4
 DEFAULT_BANDS = 16
@@ -160,18 +160,10 @@ def amplified_bands(strategy, options: dict, num_steps: int) -> int:
 def build_strategy(name: str, *, planned_steps: int, participation: tuple[int, int],
                    options: dict):
   """Builds (or optimizes) the named strategy for ``planned_steps`` under ``participation``."""
-  import dpfl.mf as mf
+  from dpfl.mf.build import build
   from dpfl.mf.workload import Workload
   momentum = float(options.get("momentum", 0.0))
-  common = dict(participation=participation,
-                workload=Workload(planned_steps, momentum=momentum) if momentum else None)
-  if name == "identity":
-    return mf.identity(planned_steps, **common)
-  if name == "tree":
-    return mf.tree(planned_steps, **common)
-  if name == "sqrt":
-    return mf.sqrt_toeplitz(planned_steps, **common)
-  common["objective"] = options.get("objective", "mean")
+  bands = None
   if name == "banded":
     k, b = participation
     limit = planned_steps if k == 1 else b
@@ -179,11 +171,21 @@ def build_strategy(name: str, *, planned_steps: int, participation: tuple[int, i
     if bands > limit:
       raise ValueError(f"strategy_options['bands'] must be <= {limit} (the steps per epoch "
                        f"b under {k} participations, else the number of steps), got {bands}")
-    return mf.optimize_banded(planned_steps, bands=int(bands), **common)
-  if name == "blt":
-    return mf.optimize_blt(planned_steps, buffers=int(options.get("buffers", DEFAULT_BUFFERS)),
-                           **common)
-  return mf.optimize_dense(planned_steps, **common)
+  return build(name, planned_steps, participation=participation,
+               workload=Workload(planned_steps, momentum=momentum) if momentum else None,
+               objective=options.get("objective", "mean"), bands=bands,
+               buffers=int(options.get("buffers", DEFAULT_BUFFERS)))
+
+
+def make_noise(plan: FtrlPlan | None, *, noise_multiplier: float, l2_clip_norm: float,
+               expected_batch_size: float, key: Any = None):
+  """DP-SGD's ``gaussian_noise`` (``plan`` None) or the plan's correlated noise."""
+  from dpfl import noise
+  if plan is None:
+    return noise.gaussian_noise(noise_multiplier=noise_multiplier, l2_clip_norm=l2_clip_norm,
+                                expected_batch_size=expected_batch_size, key=key)
+  return plan.noise(noise_multiplier=noise_multiplier, l2_clip_norm=l2_clip_norm,
+                    expected_batch_size=expected_batch_size, key=key)
 
 
 def plan(strategy, options: dict, *, sampler, num_steps: int, privacy_unit: str) -> FtrlPlan:

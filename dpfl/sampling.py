@@ -109,6 +109,28 @@ def default_max_batch_size(dataset_size: int, sampling_prob: float, *,
   return max(1, m)
 
 
+def padded_poisson_draw(rng: np.random.Generator, population: int, sampling_prob: float,
+                        length: int, dtype, members: np.ndarray | None = None
+                        ) -> tuple[Batch, bool]:
+  """One exact Poisson sample of ``population`` units, padded, never truncated.
+
+  Draws the size from Binomial(population, q) and a uniform subset of that
+  size (the distribution of independent coin flips), sorted, then padding
+  (mask False) up to ``length``, or to the next multiple of ``length`` when
+  the sample is larger (a new static shape, never a truncated sample).
+  ``members`` maps positions to unit indices (default: the identity).
+  Returns the batch and whether it overflowed ``length``.
+  """
+  size = int(rng.binomial(population, sampling_prob))
+  overflowed = size > length
+  if overflowed:
+    length *= math.ceil(size / length)
+  chosen = rng.choice(population, size=size, replace=False)
+  indices = np.zeros(length, dtype)
+  indices[:size] = np.sort(chosen if members is None else members[chosen])
+  return Batch(indices=indices, mask=np.arange(length) < size), overflowed
+
+
 class PoissonSampler:
   """Poisson sampling of examples, padded (and if needed truncated) to a static size.
 
@@ -461,16 +483,11 @@ class CyclicPoissonSampler:
     """Poisson sample of group ``t mod b``, sorted, then padding (mask False)."""
     group = self.num_batches % self._groups
     members = self._permutation[group * self._group_size:(group + 1) * self._group_size]
-    size = int(self._rng.binomial(self._group_size, self._sampling_prob))
-    length = self._max_batch_size
-    if size > length:
-      length *= math.ceil(size / length)
-      self.num_overflows += 1
-    chosen = self._rng.choice(self._group_size, size=size, replace=False)
-    indices = np.zeros(length, self._dtype)
-    indices[:size] = np.sort(members[chosen])
+    batch, overflowed = padded_poisson_draw(self._rng, self._group_size, self._sampling_prob,
+                                            self._max_batch_size, self._dtype, members)
+    self.num_overflows += overflowed
     self.num_batches += 1
-    return Batch(indices=indices, mask=np.arange(length) < size)
+    return batch
 
   def __iter__(self) -> Iterator[Batch]:
     while True:

@@ -37,7 +37,7 @@ import jax
 import optax
 
 import accounting
-from dpfl import ftrl, noise, sampling
+from dpfl import ftrl, sampling
 from dpfl.clipping import clipped_grad as _clipped_grad
 from dpfl.data import UserDataset
 from dpfl.federated import clipped_user_updates, shard_users
@@ -293,12 +293,8 @@ def make_private_user_level(
   else:
     grad_fn = _clipped_grad(loss_fn, l2_clip_norm=l2_clip_norm, has_aux=has_aux,
                             unit=sampling_unit, microbatch_size=microbatch_size)
-  if plan is None:
-    noisy = noise.gaussian_noise(noise_multiplier=noise_multiplier, l2_clip_norm=l2_clip_norm,
-                                 expected_batch_size=sampler.expected_batch_size, key=key)
-  else:
-    noisy = plan.noise(noise_multiplier=noise_multiplier, l2_clip_norm=l2_clip_norm,
-                       expected_batch_size=sampler.expected_batch_size, key=key)
+  noisy = ftrl.make_noise(plan, noise_multiplier=noise_multiplier, l2_clip_norm=l2_clip_norm,
+                          expected_batch_size=sampler.expected_batch_size, key=key)
   if ledger is not None and ledger.privacy_unit not in (None, "user"):
     raise ValueError(f"ledger must record user-level privacy, got {ledger.privacy_unit!r}")
   return UserLevelPrivateTraining(

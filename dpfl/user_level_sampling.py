@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 
-import numpy as np
 
 import accounting
 from dpfl import _rng, sampling
@@ -82,16 +81,11 @@ class _PaddedPoissonSampler:
 
   def __call__(self) -> Batch:
     """Draws the next sample: sorted indices, then padding (mask False)."""
-    size = int(self._rng.binomial(self._size, self._sampling_prob))
-    length = self._max_batch_size
-    if size > length:  # rare: a longer static shape, never a truncated sample
-      length *= math.ceil(size / length)
-      self.num_overflows += 1
-    chosen = self._rng.choice(self._size, size=size, replace=False)
-    indices = np.zeros(length, self._dtype)
-    indices[:size] = np.sort(chosen)
+    batch, overflowed = sampling.padded_poisson_draw(
+        self._rng, self._size, self._sampling_prob, self._max_batch_size, self._dtype)
+    self.num_overflows += overflowed  # rare: a longer static shape, never a truncated sample
     self.num_batches += 1
-    return Batch(indices=indices, mask=np.arange(length) < size)
+    return batch
 
   def __iter__(self) -> Iterator[Batch]:
     """An endless stream of samples; stop after your number of steps."""

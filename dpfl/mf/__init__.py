@@ -2,6 +2,7 @@
 
 from dpfl.mf.banded import BandedStrategy, optimize_banded
 from dpfl.mf.blt import BltStrategy, optimize_blt
+from dpfl.mf.build import build
 from dpfl.mf.dense import DenseStrategy, optimize_dense
 from dpfl.mf.participation import Participation, participation
 from dpfl.mf.sensitivity import brute_force_sensitivity, matrix_sensitivity
@@ -15,7 +16,7 @@ __all__ = [
     "matrix_noise",
     "BandedStrategy", "BltStrategy", "DenseStrategy", "IdentityStrategy", "Participation",
     "SqrtToeplitzStrategy", "Strategy", "ToeplitzStrategy", "TreeStrategy", "Workload",
-    "brute_force_sensitivity", "identity", "matrix_sensitivity", "optimize_banded",
+    "brute_force_sensitivity", "build", "identity", "matrix_sensitivity", "optimize_banded",
     "optimize_blt", "optimize_dense", "participation", "sqrt_toeplitz", "tree", "tree_matrix",
 ]
 

@@ -109,21 +109,11 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def build(settings: dict[str, Any]):
   """The strategy for validated ``settings`` (the keys ``_settings`` returns)."""
-  import dpfl.mf as mf
-  n, name = settings["steps"], settings["strategy"]
-  common = {"participation": (settings["epochs"], settings["min_sep"])}
-  if name == "identity":
-    return mf.identity(n, **common)
-  if name == "tree":
-    return mf.tree(n, **common)
-  if name == "sqrt":
-    return mf.sqrt_toeplitz(n, **common)
-  common["objective"] = settings["objective"]
-  if name == "banded":
-    return mf.optimize_banded(n, bands=settings["bands"], **common)
-  if name == "blt":
-    return mf.optimize_blt(n, buffers=settings["buffers"], **common)
-  return mf.optimize_dense(n, **common)
+  from dpfl.mf.build import build as build_strategy
+  return build_strategy(settings["strategy"], settings["steps"],
+                        participation=(settings["epochs"], settings["min_sep"]),
+                        objective=settings["objective"], bands=settings["bands"],
+                        buffers=settings["buffers"])
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

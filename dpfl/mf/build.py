@@ -1,0 +1,36 @@
+"""One entry that builds any strategy by name (``dpfl mf`` and ``make_private`` share it)."""
+
+from __future__ import annotations
+
+from dpfl.mf import banded, blt, dense, strategies
+
+NAMES = ("identity", "tree", "sqrt", "banded", "blt", "dense")
+
+
+def build(name: str, num_steps: int, *, participation=None, workload=None,
+          objective: str = "mean", bands: int | None = None, buffers: int | None = None):
+  """The named strategy for ``num_steps``, built or (banded / blt / dense) optimized.
+
+  Args:
+    name: one of ``NAMES``.
+    num_steps: ``n``.
+    participation: None (single) or ``(k, b)``.
+    workload: None (prefix sums) or a ``dpfl.mf.Workload``.
+    objective: ``"mean"`` or ``"max"`` (optimized strategies only).
+    bands: banded only (required).
+    buffers: blt only (required).
+  """
+  common = dict(participation=participation, workload=workload)
+  if name == "identity":
+    return strategies.identity(num_steps, **common)
+  if name == "tree":
+    return strategies.tree(num_steps, **common)
+  if name == "sqrt":
+    return strategies.sqrt_toeplitz(num_steps, **common)
+  if name == "banded":
+    return banded.optimize_banded(num_steps, bands=bands, objective=objective, **common)
+  if name == "blt":
+    return blt.optimize_blt(num_steps, buffers=buffers, objective=objective, **common)
+  if name == "dense":
+    return dense.optimize_dense(num_steps, objective=objective, **common)
+  raise ValueError(f"strategy must be one of {NAMES}, got {name!r}")
