@@ -96,6 +96,16 @@ class FtrlPlan:
                                   num_steps=self.planned_steps, key=key)
 
 
+def cyclic_steps(epochs: float, steps_per_epoch: int) -> int:
+  """Steps of ``epochs`` passes over a cyclic order of ``steps_per_epoch`` batches.
+
+  A cyclic epoch is ``b = N // B`` steps (the remainder never takes part), not
+  ``N / B``: 40 epochs of 1438 examples in batches of 256 are 200 steps, each
+  example in 40 of them (``ceil(40 * 1438 / 256) = 225`` would be 45 passes).
+  """
+  return max(1, math.ceil(round(float(epochs) * steps_per_epoch, 9)))
+
+
 def check_options(options: dict | None) -> dict:
   """Validates ``strategy_options`` (buffers, bands, objective, momentum)."""
   if options is None:

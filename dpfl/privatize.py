@@ -152,7 +152,8 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
       the fixed batch size for ``sampling_scheme="shuffle"``).
     delta: δ for reporting and calibration.
     num_steps / epochs: the length of the run (give one); epochs become
-      ceil(epochs * N / batch_size) steps.
+      ceil(epochs * N / batch_size) steps (cyclic DP-FTRL: ceil(epochs * (N //
+      batch_size)), whole passes over its fixed batches).
     noise_multiplier / target_epsilon: give σ, or a target ε to calibrate σ
       for (through ``accounting.calibrate_noise_multiplier``, never above it).
     sampling_scheme: ``"poisson"`` (amplified; padded to ``max_batch_size``
@@ -264,6 +265,8 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
         raise ValueError("max_batch_size applies to Poisson sampling only (cyclic batches "
                          "have the fixed batch_size)")
       sampler = sampling.CyclicSampler(dataset_size, batch_size=batch_size, seed=seed)
+      if epochs is not None:  # passes over the cyclic order: b = N // B steps each
+        num_steps = ftrl.cyclic_steps(epochs, sampler.steps_per_epoch)
     else:
       bands = ftrl.amplified_bands(strategy, strategy_options, num_steps)
       group = dataset_size // bands

@@ -159,7 +159,8 @@ def make_private_user_level(
     examples_per_user: the cap k. Required for ELS (its ε grows with k);
       for ULS an optional check on datasets (ε does not depend on k).
     num_steps / epochs: the run's length (give one); epochs are passes over
-      the sampling units, T = ceil(epochs * dataset_size / batch_size).
+      the sampling units, T = ceil(epochs * dataset_size / batch_size)
+      (DP-FTRL: ceil(epochs * (dataset_size // batch_size))).
     noise_multiplier / target_epsilon: give σ, or a target user-level ε to
       calibrate σ for (``accounting.calibrate_noise_multiplier``; never above).
     local_steps: ULS only. None: each user's clipped gradient of their mean
@@ -269,6 +270,8 @@ def make_private_user_level(
   if strategy is not None:
     sampler = sampling.CyclicSampler(dataset_size, batch_size=batch_size,
                                      multiple_of=multiple_of, seed=seed)
+    if epochs is not None:  # passes over the cyclic order: b = N // B rounds each
+      num_steps = ftrl.cyclic_steps(epochs, sampler.steps_per_epoch)
     plan = ftrl.plan(strategy, strategy_options, sampler=sampler, num_steps=num_steps,
                      privacy_unit="user")
   elif sampling_unit == "user":

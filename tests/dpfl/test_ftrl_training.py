@@ -140,6 +140,18 @@ def test_target_epsilon_calibrates_never_above():
   assert pt.planned_epsilon() <= 2.0
 
 
+def test_epochs_are_passes_over_the_cyclic_order():
+  # 1438 // 256 = 5 steps per epoch (not 1438 / 256 = 5.6).
+  pt = dpfl.make_private(loss_fn, optax.sgd(0.1), l2_clip_norm=1.0, dataset_size=1438,
+                         batch_size=256, delta=1e-5, epochs=40, noise_multiplier=1.0,
+                         strategy="identity", key=0, seed=0)
+  assert pt.num_steps == 200 and pt.ftrl.participation == (40, 5)
+  pt = dpfl.make_private(loss_fn, optax.sgd(0.1), l2_clip_norm=1.0, dataset_size=1438,
+                         batch_size=256, delta=1e-5, epochs=2.5, noise_multiplier=1.0,
+                         strategy="identity", key=0, seed=0)
+  assert pt.num_steps == 13 and pt.ftrl.participation == (3, 5)
+
+
 def test_amplified_banded_with_cyclic_poisson_sampling():
   x, y = _data(1000)
   pt = dpfl.make_private(loss_fn, optax.sgd(0.05), l2_clip_norm=1.0, dataset_size=1000,
