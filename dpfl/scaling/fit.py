@@ -298,6 +298,11 @@ def fit_law(rows: Iterable[dict], *, curve: str = "eval_loss", min_points: int =
   if curve not in ("eval_loss", "train_loss"):
     raise ValueError(f"curve must be 'eval_loss' or 'train_loss', got {curve!r}")
   rows = list(rows)
+  units = sorted({r.get("privacy_unit", "example") for r in rows if r.get("private")})
+  if len(units) > 1:
+    raise ValueError(f"rows mix privacy units {units}: σ/B counts examples in one and users "
+                     "in the other; fit each unit's runs (with the non-private baseline) "
+                     "separately")
   tables = loss_tables(rows, curve=curve)
   models = []
   for name, table in sorted(tables.items(), key=lambda kv: kv[1]["params"]):
@@ -341,6 +346,7 @@ def fit_law(rows: Iterable[dict], *, curve: str = "eval_loss", min_points: int =
       "loss": curve, "seq_len": seq_lens.pop() if len(seq_lens) == 1 else None,
       "max_loss": float(max(t["max_loss"] for t in tables.values())),
       "runs": len(rows), "models": models,
+      "privacy_unit": units[0] if units else "example",
   }
 
 

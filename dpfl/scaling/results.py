@@ -62,6 +62,12 @@ nats per token on the byte-level corpus (``dpfl.scaling.corpus``).
   ``tokens_per_second``         float, training throughput over steps 2..T
                                 (compile and evaluation excluded)
   ``dpfl_version``              str
+  ``privacy_unit``              optional str: ``"user"`` for a user-level
+                                (ULS) run, whose ``batch_size``,
+                                ``dataset_size``, ``sampling_prob`` and
+                                ``epsilon`` count users (files) and whose
+                                ``flops`` / ``tokens`` use the expected
+                                examples per step; absent for example level
   ============================  ==============================================
 
 Readers should ignore keys they do not know; a new key does not bump the

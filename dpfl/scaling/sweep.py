@@ -73,6 +73,11 @@ class RunConfig:
     seed: seed of init, sampling and noise.
     examples_per_user: corpus cap on sequences per file.
     max_users: corpus cap on files (None: all).
+    privacy_unit: ``"example"`` (DP-SGD, issue 3) or ``"user"``: ULS over
+      the corpus's users (source files), ``batch_size`` = expected users per
+      step, each user's clipped gradient of the mean loss over their
+      sequences (``dpfl.make_private(privacy_unit="user")``); σ/B is then
+      per user.
   """
 
   model: str
@@ -89,8 +94,11 @@ class RunConfig:
   seed: int = 0
   examples_per_user: int = 32
   max_users: int | None = None
+  privacy_unit: str = "example"
 
   def __post_init__(self):
+    if self.privacy_unit not in ("example", "user"):
+      raise ValueError(f"privacy_unit must be 'example' or 'user', got {self.privacy_unit!r}")
     models.get_config(self.model)  # raises on an unknown name
     for name in ("batch_size", "steps", "seq_len", "eval_every", "eval_examples",
                  "examples_per_user"):
@@ -118,8 +126,15 @@ class RunConfig:
     return self.noise_multiplier / self.batch_size
 
   def key(self) -> dict[str, Any]:
-    """The configuration as a JSON-ready dict (what ``run_id`` hashes)."""
-    return dataclasses.asdict(self)
+    """The configuration as a JSON-ready dict (what ``run_id`` hashes).
+
+    ``privacy_unit`` enters only when it is ``"user"``, so example-level runs
+    keep the ids they had before user-level sweeps existed (resume works).
+    """
+    key = dataclasses.asdict(self)
+    if key["privacy_unit"] == "example":
+      del key["privacy_unit"]
+    return key
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -297,7 +312,30 @@ def train_run(config: RunConfig, *, corpus: corpus_lib.Corpus | None = None,
                               seq_len=config.seq_len)
 
   private = None
-  if config.private:
+  user_level = config.privacy_unit == "user"
+  examples_per_step = config.batch_size
+  if user_level:
+    if not config.private:
+      raise ValueError("privacy_unit='user' needs noise_multiplier > 0 (a non-private run "
+                       "has no privacy unit; use the example-level baseline)")
+    users = dpfl.UserDataset.from_arrays(train, corpus.train_user_ids,
+                                         examples_per_user=config.examples_per_user)
+    if config.batch_size > users.num_users:
+      raise ValueError(f"batch_size {config.batch_size} exceeds the {users.num_users} training "
+                       "users of the corpus")
+    dataset_size = users.num_users
+    examples_per_step = config.batch_size * users.num_examples / users.num_users
+    optimizer = optax.adam(_schedule(config.learning_rate, config.warmup_steps))
+    private = dpfl.make_private(
+        models.make_loss_fn(config.model), optimizer, privacy_unit="user",
+        sampling_unit="user", dataset=users, l2_clip_norm=config.l2_clip_norm,
+        batch_size=config.batch_size, delta=config.delta, num_steps=config.steps,
+        noise_multiplier=config.noise_multiplier, seed=config.seed,
+        key=jax.random.fold_in(root, 1))
+    step_fn = private.make_step()
+    opt_state = private.init(params)
+    draws = private.batches(users)
+  elif config.private:
     optimizer = optax.adam(_schedule(config.learning_rate, config.warmup_steps))
     private = dpfl.make_private(
         models.make_loss_fn(config.model), optimizer,
@@ -326,7 +364,7 @@ def train_run(config: RunConfig, *, corpus: corpus_lib.Corpus | None = None,
       if private is not None:
         batch, mask = next(draws)
         params, opt_state, aux = step_fn(params, opt_state, batch, mask)
-        values = np.asarray(aux.values)[mask]
+        values = np.asarray(aux.values)[mask.any(axis=1) if user_level else mask]
         pending.append(float(values.mean()) if values.size else math.nan)
       else:
         params, opt_state, loss = step_fn(params, opt_state, next(draws))
@@ -347,7 +385,7 @@ def train_run(config: RunConfig, *, corpus: corpus_lib.Corpus | None = None,
     if bar is not None:
       bar.close()
 
-  tokens_per_step = config.batch_size * config.seq_len
+  tokens_per_step = examples_per_step * config.seq_len
   timed_steps = max(config.steps - 1, 1)
   epsilon = mechanism = accountant = max_batch = None
   if private is not None:
@@ -356,7 +394,7 @@ def train_run(config: RunConfig, *, corpus: corpus_lib.Corpus | None = None,
                                      discretization=EPSILON_DISCRETIZATION)
     mechanism = private.ledger.mechanism().to_dict()
     max_batch = private.sampler.max_batch_size
-  return results.ResultRow(
+  row = results.ResultRow(
       schema_version=results.SCHEMA_VERSION, run_id=run_id(config, corpus.fingerprint),
       model=config.model, params=n_params, private=config.private,
       batch_size=config.batch_size, noise_multiplier=float(config.noise_multiplier),
@@ -368,12 +406,15 @@ def train_run(config: RunConfig, *, corpus: corpus_lib.Corpus | None = None,
       epsilon=None if epsilon is None else float(epsilon), accountant=accountant,
       mechanism=mechanism,
       flops=models.training_flops(params=n_params, num_steps=config.steps,
-                                  batch_size=config.batch_size, seq_len=config.seq_len),
-      tokens=config.steps * tokens_per_step, train_loss=train_curve, eval_loss=eval_curve,
+                                  batch_size=examples_per_step, seq_len=config.seq_len),
+      tokens=round(config.steps * tokens_per_step), train_loss=train_curve, eval_loss=eval_curve,
       final_eval_loss=eval_curve[-1][1], eval_examples=len(evals), seed=config.seed,
       corpus=corpus.summary(), seconds=time.perf_counter() - start,
       tokens_per_second=timed_steps * tokens_per_step / max(train_seconds, 1e-9),
       dpfl_version=__version__)
+  if user_level:
+    row["privacy_unit"] = "user"
+  return row
 
 
 def _steps_bar(config: RunConfig, progress: bool):

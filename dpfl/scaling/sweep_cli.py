@@ -78,6 +78,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  help="corpus: sequences kept per source file (default: 32)")
   p.add_argument("--max-users", type=int, default=None, metavar="U",
                  help="corpus: use only the first U source files (default: all)")
+  p.add_argument("--privacy-unit", choices=("example", "user"), default="example",
+                 help="example: DP-SGD over sequences; user: ULS over source files "
+                      "(--batch-sizes are then users per step; every run must be private)")
   p.add_argument("--seed", type=int, default=0, metavar="S",
                  help="seed of init, sampling and noise (default: 0)")
   p.add_argument("--dry-run", action="store_true",
@@ -101,6 +104,9 @@ def _check(args) -> None:
   if any(v < 0 for v in noise):
     raise ValueError(f"{noise_flag} must be >= 0 (0 = non-private), got "
                      f"{min(noise):g}")
+  if args.privacy_unit == "user" and any(v == 0 for v in noise):
+    raise ValueError(f"{noise_flag} must be > 0 with --privacy-unit user (a non-private run "
+                     "has no privacy unit: sweep the baseline at example level)")
   if any(v <= 0 for v in args.learning_rates):
     raise ValueError(f"--learning-rates must be > 0, got {min(args.learning_rates):g}")
   if not 0 < args.delta < 1:
@@ -127,17 +133,21 @@ def run(args) -> dict:
   common = dict(seq_len=args.seq_len, delta=args.delta, l2_clip_norm=args.l2_clip_norm,
                 warmup_steps=args.warmup_steps, eval_every=args.eval_every,
                 eval_examples=args.eval_examples, seed=args.seed,
-                examples_per_user=args.examples_per_user, max_users=args.max_users)
+                examples_per_user=args.examples_per_user, max_users=args.max_users,
+                privacy_unit=args.privacy_unit)
   flag, values = _noise(args)
   noise = {flag[2:].replace("-", "_"): values}
   configs = sweep.make_grid(models=args.models, batch_sizes=args.batch_sizes,
                             steps=args.steps, learning_rates=args.learning_rates,
                             **noise, **common)
   corpus = sweep.corpus_for(configs[0])
-  too_big = [c.batch_size for c in configs if c.batch_size > corpus.num_train_examples]
+  units = (len(corpus.train_users) if args.privacy_unit == "user"
+           else corpus.num_train_examples)
+  too_big = [c.batch_size for c in configs if c.batch_size > units]
   if too_big:
-    raise ValueError(f"--batch-sizes: {too_big[0]} exceeds the {corpus.num_train_examples} "
-                     "training sequences of the corpus")
+    what = "users (files)" if args.privacy_unit == "user" else "sequences"
+    raise ValueError(f"--batch-sizes: {too_big[0]} exceeds the {units} training {what} of "
+                     "the corpus")
   directory = os.path.dirname(os.path.abspath(args.results))
   if not os.path.isdir(directory):
     raise ValueError(f"--results: directory {directory!r} does not exist")

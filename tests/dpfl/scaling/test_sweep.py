@@ -159,6 +159,9 @@ def test_noise_batch_ratios_set_sigma_from_batch():
     (["--eval-every", "0"], "--eval-every"),
     (["--max-users", "1"], "--max-users"),
     (["--models", ""], "--models"),
+    (["--privacy-unit", "user", "--noise-multipliers", "0,1"], "--noise-multipliers"),
+    (["--privacy-unit", "user", "--batch-sizes", "61"], "--batch-sizes"),
+    (["--privacy-unit", "file"], "--privacy-unit"),
 ])
 def test_bad_flags_exit_2_with_one_line(flags, flag, dpfl_main, capsys, tmp_path):
   argv = ["sweep", "--results", str(tmp_path / "r.jsonl"), "--max-users", "60",
@@ -189,3 +192,30 @@ def test_corpus_fingerprint_enters_run_id():
   config = _config()
   fingerprint = corpus_lib.load_corpus(seq_len=16, examples_per_user=4, max_users=60).fingerprint
   assert sweep.corpus_for(config).fingerprint == fingerprint
+
+
+def test_user_level_run_is_uls_over_files(tmp_path, dpfl_main, capsys):
+  path = tmp_path / "users.jsonl"
+  tiny = [f for f in TINY]
+  tiny[tiny.index("--steps") + 1] = "2"
+  assert dpfl_main(["sweep", "--results", str(path), "--privacy-unit", "user",
+                    "--noise-multipliers", "1", "--json", "--no-progress", *tiny]) == 0
+  (row,) = results.read_results(path)
+  assert row["privacy_unit"] == "user" and row["batch_size"] == 8
+  corpus = corpus_lib.load_corpus(seq_len=16, examples_per_user=4, max_users=60)
+  users = len(corpus.train_users)
+  assert row["dataset_size"] == users and row["sampling_prob"] == pytest.approx(8 / users)
+  mech = accounting.from_dict(row["mechanism"])
+  assert isinstance(mech, accounting.UlsDpSgd) and mech.num_steps == 2
+  assert row["epsilon"] == pytest.approx(
+      accounting.epsilon(mech, delta=1e-5, discretization="auto"), rel=1e-9)
+  per_user = corpus.num_train_examples / users
+  assert row["tokens"] == round(2 * 8 * per_user * 16)
+  # Example-level ids are unchanged by the new field; user-level ones differ.
+  assert _config().key().get("privacy_unit") is None
+  assert sweep.run_id(_config(privacy_unit="user"), "x") != sweep.run_id(_config(), "x")
+  # A fit refuses to mix user-level and example-level private runs.
+  from dpfl.scaling import fit
+  example_row = dict(row, privacy_unit="example")
+  with pytest.raises(ValueError, match="mix privacy units"):
+    fit.fit_law([row, example_row])
