@@ -3,7 +3,9 @@
 Measures (issue 5): one jitted step of ``dpfl.mf.streaming.blt_noise`` with 4
 buffers against one jitted step of ``dpfl.noise.gaussian_noise`` (the DP-SGD
 baseline), on a pytree of a few large float32 leaves (10M parameters; 1M with
-``--quick``). Both are compiled and warmed up first; then the two steps
+``--quick``), each with its state donated (updated in place, as a training
+step from ``make_step(donate=True)`` does; BLT without donation is reported
+too). Both are compiled and warmed up first; then the two steps
 alternate, so machine load hits both alike, and each figure is the median of
 the timed repetitions (``jax.block_until_ready`` on outputs and state).
 Target: ``ratio = blt_seconds / iid_seconds <= 1.2``.
@@ -65,7 +67,8 @@ def bench_streaming(quick: bool, repeats: int = 7) -> dict:
 
   Returns:
     ``{"params", "buffers", "iid_seconds", "blt_seconds", "ratio",
-    "fused_iid_seconds", "ratio_vs_fused_iid", "repeats"}``: ``ratio`` is
+    "fused_iid_seconds", "ratio_vs_fused_iid", "blt_no_donation_seconds",
+    "ratio_no_donation", "repeats"}``: ``ratio`` is
     against ``gaussian_noise`` (the DP-SGD step users would otherwise run);
     ``ratio_vs_fused_iid`` against ``identity_noise`` through the correlated
     machinery. Both draw with ``dpfl._rng.normal``, so the ratios measure the
@@ -83,32 +86,43 @@ def bench_streaming(quick: bool, repeats: int = 7) -> dict:
   # bit-identical float32 normal): isolates the cost of the buffers.
   fused_iid = streaming.identity_noise(num_steps=num_steps, noise_multiplier=1.1,
                                        sensitivity=1.0, **shared)
-  # No donation: jit pairs donated inputs with outputs of the same shape in
-  # order, and the updates come before the state, so donating the state alone
-  # would alias buffer i to output i - 1 and force copies. (A full training
-  # step donating params and optimizer state pairs them correctly.)
-  steps = {"iid": (jax.jit(iid.update), iid.init(params)),
-           "blt": (jax.jit(blt.update), blt.init(params)),
-           "fused_iid": (jax.jit(fused_iid.update), fused_iid.init(params))}
+  # The noise state is donated, as in a training step made with
+  # ``make_step(donate=True)``: the buffers are updated in place. The step
+  # returns (state, updates) so that jit pairs each donated buffer with the
+  # new buffer of the same shape (with the updates first, buffer i would be
+  # paired with output i - 1 and copied). BLT without donation is measured
+  # too: every step then allocates its m model-sized buffers afresh.
+  def state_first(tx):
+    def step(grads, state):
+      updates, state = tx.update(grads, state)
+      return state, updates
+    return step
+
+  steps = {"iid": (jax.jit(state_first(iid), donate_argnums=(1,)), iid.init(params)),
+           "blt": (jax.jit(state_first(blt), donate_argnums=(1,)), blt.init(params)),
+           "fused_iid": (jax.jit(state_first(fused_iid), donate_argnums=(1,)),
+                         fused_iid.init(params)),
+           "blt_no_donation": (jax.jit(state_first(blt)), blt.init(params))}
   states = {}
   for name, (step, state) in steps.items():  # compile and warm up
-    out, state = step(params, state)
-    jax.block_until_ready((out, state))
-    out, state = step(params, state)
-    jax.block_until_ready((out, state))
+    for _ in range(2):
+      state, out = step(params, state)
+      jax.block_until_ready((out, state))
     states[name] = state
   times: dict[str, list[float]] = {name: [] for name in steps}
   for _ in range(max(repeats, 5)):
     for name, (step, _) in steps.items():
       start = time.perf_counter()
-      out, states[name] = step(params, states[name])
+      states[name], out = step(params, states[name])
       jax.block_until_ready((out, states[name]))
       times[name].append(time.perf_counter() - start)
       del out
   iid_s, blt_s, fused_s = (statistics.median(times[k]) for k in ("iid", "blt", "fused_iid"))
+  plain_s = statistics.median(times["blt_no_donation"])
   return {"params": num_params, "buffers": NUM_BUFFERS, "iid_seconds": iid_s,
           "blt_seconds": blt_s, "ratio": blt_s / iid_s, "fused_iid_seconds": fused_s,
-          "ratio_vs_fused_iid": blt_s / fused_s, "repeats": len(times["iid"])}
+          "ratio_vs_fused_iid": blt_s / fused_s, "blt_no_donation_seconds": plain_s,
+          "ratio_no_donation": plain_s / iid_s, "repeats": len(times["iid"])}
 
 
 def main(argv=None) -> int:
@@ -123,6 +137,7 @@ def main(argv=None) -> int:
     print(f"{'iid gaussian_noise':<28}{result['iid_seconds']:>12.4f}")
     print(f"{'BLT blt_noise (4 buffers)':<28}{result['blt_seconds']:>12.4f}")
     print(f"{'iid, fused draw':<28}{result['fused_iid_seconds']:>12.4f}")
+    print(f"{'BLT, state not donated':<28}{result['blt_no_donation_seconds']:>12.4f}")
     print(f"ratio BLT / iid gaussian_noise: {result['ratio']:.3f} (target <= 1.2); "
           f"BLT / iid with the same fused draw: {result['ratio_vs_fused_iid']:.3f}; "
           f"{result['params']:,} parameters, median of {result['repeats']}")

@@ -51,6 +51,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from dpfl import _rng
@@ -169,12 +170,14 @@ def gaussian_noise(*, noise_multiplier: float, l2_clip_norm: float,
   noise_multiplier = _check_noise_multiplier(noise_multiplier)
   l2_clip_norm = _check_positive("l2_clip_norm", l2_clip_norm)
   expected_batch_size = _check_positive("expected_batch_size", expected_batch_size)
-  explicit_key = None if key is None else _rng.key_data(key)
+  # Kept on the host; init makes a new array each call, so a donated state
+  # never deletes the transform's own copy of the key.
+  explicit_key = None if key is None else np.asarray(_rng.key_data(key))
   stddev = noise_multiplier * l2_clip_norm
 
   def init_fn(params):
     del params
-    key_data = _rng.fresh_key_data() if explicit_key is None else explicit_key
+    key_data = _rng.fresh_key_data() if explicit_key is None else jnp.asarray(explicit_key)
     return GaussianNoiseState(key=key_data, count=jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None):

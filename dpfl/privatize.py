@@ -109,13 +109,28 @@ class PrivateTraining:
     """
     return noise.reseed(opt_state, key=key)
 
-  def make_step(self, *, jit: bool = True) -> Callable[..., Any]:
-    """A ready train step: ``(params, opt_state, batch, mask) -> (params, opt_state, aux)``."""
+  def make_step(self, *, jit: bool = True, donate: bool = False) -> Callable[..., Any]:
+    """A ready train step: ``(params, opt_state, batch, mask) -> (params, opt_state, aux)``.
+
+    Args:
+      jit: compile the step with ``jax.jit``.
+      donate: donate ``params`` and ``opt_state`` to the step (``jit`` only):
+        their memory is reused for the new ones, so the arrays passed in are
+        deleted; use the returned ones (the usual
+        ``params, opt_state, aux = step(params, opt_state, ...)`` loop does).
+        Recommended for DP-FTRL: its noise state holds model-sized buffers
+        (4 for a 4-buffer BLT), and without donation every step allocates
+        them afresh (on a 2-core CPU, 10M parameters: ~2.8x slower noise).
+    """
     def step(params, opt_state, batch, mask):
       grads, aux = self.clipped_grad(params, batch, mask=mask)
       updates, opt_state = self.optimizer.update(grads, opt_state, params)
       return optax.apply_updates(params, updates), opt_state, aux
-    return jax.jit(step) if jit else step
+    if not jit:
+      if donate:
+        raise ValueError("donate=True needs jit=True (donation is a jax.jit feature)")
+      return step
+    return jax.jit(step, donate_argnums=(0, 1) if donate else ())
 
 
 def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransformation, *,

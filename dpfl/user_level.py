@@ -98,12 +98,13 @@ class UserLevelPrivateTraining(PrivateTraining):
         out = sampling.gather(flat, draw.indices, draw.mask), draw.mask
       yield out if self.mesh is None else shard_users(out, self.mesh)
 
-  def make_step(self, *, jit: bool = True) -> Callable[..., Any]:
+  def make_step(self, *, jit: bool = True, donate: bool = False) -> Callable[..., Any]:
     """``(params, opt_state, batch, mask) -> (params, opt_state, aux)``.
 
     Under an ``Explicit`` mesh the step runs inside ``jax.set_mesh(mesh)``.
+    ``donate``: see ``PrivateTraining.make_step``.
     """
-    step = super().make_step(jit=jit)
+    step = super().make_step(jit=jit, donate=donate)
     explicit = self.mesh is not None and jax.sharding.AxisType.Explicit in self.mesh.axis_types
     if not explicit:
       return step

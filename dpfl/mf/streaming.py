@@ -215,12 +215,14 @@ def _correlated_transform(*, num_steps: int, num_buffers: int, kernel: _Kernel,
   l2_clip_norm = _noise._check_positive("l2_clip_norm", l2_clip_norm)
   sensitivity = _noise._check_positive("sensitivity", sensitivity)
   expected_batch_size = _noise._check_positive("expected_batch_size", expected_batch_size)
-  explicit_key = None if key is None else _rng.key_data(key)
+  # Kept on the host; init makes a new array each call, so a donated state
+  # never deletes the transform's own copy of the key.
+  explicit_key = None if key is None else np.asarray(_rng.key_data(key))
   stddev = noise_multiplier * l2_clip_norm * sensitivity
   key_shape = _rng._key_data_shape()
 
   def init_fn(params):
-    key_data = _rng.fresh_key_data() if explicit_key is None else explicit_key
+    key_data = _rng.fresh_key_data() if explicit_key is None else jnp.asarray(explicit_key)
     zeros = lambda p: jnp.zeros(jnp.shape(p), _noise_dtype(p))
     buffers = tuple(jax.tree.map(zeros, params) for _ in range(num_buffers))
     step_keys = jnp.zeros(((num_steps if store_step_keys else 0),) + key_shape, jnp.uint32)
