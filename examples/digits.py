@@ -128,7 +128,7 @@ def main(argv=None) -> dict:
         batch_size=args.batch_size, epochs=args.epochs, target_epsilon=args.target_epsilon,
         delta=args.delta, key=args.seed, seed=args.seed, **ftrl)
     opt_state = private.init(params)
-    step = private.make_step()
+    step = private.make_step(donate=True)
     for batch, mask in private.batches(train):
       params, opt_state, _ = step(params, opt_state, batch, mask)
     epsilon, sigma, steps = private.epsilon(), private.noise_multiplier, private.num_steps

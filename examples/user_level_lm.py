@@ -213,7 +213,7 @@ def main(argv=None) -> dict:
         f"for user-level ε={args.target_epsilon} at δ={args.delta}, {how}, {args.steps} steps")
   initial = eval_loss(loss_fn, params, held_out)
   opt_state = private.init(params)
-  step = private.make_step()
+  step = private.make_step(donate=True)
   for i, (batch, mask) in enumerate(private.batches(train)):
     params, opt_state, aux = step(params, opt_state, batch, mask)
     if (i + 1) % max(1, args.steps // 5) == 0:
