@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+
+import numpy as np
 
 
 def _number(text: str) -> float:
@@ -41,6 +44,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  help="most training steps considered (default: 10x the most steps in "
                       "the law's data)")
   p.add_argument("--sigma-grid", metavar="FILE", help="σ grid (default: shipped)")
+  p.add_argument("--plot", metavar="FILE.png",
+                 help="also write the compute-optimal model size, batch size and loss vs "
+                      "compute (1/1000x to 1x the budget) for ε/4, ε/2, ε, 2ε, 4ε (those "
+                      "inside the σ grid) to this PNG")
 
 
 def _integer(flag: str, value: float) -> int:
@@ -96,16 +103,29 @@ def run(args) -> dict:
     raise ValueError(f"--delta must be >= {grid.delta[0]:g} (the σ grid's smallest δ), got "
                      f"{args.delta:g}; build a wider grid with `python -m "
                      "dpfl.scaling.sigma_grid` and pass --sigma-grid")
+  if args.plot is not None:
+    directory = os.path.dirname(os.path.abspath(args.plot))
+    if not os.path.isdir(directory) or not args.plot.lower().endswith(".png"):
+      raise ValueError(f"--plot must be a .png path in an existing directory, got {args.plot!r}")
   try:
-    return planner.plan(compute=args.compute, epsilon=args.epsilon, delta=args.delta,
-                        users=users, law=law, seq_len=seq_len, models=args.models,
-                        batch_sizes=batch_sizes, grid=grid, max_steps=max_steps)
+    result = planner.plan(compute=args.compute, epsilon=args.epsilon, delta=args.delta,
+                          users=users, law=law, seq_len=seq_len, models=args.models,
+                          batch_sizes=batch_sizes, grid=grid, max_steps=max_steps)
   except ValueError as err:
     message = str(err)
     for name, flag in (("compute=", "--compute"), ("max_steps=", "--max-steps")):
       if message.startswith(name):
         message = flag + message[len(name) - 1:]
     raise ValueError(message) from None
+  if args.plot is not None:
+    from dpfl.scaling import plots
+    epsilons = [e for e in (args.epsilon * f for f in (0.25, 0.5, 1.0, 2.0, 4.0))
+                if grid.eps[0] <= e <= grid.eps[-1]]
+    computes = [float(c) for c in np.geomspace(args.compute / 1000, args.compute, 7)]
+    result["plot"] = plots.plot_compute_optimal(
+        law, args.plot, epsilons=epsilons, delta=args.delta, users=users, computes=computes,
+        seq_len=seq_len, grid=grid)
+  return result
 
 
 def _fmt_flops(x: float) -> str:

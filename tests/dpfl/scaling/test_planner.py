@@ -178,6 +178,8 @@ def test_plan_cli_json(plan_cmd, capsys):
     (["--models", "nope"], "--models"),
     (["--batch-sizes", "0"], "--batch-sizes"),
     (["--law", "/no/such/law.json"], "--law"),
+    (["--plot", "/no/such/dir/plan.png"], "--plot"),
+    (["--plot", "plan.jpg"], "--plot"),
 ])
 def test_plan_cli_bad_flags(plan_cmd, capsys, flags, named):
   base = {"--compute": "1e14", "--epsilon": "4", "--delta": "1e-6", "--users": "100000",
@@ -187,6 +189,14 @@ def test_plan_cli_bad_flags(plan_cmd, capsys, flags, named):
   assert cli.main(argv) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and named in err[0], err
+
+
+def test_plan_cli_plot(plan_cmd, capsys, tmp_path):
+  png = tmp_path / "plan.png"
+  assert cli.main(["plan", "--compute", "1e14", "--epsilon", "4", "--delta", "1e-6",
+                   "--users", "100000", "--law", plan_cmd, "--plot", str(png), "--json"]) == 0
+  out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert out["plot"] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_plan_cli_missing_flag(plan_cmd, capsys):
