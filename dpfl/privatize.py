@@ -178,9 +178,13 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
       ``"poisson"`` (banded strategies: amplified banded MF, cyclic Poisson
       sampling over ``bands`` groups, q = batch_size / (N // bands)).
     max_batch_size: static batch shape for Poisson sampling (default: a size
-      exceeded with probability <= 1e-9 per step; truncation is accounted).
+      exceeded with probability <= 1e-9 per step). A larger draw is truncated
+      (accounted: ``TruncatedPoissonDpSgd``) under ``accountant="pld"``, and
+      padded to the next multiple of it (one more compilation; exact Poisson,
+      ``PoissonDpSgd``) under ``"rdp"``, which cannot account truncation.
     has_aux, microbatch_size: passed to ``dpfl.clipped_grad``.
-    accountant: ``"pld"`` or ``"rdp"``.
+    accountant: ``"pld"`` or ``"rdp"`` (see ``max_batch_size``; a ``ledger``
+      with truncated-Poisson steps needs ``"pld"``).
     key: noise PRNG key (default: OS entropy). seed: sampler seed (default:
       OS entropy).
     ledger: an existing ledger to extend (e.g. one loaded to resume a run).
@@ -299,14 +303,23 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
     if not (isinstance(batch_size, int) and 1 <= batch_size <= dataset_size):
       raise ValueError(f"batch_size must be an integer in [1, dataset_size={dataset_size}], "
                        f"got {batch_size!r}")
+    # dp-accounting's RDP back end has no event for truncated Poisson sampling,
+    # and untruncated-Poisson ε is not an upper bound for truncated batches; so
+    # under RDP a rare oversized draw gets a longer padded shape instead.
     sampler = sampling.PoissonSampler(dataset_size, sampling_prob=batch_size / dataset_size,
-                                      max_batch_size=max_batch_size, seed=seed)
+                                      max_batch_size=max_batch_size,
+                                      truncate=accountant == "pld", seed=seed)
   else:
     if max_batch_size is not None:
       raise ValueError("max_batch_size applies to sampling_scheme='poisson' only")
     sampler = sampling.ShuffledSampler(dataset_size, batch_size=batch_size, seed=seed)
 
   describe = sampler.mechanism if plan is None else plan.mechanism
+  if accountant == "rdp" and ledger is not None:
+    pld_only = sorted({e.kind for e in ledger.entries if e.pld_only})
+    if pld_only:
+      raise ValueError(f"accountant must be 'pld' to extend this ledger: its "
+                       f"{', '.join(pld_only)} steps have no RDP back end in dp-accounting")
   if target_epsilon is not None:
     calibration = accounting.calibrate_noise_multiplier(
         lambda s: describe(noise_multiplier=s, num_steps=num_steps),

@@ -10,7 +10,8 @@ actually ran:
 * ``PoissonSampler``: Poisson sampling, truncated to a maximum batch size
   when that maximum is below the dataset size; accounted as
   ``accounting.TruncatedPoissonDpSgd`` (dp-accounting's
-  ``TruncatedSubsampledGaussianDpEvent``) or, when truncation is impossible,
+  ``TruncatedSubsampledGaussianDpEvent``) or, when truncation is impossible
+  (or turned off: a larger draw is padded further instead),
   ``accounting.PoissonDpSgd``.
 * ``ShuffledSampler``: fixed-size batches from a shuffle per epoch; accounted
   as ``accounting.ShuffledDpSgd``, which claims no amplification.
@@ -142,32 +143,48 @@ class PoissonSampler:
   distribution as N independent coin flips (given its size, a Poisson sample
   is a uniform subset) at O(K) cost; truncating draws min(K, max) directly.
 
+  With ``truncate=False`` a draw above ``max_batch_size`` is instead padded
+  to the next multiple of it (``padded_poisson_draw``: a longer static shape,
+  so ``jit`` compiles once more) and ``num_overflows`` counts it; the sample
+  is then exactly Poisson at every step.
+
   Privacy guarantee: this is exactly the sampling of dp-accounting's
   ``TruncatedSubsampledGaussianDpEvent`` (arXiv 2508.15089), which
   ``mechanism()`` reports whenever truncation is possible; with
-  ``max_batch_size >= dataset_size`` it is plain Poisson sampling
-  (``PoissonDpSgd``). Either way the accounting matches what ran.
+  ``max_batch_size >= dataset_size`` or ``truncate=False`` it is plain
+  Poisson sampling (``PoissonDpSgd``). Either way the accounting matches what
+  ran. The truncated event has no RDP back end in dp-accounting, so RDP
+  accounting needs ``truncate=False`` (or ``max_batch_size >= dataset_size``).
 
   Args:
     dataset_size: number of examples N >= 1.
     sampling_prob: inclusion probability q in (0, 1].
     max_batch_size: static batch length >= 1; default
-      ``default_max_batch_size(N, q)`` (truncates with probability <= 1e-9).
+      ``default_max_batch_size(N, q)`` (exceeded with probability <= 1e-9).
+    truncate: what a draw above ``max_batch_size`` does: True (default)
+      keeps a uniform ``max_batch_size``-subset (static shape always);
+      False pads it to the next multiple of ``max_batch_size`` (exact
+      Poisson, rare recompile).
     seed: None (OS entropy: the private default) or an int for reproducible
       runs; never use a fixed seed for a real private run.
   """
 
   def __init__(self, dataset_size: int, *, sampling_prob: float,
-               max_batch_size: int | None = None, seed: int | None = None):
+               max_batch_size: int | None = None, truncate: bool = True,
+               seed: int | None = None):
     self._dataset_size = _positive_int("dataset_size", dataset_size)
     self._sampling_prob = _probability("sampling_prob", sampling_prob)
     if max_batch_size is None:
       max_batch_size = default_max_batch_size(self._dataset_size, self._sampling_prob)
     self._max_batch_size = _positive_int("max_batch_size", max_batch_size)
+    if not isinstance(truncate, bool):
+      raise ValueError(f"truncate must be True or False, got {truncate!r}")
+    self._truncate = truncate
     self._rng = _rng.numpy_generator(seed)
     self._dtype = _index_dtype(self._dataset_size)
     self.num_batches = 0
     self.num_truncated = 0
+    self.num_overflows = 0
 
   @property
   def dataset_size(self) -> int:
@@ -187,12 +204,24 @@ class PoissonSampler:
     return self._sampling_prob * self._dataset_size
 
   @property
+  def truncate(self) -> bool:
+    """Whether a draw above ``max_batch_size`` is truncated (else padded further)."""
+    return self._truncate
+
+  @property
   def can_truncate(self) -> bool:
-    """Whether a draw can exceed ``max_batch_size`` (it then gets truncated)."""
-    return self._max_batch_size < self._dataset_size
+    """Whether a draw can be truncated (it exceeds ``max_batch_size`` and ``truncate``)."""
+    return self._truncate and self._max_batch_size < self._dataset_size
 
   def __call__(self) -> Batch:
     """Draws the next batch (see the class docstring for its distribution)."""
+    if not self._truncate:
+      batch, overflowed = padded_poisson_draw(self._rng, self._dataset_size,
+                                              self._sampling_prob, self._max_batch_size,
+                                              self._dtype)
+      self.num_overflows += overflowed
+      self.num_batches += 1
+      return batch
     size = int(self._rng.binomial(self._dataset_size, self._sampling_prob))
     if size > self._max_batch_size:
       size = self._max_batch_size
@@ -219,8 +248,8 @@ class PoissonSampler:
       num_steps: number of noisy releases made from batches of this sampler.
 
     Returns:
-      ``accounting.TruncatedPoissonDpSgd`` when ``max_batch_size <
-      dataset_size`` (truncation possible), else ``accounting.PoissonDpSgd``.
+      ``accounting.TruncatedPoissonDpSgd`` when a draw can be truncated
+      (``can_truncate``), else ``accounting.PoissonDpSgd``.
     """
     if self.can_truncate:
       return accounting.TruncatedPoissonDpSgd(
@@ -232,7 +261,8 @@ class PoissonSampler:
 
   def __repr__(self) -> str:
     return (f"PoissonSampler(dataset_size={self._dataset_size}, "
-            f"sampling_prob={self._sampling_prob}, max_batch_size={self._max_batch_size})")
+            f"sampling_prob={self._sampling_prob}, max_batch_size={self._max_batch_size}, "
+            f"truncate={self._truncate})")
 
 
 class ShuffledSampler:

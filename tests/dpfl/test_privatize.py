@@ -143,3 +143,76 @@ def test_shuffled_scheme_accounts_without_amplification():
     pass
   ref = accounting.epsilon(accounting.ShuffledDpSgd(2.0, 100, 10, 25), delta=1e-5)
   assert private.epsilon() == pytest.approx(ref, rel=1e-12)
+
+
+def _rdp_epsilon(event, delta):
+  from dp_accounting.rdp import rdp_privacy_accountant as rdp
+  acc = rdp.RdpAccountant()
+  acc.compose(event)
+  return acc.get_epsilon(delta)
+
+
+def test_rdp_accountant_gets_exact_poisson_and_its_epsilon():
+  # dp-accounting's RDP back end has no truncated-Poisson event, so under
+  # accountant="rdp" the sampler must never truncate; ε is then plain Poisson.
+  import dp_accounting as dpa
+  n, b, steps = 1438, 256, 5
+  private = dpfl.make_private(loss_fn, optax.sgd(0.1), l2_clip_norm=1.0, dataset_size=n,
+                              batch_size=b, num_steps=steps, noise_multiplier=1.0, delta=1e-5,
+                              accountant="rdp", key=0, seed=0)
+  assert not private.sampler.can_truncate
+  assert private.sampler.max_batch_size < n  # still padded to a small static shape
+  step, params, state = private.make_step(), PARAMS, private.init(PARAMS)
+  for batch, mask in private.batches(_data(n)):
+    params, state, _ = step(params, state, batch, mask)
+  event = dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(b / n, dpa.GaussianDpEvent(1.0)),
+                                  steps)
+  assert private.epsilon() == pytest.approx(_rdp_epsilon(event, 1e-5), rel=1e-12)
+  calibrated = dpfl.make_private(loss_fn, optax.sgd(0.1), l2_clip_norm=1.0, dataset_size=n,
+                                 batch_size=b, num_steps=steps, target_epsilon=3.0,
+                                 delta=1e-5, accountant="rdp")
+  assert calibrated.planned_epsilon() <= 3.0
+  # The PLD default keeps truncating (static shape always), and accounts it.
+  pld = dpfl.make_private(loss_fn, optax.sgd(0.1), l2_clip_norm=1.0, dataset_size=n,
+                          batch_size=b, num_steps=steps, noise_multiplier=1.0, delta=1e-5)
+  assert isinstance(pld.mechanism, accounting.TruncatedPoissonDpSgd)
+
+
+def test_rdp_overflowing_draw_gets_a_longer_shape_not_truncated():
+  # max_batch_size far below the expected batch: every draw overflows.
+  private = dpfl.make_private(loss_fn, optax.sgd(0.1), l2_clip_norm=1.0, dataset_size=200,
+                              batch_size=100, max_batch_size=8, num_steps=3,
+                              noise_multiplier=1.0, delta=1e-5, accountant="rdp", seed=1)
+  step, params, state = private.make_step(), PARAMS, private.init(PARAMS)
+  for batch, mask in private.batches(_data()):
+    assert len(mask) % 8 == 0 and mask.sum() > 8
+    params, state, _ = step(params, state, batch, mask)
+  assert private.sampler.num_overflows == 3 and private.sampler.num_truncated == 0
+  assert isinstance(private.ledger.entries[0], accounting.PoissonDpSgd)
+
+
+def test_rdp_refuses_a_ledger_with_truncated_steps_at_construction():
+  kwargs = dict(l2_clip_norm=1.0, dataset_size=200, batch_size=20, num_steps=10,
+                noise_multiplier=1.5, delta=1e-5)
+  first = dpfl.make_private(loss_fn, optax.sgd(0.1), **kwargs)
+  for _ in first.batches(_data(), 2):
+    pass
+  assert isinstance(first.ledger.entries[0], accounting.TruncatedPoissonDpSgd)
+  with pytest.raises(ValueError, match="accountant must be 'pld'.*truncated_poisson"):
+    dpfl.make_private(loss_fn, optax.sgd(0.1), ledger=first.ledger, accountant="rdp", **kwargs)
+
+
+@pytest.mark.parametrize("kwargs,kind", [
+    (dict(privacy_unit="user"), accounting.UlsDpSgd),
+    (dict(strategy="tree"), accounting.MatrixMechanism),
+    (dict(privacy_unit="user", strategy="tree"), accounting.UserMatrixMechanism),
+    (dict(strategy="banded", sampling_scheme="poisson", batch_size=16),
+     accounting.AmplifiedBandedMatrixMechanism),
+])
+def test_rdp_works_for_user_level_and_ftrl(kwargs, kind):
+  base = dict(l2_clip_norm=1.0, dataset_size=200, batch_size=20, num_steps=8,
+              noise_multiplier=1.5, delta=1e-5, accountant="rdp")
+  private = dpfl.make_private(loss_fn, optax.sgd(0.1), **{**base, **kwargs})
+  assert isinstance(private.mechanism, kind)
+  assert private.planned_epsilon() == pytest.approx(
+      _rdp_epsilon(private.mechanism.dp_event(), 1e-5), rel=1e-12)

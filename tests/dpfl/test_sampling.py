@@ -164,6 +164,32 @@ def test_mechanism_poisson_when_truncation_impossible():
   assert not sampling.PoissonSampler(10, sampling_prob=0.9).can_truncate
 
 
+def test_untruncated_draws_are_exact_poisson_padded_further():
+  # truncate=False: a draw above the maximum gets a longer shape (a multiple
+  # of it), never fewer examples, so sizes are Binomial(n, q) in full and the
+  # accounting is plain Poisson. False-failure rate <= 2e-6 (two checks).
+  n, q, max_batch, draws = 20, 0.5, 5, 20_000
+  sampler = sampling.PoissonSampler(n, sampling_prob=q, max_batch_size=max_batch,
+                                    truncate=False, seed=5)
+  assert not sampler.truncate and not sampler.can_truncate
+  sizes = []
+  for batch in (sampler() for _ in range(draws)):
+    size = int(batch.mask.sum())
+    assert batch.indices.shape == batch.mask.shape
+    assert len(batch.mask) == max_batch * max(1, math.ceil(size / max_batch))
+    assert np.all(batch.mask[:size]) and not np.any(batch.mask[size:])
+    real = batch.indices[batch.mask]
+    assert np.all(np.diff(real) > 0) and real.min(initial=0) >= 0 and real.max(initial=0) < n
+    sizes.append(size)
+  _assert_fits(np.bincount(sizes, minlength=n + 1), stats.binom.pmf(np.arange(n + 1), n, q))
+  assert sampler.num_truncated == 0 and sampler.num_batches == draws
+  assert sampler.num_overflows == sum(size > max_batch for size in sizes)
+  assert sampler.mechanism(noise_multiplier=1.1, num_steps=7) == accounting.PoissonDpSgd(
+      noise_multiplier=1.1, sampling_prob=q, num_steps=7)
+  with pytest.raises(ValueError, match="truncate"):
+    sampling.PoissonSampler(n, sampling_prob=q, truncate="no")
+
+
 def test_mechanism_shuffled_counts_epochs_without_amplification():
   sampler = sampling.ShuffledSampler(1000, batch_size=64)
   mech = sampler.mechanism(noise_multiplier=1.1, num_steps=100)
