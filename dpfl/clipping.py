@@ -311,7 +311,12 @@ def clipped_grad(
 
     chosen = strategy
     if chosen == "auto":
-      one_unit = jax.tree.map(lambda x: x[0], units)
+      # The choice needs only one unit's shapes and dtypes. Slicing x[0]
+      # would fail on a unit axis sharded over an Explicit mesh (a size-1
+      # slice of a sharded dim is a ShardingTypeError), so describe it.
+      one_unit = jax.tree.map(
+          lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], jnp.result_type(x)), units
+      )
       chosen = _strategies.choose_strategy(unit_loss, params, one_unit)
     elif chosen == "reweight" and _strategies.has_half_precision(params):
       raise ValueError(

@@ -38,8 +38,12 @@ _CHILD = textwrap.dedent(
     mesh = jax.make_mesh((4,), ("users",))
     put = lambda t: jax.device_put(t, NamedSharding(mesh, P("users")))
     out = {}
+    # "auto" (the default) picks a strategy from one unit's shapes: it must not
+    # slice the sharded unit axis to get them.
     configs = [("user", "materialize", None), ("user", "reweight", 8),
-               ("example", "materialize", 8), ("example", "reweight", None)]
+               ("example", "materialize", 8), ("example", "reweight", None),
+               ("user", "auto", None), ("example", "auto", None),
+               ("user", "auto", 8)]
     for unit, strategy, microbatch_size in configs:
       b, m = batch, mask
       if unit == "example":
@@ -79,7 +83,7 @@ def test_sharded_unit_axis_matches_single_device():
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = json.loads(proc.stdout.strip().splitlines()[-1])
-  assert len(results) == 4
+  assert len(results) == 7
   for config, r in results.items():
     assert r["norm"] > 0.1, config  # the reference is not trivially zero
     assert r["diff"] <= 1e-5 * max(1.0, r["norm"]), (config, r)

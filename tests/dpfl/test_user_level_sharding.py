@@ -66,29 +66,35 @@ _CHILD = textwrap.dedent(
     out["gradient/auto mesh"] = [flat(ref).tolist(), flat(got).tolist(), [0, 0]]
 
     # 3. Whole training runs (sampling, noise, server optimizer) with the same
-    #    seeds, with and without a mesh: ULS with local steps, and ELS.
+    #    seeds, with and without a mesh, on the Auto and on an Explicit mesh:
+    #    ULS with and without local steps, and ELS. Without local steps the
+    #    step uses clipped_grad's default strategy="auto".
     rng = np.random.default_rng(0)
     x = rng.normal(size=(400, 5)).astype(np.float32)
     ds = UserDataset.from_arrays({"x": x, "y": np.sin(x).sum(1)}, rng.integers(0, 50, 400),
                                  examples_per_user=6)
     configs = {
         "uls run": dict(batch_size=10, local_steps=2, local_learning_rate=0.3),
+        "uls gradient run": dict(batch_size=10),
         "els run": dict(sampling_unit="example", batch_size=30),
     }
+
+    def run(mesh, extra):
+      private = dpfl.make_private(
+          loss, optax.sgd(0.5, momentum=0.9, nesterov=True), privacy_unit="user",
+          dataset=ds, l2_clip_norm=0.3, num_steps=3, noise_multiplier=1.0, delta=1e-5,
+          key=3, seed=4, mesh=mesh, **extra)
+      p, state, step = params, private.init(params), private.make_step()
+      for b, m in private.batches(ds):
+        if mesh is not None:
+          assert len(jax.tree.leaves(b)[0].sharding.device_set) == 4
+        p, state, _ = step(p, state, b, m)
+      return flat(p).tolist()
+
     for name, extra in configs.items():
-      finals = []
-      for mesh in (None, auto):
-        private = dpfl.make_private(
-            loss, optax.sgd(0.5, momentum=0.9, nesterov=True), privacy_unit="user",
-            dataset=ds, l2_clip_norm=0.3, num_steps=3, noise_multiplier=1.0, delta=1e-5,
-            key=3, seed=4, mesh=mesh, **extra)
-        p, state, step = params, private.init(params), private.make_step()
-        for b, m in private.batches(ds):
-          if mesh is not None:
-            assert len(jax.tree.leaves(b)[0].sharding.device_set) == 4
-          p, state, _ = step(p, state, b, m)
-        finals.append(flat(p).tolist())
-      out[name] = finals + [[0, 0]]
+      ref = run(None, extra)
+      for mesh_name, mesh in (("auto", auto), ("explicit", explicit)):
+        out[f"{name}/{mesh_name} mesh"] = [ref, run(mesh, extra), [0, 0]]
     print(json.dumps(out))
     """
 )
@@ -102,7 +108,7 @@ def test_one_and_four_devices_agree():
                         text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = json.loads(proc.stdout.strip().splitlines()[-1])
-  assert len(results) == 5
+  assert len(results) == 9
   for config, (one, four, units) in results.items():
     one, four = [float(v) for v in one], [float(v) for v in four]
     norm = max(abs(v) for v in one)
