@@ -22,10 +22,18 @@ The selection is a function of each user's own examples only, so it costs
 no privacy whichever rule is used (it is part of the per-user computation
 whose output the mechanism bounds); the seed only makes it reproducible.
 
-Users are ordered by sorted id (``from_arrays``; ``from_dict`` sorts keys when
-they are mutually comparable, else keeps insertion order). Users with zero
-examples are dropped and counted in ``num_dropped_users``: they cannot affect
-any release, and keeping them would only waste padded compute.
+User ids keep their identity and type: two ids are the same user exactly
+when they are equal as ``dict`` keys, so ``1`` and ``'1'`` are two users
+(numpy would turn ``[1, '1']`` into two equal strings; ``1``, ``1.0`` and
+``np.int64(1)`` are one user, as they are one key of a dict). Ids must be
+hashable and neither None nor NaN (NaN is not equal to itself, so it cannot
+name one user). Users are ordered by sorted id when the ids are mutually
+comparable, else by first appearance (``from_arrays``) or insertion order
+(``from_dict``).
+
+Users with zero examples are dropped and counted in ``num_dropped_users``:
+they cannot affect any release, and keeping them would only waste padded
+compute.
 """
 
 from __future__ import annotations
@@ -65,18 +73,74 @@ def _leading_size(data: PyTree, name: str) -> int:
   return sizes.pop()
 
 
-def _id_array(ids: list) -> np.ndarray:
-  """A 1-D array of ids: numeric/string dtype when numpy can, else objects."""
-  try:
-    array = np.asarray(ids)
-    if array.ndim == 1 and array.dtype != object:
-      return array
-  except ValueError:  # ragged ids
-    pass
-  array = np.empty(len(ids), dtype=object)
-  for i, u in enumerate(ids):
+def _object_array(items: list) -> np.ndarray:
+  array = np.empty(len(items), dtype=object)
+  for i, u in enumerate(items):  # element-wise: tuple ids stay tuples, not rows
     array[i] = u
   return array
+
+
+def _id_array(ids: Any, name: str) -> np.ndarray:
+  """A 1-D array of ids that keeps each id's type.
+
+  A numeric/string dtype only where numpy loses nothing: an array-like with a
+  non-object dtype, or a sequence whose ids all have one type. Mixed types
+  (``[1, '1']``, which numpy would make two equal strings) stay Python
+  objects. Rejects None and NaN ids, naming ``name``.
+  """
+  if isinstance(ids, (str, bytes, Mapping)):
+    raise ValueError(f"{name} must be a 1-D column of ids, got {type(ids).__name__} {ids!r:.80}")
+  if isinstance(ids, (list, tuple)):
+    items = list(ids)
+  else:
+    array = np.asarray(ids)
+    if array.ndim != 1:
+      raise ValueError(f"{name} must be a 1-D column of ids, got shape {array.shape}")
+    if array.dtype != object:
+      if array.dtype.kind in "fc" and np.isnan(array).any():
+        raise ValueError(f"{name} must not contain NaN ids (NaN != NaN, so it names no single "
+                         f"user); found {int(np.isnan(array).sum())}")
+      if array.dtype.kind in "mM" and np.isnat(array).any():
+        raise ValueError(f"{name} must not contain NaT ids; found {int(np.isnat(array).sum())}")
+      return array
+    items = list(array)
+  for u in items:
+    if u is None:
+      raise ValueError(f"{name} must not contain None ids")
+    if isinstance(u, numbers.Number) and u != u:
+      raise ValueError(f"{name} must not contain NaN ids (NaN != NaN, so it names no single "
+                       f"user); got {u!r}")
+  if len({type(u) for u in items}) == 1:
+    try:
+      array = np.asarray(items)
+    except (ValueError, OverflowError):  # ragged tuples, ints beyond 64 bits
+      array = None
+    if array is not None and array.ndim == 1 and array.dtype != object:
+      return array
+  return _object_array(items)
+
+
+def _group_ids(ids: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+  """``(unique ids, inverse)`` with ``ids == unique[inverse]``.
+
+  Sorted when the ids compare, else in order of first appearance.
+  """
+  if ids.dtype != object:
+    unique, inverse = np.unique(ids, return_inverse=True)
+    return unique, inverse.reshape(-1)
+  first: dict[Any, int] = {}
+  try:
+    inverse = np.array([first.setdefault(u, len(first)) for u in ids], dtype=np.int64)
+  except TypeError as err:
+    raise ValueError(f"{name} must be hashable ids: {err}") from err
+  unique = list(first)
+  try:
+    order = sorted(range(len(unique)), key=unique.__getitem__)
+  except TypeError:  # ids that do not compare (e.g. 1 and 'a'): first appearance
+    order = list(range(len(unique)))
+  rank = np.empty(len(unique), dtype=np.int64)
+  rank[order] = np.arange(len(unique))
+  return _object_array([unique[i] for i in order]), rank[inverse]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -125,7 +189,8 @@ class UserDataset:
 
     Args:
       data: pytree of arrays sharing a leading example axis of length n.
-      user_ids: ``[n]`` the user of each example (any sortable ids).
+      user_ids: ``[n]`` the user of each example: any hashable ids, not None
+        or NaN; ids of mixed types keep their type (see the module docstring).
       examples_per_user: the cap k >= 1.
       selection: ``"first"`` or ``"random"`` (see the module docstring).
       seed: for ``selection="random"``: None (OS entropy) or an int.
@@ -138,29 +203,32 @@ class UserDataset:
 
     Raises:
       ValueError: ``user_ids`` not of length n, ``examples_per_user`` < 1,
-        an empty dataset, an unknown ``selection``, or ids outside ``users``.
+        an empty dataset, an unknown ``selection``, ids outside ``users``, or
+        None, NaN or unhashable ids in ``user_ids`` or ``users``.
     """
     k = _check_examples_per_user(examples_per_user)
     if selection not in SELECTIONS:
       raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
     n = _leading_size(data, "data")
-    ids = np.asarray(user_ids)
-    if ids.ndim != 1 or ids.shape[0] != n:
+    ids = _id_array(user_ids, "user_ids")
+    if ids.shape[0] != n:
       raise ValueError(f"user_ids must be a 1-D column with one id per example (length {n}, "
                        f"the leading size of data), got shape {ids.shape}")
     if n == 0:
       raise ValueError("data must hold at least one example, got an empty dataset")
-    unique, inverse = np.unique(ids, return_inverse=True)
+    unique, inverse = _group_ids(ids, "user_ids")
     dropped = 0
     if users is not None:
-      population = np.unique(np.asarray(users))
-      unknown = ~np.isin(unique, population)
-      if unknown.any():
-        raise ValueError(f"user_ids must all be listed in users; {int(unknown.sum())} are not, "
-                         f"e.g. {unique[unknown][:3].tolist()}")
+      population, _ = _group_ids(_id_array(users, "users"), "users")
+      # Set membership: the same notion of "same id" as the grouping above.
+      listed = set(population.tolist())
+      unknown = [u for u in unique.tolist() if u not in listed]
+      if unknown:
+        raise ValueError(f"user_ids must all be listed in users; {len(unknown)} are not, "
+                         f"e.g. {unknown[:3]}")
       dropped = int(population.size - unique.size)
     rng = _rng.numpy_generator(seed) if selection == "random" else None
-    return cls._build(data, inverse.reshape(-1), unique, k, rng, dropped)
+    return cls._build(data, inverse, unique, k, rng, dropped)
 
   @classmethod
   def from_dict(cls, mapping: Mapping[Any, PyTree], *, examples_per_user: int,
@@ -179,7 +247,7 @@ class UserDataset:
 
     Raises:
       ValueError: an empty mapping, every user empty, ``examples_per_user``
-        < 1, or users with different structures / shapes.
+        < 1, users with different structures / shapes, or a None or NaN key.
     """
     k = _check_examples_per_user(examples_per_user)
     if selection not in SELECTIONS:
@@ -187,6 +255,7 @@ class UserDataset:
     if not isinstance(mapping, Mapping) or not mapping:
       raise ValueError(f"mapping must be a non-empty mapping user -> arrays, got {mapping!r}")
     keys = list(mapping)
+    _id_array(keys, "mapping keys (user ids)")  # rejects None / NaN ids
     try:
       keys = sorted(keys)
     except TypeError:  # ids that do not compare: insertion order
@@ -208,7 +277,7 @@ class UserDataset:
       raise ValueError(f"mapping values must have the same trailing shapes: {err}") from err
     counts = [s for s in sizes if s > 0]
     inverse = np.repeat(np.arange(len(kept)), counts)
-    ids = _id_array(kept)
+    ids = _id_array(kept, "mapping keys (user ids)")
     rng = _rng.numpy_generator(seed) if selection == "random" else None
     return cls._build(data, inverse, ids, k, rng, len(keys) - len(kept))
 

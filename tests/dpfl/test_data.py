@@ -90,6 +90,43 @@ def test_gather_users_and_examples():
   assert ds.subset([2, 0]).user_ids.tolist() == [2, 0]
 
 
+def test_mixed_type_ids_keep_identity_and_type():
+  # numpy would turn [1, '1'] into two equal strings: one user instead of two.
+  ds = from_arrays(np.arange(4), [1, "1", "a", "a"], examples_per_user=3)
+  assert ds.num_users == 3
+  assert [(type(u), u) for u in ds.user_ids.tolist()] == [(int, 1), (str, "1"), (str, "a")]
+  assert ds.counts.tolist() == [1, 1, 2]
+  # Ids that do not compare keep their order of first appearance.
+  rng = np.random.default_rng(1)
+  pool = [1, "1", 2, "b", (1, 2), b"1"]
+  ids = [pool[i] for i in rng.integers(0, len(pool), size=60)]
+  ds = from_arrays(np.arange(60), ids, examples_per_user=100)
+  groups = _brute_groups(ids, range(60))
+  assert [(type(u), u) for u in ds.user_ids.tolist()] == [(type(u), u) for u in groups]
+  for u, uid in enumerate(ds.user_ids.tolist()):
+    assert ds.data[u][ds.mask[u]].tolist() == groups[uid]
+
+
+def test_mixed_numeric_ids_are_dict_keys_and_sorted():
+  # 1 and 1.0 are one dict key, hence one user; comparable ids are sorted.
+  ds = from_arrays(np.arange(5), [3, 1.0, 1, 2.5, 3], examples_per_user=3)
+  assert ds.user_ids.tolist() == [1, 2.5, 3]
+  assert [r[m].tolist() for r, m in zip(ds.data, ds.mask)] == [[1, 2], [3], [0, 4]]
+
+
+def test_from_dict_keeps_id_types():
+  ds = from_dict({1: np.ones(2), "a": np.zeros(3), "1": np.zeros(1)}, examples_per_user=3)
+  assert [(type(u), u) for u in ds.user_ids.tolist()] == [(int, 1), (str, "a"), (str, "1")]
+  assert ds.counts.tolist() == [2, 3, 1]
+
+
+def test_population_with_mixed_type_ids():
+  ds = from_arrays(np.arange(3), [1, "1", 1], examples_per_user=2, users=[1, "1", "2"])
+  assert ds.num_users == 2 and ds.num_dropped_users == 1
+  with pytest.raises(ValueError, match="listed in users"):
+    from_arrays(np.arange(3), [1, "1", 1], examples_per_user=2, users=[1, 2])
+
+
 @pytest.mark.parametrize("call,match", [
     (lambda: from_arrays(np.arange(5), np.arange(4), examples_per_user=2), "user_ids"),
     (lambda: from_arrays(np.arange(5), np.zeros((5, 1)), examples_per_user=2), "user_ids"),
@@ -106,6 +143,23 @@ def test_gather_users_and_examples():
     (lambda: from_dict({"a": np.ones(2)}, examples_per_user=-1), "examples_per_user"),
     (lambda: from_dict({"a": np.ones((2, 3)), "b": np.ones((2, 4))}, examples_per_user=2),
      "shapes"),
+    # None and NaN name no user (NaN != NaN): a clear error, not a numpy
+    # TypeError or every NaN silently made one user.
+    (lambda: from_arrays(np.arange(3), [None, 1, 1], examples_per_user=1), "user_ids.*None"),
+    (lambda: from_arrays(np.arange(3), ["a", None, "a"], examples_per_user=1),
+     "user_ids.*None"),
+    (lambda: from_arrays(np.arange(3), [np.nan, np.nan, 1.0], examples_per_user=1),
+     "user_ids.*NaN"),
+    (lambda: from_arrays(np.arange(3), np.array([np.nan, 2.0, np.nan]), examples_per_user=1),
+     "user_ids.*NaN"),
+    (lambda: from_arrays(np.arange(3), ["a", float("nan"), 1], examples_per_user=1),
+     "user_ids.*NaN"),
+    (lambda: from_arrays(np.arange(3), [[1], [2], [1]], examples_per_user=1), "user_ids.*hash"),
+    (lambda: from_arrays(np.arange(2), [1, 2], examples_per_user=1, users=[1, 2, None]),
+     "users.*None"),
+    (lambda: from_dict({None: np.ones(2), "a": np.ones(1)}, examples_per_user=1),
+     "mapping.*None"),
+    (lambda: from_dict({float("nan"): np.ones(2)}, examples_per_user=1), "mapping.*NaN"),
 ])
 def test_bad_input_names_the_argument(call, match):
   with pytest.raises(ValueError, match=match):
