@@ -225,6 +225,20 @@ def _select_unit(x: jax.Array, one_hot: jax.Array) -> jax.Array:
   return jnp.sum(picked, axis=0, dtype=x.dtype)
 
 
+def _is_key(x: jax.Array) -> bool:
+  return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _take_valid_or_donor(x: jax.Array, valid: jax.Array, donor: jax.Array) -> jax.Array:
+  """x where ``valid``, else the donor unit's x (see ``_reweight_block``)."""
+  if _is_key(x):
+    # Typed PRNG keys (e.g. per-example dropout keys) have no zero and no
+    # sum: select on their raw bits and wrap them back into keys.
+    data = _take_valid_or_donor(jax.random.key_data(x), valid, donor)
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+  return jnp.where(_expand(valid, x), x, _select_unit(x, donor))
+
+
 def clip_weights(
     norms: jax.Array, included: jax.Array, l2_clip_norm: float
 ) -> jax.Array:
@@ -325,9 +339,7 @@ def _reweight_block(
   valid = weights > 0
   any_valid = jnp.any(valid)
   donor = jnp.arange(n) == jnp.argmax(valid)
-  safe_units = jax.tree.map(
-      lambda x: jnp.where(_expand(valid, x), x, _select_unit(x, donor)), units
-  )
+  safe_units = jax.tree.map(lambda x: _take_valid_or_donor(x, valid, donor), units)
 
   def weighted_loss(p):
     losses, _ = jax.vmap(unit_loss, (None, 0))(p, safe_units)

@@ -99,10 +99,10 @@ def _brute_force(loss_fn, params, batch, l2_clip_norm, mask=None):
   return total, np.array(norms), clipped
 
 
-def _brute_force_users(params, batch, mask, l2_clip_norm):
+def _brute_force_users(params, batch, mask, l2_clip_norm, loss_fn=None):
   """Per-user clipped sum: gradient of each user's mean loss over real data."""
   total = np.zeros(_flat(params).shape)
-  grad_fn = _jit_grad(_loss)
+  grad_fn = _jit_grad(_loss if loss_fn is None else loss_fn)
   counted = clipped = 0
   for u in range(mask.shape[0]):
     real = np.flatnonzero(mask[u])
@@ -500,6 +500,61 @@ def test_user_level_values_are_user_mean_losses():
         else float(_loss(params, jax.tree.map(lambda x: x[u][real], batch)))
     )
     assert float(aux.values[u]) == pytest.approx(expected, rel=1e-5)
+
+
+# --------------------------------------------------------------------------
+# Typed PRNG keys in the batch (per-example dropout).
+
+DROPOUT_KEEP = 0.5
+
+
+def _dropout_loss(params, batch):
+  """_loss with inverted dropout on the inputs, one typed key per example."""
+  keep = jax.vmap(lambda k: jax.random.bernoulli(k, DROPOUT_KEEP, (5,)))(batch["key"])
+  x = jnp.where(keep, batch["x"] / DROPOUT_KEEP, 0.0)
+  h = jnp.tanh(x @ params["w1"] + params["b1"])
+  return jnp.mean(jnp.sum((h @ params["w2"] - batch["y"]) ** 2, axis=-1))
+
+
+@pytest.mark.parametrize(
+    "strategy, microbatch_size",
+    [("materialize", None), ("reweight", None), ("auto", None), ("reweight", 3),
+     ("materialize", 3), ("auto", 4)],
+)
+def test_typed_key_leaves_match_brute_force(strategy, microbatch_size):
+  n = 10
+  batch = dict(_batch(n), key=jax.random.split(jax.random.key(11), n))
+  assert jax.dtypes.issubdtype(batch["key"].dtype, jax.dtypes.prng_key)
+  x = np.array(batch["x"])
+  x[[2, 7]] = np.nan  # padding: garbage that must not leak (reweight swaps it out)
+  batch["x"] = jnp.asarray(x)
+  batch["y"] = batch["y"].at[5, 0].set(jnp.inf)  # a real example, non-finite gradient
+  mask = np.ones(n, bool)
+  mask[[2, 7]] = False
+  params = _params()
+  expected, _, num_clipped = _brute_force(_dropout_loss, params, batch, CLIP, mask)
+  fn = _jit_clipped(_dropout_loss, l2_clip_norm=CLIP, strategy=strategy,
+                    microbatch_size=microbatch_size)
+  clipped_sum, aux = fn(params, batch, mask=jnp.asarray(mask))
+  np.testing.assert_allclose(_flat(clipped_sum), expected, rtol=1e-5, atol=1e-5)
+  assert int(aux.num_units) == 8 and int(aux.num_nonfinite) == 1
+  assert int(aux.num_clipped) == num_clipped
+  # The keys matter: other keys drop other inputs and give another sum.
+  other = dict(batch, key=jax.random.split(jax.random.key(12), n))
+  moved = _flat(fn(params, other, mask=jnp.asarray(mask))[0])
+  assert np.max(np.abs(moved - expected)) > 1e-2
+
+
+@pytest.mark.parametrize("strategy", EXPLICIT)
+def test_typed_key_leaves_user_level(strategy):
+  params, (batch, mask) = _params(), _user_batch()
+  keys = jax.random.split(jax.random.key(13), mask.size).reshape(mask.shape)
+  batch = dict(batch, key=keys)
+  expected, _, _ = _brute_force_users(params, batch, mask, USER_CLIP, _dropout_loss)
+  fn = _jit_clipped(_dropout_loss, l2_clip_norm=USER_CLIP, unit="user", strategy=strategy)
+  clipped_sum, aux = fn(params, batch, mask=jnp.asarray(mask))
+  np.testing.assert_allclose(_flat(clipped_sum), expected, rtol=1e-5, atol=1e-6)
+  assert int(aux.num_units) == 4
 
 
 # --------------------------------------------------------------------------
