@@ -216,3 +216,29 @@ def test_rdp_works_for_user_level_and_ftrl(kwargs, kind):
   assert isinstance(private.mechanism, kind)
   assert private.planned_epsilon() == pytest.approx(
       _rdp_epsilon(private.mechanism.dp_event(), 1e-5), rel=1e-12)
+
+
+def test_readme_loop_with_unchanged_train_step_signature():
+  # The README's "Make an existing training loop private" diff, after: the
+  # loop's train_step(params, opt_state, batch) keeps its signature and
+  # unpacks the (examples, mask) pair that private.batches yields.
+  data, optimizer = _data(), optax.adam(1e-2)
+  private = dpfl.make_private(loss_fn, optimizer, l2_clip_norm=1.0, target_epsilon=3.0,
+                              delta=1e-5, dataset_size=200, batch_size=20, epochs=2)
+  optimizer = private.optimizer
+  params = PARAMS
+  opt_state = optimizer.init(params)
+
+  @jax.jit
+  def train_step(params, opt_state, batch):
+    examples, mask = batch
+    grads, _ = private.clipped_grad(params, examples, mask=mask)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  for batch in private.batches(data):
+    params, opt_state = train_step(params, opt_state, batch)
+  assert private.ledger.num_steps == private.num_steps == 20
+  assert 0 < private.epsilon() <= 3.0
+  assert np.isfinite(float(loss_fn(params, data)))
+  assert not np.allclose(np.asarray(params["w"]), 0.0)
