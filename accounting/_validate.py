@@ -21,6 +21,20 @@ def positive(name: str, value) -> float:
   return float(value)
 
 
+# Beyond this ε is 0 to double precision, and dp-accounting overflows
+# squaring σ (σ > ~1e154); a clear error beats an OverflowError.
+MAX_NOISE_MULTIPLIER = 1e100
+
+
+def noise_multiplier(name: str, value) -> float:
+  """A noise multiplier: 0 < value <= MAX_NOISE_MULTIPLIER."""
+  value = positive(name, value)
+  if value > MAX_NOISE_MULTIPLIER:
+    raise ValueError(f"{name} must be in (0, {MAX_NOISE_MULTIPLIER:g}], got {value!r} "
+                     "(ε is already 0 to double precision there)")
+  return value
+
+
 def non_negative(name: str, value) -> float:
   if not _is_real(value) or not math.isfinite(value) or value < 0:
     raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")

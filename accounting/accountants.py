@@ -20,6 +20,12 @@ without optimism:
   (the error shrinks at least linearly in Δ).
   For the Gaussian family the default is dp-accounting's own Δ = 1e-4, so
   ``dpfl epsilon`` prints the number dp-accounting prints.
+* **A floor on Δ for tiny noise.** A one-step PLD spans privacy losses up to
+  about s²/(2σ²) + 10·s/σ (sensitivity s, noise σ); at Δ = 1e-4 and σ = 1e-3
+  that is 10¹⁰ grid points (dp-accounting runs out of memory; at σ = 0.03 it
+  takes minutes). Δ is therefore never finer than span / ``MAX_GRID_POINTS``.
+  Any Δ is pessimistic, so this only loosens ε where it is in the hundreds
+  or more (σ below ~0.1); the Δ used is reported.
 
 Neighbouring relation: add or remove one privacy unit, both directions
 (dp-accounting's ``ADD_OR_REMOVE_ONE``; the PLD keeps both the remove and the
@@ -42,6 +48,8 @@ DEFAULT_DISCRETIZATION = 1e-4
 # Where "auto" starts, and the finest grid it will go to.
 AUTO_START_DISCRETIZATION = 1e-2
 AUTO_RTOL = 1e-3
+# The most grid points a one-step PLD may need (see "A floor on Δ" above).
+MAX_GRID_POINTS = 300_000
 
 
 def _base_events(event, count: int = 1):
@@ -117,6 +125,31 @@ def _composed_pld(mechanism: Mechanism, discretization: float):
   return total
 
 
+def _loss_span(event, count: int) -> float:
+  """About the width of the privacy-loss range of one ``event`` (see module)."""
+  from dp_accounting import dp_event as dpe
+  if isinstance(event, dpe.GaussianDpEvent):  # composed exactly: σ/√count
+    sens, sigma = 1.0, event.noise_multiplier / math.sqrt(count)
+  elif isinstance(event, dpe.PoissonSampledDpEvent) and isinstance(
+      event.event, dpe.GaussianDpEvent):
+    sens, sigma = 1.0, event.event.noise_multiplier
+  elif isinstance(event, dpe.MixtureOfGaussiansDpEvent):
+    sens, sigma = max(event.sensitivities), event.standard_deviation
+  elif isinstance(event, dpe.TruncatedSubsampledGaussianDpEvent):
+    sens, sigma = 1.0, event.noise_multiplier
+  else:
+    return 0.0
+  if sigma <= 0:
+    return 0.0
+  return sens * sens / (2 * sigma * sigma) + 10 * sens / sigma
+
+
+def discretization_floor(mechanism: Mechanism) -> float:
+  """The finest Δ the PLD back end uses for ``mechanism`` (0: no floor)."""
+  spans = [_loss_span(e, c) for e, c in _base_events(mechanism.dp_event())]
+  return max(spans, default=0.0) / MAX_GRID_POINTS
+
+
 def _needs_auto(mechanism: Mechanism) -> bool:
   from dp_accounting import dp_event as dpe
   return any(isinstance(e, dpe.MixtureOfGaussiansDpEvent)
@@ -175,8 +208,16 @@ def _cached_epsilon(mechanism: Mechanism, delta: float, accountant: str, disc, r
   if accountant == "rdp":
     return _rdp_accountant(mechanism).get_epsilon(delta), None
   value_at = lambda d: _composed_pld(mechanism, d).get_epsilon_for_delta(delta)
+  return _evaluate(value_at, mechanism, disc, rtol)
+
+
+def _evaluate(value_at, mechanism: Mechanism, disc, rtol: float):
+  """(value, Δ used) at ``disc`` ("auto": refined), never finer than the floor."""
+  floor = discretization_floor(mechanism)
   if disc == "auto":
-    return _refine(value_at, start=AUTO_START_DISCRETIZATION, rtol=rtol)
+    return _refine(value_at, start=max(AUTO_START_DISCRETIZATION, floor), rtol=rtol,
+                   finest=max(DEFAULT_DISCRETIZATION, floor))
+  disc = max(disc, floor)
   return value_at(disc), disc
 
 
@@ -209,6 +250,4 @@ def delta(mechanism: Mechanism, *, epsilon: float, accountant: Accountant = "pld
     return _rdp_accountant(mechanism).get_delta(epsilon)
   disc = resolve_discretization(mechanism, discretization)
   value_at = lambda d: _composed_pld(mechanism, d).get_delta_for_epsilon(epsilon)
-  if disc == "auto":
-    return _refine(value_at, start=AUTO_START_DISCRETIZATION, rtol=rtol)[0]
-  return value_at(disc)
+  return _evaluate(value_at, mechanism, disc, rtol)[0]

@@ -242,7 +242,7 @@ def calibrate_num_steps(make_mechanism: Callable[[int], Mechanism], *,
                         target_epsilon: float, delta: float, accountant: str = "pld",
                         discretization=None, max_steps: int = 10**8) -> Calibration:
   """The largest number of steps whose mechanism meets (ε, δ)."""
-  return _calibrate_int(make_mechanism, name="steps", upper=max_steps,
+  return _calibrate_int(make_mechanism, name="num_steps", upper=max_steps,
                         target_epsilon=target_epsilon, delta=delta,
                         accountant=accountant, discretization=discretization)
 
@@ -273,8 +273,14 @@ def calibrate_sampling_prob(make_mechanism: Callable[[float], Mechanism], *,
                                                                    discretization)))
   if full <= target_epsilon:
     return Calibration(1.0, full, delta, make_mechanism(1.0), accountant, discretization)
-  result = calibrate_noise_multiplier(from_inverse, target_epsilon=target_epsilon,
-                                      delta=delta, accountant=accountant,
-                                      discretization=discretization, rtol=rtol)
+  try:
+    result = calibrate_noise_multiplier(from_inverse, target_epsilon=target_epsilon,
+                                        delta=delta, accountant=accountant,
+                                        discretization=discretization, rtol=rtol)
+  except ValueError as e:
+    if "not reachable" not in str(e):
+      raise
+    raise ValueError(f"target_epsilon={target_epsilon} is not reachable with "
+                     f"sampling_prob >= {1 / _MAX_NOISE:g}") from None
   q = min(1.0, 1.0 / result.value)
   return dataclasses.replace(result, value=q)

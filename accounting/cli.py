@@ -35,13 +35,69 @@ _FLAG_OF = {
 }
 
 
+# The allowed range of each numeric flag, for messages about it.
+_RANGE_OF = {
+    "--noise-multiplier": "a number > 0", "--sampling-prob": "a number in (0, 1]",
+    "--steps": "an integer >= 1", "--delta": "a number in (0, 1)",
+    "--examples-per-user": "an integer >= 1", "--dataset-size": "an integer >= 1",
+    "--batch-size": "an integer >= 1", "--epochs": "a number > 0",
+    "--target-epsilon": "a number > 0", "--max-batch-size": "an integer >= 1",
+}
+
+
 class UsageError(Exception):
   """Bad command-line input: one line on stderr, exit status 2."""
 
 
 class _Parser(argparse.ArgumentParser):
   def error(self, message):  # one line, no usage dump, status 2
+    if message.startswith("the following arguments are required:"):
+      missing = [f.strip() for f in message.partition(":")[2].split(",")]
+      ranges = [f"{f} is {_RANGE_OF[f]}" for f in missing if f in _RANGE_OF]
+      if ranges:
+        message += " (" + "; ".join(ranges) + ")"
     raise UsageError(f"{self.prog}: {message}")
+
+
+def _value(flag: str, integer: bool = False):
+  """The argparse ``type`` of a numeric flag: a parse error names its range.
+
+  Integers accept integral spellings such as ``1e3``. The range itself is
+  checked where the value is used (one message for CLI and Python callers).
+  """
+  def parse(text: str):
+    try:
+      value = float(text)
+    except ValueError:
+      value = None
+    if value is not None and integer:
+      try:
+        return int(text)
+      except ValueError:
+        if math.isfinite(value) and value.is_integer():
+          return int(value)
+        value = None
+    if value is None:
+      raise argparse.ArgumentTypeError(f"must be {_RANGE_OF[flag]}, got {text!r}")
+    return value
+  parse.__name__ = "integer" if integer else "number"
+  return parse
+
+
+def _negative_values_joined(argv: list[str]) -> list[str]:
+  """``--delta -1e-5`` -> ``--delta=-1e-5``, so the range check, not argparse's
+  "expected one argument", answers a negative value."""
+  out, i = [], 0
+  while i < len(argv):
+    arg = argv[i]
+    if (arg in _RANGE_OF and i + 1 < len(argv)
+        and re.fullmatch(r"-(\d|\.\d|inf|nan).*", argv[i + 1], flags=re.IGNORECASE)):
+      out.append(f"{arg}={argv[i + 1]}")
+      i += 2
+    else:
+      out.append(arg)
+      i += 1
+  return out
 
 
 def _flagged(message: str) -> str:
@@ -52,28 +108,28 @@ def _flagged(message: str) -> str:
 # --- arguments ----------------------------------------------------------------
 
 def _add_common(p: argparse.ArgumentParser, *, calibrate: bool) -> None:
-  p.add_argument("--noise-multiplier", type=float, metavar="S",
+  p.add_argument("--noise-multiplier", type=_value("--noise-multiplier"), metavar="S",
                  help="noise std / clip norm" + (" (omit to calibrate it)" if calibrate else ""))
-  p.add_argument("--sampling-prob", type=float, metavar="Q",
+  p.add_argument("--sampling-prob", type=_value("--sampling-prob"), metavar="Q",
                  help="Poisson sampling probability of a unit per step, in (0, 1]")
-  p.add_argument("--steps", type=int, metavar="T", help="number of noisy steps, >= 1")
-  p.add_argument("--dataset-size", type=int, metavar="N",
+  p.add_argument("--steps", type=_value("--steps", integer=True), metavar="T", help="number of noisy steps, >= 1")
+  p.add_argument("--dataset-size", type=_value("--dataset-size", integer=True), metavar="N",
                  help="number of sampling units (examples, or users for ULS)")
-  p.add_argument("--batch-size", type=int, metavar="B", help="expected batch size (q = B/N)")
-  p.add_argument("--epochs", type=float, metavar="E", help="passes over the data (T = ceil(E·N/B))")
-  p.add_argument("--delta", type=float, required=True, metavar="D", help="target δ in (0, 1)")
+  p.add_argument("--batch-size", type=_value("--batch-size", integer=True), metavar="B", help="expected batch size (q = B/N)")
+  p.add_argument("--epochs", type=_value("--epochs"), metavar="E", help="passes over the data (T = ceil(E·N/B))")
+  p.add_argument("--delta", type=_value("--delta"), required=True, metavar="D", help="target δ in (0, 1)")
   p.add_argument("--accountant", choices=("pld", "rdp"), default="pld",
                  help="dp-accounting back end (default: pld)")
   p.add_argument("--privacy-unit", choices=("example", "user"), default="example",
                  help="what a neighbouring dataset adds or removes (default: example)")
   p.add_argument("--sampling-unit", choices=("example", "user"), default=None,
                  help="what is Poisson-sampled (default: same as --privacy-unit)")
-  p.add_argument("--examples-per-user", type=int, metavar="K",
+  p.add_argument("--examples-per-user", type=_value("--examples-per-user", integer=True), metavar="K",
                  help="cap on examples per user; required for ELS")
   p.add_argument("--sampling-scheme", choices=("poisson", "shuffle"), default="poisson",
                  help="poisson (default), or fixed-size shuffled batches with no "
                       "amplification (needs --dataset-size and --batch-size)")
-  p.add_argument("--max-batch-size", type=int, metavar="M",
+  p.add_argument("--max-batch-size", type=_value("--max-batch-size", integer=True), metavar="M",
                  help="truncate Poisson batches to M examples (accounted exactly; "
                       "needs --dataset-size)")
   p.add_argument("--json", action="store_true",
@@ -103,7 +159,7 @@ def build_parser(extra_commands: dict | None = None,
                        description="Solves for the one quantity left out: the noise "
                        "multiplier, the steps (or epochs), or the sampling rate (or "
                        "batch size).")
-  cal.add_argument("--target-epsilon", type=float, required=True, metavar="E",
+  cal.add_argument("--target-epsilon", type=_value("--target-epsilon"), required=True, metavar="E",
                    help="the ε budget, > 0")
   _add_common(cal, calibrate=True)
   for name, (help_text, module_name) in (extra_commands or {}).items():
@@ -189,6 +245,10 @@ def _sampling_inputs(args, *, need_q: bool, need_steps: bool):
   if args.sampling_prob is not None and dataset_form:
     raise UsageError("give --sampling-prob/--steps or --dataset-size/--batch-size/--epochs, "
                      "not both")
+  if (args.sampling_prob is not None and args.dataset_size is not None
+      and args.max_batch_size is None):
+    raise UsageError("--dataset-size is used with --batch-size/--epochs (or "
+                     "--max-batch-size), not with --sampling-prob: drop one")
   if args.sampling_prob is not None or not dataset_form:
     if need_q and args.sampling_prob is None:
       raise UsageError("--sampling-prob is required (in (0, 1]), or give --dataset-size, "
@@ -368,7 +428,7 @@ def main(argv: list[str] | None = None, extra_commands: dict | None = None) -> i
   extra_commands = extra_commands or {}
   try:
     selected = _selected_command(argv, extra_commands)
-    args = build_parser(extra_commands, selected).parse_args(argv)
+    args = build_parser(extra_commands, selected).parse_args(_negative_values_joined(argv))
     if args.command in _COMMANDS:
       out = _COMMANDS[args.command](args)
     else:

@@ -89,7 +89,7 @@ class MatrixMechanism(Mechanism):
 
   def __post_init__(self):
     object.__setattr__(self, "noise_multiplier",
-                       check.positive("noise_multiplier", self.noise_multiplier))
+                       check.noise_multiplier("noise_multiplier", self.noise_multiplier))
     object.__setattr__(self, "sensitivity", check.positive("sensitivity", self.sensitivity))
     n = check.positive_int("planned_steps", self.planned_steps)
     object.__setattr__(self, "planned_steps", n)
@@ -179,7 +179,7 @@ class AmplifiedBandedMatrixMechanism(Mechanism):
 
   def __post_init__(self):
     object.__setattr__(self, "noise_multiplier",
-                       check.positive("noise_multiplier", self.noise_multiplier))
+                       check.noise_multiplier("noise_multiplier", self.noise_multiplier))
     object.__setattr__(self, "sampling_prob",
                        check.probability("sampling_prob", self.sampling_prob))
     object.__setattr__(self, "num_steps", check.positive_int("num_steps", self.num_steps))

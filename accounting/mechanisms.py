@@ -132,7 +132,7 @@ class PoissonDpSgd(Mechanism):
 
   def __post_init__(self):
     object.__setattr__(self, "noise_multiplier",
-                       check.positive("noise_multiplier", self.noise_multiplier))
+                       check.noise_multiplier("noise_multiplier", self.noise_multiplier))
     object.__setattr__(self, "sampling_prob",
                        check.probability("sampling_prob", self.sampling_prob))
     object.__setattr__(self, "num_steps", check.positive_int("num_steps", self.num_steps))
@@ -192,7 +192,7 @@ class ElsDpSgd(Mechanism):
 
   def __post_init__(self):
     object.__setattr__(self, "noise_multiplier",
-                       check.positive("noise_multiplier", self.noise_multiplier))
+                       check.noise_multiplier("noise_multiplier", self.noise_multiplier))
     object.__setattr__(self, "sampling_prob",
                        check.probability("sampling_prob", self.sampling_prob))
     object.__setattr__(self, "num_steps", check.positive_int("num_steps", self.num_steps))
@@ -250,7 +250,7 @@ class ShuffledDpSgd(Mechanism):
 
   def __post_init__(self):
     object.__setattr__(self, "noise_multiplier",
-                       check.positive("noise_multiplier", self.noise_multiplier))
+                       check.noise_multiplier("noise_multiplier", self.noise_multiplier))
     object.__setattr__(self, "dataset_size",
                        check.positive_int("dataset_size", self.dataset_size))
     object.__setattr__(self, "batch_size", check.positive_int("batch_size", self.batch_size))
@@ -296,7 +296,7 @@ class TruncatedPoissonDpSgd(Mechanism):
 
   def __post_init__(self):
     object.__setattr__(self, "noise_multiplier",
-                       check.positive("noise_multiplier", self.noise_multiplier))
+                       check.noise_multiplier("noise_multiplier", self.noise_multiplier))
     object.__setattr__(self, "sampling_prob",
                        check.probability("sampling_prob", self.sampling_prob))
     object.__setattr__(self, "dataset_size",

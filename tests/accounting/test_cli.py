@@ -135,6 +135,17 @@ def _replace(args, flag, value):
     (["calibrate", "--target-epsilon", "1", "--noise-multiplier", "1", "--sampling-prob", "0.1",
       "--steps", "10", "--delta", "1e-5"], "leave out exactly one"),
     (["frobnicate"], "frobnicate"),
+    (_replace(BASE, "--steps", "1.5"), "integer >= 1"),
+    (_replace(BASE, "--noise-multiplier", "abc"), "> 0"),
+    (_replace(BASE, "--noise-multiplier", "1e300"), "--noise-multiplier"),
+    (_replace(BASE, "--delta", "-1e-5"), "(0, 1)"),
+    (_replace(BASE, "--sampling-prob", "-0.5"), "(0, 1]"),
+    (["epsilon", "--noise-multiplier", "1", "--sampling-prob", "0.1", "--steps", "10"], "(0, 1)"),
+    (BASE + ["--dataset-size", "100"], "--dataset-size"),
+    (["calibrate", "--target-epsilon", "0.01", "--noise-multiplier", "0.5", "--steps", "1000",
+      "--delta", "1e-5"], "--sampling-prob"),
+    (["calibrate", "--target-epsilon", "0.01", "--noise-multiplier", "0.5",
+      "--sampling-prob", "0.5", "--delta", "1e-5"], "--steps"),
 ])
 def test_bad_input_exits_2_with_one_line(capsys, argv, flag):
   code, out, err = run(capsys, *argv)
@@ -143,6 +154,27 @@ def test_bad_input_exits_2_with_one_line(capsys, argv, flag):
   assert len(lines) == 1, err
   assert flag in lines[0] and "error" in lines[0]
   assert "Traceback" not in err
+
+
+def test_integral_spellings_of_integers_are_accepted(capsys):
+  code, out, _ = run(capsys, *_replace(BASE, "--steps", "1e1"), "--json")
+  assert code == 0 and last_json(out)["steps"] == 10
+
+
+def test_tiny_noise_answers_on_a_coarser_pessimistic_grid(capsys):
+  # At Δ = 1e-4, σ = 1e-3 needs ~1e10 grid points (dp-accounting runs out of
+  # memory); the floor on Δ keeps it finite, and the answer is exactly
+  # dp-accounting's pessimistic PLD at the Δ reported.
+  code, out, err = run(capsys, "epsilon", "--noise-multiplier", "1e-3", "--sampling-prob",
+                       "0.01", "--steps", "3", "--delta", "1e-5", "--json")
+  assert code == 0, err
+  result = last_json(out)
+  disc = result["discretization"]
+  assert disc > 1e-4
+  acc = dpa.pld.PLDAccountant(value_discretization_interval=disc)
+  acc.compose(dpe.SelfComposedDpEvent(dpe.PoissonSampledDpEvent(0.01, dpe.GaussianDpEvent(1e-3)),
+                                      3))
+  assert result["epsilon"] == acc.get_epsilon(1e-5)
 
 
 def test_console_script_and_light_start_up():
