@@ -80,7 +80,6 @@ together (one ``[..., m]`` array) measured slower than m separate arrays.
 
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Any, Callable, NamedTuple, Sequence
 
