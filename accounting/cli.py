@@ -396,19 +396,24 @@ def _cmd_calibrate(args) -> dict:
       else:
         result = cal.calibrate_sampling_prob(lambda qq: make(sigma, qq, steps), **common)
         q = result.value
+  disc = result.discretization
+  if disc == "auto":  # report the grid the adaptive rule settled on (cached: no recompute)
+    from accounting import accountants
+    _, disc = accountants.epsilon_and_discretization(
+        result.mechanism, delta=args.delta, accountant=args.accountant, discretization="auto")
   out = {"noise_multiplier": sigma, "epsilon": result.epsilon, "delta": args.delta,
          "accountant": args.accountant, "target_epsilon": args.target_epsilon,
          "sampling_prob": q, "steps": steps, "batch_size": out_batch,
          "privacy_unit": args.privacy_unit,
          "sampling_unit": args.sampling_unit or args.privacy_unit,
          "examples_per_user": args.examples_per_user, "scheme": scheme,
-         "discretization": result.discretization, "mechanism": result.mechanism.to_dict()}
+         "discretization": disc, "mechanism": result.mechanism.to_dict()}
   if not args.json:
     _print_table(f"dpfl calibrate: {_DESCRIPTION[scheme]}", [
         ("target epsilon", args.target_epsilon), ("noise multiplier", sigma),
         ("sampling prob", q), ("batch size", out_batch), ("steps", steps),
         ("examples per user", args.examples_per_user), ("privacy unit", args.privacy_unit),
-        ("delta", args.delta), ("accountant", _accountant_label(args, result.discretization)),
+        ("delta", args.delta), ("accountant", _accountant_label(args, disc)),
         ("epsilon achieved", result.epsilon)])
   return out
 

@@ -208,3 +208,17 @@ def test_a_reader_leaving_early_is_not_an_error():
                        timeout=120)
   assert out.returncode == 0, out.stderr
   assert "error" not in out.stderr and "Traceback" not in out.stderr
+
+
+def test_els_calibrate_reports_the_grid_it_settled_on(capsys):
+  import accounting
+  code, out, err = run(capsys, "calibrate", "--target-epsilon", "4", "--sampling-prob", "0.01",
+                       "--steps", "200", "--delta", "1e-6", "--privacy-unit", "user",
+                       "--sampling-unit", "example", "--examples-per-user", "3", "--json")
+  assert code == 0, err
+  result = last_json(out)
+  assert isinstance(result["discretization"], float)
+  mechanism = accounting.ElsDpSgd(result["noise_multiplier"], 0.01, 200, 3)
+  assert accounting.epsilon(mechanism, delta=1e-6,
+                            discretization=result["discretization"]) == result["epsilon"]
+  assert result["epsilon"] <= 4
