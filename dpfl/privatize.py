@@ -24,7 +24,7 @@ import jax
 import optax
 
 import accounting
-from dpfl import ftrl, noise, sampling
+from dpfl import cyclic_sampling, ftrl, noise, sampling
 from dpfl.clipping import clipped_grad as _clipped_grad
 
 
@@ -283,7 +283,7 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
       if max_batch_size is not None:
         raise ValueError("max_batch_size applies to Poisson sampling only (cyclic batches "
                          "have the fixed batch_size)")
-      sampler = sampling.CyclicSampler(dataset_size, batch_size=batch_size, seed=seed)
+      sampler = cyclic_sampling.CyclicSampler(dataset_size, batch_size=batch_size, seed=seed)
       if epochs is not None:  # passes over the cyclic order: b = N // B steps each
         num_steps = ftrl.cyclic_steps(epochs, sampler.steps_per_epoch)
     else:
@@ -292,7 +292,7 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
       if bands > dataset_size or not batch_size <= group:
         raise ValueError(f"batch_size must be in [1, dataset_size // bands = {group}] for "
                          f"amplified banded MF ({bands} bands), got {batch_size!r}")
-      sampler = sampling.CyclicPoissonSampler(dataset_size, num_groups=bands,
+      sampler = cyclic_sampling.CyclicPoissonSampler(dataset_size, num_groups=bands,
                                               sampling_prob=batch_size / group,
                                               max_batch_size=max_batch_size, seed=seed)
     plan = ftrl.plan(strategy, strategy_options, sampler=sampler, num_steps=num_steps,

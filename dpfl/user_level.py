@@ -37,7 +37,7 @@ import jax
 import optax
 
 import accounting
-from dpfl import ftrl, sampling
+from dpfl import cyclic_sampling, ftrl, sampling
 from dpfl.clipping import clipped_grad as _clipped_grad
 from dpfl.data import UserDataset
 from dpfl.federated import clipped_user_updates, shard_users
@@ -269,7 +269,7 @@ def make_private_user_level(
   q = batch_size / dataset_size
   plan = None
   if strategy is not None:
-    sampler = sampling.CyclicSampler(dataset_size, batch_size=batch_size,
+    sampler = cyclic_sampling.CyclicSampler(dataset_size, batch_size=batch_size,
                                      multiple_of=multiple_of, seed=seed)
     if epochs is not None:  # passes over the cyclic order: b = N // B rounds each
       num_steps = ftrl.cyclic_steps(epochs, sampler.steps_per_epoch)

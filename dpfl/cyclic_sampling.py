@@ -1,0 +1,209 @@
+"""Cyclic batch selection for DP-FTRL, with static shapes for ``jit``.
+
+Matrix-factorization mechanisms are accounted for a participation pattern,
+not for amplification by sampling, so their samplers fix which steps each
+example can take part in:
+
+* ``CyclicSampler``: one fixed order repeated every epoch, each example every
+  ``b = N // B`` steps (``(k, b)``-participation);
+* ``CyclicPoissonSampler``: the data split once into ``b`` fixed groups,
+  step ``t`` Poisson-samples group ``t mod b`` (amplified banded MF).
+
+Their accounting is the matrix mechanism's (``dpfl.ftrl``); batches are the
+same ``dpfl.sampling.Batch`` (indices + mask) as the other samplers', and the
+same secrecy rules apply (OS-entropy seeds unless given one).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+
+from dpfl import _rng
+from dpfl.sampling import (Batch, _index_dtype, _positive_int, _probability,
+                           default_max_batch_size, padded_poisson_draw)
+
+
+class CyclicSampler:
+  """Fixed-size batches in one fixed order, repeated every epoch (DP-FTRL / DP-MF).
+
+  One uniformly random permutation is drawn at construction and split into
+  ``b = dataset_size // batch_size`` batches (the remainder never takes part);
+  step ``t`` uses batch ``t mod b``. So every unit takes part in at most
+  ``ceil(n / b)`` of ``n`` steps, any two exactly ``b`` apart: the
+  ``(k, b)``-participation (``min_separation = b``) under which a matrix
+  mechanism's sensitivity is computed (Choquette-Choo et al. 2023,
+  "Multi-Epoch Matrix Factorization Mechanisms"). A shuffle per epoch
+  (``ShuffledSampler``) would break it: a unit could take part in the last
+  step of one epoch and the first of the next.
+
+  Privacy guarantee: no amplification is claimed; the order is fixed before
+  training (independently of the data) and the matrix mechanism's
+  sensitivity covers every unit's participation pattern. ``participation``
+  gives ``(k, b)`` for a run; ``dpfl.ftrl`` turns it into an
+  ``accounting.MatrixMechanism``.
+
+  Args:
+    dataset_size: number of units N >= 1 (examples, or users for ULS).
+    batch_size: units per step, in [1, N].
+    multiple_of: pads each batch (mask False) to a multiple of this, e.g. the
+      number of devices the unit axis is sharded over.
+    seed: None (OS entropy, the private default) or an int.
+  """
+
+  def __init__(self, dataset_size: int, *, batch_size: int, multiple_of: int = 1,
+               seed: int | None = None):
+    self._dataset_size = _positive_int("dataset_size", dataset_size)
+    self._batch_size = _positive_int("batch_size", batch_size)
+    if self._batch_size > self._dataset_size:
+      raise ValueError(f"batch_size must be in [1, dataset_size={self._dataset_size}], "
+                       f"got {batch_size!r}")
+    multiple_of = _positive_int("multiple_of", multiple_of)
+    self._length = multiple_of * math.ceil(self._batch_size / multiple_of)
+    rng = _rng.numpy_generator(seed)
+    self._dtype = _index_dtype(self._dataset_size)
+    self._permutation = rng.permutation(self._dataset_size).astype(self._dtype)
+    self.num_batches = 0
+
+  @property
+  def dataset_size(self) -> int:
+    return self._dataset_size
+
+  @property
+  def population_size(self) -> int:
+    return self._dataset_size
+
+  @property
+  def batch_size(self) -> int:
+    return self._batch_size
+
+  @property
+  def max_batch_size(self) -> int:
+    """The static batch length (``batch_size`` rounded up to ``multiple_of``)."""
+    return self._length
+
+  @property
+  def expected_batch_size(self) -> int:
+    """The fixed batch size (public): the noise normaliser."""
+    return self._batch_size
+
+  @property
+  def steps_per_epoch(self) -> int:
+    """``b``: batches per pass, and the separation between a unit's steps."""
+    return self._dataset_size // self._batch_size
+
+  def participation(self, num_steps: int) -> tuple[int, int]:
+    """``(k, b)`` for a run of ``num_steps``: at most k steps per unit, b apart."""
+    num_steps = _positive_int("num_steps", num_steps)
+    b = self.steps_per_epoch
+    return math.ceil(num_steps / b), b
+
+  def __call__(self) -> Batch:
+    """The next batch: batch ``t mod b`` of the fixed order, padded to ``max_batch_size``."""
+    position = self.num_batches % self.steps_per_epoch
+    start = position * self._batch_size
+    indices = np.zeros(self._length, self._dtype)
+    indices[:self._batch_size] = np.sort(self._permutation[start:start + self._batch_size])
+    self.num_batches += 1
+    return Batch(indices=indices, mask=np.arange(self._length) < self._batch_size)
+
+  def __iter__(self) -> Iterator[Batch]:
+    """An endless stream of batches; stop after your number of steps."""
+    while True:
+      yield self()
+
+  def __repr__(self) -> str:
+    return (f"CyclicSampler(dataset_size={self._dataset_size}, batch_size={self._batch_size}, "
+            f"steps_per_epoch={self.steps_per_epoch})")
+
+
+class CyclicPoissonSampler:
+  """Cyclic Poisson sampling for amplified banded MF.
+
+  Choquette-Choo et al. 2023, "(Amplified) Banded Matrix Factorizations"
+  (arXiv 2306.08153), Alg. 2: one uniformly random permutation, drawn at
+  construction, splits the units into ``num_groups = b`` groups of
+  ``N // b`` (the remainder never takes part); step ``t`` includes every unit
+  of group ``t mod b`` independently with probability ``sampling_prob`` and
+  no other unit. Padded to a static size with a mask.
+
+  A draw above ``max_batch_size`` is padded to the next multiple of it (a
+  new shape, one recompile) rather than truncated, so the sample is exactly
+  Poisson, as the amplified-banded accounting
+  (``accounting.AmplifiedBandedMatrixMechanism``) assumes.
+
+  Args:
+    dataset_size: N >= 1.
+    num_groups: b, in [1, N] (the strategy's number of bands).
+    sampling_prob: q in (0, 1], per unit of the active group.
+    max_batch_size: usual static length (default: exceeded with probability
+      <= 1e-9 per step).
+    seed: None (OS entropy) or an int.
+  """
+
+  def __init__(self, dataset_size: int, *, num_groups: int, sampling_prob: float,
+               max_batch_size: int | None = None, seed: int | None = None):
+    self._dataset_size = _positive_int("dataset_size", dataset_size)
+    self._groups = _positive_int("num_groups", num_groups)
+    if self._groups > self._dataset_size:
+      raise ValueError(f"num_groups must be in [1, dataset_size={self._dataset_size}], "
+                       f"got {num_groups!r}")
+    self._sampling_prob = _probability("sampling_prob", sampling_prob)
+    self._group_size = self._dataset_size // self._groups
+    if max_batch_size is None:
+      max_batch_size = default_max_batch_size(self._group_size, self._sampling_prob)
+    self._max_batch_size = _positive_int("max_batch_size", max_batch_size)
+    self._rng = _rng.numpy_generator(seed)
+    self._dtype = _index_dtype(self._dataset_size)
+    self._permutation = self._rng.permutation(self._dataset_size).astype(self._dtype)
+    self.num_batches = 0
+    self.num_overflows = 0
+
+  @property
+  def dataset_size(self) -> int:
+    return self._dataset_size
+
+  @property
+  def population_size(self) -> int:
+    return self._dataset_size
+
+  @property
+  def num_groups(self) -> int:
+    return self._groups
+
+  @property
+  def group_size(self) -> int:
+    return self._group_size
+
+  @property
+  def sampling_prob(self) -> float:
+    return self._sampling_prob
+
+  @property
+  def max_batch_size(self) -> int:
+    return self._max_batch_size
+
+  @property
+  def expected_batch_size(self) -> float:
+    """``q * N // b``: the public noise normaliser."""
+    return self._sampling_prob * self._group_size
+
+  def __call__(self) -> Batch:
+    """Poisson sample of group ``t mod b``, sorted, then padding (mask False)."""
+    group = self.num_batches % self._groups
+    members = self._permutation[group * self._group_size:(group + 1) * self._group_size]
+    batch, overflowed = padded_poisson_draw(self._rng, self._group_size, self._sampling_prob,
+                                            self._max_batch_size, self._dtype, members)
+    self.num_overflows += overflowed
+    self.num_batches += 1
+    return batch
+
+  def __iter__(self) -> Iterator[Batch]:
+    while True:
+      yield self()
+
+  def __repr__(self) -> str:
+    return (f"CyclicPoissonSampler(dataset_size={self._dataset_size}, num_groups="
+            f"{self._groups}, sampling_prob={self._sampling_prob})")
