@@ -11,6 +11,10 @@ import math
 import numbers
 
 OBJECTIVES = ("max", "mean")
+# The loss each optimized strategy minimizes unless told otherwise: the
+# defaults of jax-privacy's optimizers (BLT: max error, as in Dvijotham et al.
+# 2024; banded and dense: mean error, as in Choquette-Choo et al. 2023).
+DEFAULT_OBJECTIVE = {"banded": "mean", "blt": "max", "dense": "mean"}
 
 
 def integer(name: str, value, *, low: int = 1, high: int | None = None) -> int:

@@ -202,7 +202,7 @@ def _initial_pairs(num_steps: int, buffers: int, spread: float) -> np.ndarray:
 
 @_threads.blas_pinned
 def optimize_blt(num_steps: int, *, buffers: int = 3, participation=None,
-                 objective: str = "mean", workload=None,
+                 objective: str = "max", workload=None,
                  max_iterations: int = 2000, restarts: int = 2) -> BltStrategy:
   """Optimizes a BLT with ``buffers`` buffers for ``n``, participation and objective.
 
@@ -214,7 +214,8 @@ def optimize_blt(num_steps: int, *, buffers: int = 3, participation=None,
     num_steps: ``n`` >= 1.
     buffers: number of buffers ``d``, in [1, 32].
     participation: None (single), a ``Participation`` or a ``(k, b)`` pair.
-    objective: ``"max"`` or ``"mean"``.
+    objective: ``"max"`` (default, as jax-privacy's
+      ``buffered_toeplitz.optimize`` and the BLT papers) or ``"mean"``.
     workload: None (prefix sums) or a Toeplitz ``Workload`` (constant
       learning rate, optional momentum).
     max_iterations: L-BFGS iteration cap per restart.

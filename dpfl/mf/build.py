@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dpfl.mf import banded, blt, dense, strategies
+from dpfl.mf._checks import DEFAULT_OBJECTIVE
 
 NAMES = ("identity", "tree", "sqrt", "banded", "blt", "dense")
 
 
 def build(name: str, num_steps: int, *, participation=None, workload=None,
-          objective: str = "mean", bands: int | None = None, buffers: int | None = None):
+          objective: str | None = None, bands: int | None = None,
+          buffers: int | None = None):
   """The named strategy for ``num_steps``, built or (banded / blt / dense) optimized.
 
   Args:
@@ -16,11 +18,14 @@ def build(name: str, num_steps: int, *, participation=None, workload=None,
     num_steps: ``n``.
     participation: None (single) or ``(k, b)``.
     workload: None (prefix sums) or a ``dpfl.mf.Workload``.
-    objective: ``"mean"`` or ``"max"`` (optimized strategies only).
+    objective: ``"mean"`` or ``"max"`` (optimized strategies only); None:
+      ``DEFAULT_OBJECTIVE[name]`` (max for blt, mean for banded and dense).
     bands: banded only (required).
     buffers: blt only (required).
   """
   common = dict(participation=participation, workload=workload)
+  if objective is None:
+    objective = DEFAULT_OBJECTIVE.get(name, "mean")
   if name == "identity":
     return strategies.identity(num_steps, **common)
   if name == "tree":

@@ -23,6 +23,9 @@ from typing import Any
 
 STRATEGIES = ("identity", "tree", "sqrt", "banded", "blt", "dense")
 OBJECTIVES = ("max", "mean")
+# As dpfl.mf._checks.DEFAULT_OBJECTIVE (a test checks); not imported from
+# there, which would load numpy for `dpfl mf --help`.
+DEFAULT_OBJECTIVE = {"banded": "mean", "blt": "max", "dense": "mean"}
 DEFAULT_BUFFERS = 3
 DEFAULT_MAX_BANDS = 32
 
@@ -49,8 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            f"(default min({DEFAULT_MAX_BANDS}, b))")
   parser.add_argument("--buffers", type=int, metavar="M",
                       help=f"blt only: number of buffers, >= 1 (default {DEFAULT_BUFFERS})")
-  parser.add_argument("--objective", choices=OBJECTIVES, default="mean",
-                      help="loss the optimized strategies minimize (default: mean)")
+  parser.add_argument("--objective", choices=OBJECTIVES,
+                      help="loss the optimized strategies minimize (default: max for blt, "
+                           "mean for banded and dense, as jax-privacy's optimizers)")
   parser.add_argument("--json", action="store_true",
                       help="print one JSON object as the last line of stdout")
 
@@ -70,7 +74,9 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
   strategy = getattr(args, "strategy", None)
   if strategy not in STRATEGIES:
     raise ValueError(f"--strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
-  objective = getattr(args, "objective", "mean") or "mean"
+  objective = getattr(args, "objective", None)
+  if objective is None:
+    objective = DEFAULT_OBJECTIVE.get(strategy, "mean")
   if objective not in OBJECTIVES:
     raise ValueError(f"--objective must be one of {', '.join(OBJECTIVES)}; got {objective!r}")
   n = _positive("--steps", getattr(args, "steps", None))

@@ -67,6 +67,24 @@ def test_bad_flags_name_the_flag(argv, flag):
     _run(*argv)
 
 
+def test_default_objective_is_jax_privacys():
+  # BLT minimizes max loss unless told otherwise (jax-privacy's
+  # buffered_toeplitz.optimize default); banded and dense the mean loss.
+  from dpfl.mf import _checks
+  assert cli.DEFAULT_OBJECTIVE == _checks.DEFAULT_OBJECTIVE
+  assert cli.OBJECTIVES == _checks.OBJECTIVES
+  blt = _run("--strategy", "blt", "--steps", "64", "--buffers", "2")
+  assert blt["objective"] == "max"
+  assert blt["max_loss"] == pytest.approx(mf.optimize_blt(64, buffers=2).max_loss, rel=1e-9)
+  assert mf.optimize_blt(64, buffers=2).max_loss == pytest.approx(
+      mf.optimize_blt(64, buffers=2, objective="max").max_loss, rel=1e-12)
+  mean_blt = _run("--strategy", "blt", "--steps", "64", "--buffers", "2", "--objective", "mean")
+  assert blt["max_loss"] < mean_blt["max_loss"] and mean_blt["mean_loss"] < blt["mean_loss"]
+  assert mf.build("blt", 64, buffers=2).max_loss == pytest.approx(blt["max_loss"], rel=1e-9)
+  for name, extra in (("banded", ["--bands", "4"]), ("dense", [])):
+    assert _run("--strategy", name, "--steps", "32", *extra)["objective"] == "mean"
+
+
 def test_namespace_without_parser_is_validated():
   with pytest.raises(ValueError, match="--strategy"):
     cli.run(argparse.Namespace(strategy="svd", steps=8))

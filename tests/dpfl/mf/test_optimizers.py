@@ -95,19 +95,22 @@ def test_blt_parameters_interlace_and_give_decreasing_coefficients():
     assert c[0] == 1.0 and np.all(np.diff(c) <= 0) and np.all(c > 0)
 
 
+@pytest.mark.parametrize("objective", ["mean", "max"])
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
-def test_blt_with_more_buffers_than_the_optimum_needs(momentum):
+def test_blt_with_more_buffers_than_the_optimum_needs(momentum, objective):
   # Short multi-epoch runs: L-BFGS collapses buffers onto each other or onto 0
   # (once a division by zero). The returned BLT drops the cancelled pairs and
   # is as good as the optimum with fewer buffers.
   from dpfl.mf.workload import Workload
   n, participation = 50, (5, 10)
   workload = Workload(n, momentum=momentum) if momentum else None
-  many = mf.optimize_blt(n, buffers=4, participation=participation, workload=workload)
-  one = mf.optimize_blt(n, buffers=1, participation=participation, workload=workload)
+  many = mf.optimize_blt(n, buffers=4, participation=participation, workload=workload,
+                         objective=objective)
+  one = mf.optimize_blt(n, buffers=1, participation=participation, workload=workload,
+                        objective=objective)
   assert np.all(np.isfinite(many.output_scale)) and many.num_buffers <= 4
-  assert np.isfinite(many.mean_loss)
-  assert many.mean_loss <= one.mean_loss * (1 + 1e-6)
+  assert np.isfinite(many.loss(objective))
+  assert many.loss(objective) <= one.loss(objective) * (1 + 1e-6)
 
 
 def test_blt_max_loss_approaches_the_square_root():
