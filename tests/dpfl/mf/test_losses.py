@@ -126,3 +126,20 @@ def test_blt_inverse_is_a_blt():
     buffers = s.buffer_decay * buffers + x
     out.append(x)
   assert np.allclose(out, np.linalg.solve(s.matrix, y), atol=1e-10)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_blt_recursive_row_errors_equal_dense_computation(seed):
+  # BltStrategy computes B = A C^{-1} as an order-`buffers` recursive filter
+  # (O(n m)); any BLT, not only optimized (interlaced) ones: negative scales
+  # can give complex zeros, which the filter pairs.
+  rng = np.random.default_rng(seed)
+  n, m = int(rng.integers(2, 60)), int(rng.integers(1, 5))
+  decay = np.sort(rng.uniform(0.05, 0.95, m))[::-1]
+  scale = rng.uniform(-0.6, 0.8, m)
+  for workload in (None, mf.Workload(n, momentum=0.8)):
+    s = mf.BltStrategy(num_steps=n, participation=None, workload=workload,
+                       buffer_decay=decay, output_scale=scale)
+    A = s.workload.matrix()
+    dense_rows = np.sum(np.square(A @ np.linalg.inv(s.matrix)), axis=1)
+    assert np.allclose(s.row_errors(), dense_rows, rtol=1e-9, atol=1e-12)
