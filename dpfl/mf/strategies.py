@@ -149,9 +149,14 @@ class _ToeplitzLosses:
       return Strategy._sensitivity_squared(self)
     return value, True
 
+  def inverse_toeplitz_coefs(self) -> np.ndarray:
+    """The ``n`` coefficients of ``C^{-1}`` (by recursion, ``O(n len(coefs))``)."""
+    return _toeplitz.inverse_coefs(self.toeplitz_coefs(), self.num_steps)
+
   def row_errors(self) -> np.ndarray:
     if self.workload.is_toeplitz:
-      return _toeplitz.row_errors(_toeplitz.error_coefs(self.toeplitz_coefs(), self.workload))
+      return _toeplitz.row_errors(
+          _toeplitz.apply_workload(self.inverse_toeplitz_coefs(), self.workload))
     return Strategy.row_errors(self)
 
 
@@ -193,6 +198,13 @@ class SqrtToeplitzStrategy(ToeplitzStrategy):
   """The square-root factorization: coefficients of ``(1 - x)^(-1/2)``, ``C C = A``."""
 
   name: ClassVar[str] = "sqrt"
+
+  def inverse_toeplitz_coefs(self) -> np.ndarray:
+    """``(1 - x)^(1/2)`` in closed form, ``O(n)`` (the recursion is ``O(n^2)``)."""
+    if len(self.coefs) == self.num_steps and np.array_equal(
+        self.coefs, _toeplitz.sqrt_coefs(self.num_steps)):
+      return _toeplitz.sqrt_inverse_coefs(self.num_steps)
+    return super().inverse_toeplitz_coefs()  # built with other coefficients
 
 
 def tree_matrix(num_steps: int) -> np.ndarray:

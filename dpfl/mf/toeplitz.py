@@ -30,6 +30,13 @@ def sqrt_coefs(num_steps: int) -> np.ndarray:
   return np.concatenate([[1.0], np.cumprod((2 * k - 1) / (2 * k))])
 
 
+def sqrt_inverse_coefs(num_steps: int) -> np.ndarray:
+  """Coefficients of ``(1 - x)^(1/2)``, the inverse of the square-root strategy:
+  ``d_0 = 1, d_k = d_{k-1} (2k - 3) / (2k)``."""
+  k = np.arange(1, num_steps)
+  return np.concatenate([[1.0], np.cumprod((2 * k - 3) / (2 * k))])
+
+
 def materialize(coefs: np.ndarray, num_steps: int) -> np.ndarray:
   """The dense lower-triangular Toeplitz matrix with first column ``coefs`` (padded)."""
   col = np.zeros(num_steps)
@@ -59,12 +66,13 @@ def inverse_coefs(coefs: np.ndarray, num_steps: int) -> np.ndarray:
 
 def error_coefs(coefs: np.ndarray, workload: Workload) -> np.ndarray:
   """Coefficients ``beta`` of ``B = A C^{-1}`` for a Toeplitz workload."""
+  return apply_workload(inverse_coefs(coefs, workload.num_steps), workload)
+
+
+def apply_workload(inverse: np.ndarray, workload: Workload) -> np.ndarray:
+  """``beta`` of ``B = A C^{-1}`` from the ``n`` coefficients of ``C^{-1}``."""
   from scipy import signal
-  n = workload.num_steps
-  impulse = np.zeros(n)
-  impulse[0] = 1.0
-  return signal.sosfilt(workload.filter_sections(),
-                        signal.lfilter([1.0], np.asarray(coefs, float)[:n], impulse))
+  return signal.sosfilt(workload.filter_sections(), np.asarray(inverse, float))
 
 
 def row_errors(beta: np.ndarray) -> np.ndarray:

@@ -143,3 +143,16 @@ def test_blt_recursive_row_errors_equal_dense_computation(seed):
     A = s.workload.matrix()
     dense_rows = np.sum(np.square(A @ np.linalg.inv(s.matrix)), axis=1)
     assert np.allclose(s.row_errors(), dense_rows, rtol=1e-9, atol=1e-12)
+
+
+def test_sqrt_inverse_closed_form():
+  from dpfl.mf import toeplitz
+  n = 300
+  d = toeplitz.sqrt_inverse_coefs(n)
+  assert np.allclose(d, toeplitz.inverse_coefs(toeplitz.sqrt_coefs(n), n), rtol=1e-12, atol=1e-15)
+  # C^{-1} C^{-1} = A^{-1}: the first difference (1, -1, 0, ...).
+  assert np.allclose(toeplitz.multiply(d, d, n), np.r_[1.0, -1.0, np.zeros(n - 2)], atol=1e-13)
+  for workload in (None, mf.Workload(n, momentum=0.9)):
+    s = mf.sqrt_toeplitz(n, workload=workload)
+    assert np.allclose(s.row_errors(), toeplitz.row_errors(
+        toeplitz.error_coefs(s.coefs, s.workload)), rtol=1e-10)
