@@ -3,12 +3,20 @@
   dpfl mf --strategy identity|tree|sqrt|banded|blt|dense --steps N
           [--epochs K | --min-sep B] [--bands M] [--buffers M]
           [--objective max|mean] [--json]
+          [--noise-multiplier S | --target-epsilon E] [--delta D]
 
 ``--epochs K`` is ``k = K`` participations with separation ``b = N / K``;
 ``--min-sep B`` gives ``b`` (then ``k = N / B``); neither is single
 participation. ``run`` returns a dict with ``sensitivity``, ``max_loss``,
 ``mean_loss`` and ``seconds`` (wall time to build or optimize the strategy)
 plus the settings used; bad flags raise ``ValueError`` naming the flag.
+
+With ``--noise-multiplier S --delta D`` it also reports the ``epsilon`` of the
+run (one Gaussian mechanism with noise multiplier ``S`` relative to
+``sensitivity * clip norm``: ``accounting.MatrixMechanism``); with
+``--target-epsilon E --delta D`` the smallest ``noise_multiplier`` meeting
+``E`` (and the ``epsilon`` it gives). ``noise_stddev`` is then
+``noise_multiplier * sensitivity``, the per-step noise in clip norms.
 
 This module imports only the standard library; numpy and scipy load when
 ``run`` builds a strategy (no strategy here needs JAX).
@@ -17,6 +25,7 @@ This module imports only the standard library; numpy and scipy load when
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import time
 from typing import Any
@@ -32,7 +41,9 @@ DEFAULT_MAX_BANDS = 32
 # Library argument names -> flags, for messages raised below the CLI.
 _FLAG_OF = {"num_steps": "--steps", "num_participations": "--epochs",
             "min_separation": "--min-sep", "bands": "--bands", "buffers": "--buffers",
-            "objective": "--objective", "strategy": "--strategy"}
+            "objective": "--objective", "strategy": "--strategy",
+            "noise_multiplier": "--noise-multiplier", "target_epsilon": "--target-epsilon",
+            "delta": "--delta"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,6 +68,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "mean for banded and dense, as jax-privacy's optimizers)")
   parser.add_argument("--json", action="store_true",
                       help="print one JSON object as the last line of stdout")
+  parser.add_argument("--noise-multiplier", type=float, metavar="S",
+                      help="noise std / (sensitivity * clip norm), > 0: with --delta, also "
+                           "report the run's epsilon")
+  parser.add_argument("--target-epsilon", type=float, metavar="E",
+                      help="> 0: with --delta, also report the smallest noise multiplier "
+                           "meeting it")
+  parser.add_argument("--delta", type=float, metavar="D",
+                      help="δ in (0, 1), for --noise-multiplier or --target-epsilon")
 
 
 def _flagged(message: str) -> str:
@@ -109,8 +128,56 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     buffers = DEFAULT_BUFFERS if buffers is None else buffers
     if isinstance(buffers, bool) or not isinstance(buffers, int) or not 1 <= buffers <= MAX_BUFFERS:
       raise ValueError(f"--buffers must be an integer in [1, {MAX_BUFFERS}], got {buffers!r}")
-  return {"strategy": strategy, "steps": n, "epochs": k, "min_sep": b, "bands": bands,
-          "buffers": buffers, "objective": objective}
+  settings = {"strategy": strategy, "steps": n, "epochs": k, "min_sep": b, "bands": bands,
+              "buffers": buffers, "objective": objective}
+  privacy = _privacy_settings(args)
+  return {**settings, **privacy} if privacy else settings
+
+
+def _privacy_settings(args: argparse.Namespace) -> dict[str, float]:
+  """``--noise-multiplier`` / ``--target-epsilon`` with ``--delta``, checked."""
+  sigma = getattr(args, "noise_multiplier", None)
+  target = getattr(args, "target_epsilon", None)
+  delta = getattr(args, "delta", None)
+  if sigma is None and target is None:
+    if delta is not None:
+      raise ValueError("--delta needs --noise-multiplier (report epsilon) or --target-epsilon "
+                       "(calibrate the noise multiplier)")
+    return {}
+  if sigma is not None and target is not None:
+    raise ValueError("give one of --noise-multiplier and --target-epsilon, not both")
+  if delta is None:
+    raise ValueError("--delta is required with --noise-multiplier or --target-epsilon "
+                     "(a number in (0, 1))")
+  if not (isinstance(delta, (int, float)) and 0 < delta < 1):
+    raise ValueError(f"--delta must be a number in (0, 1), got {delta!r}")
+  flag, value = (("--noise-multiplier", sigma) if sigma is not None
+                 else ("--target-epsilon", target))
+  if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+    raise ValueError(f"{flag} must be a finite number > 0, got {value!r}")
+  if sigma is not None:
+    return {"noise_multiplier": float(sigma), "delta": float(delta)}
+  return {"target_epsilon": float(target), "delta": float(delta)}
+
+
+def _account(settings: dict[str, Any], strategy) -> dict[str, float]:
+  """``epsilon`` (and the calibrated ``noise_multiplier``) of ``strategy``'s run."""
+  import accounting
+  k, b = settings["epochs"], settings["min_sep"]
+
+  def mechanism(sigma: float):
+    return accounting.MatrixMechanism(sigma, strategy.sensitivity, settings["steps"],
+                                      settings["strategy"], k, b if k > 1 else None)
+
+  if "target_epsilon" in settings:
+    result = accounting.calibrate_noise_multiplier(
+        mechanism, target_epsilon=settings["target_epsilon"], delta=settings["delta"])
+    sigma, epsilon = result.value, result.epsilon
+  else:
+    sigma = settings["noise_multiplier"]
+    epsilon = accounting.epsilon(mechanism(sigma), delta=settings["delta"])
+  return {"noise_multiplier": sigma, "epsilon": epsilon,
+          "noise_stddev": sigma * strategy.sensitivity}
 
 
 def build(settings: dict[str, Any]):
@@ -136,6 +203,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     numbers = {"sensitivity": strategy.sensitivity,
                "sensitivity_exact": strategy.sensitivity_exact,
                "max_loss": strategy.max_loss, "mean_loss": strategy.mean_loss}
+    if "delta" in settings:
+      numbers.update(_account(settings, strategy))
   except ValueError as err:
     raise ValueError(_flagged(str(err))) from None
   return {**settings, **numbers, "seconds": seconds}
@@ -159,5 +228,11 @@ def format_table(result: dict[str, Any]) -> str:
     sens += " (upper bound)"
   rows += [("sensitivity", sens), ("max_loss", f"{result['max_loss']:.6g}"),
            ("mean_loss", f"{result['mean_loss']:.6g}"), ("seconds", f"{result['seconds']:.3g}")]
+  if "epsilon" in result:
+    label = ("noise_multiplier (calibrated)" if "target_epsilon" in result
+             else "noise_multiplier")
+    rows += [(label, f"{result['noise_multiplier']:.6g}"),
+             ("noise_stddev", f"{result['noise_stddev']:.6g} (clip norms per step)"),
+             ("epsilon", f"{result['epsilon']:.6g} at delta={result['delta']:g}")]
   lines += [f"  {name:<22} {value}" for name, value in rows]
   return "\n".join(lines)

@@ -85,6 +85,51 @@ def test_default_objective_is_jax_privacys():
     assert _run("--strategy", name, "--steps", "32", *extra)["objective"] == "mean"
 
 
+def test_epsilon_of_the_run_is_one_gaussian_mechanism():
+  # Independent reference: dp-accounting's exact Gaussian ε (Balle & Wang
+  # 2018) at the noise multiplier; the PLD answer is pessimistic and close.
+  import dp_accounting as dpa
+  result = _run("--strategy", "sqrt", "--steps", "256", "--epochs", "4",
+                "--noise-multiplier", "1.5", "--delta", "1e-6")
+  exact = dpa.get_epsilon_gaussian(1.5, 1e-6)
+  assert exact <= result["epsilon"] <= exact * 1.005
+  assert result["noise_multiplier"] == 1.5 and result["delta"] == 1e-6
+  assert result["noise_stddev"] == pytest.approx(1.5 * result["sensitivity"])
+  assert "epsilon" in cli.format_table(result)
+  json.dumps(result)
+  # The strategy changes the noise per step, not ε at a given noise multiplier.
+  blt = _run("--strategy", "blt", "--steps", "256", "--epochs", "4", "--buffers", "2",
+             "--noise-multiplier", "1.5", "--delta", "1e-6")
+  assert blt["epsilon"] == pytest.approx(result["epsilon"], rel=1e-12)
+
+
+def test_target_epsilon_calibrates_the_noise_multiplier():
+  import dp_accounting as dpa
+  result = _run("--strategy", "identity", "--steps", "100", "--epochs", "4",
+                "--target-epsilon", "3", "--delta", "1e-5")
+  assert result["epsilon"] <= 3.0
+  exact_sigma = dpa.get_sigma_gaussian(3.0, 1e-5)
+  assert exact_sigma <= result["noise_multiplier"] <= exact_sigma * 1.01
+  assert result["noise_stddev"] == pytest.approx(2.0 * result["noise_multiplier"])  # sens = sqrt(4)
+  assert "calibrated" in cli.format_table(result)
+
+
+@pytest.mark.parametrize("extra,flag", [
+    (["--delta", "1e-5"], "--delta"),
+    (["--noise-multiplier", "1", "--target-epsilon", "2", "--delta", "1e-5"], "--target-epsilon"),
+    (["--noise-multiplier", "1"], "--delta"),
+    (["--target-epsilon", "2"], "--delta"),
+    (["--noise-multiplier", "-1", "--delta", "1e-5"], "--noise-multiplier"),
+    (["--noise-multiplier", "inf", "--delta", "1e-5"], "--noise-multiplier"),
+    (["--noise-multiplier", "1e300", "--delta", "1e-5"], "--noise-multiplier"),
+    (["--target-epsilon", "0", "--delta", "1e-5"], "--target-epsilon"),
+    (["--noise-multiplier", "1", "--delta", "1"], "--delta"),
+])
+def test_bad_privacy_flags_name_the_flag(extra, flag):
+  with pytest.raises(ValueError, match=flag):
+    _run("--strategy", "sqrt", "--steps", "16", *extra)
+
+
 def test_namespace_without_parser_is_validated():
   with pytest.raises(ValueError, match="--strategy"):
     cli.run(argparse.Namespace(strategy="svd", steps=8))
@@ -101,3 +146,31 @@ def test_module_imports_no_numerics():
           "print(sorted(x for x in ('numpy', 'scipy', 'jax') if x in sys.modules))")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("argv", [
+    ["--strategy", "sqrt", "--steps", "0"],
+    ["--strategy", "svd", "--steps", "8"],
+    ["--strategy", "sqrt", "--steps", "1.5"],
+    ["--strategy", "sqrt", "--steps", "8", "--epochs", "3"],
+    ["--strategy", "banded", "--steps", "8", "--bands", "9"],
+    ["--strategy", "blt", "--steps", "8", "--buffers", "0"],
+    ["--strategy", "sqrt", "--steps", "8", "--noise-multiplier", "abc", "--delta", "1e-5"],
+    ["--strategy", "sqrt", "--steps", "8", "--noise-multiplier", "1", "--delta", "-1e-5"],
+    ["--strategy", "sqrt", "--steps", "8", "--delta", "1e-5"],
+    ["--steps", "8"],
+])
+def test_console_bad_flags_exit_2_with_one_line(argv, capsys):
+  from dpfl import cli as console
+  assert console.main(["mf", *argv]) == 2
+  captured = capsys.readouterr()
+  err = captured.err.strip().splitlines()
+  assert len(err) == 1 and "--" in err[0] and "Traceback" not in captured.err
+
+
+def test_console_json_last_line(capsys):
+  from dpfl import cli as console
+  assert console.main(["mf", "--strategy", "sqrt", "--steps", "64", "--epochs", "2",
+                       "--noise-multiplier", "2", "--delta", "1e-6", "--json"]) == 0
+  last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert {"sensitivity", "max_loss", "mean_loss", "seconds", "epsilon"} <= set(last)
