@@ -10,6 +10,26 @@ alternate, so machine load hits both alike, and each figure is the median of
 the timed repetitions (``jax.block_until_ready`` on outputs and state).
 Target: ``ratio = blt_seconds / iid_seconds <= 1.2``.
 
+Why the target is not met on a CPU (measured on the 2-core VM, 2026-11-30):
+an iid step is one fused loop (threefry + erf_inv per parameter, ~35 ms for
+10M on 2 threads) plus page faults on its fresh output (~10 ms per 20 MB
+here). The BLT step needs m + 1 new arrays (buffers) and the output, and
+XLA:CPU emits one output array per loop fusion (no multi-output fusion), so
+it runs m + 2 passes: the draw with the buffer reads fused in (those reads
+are free, hidden behind the arithmetic: 49.6 vs 47.6 ms), m in-place buffer
+passes and the output pass (~48 + 12 bytes per parameter of memory-bound
+traffic, ~20 ms), plus page faults on the noise temporary. Tried:
+- a chunked in-place ``fori_loop`` (cache-resident chunks): 1.7x, its
+  dynamic-update-slice fusions run single-threaded;
+- one pass with all m + 1 outputs through a variadic reduce over a padded
+  axis (XLA fuses it into a single multi-output kernel): 1.16x at 5M
+  parameters with glibc's mmap/trim thresholds raised, 2.5x by default,
+  because such outputs cannot be written in place and fresh pages fault;
+- the last noise kept in the state (so no temporary): 1.39x vs 1.65x in the
+  same run, for one more model-sized buffer; not adopted (memory is what the
+  buffers cost users, and on accelerators XLA fuses the step anyway).
+A single-pass kernel (a custom call) would be the way to <= 1.2x on a CPU.
+
 ``bench_streaming(quick)`` is what ``benchmarks/mf.py`` calls; run standalone:
 ``python benchmarks/_mf_streaming.py [--quick] [--repeats N] [--json]``
 (a table, then one JSON line).
