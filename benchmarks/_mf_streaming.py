@@ -27,7 +27,7 @@ traffic, ~20 ms), plus page faults on the noise temporary. Tried:
   because such outputs cannot be written in place and fresh pages fault;
 - the last noise kept in the state (so no temporary): 1.39x vs 1.65x in the
   same run, for one more model-sized buffer; not adopted (memory is what the
-  buffers cost users, and on accelerators XLA fuses the step anyway).
+  buffers cost users).
 A single-pass kernel (a custom call) would be the way to <= 1.2x on a CPU.
 
 ``bench_streaming(quick)`` is what ``benchmarks/mf.py`` calls; run standalone:
