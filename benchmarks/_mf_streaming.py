@@ -78,21 +78,115 @@ def _blt_parameters() -> tuple[np.ndarray, np.ndarray]:
   return np.array([0.99, 0.9, 0.6, 0.2]), np.array([0.05, 0.1, 0.15, 0.2])
 
 
-def bench_streaming(quick: bool, repeats: int = 7) -> dict:
+def _jax_random_iid(noise_multiplier: float, l2_clip_norm: float, expected_batch_size: float,
+                    key: int):
+  """iid noise as plain JAX code draws it (``jax.random.normal`` per leaf, as
+  ``optax.add_noise`` or jax-privacy's ``gaussian_privatizer`` do): context
+  for ``gaussian_noise``, whose draw is the same bits, fused."""
+  import optax
+  std = noise_multiplier * l2_clip_norm
+
+  def init(params):
+    del params
+    return jax.random.key_data(jax.random.key(key))
+
+  def update(grads, state, params=None):
+    del params
+    new, sub = jax.random.split(jax.random.wrap_key_data(state))
+    leaves, treedef = jax.tree.flatten(grads)
+    keys = jax.random.split(sub, len(leaves))
+    out = [(g + std * jax.random.normal(k, g.shape, g.dtype)) / expected_batch_size
+           for g, k in zip(leaves, keys)]
+    return jax.tree.unflatten(treedef, out), jax.random.key_data(new)
+
+  return optax.GradientTransformation(init, update)
+
+
+def _jax_privacy_probe(num_params: int, repeats: int) -> dict:
+  """jax-privacy 2.x: its iid privatizer and its streaming 4-buffer BLT
+  (``matrix_factorization_privatizer(blt.inverse_as_streaming_matrix())``),
+  alternated in one process; needs ``jax_enable_x64`` (its BLT is float64)."""
+  jax.config.update("jax_enable_x64", True)
+  from jax_privacy import noise_addition
+  from jax_privacy.matrix_factorization import buffered_toeplitz
+  theta, omega = _blt_parameters()
+  blt = buffered_toeplitz.BufferedToeplitz.build(buf_decay=theta.tolist(),
+                                                 output_scale=omega.tolist(),
+                                                 dtype=jnp.float64)
+  txs = {"iid": noise_addition.gaussian_privatizer(stddev=1.1, prng_key=0),
+         "blt": noise_addition.matrix_factorization_privatizer(
+             blt.inverse_as_streaming_matrix(), stddev=1.1 * 1.7, prng_key=0,
+             dtype=jnp.float32)}
+  times = _alternate({name: (_state_first_jit(tx, donate=True), tx) for name, tx in txs.items()},
+                     _params(num_params), repeats)
+  return {"iid_seconds": times["iid"], "blt_seconds": times["blt"],
+          "ratio": times["blt"] / times["iid"]}
+
+
+def _jax_privacy(num_params: int, repeats: int) -> dict | None:
+  """``_jax_privacy_probe`` in a child process (x64 is process-wide), or None
+  when jax-privacy is not installed."""
+  import importlib.util
+  import subprocess
+  if importlib.util.find_spec("jax_privacy") is None:
+    return None
+  out = subprocess.run(
+      [sys.executable, os.path.abspath(__file__), "--jax-privacy-probe", str(num_params),
+       "--repeats", str(repeats)], capture_output=True, text=True, check=True)
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _state_first_jit(tx, donate: bool):
+  # The step returns (state, updates) so that jit pairs each donated buffer
+  # with the new buffer of the same shape (with the updates first, buffer i
+  # would be paired with output i - 1 and copied).
+  def step(grads, state):
+    updates, state = tx.update(grads, state)
+    return state, updates
+  return jax.jit(step, donate_argnums=(1,)) if donate else jax.jit(step)
+
+
+def _alternate(steps: dict, params, repeats: int) -> dict:
+  """Median seconds per step of each ``name: (jitted step, transform)``,
+  after a compile and warm-up; the steps alternate, so load hits all alike."""
+  states = {}
+  for name, (step, tx) in steps.items():
+    state = tx.init(params)
+    for _ in range(2):
+      state, out = step(params, state)
+      jax.block_until_ready((out, state))
+    states[name] = state
+  times: dict[str, list[float]] = {name: [] for name in steps}
+  for _ in range(max(repeats, 5)):
+    for name, (step, _) in steps.items():
+      start = time.perf_counter()
+      states[name], out = step(params, states[name])
+      jax.block_until_ready((out, states[name]))
+      times[name].append(time.perf_counter() - start)
+      del out
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
+def bench_streaming(quick: bool, repeats: int = 7, jax_privacy: bool = True) -> dict:
   """Seconds per step: iid noise vs streaming BLT noise (4 buffers).
 
   Args:
     quick: 1M parameters instead of 10M.
     repeats: timed steps of each (>= 5), after one warm-up step.
+    jax_privacy: also time jax-privacy's iid and BLT privatizers (in a child
+      process; skipped when it is not installed).
 
   Returns:
     ``{"params", "buffers", "iid_seconds", "blt_seconds", "ratio",
-    "fused_iid_seconds", "ratio_vs_fused_iid", "blt_no_donation_seconds",
-    "ratio_no_donation", "repeats"}``: ``ratio`` is
-    against ``gaussian_noise`` (the DP-SGD step users would otherwise run);
+    "fused_iid_seconds", "ratio_vs_fused_iid", "jax_random_iid_seconds",
+    "ratio_vs_jax_random_iid", "blt_no_donation_seconds", "ratio_no_donation",
+    "jax_privacy", "repeats"}``: ``ratio`` (the target's) is against
+    ``gaussian_noise`` (the DP-SGD step users would otherwise run);
     ``ratio_vs_fused_iid`` against ``identity_noise`` through the correlated
-    machinery. Both draw with ``dpfl._rng.normal``, so the ratios measure the
-    cost of the buffers alone.
+    machinery (both draw with ``dpfl._rng.normal``, so these two measure the
+    cost of the buffers alone); ``ratio_vs_jax_random_iid`` against iid noise
+    drawn with ``jax.random.normal`` (the same bits, unfused); ``jax_privacy``
+    is ``{"iid_seconds", "blt_seconds", "ratio"}`` of its privatizers, or None.
   """
   num_params = 1_000_000 if quick else 10_000_000
   params = _params(num_params)
@@ -106,43 +200,28 @@ def bench_streaming(quick: bool, repeats: int = 7) -> dict:
   # bit-identical float32 normal): isolates the cost of the buffers.
   fused_iid = streaming.identity_noise(num_steps=num_steps, noise_multiplier=1.1,
                                        sensitivity=1.0, **shared)
+  plain_iid = _jax_random_iid(1.1, 1.0, 1024.0, 0)
   # The noise state is donated, as in a training step made with
-  # ``make_step(donate=True)``: the buffers are updated in place. The step
-  # returns (state, updates) so that jit pairs each donated buffer with the
-  # new buffer of the same shape (with the updates first, buffer i would be
-  # paired with output i - 1 and copied). BLT without donation is measured
-  # too: every step then allocates its m model-sized buffers afresh.
-  def state_first(tx):
-    def step(grads, state):
-      updates, state = tx.update(grads, state)
-      return state, updates
-    return step
-
-  steps = {"iid": (jax.jit(state_first(iid), donate_argnums=(1,)), iid.init(params)),
-           "blt": (jax.jit(state_first(blt), donate_argnums=(1,)), blt.init(params)),
-           "fused_iid": (jax.jit(state_first(fused_iid), donate_argnums=(1,)),
-                         fused_iid.init(params)),
-           "blt_no_donation": (jax.jit(state_first(blt)), blt.init(params))}
-  states = {}
-  for name, (step, state) in steps.items():  # compile and warm up
-    for _ in range(2):
-      state, out = step(params, state)
-      jax.block_until_ready((out, state))
-    states[name] = state
-  times: dict[str, list[float]] = {name: [] for name in steps}
-  for _ in range(max(repeats, 5)):
-    for name, (step, _) in steps.items():
-      start = time.perf_counter()
-      states[name], out = step(params, states[name])
-      jax.block_until_ready((out, states[name]))
-      times[name].append(time.perf_counter() - start)
-      del out
-  iid_s, blt_s, fused_s = (statistics.median(times[k]) for k in ("iid", "blt", "fused_iid"))
-  plain_s = statistics.median(times["blt_no_donation"])
+  # ``make_step(donate=True)``: the buffers are updated in place. BLT without
+  # donation is measured too: every step then allocates its m model-sized
+  # buffers afresh.
+  steps = {"iid": (_state_first_jit(iid, donate=True), iid),
+           "blt": (_state_first_jit(blt, donate=True), blt),
+           "fused_iid": (_state_first_jit(fused_iid, donate=True), fused_iid),
+           "jax_random_iid": (_state_first_jit(plain_iid, donate=True), plain_iid),
+           "blt_no_donation": (_state_first_jit(blt, donate=False), blt)}
+  times = _alternate(steps, params, repeats)
+  iid_s, blt_s = times["iid"], times["blt"]
   return {"params": num_params, "buffers": NUM_BUFFERS, "iid_seconds": iid_s,
-          "blt_seconds": blt_s, "ratio": blt_s / iid_s, "fused_iid_seconds": fused_s,
-          "ratio_vs_fused_iid": blt_s / fused_s, "blt_no_donation_seconds": plain_s,
-          "ratio_no_donation": plain_s / iid_s, "repeats": len(times["iid"])}
+          "blt_seconds": blt_s, "ratio": blt_s / iid_s,
+          "fused_iid_seconds": times["fused_iid"],
+          "ratio_vs_fused_iid": blt_s / times["fused_iid"],
+          "jax_random_iid_seconds": times["jax_random_iid"],
+          "ratio_vs_jax_random_iid": blt_s / times["jax_random_iid"],
+          "blt_no_donation_seconds": times["blt_no_donation"],
+          "ratio_no_donation": times["blt_no_donation"] / iid_s,
+          "jax_privacy": _jax_privacy(num_params, repeats) if jax_privacy else None,
+          "repeats": max(repeats, 5)}
 
 
 def main(argv=None) -> int:
@@ -150,17 +229,35 @@ def main(argv=None) -> int:
   parser.add_argument("--quick", action="store_true", help="1M parameters instead of 10M")
   parser.add_argument("--repeats", type=int, default=7, help="timed steps of each (>= 5)")
   parser.add_argument("--json", action="store_true", help="print only the JSON line")
+  parser.add_argument("--no-jax-privacy", action="store_true",
+                      help="skip jax-privacy's privatizers")
+  parser.add_argument("--jax-privacy-probe", type=int, metavar="PARAMS",
+                      help=argparse.SUPPRESS)  # the child process of _jax_privacy
   args = parser.parse_args(argv)
-  result = bench_streaming(args.quick, max(args.repeats, 5))
+  if args.jax_privacy_probe:
+    print(json.dumps(_jax_privacy_probe(args.jax_privacy_probe, max(args.repeats, 5))))
+    return 0
+  result = bench_streaming(args.quick, max(args.repeats, 5), not args.no_jax_privacy)
   if not args.json:
+    rows = [("iid gaussian_noise", result["iid_seconds"]),
+            ("BLT blt_noise (4 buffers)", result["blt_seconds"]),
+            ("iid, fused draw", result["fused_iid_seconds"]),
+            ("iid, jax.random.normal", result["jax_random_iid_seconds"]),
+            ("BLT, state not donated", result["blt_no_donation_seconds"])]
+    peer = result["jax_privacy"]
+    if peer:
+      rows += [("jax-privacy iid", peer["iid_seconds"]), ("jax-privacy BLT", peer["blt_seconds"])]
     print(f"{'step':<28}{'seconds':>12}")
-    print(f"{'iid gaussian_noise':<28}{result['iid_seconds']:>12.4f}")
-    print(f"{'BLT blt_noise (4 buffers)':<28}{result['blt_seconds']:>12.4f}")
-    print(f"{'iid, fused draw':<28}{result['fused_iid_seconds']:>12.4f}")
-    print(f"{'BLT, state not donated':<28}{result['blt_no_donation_seconds']:>12.4f}")
+    for name, seconds in rows:
+      print(f"{name:<28}{seconds:>12.4f}")
     print(f"ratio BLT / iid gaussian_noise: {result['ratio']:.3f} (target <= 1.2); "
           f"BLT / iid with the same fused draw: {result['ratio_vs_fused_iid']:.3f}; "
+          f"BLT / jax.random.normal iid: {result['ratio_vs_jax_random_iid']:.3f}; "
           f"{result['params']:,} parameters, median of {result['repeats']}")
+    if peer:
+      print(f"jax-privacy BLT / its iid: {peer['ratio']:.3f}; its BLT step / ours: "
+            f"{peer['blt_seconds'] / result['blt_seconds']:.1f}x (its own process, "
+            "float64 buffers)")
   print(json.dumps(result))
   return 0
 
