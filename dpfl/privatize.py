@@ -199,9 +199,10 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
       object. See ``dpfl.ftrl`` for how sampling, noise and accounting match.
     strategy_options: with a named strategy: ``buffers`` (blt, default 4),
       ``bands`` (banded, default min(16, steps per epoch)), ``objective``
-      (``"mean"``, the default for every strategy in training, or ``"max"``) and ``momentum`` (optimize for the momentum
-      workload of heavy-ball ``beta``: pair it with ``optax.sgd(lr,
-      momentum=beta)``; default 0, prefix sums).
+      (``"mean"``, the default for every strategy in training, or ``"max"``)
+      and ``momentum`` (optimize for the momentum workload of heavy-ball
+      ``beta``: pair it with ``optax.sgd(lr, momentum=beta)``; default 0,
+      prefix sums).
 
   Returns:
     A ``PrivateTraining`` (a ``dpfl.user_level.UserLevelPrivateTraining``

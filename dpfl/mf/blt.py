@@ -118,26 +118,22 @@ class BltStrategy(_strategies._ToeplitzLosses, _strategies.Strategy):
     """``(buffer_decay, output_scale)`` of the BLT ``C^{-1}``."""
     return inverse_parameters(self.buffer_decay, self.output_scale)
 
-  def row_errors(self) -> np.ndarray:
-    """Squared row norms of ``B = A C^{-1}`` in ``O(n * buffers)``.
+  def inverse_toeplitz_coefs(self) -> np.ndarray:
+    """The ``n`` coefficients of ``C^{-1}`` in ``O(n * buffers)``.
 
     ``C(x) = prod (1 - hat_theta_i x) / prod (1 - theta_i x)``, with
     ``hat_theta`` the eigenvalues of ``diag(theta) - omega 1^T`` (arXiv
     2404.16706, Lemma 5.2), so ``C^{-1}`` is a recursive filter of order
-    ``buffers``; the generic Toeplitz path divides by all ``n`` coefficients
-    of ``C`` (``O(n^2)``: 11 s at n = 1e5).
+    ``buffers``; the generic reciprocal recursion divides by all ``n``
+    coefficients of ``C`` (``O(n^2)``: 11 s at n = 1e5). Complex zeros
+    (possible for BLTs that are not interlaced) are paired into real sections.
     """
-    if not self.workload.is_toeplitz:
-      return super().row_errors()
     from scipy import signal
     theta, omega = self.buffer_decay, self.output_scale
-    poles = np.linalg.eigvals(np.diag(theta) - np.outer(omega, np.ones_like(omega)))
-    inverse_sos = signal.zpk2sos(theta, poles, 1.0)
+    zeros = np.linalg.eigvals(np.diag(theta) - np.outer(omega, np.ones_like(omega)))
     impulse = np.zeros(self.num_steps)
     impulse[0] = 1.0
-    beta = signal.sosfilt(np.concatenate([self.workload.filter_sections(), inverse_sos]),
-                          impulse)
-    return _toeplitz.row_errors(beta)
+    return signal.sosfilt(signal.zpk2sos(theta, zeros, 1.0), impulse)
 
   def summary(self):
     out = super().summary()
