@@ -38,7 +38,7 @@ import functools
 import math
 from typing import Literal
 
-from accounting import _validate as check
+from accounting import validate as check
 from accounting.mechanisms import Mechanism
 
 Accountant = Literal["pld", "rdp"]

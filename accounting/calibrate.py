@@ -22,7 +22,7 @@ import dataclasses
 import math
 from typing import Callable
 
-from accounting import _validate as check
+from accounting import validate as check
 from accounting import accountants
 from accounting.mechanisms import Mechanism
 

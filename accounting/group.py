@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from accounting import _validate as check
+from accounting import validate as check
 from accounting import accountants
 from accounting.mechanisms import Mechanism
 

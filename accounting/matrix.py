@@ -46,7 +46,7 @@ import dataclasses
 import math
 from typing import ClassVar
 
-from accounting import _validate as check
+from accounting import validate as check
 from accounting.mechanisms import Mechanism, _poisson_gaussian, _register
 
 

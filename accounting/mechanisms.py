@@ -28,7 +28,7 @@ import fractions
 import math
 from typing import Any, ClassVar
 
-from accounting import _validate as check
+from accounting import validate as check
 
 _REGISTRY: dict[str, type["Mechanism"]] = {}
 

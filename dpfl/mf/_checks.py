@@ -10,25 +10,13 @@ from __future__ import annotations
 import math
 import numbers
 
+from accounting.validate import integer  # noqa: F401  (one integer check for the project)
+
 OBJECTIVES = ("max", "mean")
 # The loss each optimized strategy minimizes unless told otherwise: the
 # defaults of jax-privacy's optimizers (BLT: max error, as in Dvijotham et al.
 # 2024; banded and dense: mean error, as in Choquette-Choo et al. 2023).
 DEFAULT_OBJECTIVE = {"banded": "mean", "blt": "max", "dense": "mean"}
-
-
-def integer(name: str, value, *, low: int = 1, high: int | None = None) -> int:
-  """An integer in ``[low, high]`` (``high=None``: unbounded)."""
-  ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-  if not ok and isinstance(value, numbers.Real) and not isinstance(value, bool):
-    ok = math.isfinite(value) and float(value).is_integer()
-  if ok:
-    value = int(value)
-    ok = value >= low and (high is None or value <= high)
-  if not ok:
-    allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
-    raise ValueError(f"{name} must be an integer {allowed}, got {value!r}")
-  return value
 
 
 def objective(value) -> str:
