@@ -225,7 +225,7 @@ def bench_streaming(quick: bool, repeats: int = 7, jax_privacy: bool = True) -> 
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
   parser.add_argument("--quick", action="store_true", help="1M parameters instead of 10M")
   parser.add_argument("--repeats", type=int, default=7, help="timed steps of each (>= 5)")
   parser.add_argument("--json", action="store_true", help="print only the JSON line")

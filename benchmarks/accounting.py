@@ -116,7 +116,7 @@ def bench_cli(repeats: int) -> dict:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
   parser.add_argument("--quick", action="store_true",
                       help="skip the ~70 s dp-accounting fine-grid ELS baseline")
   parser.add_argument("--repeats", type=int, default=5)

@@ -141,7 +141,7 @@ def _memory() -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
   parser.add_argument("--rounds", type=int, default=7, help="timed rounds (>= 5)")
   parser.add_argument("--json", action="store_true", help="print a JSON line last")
   parser.add_argument(

@@ -55,7 +55,7 @@ def run(flags: list[str], *, epsilon: float, lr: float, seed: int, common: list[
 
 
 def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
   parser.add_argument("--epsilons", default="1,3,8")
   parser.add_argument("--seeds", default="1,2,3")
   parser.add_argument("--epochs", type=float, default=40)

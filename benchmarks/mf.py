@@ -189,7 +189,7 @@ def _table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
   parser.add_argument("--quick", action="store_true", help="small n (CI-sized)")
   parser.add_argument("--repeats", type=int, default=5, help="timed dpfl runs (median)")
   parser.add_argument("--jp-repeats", type=int, default=1, help="timed jax-privacy runs (median)")

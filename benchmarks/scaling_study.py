@@ -183,7 +183,7 @@ def measure_speed(model: str, batch_size: int, *, seq_len: int, repeats: int,
 # --- main --------------------------------------------------------------------------------
 
 def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
   parser.add_argument("--quick", action="store_true", help="minutes-long pipeline check (CI)")
   parser.add_argument("--out", default=None,
                       help="output folder (default: benchmarks/out/scaling_study[_quick])")

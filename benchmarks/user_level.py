@@ -153,7 +153,7 @@ def _run_child(num_devices: int, args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
   parser.add_argument("--users", type=int, default=16, help="users per step (divisible by 4)")
   parser.add_argument("--examples-per-user", type=int, default=4)
   parser.add_argument("--rounds", type=int, default=5, help="timed rounds (>= 5)")

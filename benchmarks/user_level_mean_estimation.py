@@ -561,7 +561,7 @@ def configs_for(args) -> dict[str, list[StudyConfig]]:
 
 
 def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
   parser.add_argument("--quick", action="store_true",
                       help="smaller grids: 3 ε, k ∈ {1,4,16}, 2 tuning + 3 eval seeds")
   parser.add_argument("--json", action="store_true", help="last stdout line: one JSON object")

@@ -52,7 +52,7 @@ def load(test_fraction: float = 0.2):
 
 
 def main(argv=None) -> dict:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
   p.add_argument("--target-epsilon", type=float, default=3.0)
   p.add_argument("--delta", type=float, default=1e-5)
   p.add_argument("--non-private", action="store_true", help="plain jax.grad baseline")

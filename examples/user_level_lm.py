@@ -137,7 +137,7 @@ def eval_loss(loss_fn, params, dataset: UserDataset, chunk: int = 256) -> float:
 
 
 def main(argv=None) -> dict:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
   p.add_argument("--method", choices=("uls", "els"), default="uls")
   p.add_argument("--target-epsilon", type=float, default=8.0, help="user-level ε")
   p.add_argument("--delta", type=float, default=1e-5)

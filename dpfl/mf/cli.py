@@ -1,13 +1,16 @@
 """The logic of ``dpfl mf``: build or optimize a strategy and report its numbers.
 
   dpfl mf --strategy identity|tree|sqrt|banded|blt|dense --steps N
-          [--epochs K | --min-sep B] [--bands M] [--buffers M]
+          [--participations K | --min-sep B] [--bands M] [--buffers M]
           [--objective max|mean] [--json]
           [--noise-multiplier S | --target-epsilon E] [--delta D]
 
-``--epochs K`` is ``k = K`` participations with separation ``b = N / K``;
-``--min-sep B`` gives ``b`` (then ``k = N / B``); neither is single
-participation. ``run`` returns a dict with ``sensitivity``, ``max_loss``,
+``--participations K`` is ``k = K`` participations of each unit in the
+``N``-step run, with separation ``b = N / K``; ``--min-sep B`` gives ``b``
+(then ``k = N / B``); neither is single participation. ``--epochs`` is the
+deprecated name of ``--participations`` (renamed because ``dpfl epsilon
+--epochs`` means passes over a data set, which sets the steps; here the
+steps are given and K only says how often a unit takes part). ``run`` returns a dict with ``sensitivity``, ``max_loss``,
 ``mean_loss`` and ``seconds`` (wall time to build or optimize the strategy)
 plus the settings used; bad flags raise ``ValueError`` naming the flag.
 
@@ -39,11 +42,18 @@ DEFAULT_BUFFERS = 3
 DEFAULT_MAX_BANDS = 32
 
 # Library argument names -> flags, for messages raised below the CLI.
-_FLAG_OF = {"num_steps": "--steps", "num_participations": "--epochs",
+_FLAG_OF = {"num_steps": "--steps", "num_participations": "--participations",
             "min_separation": "--min-sep", "bands": "--bands", "buffers": "--buffers",
             "objective": "--objective", "strategy": "--strategy",
             "noise_multiplier": "--noise-multiplier", "target_epsilon": "--target-epsilon",
             "delta": "--delta"}
+
+
+EXAMPLES = """\
+examples:
+  dpfl mf --strategy blt --steps 1024 --participations 4 --buffers 3 --json
+  dpfl mf --strategy blt --steps 1024 --participations 4 --target-epsilon 8 --delta 1e-6
+  dpfl mf --strategy banded --steps 512 --min-sep 128 --noise-multiplier 2 --delta 1e-6"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,10 +64,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "or dense; the last three are optimized")
   parser.add_argument("--steps", type=int, required=True, metavar="N",
                       help="number of steps n, >= 1")
-  parser.add_argument("--epochs", type=int, metavar="K",
-                      help="participations per unit k (separation b = N / K)")
-  parser.add_argument("--min-sep", type=int, metavar="B",
-                      help="minimum separation b between a unit's participations (k = N / B)")
+  participation = parser.add_argument_group(
+      "participation (default: each unit takes part once)")
+  count = participation.add_mutually_exclusive_group()
+  count.add_argument("--participations", type=int, metavar="K", dest="epochs",
+                     help="times each unit takes part in the N steps, k (separation "
+                          "b = N / K); not `dpfl epsilon --epochs`, passes that set the "
+                          "steps (formerly --epochs here, still accepted)")
+  count.add_argument("--epochs", type=int, dest="epochs", help=argparse.SUPPRESS)
+  participation.add_argument("--min-sep", type=int, metavar="B",
+                             help="minimum separation b between a unit's participations "
+                                  "(k = N / B)")
   parser.add_argument("--bands", type=int, metavar="M",
                       help=f"banded only: nonzero diagonals, in [1, b] "
                            f"(default min({DEFAULT_MAX_BANDS}, b))")
@@ -68,14 +85,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "mean for banded and dense, as jax-privacy's optimizers)")
   parser.add_argument("--json", action="store_true",
                       help="print one JSON object as the last line of stdout")
-  parser.add_argument("--noise-multiplier", type=float, metavar="S",
-                      help="noise std / (sensitivity * clip norm), > 0: with --delta, also "
-                           "report the run's epsilon")
-  parser.add_argument("--target-epsilon", type=float, metavar="E",
-                      help="> 0: with --delta, also report the smallest noise multiplier "
-                           "meeting it")
-  parser.add_argument("--delta", type=float, metavar="D",
-                      help="δ in (0, 1), for --noise-multiplier or --target-epsilon")
+  privacy = parser.add_argument_group(
+      "privacy (optional)", "give one of --noise-multiplier and --target-epsilon, with --delta")
+  noise = privacy.add_mutually_exclusive_group()
+  noise.add_argument("--noise-multiplier", type=float, metavar="S",
+                     help="noise std / (sensitivity * clip norm), > 0: also report the "
+                          "run's epsilon")
+  noise.add_argument("--target-epsilon", type=float, metavar="E",
+                     help="> 0: also report the smallest noise multiplier meeting it")
+  privacy.add_argument("--delta", type=float, metavar="D",
+                       help="δ in (0, 1), for --noise-multiplier or --target-epsilon")
 
 
 def _flagged(message: str) -> str:
@@ -101,16 +120,16 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
   n = _positive("--steps", getattr(args, "steps", None))
   epochs, min_sep = getattr(args, "epochs", None), getattr(args, "min_sep", None)
   if epochs is not None:
-    epochs = _positive("--epochs", epochs)
+    epochs = _positive("--participations", epochs)
     if epochs > n or n % epochs:
-      raise ValueError(f"--epochs must divide --steps={n} (b = N / K), got {epochs}")
+      raise ValueError(f"--participations must divide --steps={n} (b = N / K), got {epochs}")
   if min_sep is not None:
     min_sep = _positive("--min-sep", min_sep)
     if min_sep > n or n % min_sep:
       raise ValueError(f"--min-sep must divide --steps={n} (k = N / B), got {min_sep}")
   if epochs is not None and min_sep is not None and epochs * min_sep != n:
     raise ValueError(
-        f"--epochs * --min-sep must equal --steps={n}, got {epochs} * {min_sep}")
+        f"--participations * --min-sep must equal --steps={n}, got {epochs} * {min_sep}")
   k = epochs if epochs is not None else (n // min_sep if min_sep is not None else 1)
   b = n // k
   bands, buffers = getattr(args, "bands", None), getattr(args, "buffers", None)

@@ -11,6 +11,13 @@ from __future__ import annotations
 import os
 
 
+EXAMPLES = """\
+examples:
+  dpfl fit --results runs.jsonl --out law.json
+  dpfl fit --results runs.jsonl --out law.json --plots plots/
+  dpfl fit --results runs.jsonl --out law.json --curve train_loss --min-points 4"""
+
+
 def add_arguments(p) -> None:
   p.add_argument("--results", required=True, metavar="FILE",
                  help="results file (JSON lines) written by `dpfl sweep`")

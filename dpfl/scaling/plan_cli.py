@@ -1,6 +1,9 @@
 """``dpfl plan``: the compute-optimal private configuration for a budget.
 
-  dpfl plan --compute 1e15 --epsilon 4 --delta 1e-6 --users 20000 [--law LAW.json] [--json]
+  dpfl plan --compute 1e15 --target-epsilon 4 --delta 1e-6 --users 20000 [--law LAW.json] [--json]
+
+``--target-epsilon`` is named as in ``dpfl calibrate`` and ``dpfl mf``;
+``--epsilon``, its former name, is still accepted.
 
 Imports numpy and the scaling law / σ grid JSON files only (no JAX, no scipy,
 no dp-accounting), so it answers in well under two seconds.
@@ -26,10 +29,22 @@ def _names(text: str) -> list[str]:
   return [t.strip() for t in text.split(",") if t.strip()]
 
 
+EXAMPLES = """\
+examples:
+  dpfl plan --compute 1e13 --target-epsilon 4 --delta 1e-6 --users 100000
+  dpfl plan --compute 1e15 --target-epsilon 8 --delta 1e-6 --users 20000 --law law.json --json
+  dpfl plan --compute 1e13 --target-epsilon 4 --delta 1e-6 --users 100000 --plot plan.png"""
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--compute", type=_number, required=True, metavar="FLOPS",
                  help="compute budget in FLOPs (6·params·batch·steps·seq), an upper limit")
-  p.add_argument("--epsilon", type=_number, required=True, metavar="E", help="privacy budget ε > 0")
+  # One required flag, shown as such in the usage line; --epsilon (its former
+  # name) is a hidden alias in the same group.
+  epsilon = p.add_mutually_exclusive_group(required=True)
+  epsilon.add_argument("--target-epsilon", type=_number, metavar="E", dest="target_epsilon",
+                       help="privacy budget ε > 0 (formerly --epsilon, still accepted)")
+  epsilon.add_argument("--epsilon", type=_number, dest="target_epsilon", help=argparse.SUPPRESS)
   p.add_argument("--delta", type=_number, required=True, metavar="D", help="δ in (0, 1)")
   p.add_argument("--users", type=_number, required=True, metavar="N",
                  help="privacy units (users, or examples): sampling rate q = batch/N")
@@ -59,8 +74,9 @@ def _integer(flag: str, value: float) -> int:
 def run(args) -> dict:
   if not (math.isfinite(args.compute) and args.compute > 0):
     raise ValueError(f"--compute must be a finite number of FLOPs > 0, got {args.compute:g}")
-  if not (math.isfinite(args.epsilon) and args.epsilon > 0):
-    raise ValueError(f"--epsilon must be a finite number > 0, got {args.epsilon:g}")
+  epsilon = args.target_epsilon
+  if not (math.isfinite(epsilon) and epsilon > 0):
+    raise ValueError(f"--target-epsilon must be a finite number > 0, got {epsilon:g}")
   if not 0 < args.delta < 1:
     raise ValueError(f"--delta must be in (0, 1), got {args.delta:g}")
   users = _integer("--users", args.users)
@@ -95,9 +111,9 @@ def run(args) -> dict:
     raise ValueError(f"--sigma-grid: cannot read {args.sigma_grid!r}: {err.strerror}") from None
   except (ValueError, KeyError) as err:
     raise ValueError(f"--sigma-grid: not a σ grid ({err})") from None
-  if not grid.eps[0] <= args.epsilon <= grid.eps[-1]:
-    raise ValueError(f"--epsilon must be in [{grid.eps[0]:g}, {grid.eps[-1]:g}] (the σ "
-                     f"grid's range), got {args.epsilon:g}; build a wider grid with "
+  if not grid.eps[0] <= epsilon <= grid.eps[-1]:
+    raise ValueError(f"--target-epsilon must be in [{grid.eps[0]:g}, {grid.eps[-1]:g}] (the σ "
+                     f"grid's range), got {epsilon:g}; build a wider grid with "
                      "`python -m dpfl.scaling.sigma_grid` and pass --sigma-grid")
   if args.delta < grid.delta[0]:
     raise ValueError(f"--delta must be >= {grid.delta[0]:g} (the σ grid's smallest δ), got "
@@ -108,7 +124,7 @@ def run(args) -> dict:
     if not os.path.isdir(directory) or not args.plot.lower().endswith(".png"):
       raise ValueError(f"--plot must be a .png path in an existing directory, got {args.plot!r}")
   try:
-    result = planner.plan(compute=args.compute, epsilon=args.epsilon, delta=args.delta,
+    result = planner.plan(compute=args.compute, epsilon=epsilon, delta=args.delta,
                           users=users, law=law, seq_len=seq_len, models=args.models,
                           batch_sizes=batch_sizes, grid=grid, max_steps=max_steps)
   except ValueError as err:
@@ -119,7 +135,7 @@ def run(args) -> dict:
     raise ValueError(message) from None
   if args.plot is not None:
     from dpfl.scaling import plots
-    epsilons = [e for e in (args.epsilon * f for f in (0.25, 0.5, 1.0, 2.0, 4.0))
+    epsilons = [e for e in (epsilon * f for f in (0.25, 0.5, 1.0, 2.0, 4.0))
                 if grid.eps[0] <= e <= grid.eps[-1]]
     computes = [float(c) for c in np.geomspace(args.compute / 1000, args.compute, 7)]
     result["plot"] = plots.plot_compute_optimal(

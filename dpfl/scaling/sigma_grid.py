@@ -557,7 +557,7 @@ def noise_multiplier(epsilon, steps, sampling_prob, delta, *, grid=None) -> np.n
 def main(argv=None) -> int:
   """``python -m dpfl.scaling.sigma_grid OUT.json [--quick]``: (re)builds the grid."""
   import argparse
-  p = argparse.ArgumentParser(description=main.__doc__)
+  p = argparse.ArgumentParser(description=main.__doc__, allow_abbrev=False)
   p.add_argument("out")
   p.add_argument("--processes", type=int, default=None)
   p.add_argument("--validation-points", type=int, default=24)

@@ -46,6 +46,14 @@ def _csv(kind):
   return parse
 
 
+EXAMPLES = """\
+examples:
+  dpfl sweep --results runs.jsonl --models s50k,s100k --batch-sizes 64,256 \\
+             --noise-batch-ratios 0,0.001,0.01 --steps 200 --learning-rates 3e-3,1e-2
+  dpfl sweep --results runs.jsonl --models s50k --noise-multipliers 0,1,4 --dry-run
+  dpfl sweep --results users.jsonl --privacy-unit user --batch-sizes 64 --steps 100"""
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--results", required=True, metavar="FILE",
                  help="JSON-lines results file to append to (resumed if it exists)")

@@ -31,7 +31,7 @@ def test_identity_numbers_and_keys():
 
 
 def test_epochs_and_min_sep_define_the_same_participation():
-  by_epochs = _run("--strategy", "sqrt", "--steps", "64", "--epochs", "4")
+  by_epochs = _run("--strategy", "sqrt", "--steps", "64", "--participations", "4")
   by_sep = _run("--strategy", "sqrt", "--steps", "64", "--min-sep", "16")
   assert (by_epochs["epochs"], by_epochs["min_sep"]) == (by_sep["epochs"], by_sep["min_sep"]) == (4, 16)
   assert by_epochs["sensitivity"] == by_sep["sensitivity"]
@@ -44,20 +44,20 @@ def test_optimized_strategies_report_what_the_library_computes():
   direct = mf.optimize_blt(128, buffers=2, objective="max")
   assert result["max_loss"] == pytest.approx(direct.max_loss, rel=1e-9)
   assert result["buffers"] == 2 and result["bands"] is None
-  result = _run("--strategy", "banded", "--steps", "64", "--epochs", "2")
+  result = _run("--strategy", "banded", "--steps", "64", "--participations", "2")
   assert result["bands"] == 32  # default min(32, b)
   assert result["sensitivity"] == pytest.approx(2 ** 0.5)
   assert "bands" in cli.format_table(result)
 
 
 @pytest.mark.parametrize("argv,flag", [
-    (["--strategy", "banded", "--steps", "64", "--epochs", "4", "--bands", "17"], "--bands"),
+    (["--strategy", "banded", "--steps", "64", "--participations", "4", "--bands", "17"], "--bands"),
     (["--strategy", "banded", "--steps", "64", "--bands", "0"], "--bands"),
     (["--strategy", "blt", "--steps", "64", "--buffers", "0"], "--buffers"),
     (["--strategy", "sqrt", "--steps", "0"], "--steps"),
-    (["--strategy", "sqrt", "--steps", "10", "--epochs", "3"], "--epochs"),
+    (["--strategy", "sqrt", "--steps", "10", "--participations", "3"], "--participations"),
     (["--strategy", "sqrt", "--steps", "10", "--min-sep", "4"], "--min-sep"),
-    (["--strategy", "sqrt", "--steps", "12", "--epochs", "3", "--min-sep", "3"], "--epochs"),
+    (["--strategy", "sqrt", "--steps", "12", "--participations", "3", "--min-sep", "3"], "--participations"),
     (["--strategy", "sqrt", "--steps", "12", "--bands", "3"], "--bands"),
     (["--strategy", "tree", "--steps", "12", "--buffers", "3"], "--buffers"),
     (["--strategy", "tree", "--steps", "100000"], "--steps"),
@@ -89,7 +89,7 @@ def test_epsilon_of_the_run_is_one_gaussian_mechanism():
   # Independent reference: dp-accounting's exact Gaussian ε (Balle & Wang
   # 2018) at the noise multiplier; the PLD answer is pessimistic and close.
   import dp_accounting as dpa
-  result = _run("--strategy", "sqrt", "--steps", "256", "--epochs", "4",
+  result = _run("--strategy", "sqrt", "--steps", "256", "--participations", "4",
                 "--noise-multiplier", "1.5", "--delta", "1e-6")
   exact = dpa.get_epsilon_gaussian(1.5, 1e-6)
   assert exact <= result["epsilon"] <= exact * 1.005
@@ -98,14 +98,14 @@ def test_epsilon_of_the_run_is_one_gaussian_mechanism():
   assert "epsilon" in cli.format_table(result)
   json.dumps(result)
   # The strategy changes the noise per step, not ε at a given noise multiplier.
-  blt = _run("--strategy", "blt", "--steps", "256", "--epochs", "4", "--buffers", "2",
+  blt = _run("--strategy", "blt", "--steps", "256", "--participations", "4", "--buffers", "2",
              "--noise-multiplier", "1.5", "--delta", "1e-6")
   assert blt["epsilon"] == pytest.approx(result["epsilon"], rel=1e-12)
 
 
 def test_target_epsilon_calibrates_the_noise_multiplier():
   import dp_accounting as dpa
-  result = _run("--strategy", "identity", "--steps", "100", "--epochs", "4",
+  result = _run("--strategy", "identity", "--steps", "100", "--participations", "4",
                 "--target-epsilon", "3", "--delta", "1e-5")
   assert result["epsilon"] <= 3.0
   exact_sigma = dpa.get_sigma_gaussian(3.0, 1e-5)
@@ -116,7 +116,6 @@ def test_target_epsilon_calibrates_the_noise_multiplier():
 
 @pytest.mark.parametrize("extra,flag", [
     (["--delta", "1e-5"], "--delta"),
-    (["--noise-multiplier", "1", "--target-epsilon", "2", "--delta", "1e-5"], "--target-epsilon"),
     (["--noise-multiplier", "1"], "--delta"),
     (["--target-epsilon", "2"], "--delta"),
     (["--noise-multiplier", "-1", "--delta", "1e-5"], "--noise-multiplier"),
@@ -128,6 +127,19 @@ def test_target_epsilon_calibrates_the_noise_multiplier():
 def test_bad_privacy_flags_name_the_flag(extra, flag):
   with pytest.raises(ValueError, match=flag):
     _run("--strategy", "sqrt", "--steps", "16", *extra)
+
+
+def test_noise_multiplier_and_target_epsilon_exclude_each_other(capsys):
+  """Exclusive in the parser (so `--help` shows it) and in `run` (a Namespace built by hand)."""
+  from dpfl import cli as console
+  assert console.main(["mf", "--strategy", "sqrt", "--steps", "16", "--noise-multiplier", "1",
+                       "--target-epsilon", "2", "--delta", "1e-5"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "--target-epsilon" in err[0] and "--noise-multiplier" in err[0]
+  args = argparse.Namespace(strategy="sqrt", steps=16, noise_multiplier=1.0, target_epsilon=2.0,
+                            delta=1e-5)
+  with pytest.raises(ValueError, match="--target-epsilon"):
+    cli.run(args)
 
 
 def test_namespace_without_parser_is_validated():
@@ -152,7 +164,7 @@ def test_module_imports_no_numerics():
     ["--strategy", "sqrt", "--steps", "0"],
     ["--strategy", "svd", "--steps", "8"],
     ["--strategy", "sqrt", "--steps", "1.5"],
-    ["--strategy", "sqrt", "--steps", "8", "--epochs", "3"],
+    ["--strategy", "sqrt", "--steps", "8", "--participations", "3"],
     ["--strategy", "banded", "--steps", "8", "--bands", "9"],
     ["--strategy", "blt", "--steps", "8", "--buffers", "0"],
     ["--strategy", "sqrt", "--steps", "8", "--noise-multiplier", "abc", "--delta", "1e-5"],
@@ -170,7 +182,19 @@ def test_console_bad_flags_exit_2_with_one_line(argv, capsys):
 
 def test_console_json_last_line(capsys):
   from dpfl import cli as console
-  assert console.main(["mf", "--strategy", "sqrt", "--steps", "64", "--epochs", "2",
+  assert console.main(["mf", "--strategy", "sqrt", "--steps", "64", "--participations", "2",
                        "--noise-multiplier", "2", "--delta", "1e-6", "--json"]) == 0
   last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert {"sensitivity", "max_loss", "mean_loss", "seconds", "epsilon"} <= set(last)
+
+
+def test_epochs_is_a_deprecated_alias_of_participations(capsys):
+  """mf's --epochs (participations, not `dpfl epsilon`'s passes) is now --participations."""
+  new = _run("--strategy", "sqrt", "--steps", "64", "--participations", "4")
+  old = _run("--strategy", "sqrt", "--steps", "64", "--epochs", "4")
+  assert (new["epochs"], new["min_sep"]) == (old["epochs"], old["min_sep"]) == (4, 16)
+  assert new["sensitivity"] == old["sensitivity"]
+  from dpfl import cli as console
+  assert console.main(["mf", "--strategy", "sqrt", "--steps", "64", "--participations", "2",
+                       "--epochs", "2"]) == 2
+  assert "not allowed" in capsys.readouterr().err

@@ -151,14 +151,14 @@ def plan_cmd(monkeypatch, tmp_path):
 
 
 def test_plan_cli_json(plan_cmd, capsys):
-  assert cli.main(["plan", "--compute", "1e14", "--epsilon", "4", "--delta", "1e-6",
+  assert cli.main(["plan", "--compute", "1e14", "--target-epsilon", "4", "--delta", "1e-6",
                    "--users", "100000", "--law", plan_cmd, "--json"]) == 0
   out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   for key in ("model", "params", "batch_size", "steps", "noise_multiplier", "noise_batch_ratio",
               "predicted_loss", "smallest_compute_within_1pct", "configs_within_2pct"):
     assert key in out
   assert out["predicted_loss"] == pytest.approx(plan(compute=1e14)["predicted_loss"])
-  assert cli.main(["plan", "--compute", "1e14", "--epsilon", "4", "--delta", "1e-6",
+  assert cli.main(["plan", "--compute", "1e14", "--target-epsilon", "4", "--delta", "1e-6",
                    "--users", "100000", "--law", plan_cmd]) == 0
   table = capsys.readouterr().out
   assert "predicted loss" in table and out["model"] in table
@@ -168,8 +168,8 @@ def test_plan_cli_json(plan_cmd, capsys):
     (["--compute", "-5"], "--compute"),
     (["--compute", "abc"], "--compute"),
     (["--compute", "10"], "--compute"),
-    (["--epsilon", "0"], "--epsilon"),
-    (["--epsilon", "100"], "--epsilon"),
+    (["--target-epsilon", "0"], "--target-epsilon"),
+    (["--target-epsilon", "100"], "--target-epsilon"),
     (["--delta", "1.5"], "--delta"),
     (["--delta", "1e-14"], "--delta"),
     (["--users", "0"], "--users"),
@@ -182,7 +182,7 @@ def test_plan_cli_json(plan_cmd, capsys):
     (["--plot", "plan.jpg"], "--plot"),
 ])
 def test_plan_cli_bad_flags(plan_cmd, capsys, flags, named):
-  base = {"--compute": "1e14", "--epsilon": "4", "--delta": "1e-6", "--users": "100000",
+  base = {"--compute": "1e14", "--target-epsilon": "4", "--delta": "1e-6", "--users": "100000",
           "--law": plan_cmd}
   base.update(dict(zip(flags[::2], flags[1::2])))
   argv = ["plan"] + [x for kv in base.items() for x in kv]
@@ -193,14 +193,14 @@ def test_plan_cli_bad_flags(plan_cmd, capsys, flags, named):
 
 def test_plan_cli_plot(plan_cmd, capsys, tmp_path):
   png = tmp_path / "plan.png"
-  assert cli.main(["plan", "--compute", "1e14", "--epsilon", "4", "--delta", "1e-6",
+  assert cli.main(["plan", "--compute", "1e14", "--target-epsilon", "4", "--delta", "1e-6",
                    "--users", "100000", "--law", plan_cmd, "--plot", str(png), "--json"]) == 0
   out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert out["plot"] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_plan_cli_missing_flag(plan_cmd, capsys):
-  assert cli.main(["plan", "--epsilon", "4", "--delta", "1e-6", "--users", "10"]) == 2
+  assert cli.main(["plan", "--target-epsilon", "4", "--delta", "1e-6", "--users", "10"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "--compute" in err[0]
 
@@ -210,7 +210,7 @@ def test_plan_cli_is_fast_and_light():
   (the target is 2 s; the loose bound avoids flakiness on a loaded machine)."""
   probe = ("import sys, time\nt = time.perf_counter()\nfrom dpfl import cli\n"
            "cli.COMMANDS['plan'] = ('plan', 'dpfl.scaling.plan_cli')\n"
-           "code = cli.main(['plan', '--compute', '1e15', '--epsilon', '2', '--delta', '1e-6', "
+           "code = cli.main(['plan', '--compute', '1e15', '--target-epsilon', '2', '--delta', '1e-6', "
            "'--users', '50000', '--json'])\n"
            "heavy = [m for m in ('jax', 'scipy', 'dp_accounting', 'matplotlib') if m in sys.modules]\n"
            "print(code, heavy, time.perf_counter() - t)\n")
@@ -234,3 +234,24 @@ def test_compute_optimal_plot(tmp_path):
   path = plots.plot_compute_optimal(LAW, str(tmp_path / "opt.png"), epsilons=[1.0, 8.0],
                                     delta=1e-6, users=100_000, computes=[1e12, 1e14])
   assert (tmp_path / "opt.png").stat().st_size > 1000 and path.endswith("opt.png")
+
+
+def test_plan_cli_target_epsilon_is_the_name_and_epsilon_an_alias(plan_cmd, capsys):
+  """`--target-epsilon` as in `dpfl calibrate` / `dpfl mf`; the former `--epsilon` still works."""
+  common = ["--compute", "1e14", "--delta", "1e-6", "--users", "100000", "--law", plan_cmd,
+            "--json"]
+  assert cli.main(["plan", "--target-epsilon", "4", *common]) == 0
+  new = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert cli.main(["plan", "--epsilon", "4", *common]) == 0
+  old = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert new == old and new["epsilon"] == 4
+  assert new["predicted_loss"] == pytest.approx(plan(compute=1e14, epsilon=4)["predicted_loss"])
+  # Required, and shown as required (not in brackets) in the usage line.
+  assert cli.main(["plan", *common]) == 2
+  assert "--target-epsilon" in capsys.readouterr().err
+  with pytest.raises(SystemExit) as exit_:
+    cli.main(["plan", "--help"])
+  assert exit_.value.code == 0
+  usage = capsys.readouterr().out.split("\n\n")[0]
+  assert "--target-epsilon E" in usage and "[--target-epsilon" not in usage
+  assert "--epsilon" not in usage.replace("--target-epsilon", "")
