@@ -18,8 +18,8 @@ releasing every step a noisy sum of clipped gradients:
 
 * ELS: each of the N·k examples is in the step with probability q; each
   example's gradient θ − x_uj is clipped to norm C; the user-level σ comes from
-  ``accounting.ElsDpSgd(σ, q, T, k)`` (mixture of Gaussians, PLD); at q = 1
-  from the equal Gaussian with sensitivity k·C (see ``mechanism``).
+  ``accounting.ElsDpSgd(σ, q, T, k)`` (mixture of Gaussians, PLD; at q = 1
+  ``ElsDpSgd`` itself states the equal Gaussian with sensitivity k·C).
 * ULS: each user is in the step with probability q; each user contributes the
   gradient of their mean loss over their k examples, θ − x̄_u, clipped to C;
   σ from ``accounting.UlsDpSgd(σ, q, T)``. (With the squared loss, local SGD
@@ -172,17 +172,7 @@ def schedule(*, compute: int, num_users: int, examples_per_user: int,
 
 def mechanism(method: str, noise_multiplier: float, sampling_prob: float, num_steps: int,
               examples_per_user: int) -> accounting.Mechanism:
-  """The user-level mechanism description that accounts one run.
-
-  ELS with q = 1 includes all k of a user's examples in every step,
-  so its mixture is a point mass at sensitivity k: exactly the Gaussian
-  mechanism on one vector of norm ≤ k·C, i.e. ``UlsDpSgd(σ / k, 1, T)``. We
-  account it that way because dp-accounting 0.6's mixture-of-Gaussians PLD
-  raises a TypeError on point masses at some σ (e.g. σ = 1.25, k = 4, Δ = 0.02;
-  ``ElsDpSgd`` inherits it). The test checks the two agree where both work.
-  """
-  if method == "ELS" and sampling_prob >= 1.0:
-    return accounting.UlsDpSgd(noise_multiplier / examples_per_user, 1.0, num_steps)
+  """The user-level mechanism description that accounts one run."""
   if method == "ELS":
     return accounting.ElsDpSgd(noise_multiplier, sampling_prob, num_steps, examples_per_user)
   if method == "ULS":
