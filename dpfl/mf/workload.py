@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 
 import numpy as np
 
@@ -52,7 +51,7 @@ class Workload:
         raise ValueError(
             f"learning_rates must be None or {n} (num_steps) finite numbers > 0, got "
             f"{len(rates)} values")
-      rates = tuple(check.positive(f"learning_rates[{i}]", r) for i, r in enumerate(rates))
+      rates = tuple(check.positive("learning_rates", r) for r in rates)
       object.__setattr__(self, "learning_rates", rates)
 
   @property
