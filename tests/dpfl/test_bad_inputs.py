@@ -17,7 +17,9 @@ import accounting
 import dpfl
 from dpfl import cyclic_sampling, sampling, user_level_sampling
 from dpfl.data import UserDataset
+from dpfl import mf
 from dpfl.mf import streaming
+from dpfl.scaling import sweep
 
 
 def loss_fn(params, batch):
@@ -244,7 +246,17 @@ CASES = [
      "examples_per_user", 2, 0, r"an integer >= 1"),
     (lambda **kw: sampling.default_max_batch_size(100, 0.1, **kw), "truncation_prob", 1e-9, 1,
      r"in \(0, 1\)"),
+    (lambda **kw: _run_config(**kw), "batch_size", 8, 0, r"an integer >= 1"),
+    (lambda **kw: _run_config(**kw), "delta", 1e-6, 0, r"in \(0, 1\)"),
+    (lambda **kw: _run_config(**kw), "l2_clip_norm", 1, 0, r"a finite number > 0"),
+    (lambda **kw: mf.Workload(**kw), "num_steps", 8, 0, r"an integer >= 1"),
 ]
+
+
+def _run_config(**overrides):
+  kwargs = dict(model="s50k", batch_size=8, noise_multiplier=1.0, steps=10, learning_rate=0.1)
+  kwargs.update(overrides)
+  return sweep.RunConfig(**kwargs)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -303,3 +315,10 @@ def test_user_level_rdp_run_refuses_els_entries():
 def test_ledger_must_be_a_ledger():
   with pytest.raises(ValueError, match=r"^ledger must be an accounting.Ledger, got dict"):
     _make_private(ledger={"entries": []})
+
+
+def test_numpy_integers_give_the_same_sweep_run_id():
+  # Stored as Python ints: the id hashes the config's JSON, which has no np.int64.
+  plain = _run_config(batch_size=8, steps=10)
+  numpy = _run_config(batch_size=np.int64(8), steps=np.int64(10))
+  assert sweep.run_id(numpy, "corpus") == sweep.run_id(plain, "corpus")
