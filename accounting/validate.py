@@ -33,12 +33,12 @@ def _real(value):
   if getattr(value, "ndim", None) == 0 and hasattr(value, "dtype"):
     try:
       kind = np.dtype(value.dtype).kind
-    except TypeError:
+      if kind in "iu":
+        return int(np.asarray(value))
+      if kind == "f":
+        return float(np.asarray(value))
+    except TypeError:  # not a real dtype, or a tracer (jax's conversion error is a TypeError)
       return None
-    if kind in "iu":
-      return int(np.asarray(value))
-    if kind == "f":
-      return float(np.asarray(value))
   return None
 
 
@@ -88,6 +88,28 @@ def noise_multiplier(name: str, value) -> float:
     raise ValueError(f"{name} must be in (0, {MAX_NOISE_MULTIPLIER:g}], got {value!r} "
                      "(ε is already 0 to double precision there)")
   return value
+
+
+# The longest run the accountants can compose within seconds and ~2 GiB: the
+# PLD grid of T composed steps grows linearly in T (T = 1e8 steps of q = 0.0064,
+# σ = 1 already takes ~20 s and ~1.8 GB; 1e9 needs ~20 GB).
+MAX_NUM_STEPS = 10**7
+
+
+def num_steps(name: str, value) -> int:
+  """A number of steps: 1 <= value <= MAX_NUM_STEPS."""
+  return integer(name, value, low=1, high=MAX_NUM_STEPS)
+
+
+# Calibrating σ for a larger ε searches σ far below 0.1, where every PLD is
+# built on a coarse floor grid and one calibration takes minutes (ε = 1e3:
+# ~80 s, 1e6: ~280 s); ε above 100 is no meaningful privacy guarantee anyway.
+MAX_TARGET_EPSILON = 100.0
+
+
+def target_epsilon(name: str, value) -> float:
+  """An ε to calibrate for: 0 < value <= MAX_TARGET_EPSILON."""
+  return real(name, value, low=0, high=MAX_TARGET_EPSILON, low_open=True)
 
 
 def probability(name: str, value) -> float:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from accounting import validate as check
 from dpfl import _clip_strategies as _strategies
 
 PyTree = Any
@@ -80,44 +80,15 @@ class ClippedGradFn:
 
 
 def _check_l2_clip_norm(l2_clip_norm: Any) -> float:
-  # A Python/NumPy real or a concrete 0-d array; not a bool, string or tracer
-  # (the clip norm is the mechanism's sensitivity: it must be known here).
-  is_real_scalar = (
-      isinstance(l2_clip_norm, numbers.Real)
-      or (
-          isinstance(l2_clip_norm, (np.ndarray, jax.Array))
-          and not isinstance(l2_clip_norm, jax.core.Tracer)
-          and np.ndim(l2_clip_norm) == 0
-          and np.issubdtype(np.result_type(l2_clip_norm), np.number)
-      )
-  ) and not isinstance(l2_clip_norm, (bool, np.bool_))
-  if not is_real_scalar:
-    raise ValueError(
-        "l2_clip_norm must be a concrete real number with"
-        f" 0 < l2_clip_norm < inf, got {l2_clip_norm!r}."
-    )
-  value = float(l2_clip_norm)
-  if not math.isfinite(value) or value <= 0:
-    raise ValueError(
-        f"l2_clip_norm must be finite and > 0 (0 < l2_clip_norm < inf), got"
-        f" {l2_clip_norm!r}."
-    )
-  return value
+  # The clip norm is the mechanism's sensitivity: it must be a concrete number
+  # here (a tracer is refused), checked as everywhere else in the project.
+  return check.positive("l2_clip_norm", l2_clip_norm)
 
 
 def _check_microbatch_size(microbatch_size: Any) -> int | None:
   if microbatch_size is None:
     return None
-  if (
-      isinstance(microbatch_size, bool)
-      or not isinstance(microbatch_size, numbers.Integral)
-      or microbatch_size < 1
-  ):
-    raise ValueError(
-        "microbatch_size must be None or an integer >= 1, got"
-        f" {microbatch_size!r}."
-    )
-  return int(microbatch_size)
+  return check.positive_int("microbatch_size", microbatch_size)
 
 
 def _batch_shape(batch: PyTree, unit: str) -> tuple[int, ...]:

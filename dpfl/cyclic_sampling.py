@@ -21,9 +21,9 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from accounting import validate as check
 from dpfl import _rng
-from dpfl.sampling import (Batch, _index_dtype, _positive_int, _probability,
-                           default_max_batch_size, padded_poisson_draw)
+from dpfl.sampling import Batch, _index_dtype, default_max_batch_size, padded_poisson_draw
 
 
 class CyclicSampler:
@@ -55,12 +55,12 @@ class CyclicSampler:
 
   def __init__(self, dataset_size: int, *, batch_size: int, multiple_of: int = 1,
                seed: int | None = None):
-    self._dataset_size = _positive_int("dataset_size", dataset_size)
-    self._batch_size = _positive_int("batch_size", batch_size)
+    self._dataset_size = check.positive_int("dataset_size", dataset_size)
+    self._batch_size = check.positive_int("batch_size", batch_size)
     if self._batch_size > self._dataset_size:
       raise ValueError(f"batch_size must be in [1, dataset_size={self._dataset_size}], "
                        f"got {batch_size!r}")
-    multiple_of = _positive_int("multiple_of", multiple_of)
+    multiple_of = check.positive_int("multiple_of", multiple_of)
     self._length = multiple_of * math.ceil(self._batch_size / multiple_of)
     rng = _rng.numpy_generator(seed)
     self._dtype = _index_dtype(self._dataset_size)
@@ -96,7 +96,7 @@ class CyclicSampler:
 
   def participation(self, num_steps: int) -> tuple[int, int]:
     """``(k, b)`` for a run of ``num_steps``: at most k steps per unit, b apart."""
-    num_steps = _positive_int("num_steps", num_steps)
+    num_steps = check.positive_int("num_steps", num_steps)
     b = self.steps_per_epoch
     return math.ceil(num_steps / b), b
 
@@ -145,16 +145,16 @@ class CyclicPoissonSampler:
 
   def __init__(self, dataset_size: int, *, num_groups: int, sampling_prob: float,
                max_batch_size: int | None = None, seed: int | None = None):
-    self._dataset_size = _positive_int("dataset_size", dataset_size)
-    self._groups = _positive_int("num_groups", num_groups)
+    self._dataset_size = check.positive_int("dataset_size", dataset_size)
+    self._groups = check.positive_int("num_groups", num_groups)
     if self._groups > self._dataset_size:
       raise ValueError(f"num_groups must be in [1, dataset_size={self._dataset_size}], "
                        f"got {num_groups!r}")
-    self._sampling_prob = _probability("sampling_prob", sampling_prob)
+    self._sampling_prob = check.probability("sampling_prob", sampling_prob)
     self._group_size = self._dataset_size // self._groups
     if max_batch_size is None:
       max_batch_size = default_max_batch_size(self._group_size, self._sampling_prob)
-    self._max_batch_size = _positive_int("max_batch_size", max_batch_size)
+    self._max_batch_size = check.positive_int("max_batch_size", max_batch_size)
     self._rng = _rng.numpy_generator(seed)
     self._dtype = _index_dtype(self._dataset_size)
     self._permutation = self._rng.permutation(self._dataset_size).astype(self._dtype)

@@ -46,6 +46,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from accounting import validate as check
 from dpfl import _rng
 
 PyTree = Any
@@ -53,9 +54,7 @@ SELECTIONS = ("first", "random")
 
 
 def _check_examples_per_user(value: Any) -> int:
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-    raise ValueError(f"examples_per_user must be an integer >= 1 (the cap k), got {value!r}")
-  return int(value)
+  return check.positive_int("examples_per_user", value)  # the cap k
 
 
 def _leading_size(data: PyTree, name: str) -> int:

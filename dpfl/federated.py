@@ -50,7 +50,6 @@ no transport of its own.
 
 from __future__ import annotations
 
-import numbers
 import secrets
 from typing import Any
 
@@ -60,18 +59,12 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from accounting import validate as check
 from dpfl import _clip_strategies as _strategies
 from dpfl.clipping import (ClippedGradAux, ClippedGradFn, _batch_shape, _check_l2_clip_norm,
                            _check_mask, _check_microbatch_size, _unit_loss)
 
 PyTree = Any
-
-
-def _check_local_steps(local_steps: Any) -> int:
-  if isinstance(local_steps, bool) or not isinstance(local_steps, numbers.Integral) \
-      or local_steps < 1:
-    raise ValueError(f"local_steps must be an integer >= 1, got {local_steps!r}")
-  return int(local_steps)
 
 
 def _local_optimizer(local_learning_rate, local_optimizer) -> optax.GradientTransformation:
@@ -84,11 +77,7 @@ def _local_optimizer(local_learning_rate, local_optimizer) -> optax.GradientTran
       raise ValueError("local_optimizer must be an optax.GradientTransformation, got "
                        f"{local_optimizer!r}")
     return local_optimizer
-  if (isinstance(local_learning_rate, bool) or not isinstance(local_learning_rate, numbers.Real)
-      or not np.isfinite(local_learning_rate) or local_learning_rate <= 0):
-    raise ValueError(f"local_learning_rate must be a finite number > 0, got "
-                     f"{local_learning_rate!r}")
-  return optax.sgd(float(local_learning_rate))
+  return optax.sgd(check.positive("local_learning_rate", local_learning_rate))
 
 
 def _local_batches(data: PyTree, mask: jax.Array, local_batch_size: int | None):
@@ -151,13 +140,11 @@ def clipped_user_updates(loss_fn, *, l2_clip_norm: float, local_steps: int,
     ``local_batch_size`` is None).
   """
   l2_clip_norm = _check_l2_clip_norm(l2_clip_norm)
-  local_steps = _check_local_steps(local_steps)
+  local_steps = check.positive_int("local_steps", local_steps)
   local_opt = _local_optimizer(local_learning_rate, local_optimizer)
   microbatch_size = _check_microbatch_size(microbatch_size)
-  if local_batch_size is not None and (isinstance(local_batch_size, bool) or not isinstance(
-      local_batch_size, numbers.Integral) or local_batch_size < 1):
-    raise ValueError(f"local_batch_size must be None or an integer >= 1, got "
-                     f"{local_batch_size!r}")
+  if local_batch_size is not None:
+    local_batch_size = check.positive_int("local_batch_size", local_batch_size)
   if not isinstance(has_aux, bool):
     raise ValueError(f"has_aux must be True or False, got {has_aux!r}")
   user_loss = _unit_loss(loss_fn, has_aux, "user")  # masked mean over a user's examples

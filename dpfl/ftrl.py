@@ -32,10 +32,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from typing import Any
 
 import accounting
+from accounting import validate as check
 from dpfl import cyclic_sampling
 
 from dpfl.mf.build import NAMES as STRATEGIES
@@ -118,17 +118,14 @@ def check_options(options: dict | None) -> dict:
     raise ValueError(f"strategy_options has unknown keys {unknown}; allowed: {OPTIONS}")
   out = dict(options)
   for name in ("buffers", "bands"):
-    value = out.get(name)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)
-                              or value < 1):
-      raise ValueError(f"strategy_options[{name!r}] must be an integer >= 1, got {value!r}")
+    if out.get(name) is not None:
+      out[name] = check.positive_int(f"strategy_options[{name!r}]", out[name])
   if out.get("objective", "mean") not in ("mean", "max"):
     raise ValueError(f"strategy_options['objective'] must be 'mean' or 'max', got "
                      f"{out['objective']!r}")
-  momentum = out.get("momentum", 0.0)
-  if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or \
-      not 0 <= momentum < 1:
-    raise ValueError(f"strategy_options['momentum'] must be in [0, 1), got {momentum!r}")
+  if "momentum" in out:
+    out["momentum"] = check.real("strategy_options['momentum']", out["momentum"], low=0,
+                                 high=1, high_open=True)
   return out
 
 

@@ -46,7 +46,6 @@ explicit ``key`` gives reproducible runs. After restoring a checkpoint call
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, NamedTuple
 
 import jax
@@ -54,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from accounting import validate as check
 from dpfl import _rng
 
 # Folded into re-seeded keys: reseeding with key 0 (all-zero key data, the
@@ -98,10 +98,7 @@ def register_noise_state(state_type: type) -> type:
 
 
 def _check_noise_multiplier(value) -> float:
-  if (isinstance(value, bool) or not isinstance(value, numbers.Real)
-      or not math.isfinite(value) or value < 0):
-    raise ValueError(f"noise_multiplier must be a finite number > 0, got {value!r}")
-  if value == 0:
+  if check.real("noise_multiplier", value) == 0:
     # Zero noise is no privacy; the accountant cannot describe it either
     # (accounting.PoissonDpSgd rejects it). A non-private baseline should say
     # so in code rather than pass a number that looks like a DP setting.
@@ -109,14 +106,30 @@ def _check_noise_multiplier(value) -> float:
         f"noise_multiplier must be a finite number > 0, got {value!r}: zero noise gives no "
         "privacy. For a non-private baseline on the same clipped sums use "
         "optax.scale(1 / expected_batch_size) instead of gaussian_noise.")
-  return float(value)
+  return check.noise_multiplier("noise_multiplier", value)
 
 
 def _check_positive(name: str, value) -> float:
-  if (isinstance(value, bool) or not isinstance(value, numbers.Real)
-      or not math.isfinite(value) or value <= 0):
-    raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-  return float(value)
+  return check.positive(name, value)
+
+
+# Noise is drawn and added in float32 (or wider): its scale, and the division
+# by the batch size, must be normal float32 numbers, or every update is ±inf
+# (scale overflows), exactly noise-free (scale 0), or NaN.
+_FLOAT32 = np.finfo(np.float32)
+
+
+def _check_noise_scale(*, stddev: float, expected_batch_size: float, names: str) -> None:
+  """Refuses noise scales that are not normal float32 numbers (see above)."""
+  lo, hi = float(_FLOAT32.tiny), float(_FLOAT32.max)
+  for what, value in ((f"{names} (the noise standard deviation)", stddev),
+                      (f"({names}) / expected_batch_size (the noise scale of the update)",
+                       stddev / expected_batch_size),
+                      ("expected_batch_size", expected_batch_size),
+                      ("1 / expected_batch_size", 1 / expected_batch_size)):
+    if not (math.isfinite(value) and lo <= value <= hi):
+      raise ValueError(f"{what} must be in [{lo:g}, {hi:g}] (normal float32, the precision "
+                       f"noise is drawn in), got {value!r}")
 
 
 def _check_float_leaves(updates) -> None:
@@ -170,6 +183,9 @@ def gaussian_noise(*, noise_multiplier: float, l2_clip_norm: float,
   noise_multiplier = _check_noise_multiplier(noise_multiplier)
   l2_clip_norm = _check_positive("l2_clip_norm", l2_clip_norm)
   expected_batch_size = _check_positive("expected_batch_size", expected_batch_size)
+  _check_noise_scale(stddev=noise_multiplier * l2_clip_norm,
+                     expected_batch_size=expected_batch_size,
+                     names="noise_multiplier * l2_clip_norm")
   # Kept on the host; init makes a new array each call, so a donated state
   # never deletes the transform's own copy of the key.
   explicit_key = None if key is None else np.asarray(_rng.key_data(key))

@@ -24,6 +24,7 @@ import jax
 import optax
 
 import accounting
+from accounting import validate as check
 from dpfl import cyclic_sampling, ftrl, noise, sampling
 from dpfl.clipping import clipped_grad as _clipped_grad
 
@@ -91,7 +92,13 @@ class PrivateTraining:
     ``dataset`` is a pytree of arrays with a leading example axis, or any
     indexable sequence of examples (``dpfl.sampling.gather``).
     """
-    steps = self.num_steps if num_steps is None else num_steps
+    planned = self.sampler.dataset_size
+    size = sampling.num_examples(dataset)
+    if size != planned:
+      raise ValueError(f"dataset has {size} examples but the run was planned (and is accounted) "
+                       f"for dataset_size={planned}; pass the dataset the sampling rate was "
+                       "computed for, or make_private again with its size")
+    steps = self.num_steps if num_steps is None else check.positive_int("num_steps", num_steps)
     for _ in range(steps):
       draw = self.sampler()
       self.record_step()
@@ -131,6 +138,49 @@ class PrivateTraining:
         raise ValueError("donate=True needs jit=True (donation is a jax.jit feature)")
       return step
     return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+
+
+def check_run(*, delta: Any, accountant: Any, noise_multiplier: Any, target_epsilon: Any,
+              num_steps: Any, epochs: Any, ledger: Any, privacy_unit: str) -> tuple:
+  """The checks ``make_private`` and ``make_private_user_level`` share.
+
+  Returns ``(delta, noise_multiplier, target_epsilon, num_steps)`` as plain
+  numbers (the ones not given stay None). Each bound is the one in
+  ``accounting.validate``: ``num_steps`` is at most ``MAX_NUM_STEPS`` (longer
+  runs cannot be accounted within memory) and ``target_epsilon`` at most
+  ``MAX_TARGET_EPSILON``. A ``ledger`` to extend must record the same privacy
+  unit, and under ``accountant="rdp"`` hold no PLD-only steps: either would
+  otherwise fail only at the first ``epsilon()``.
+  """
+  if (noise_multiplier is None) == (target_epsilon is None):
+    raise ValueError("give exactly one of noise_multiplier and target_epsilon, got "
+                     f"noise_multiplier={noise_multiplier!r}, target_epsilon={target_epsilon!r}")
+  if (num_steps is None) == (epochs is None):
+    raise ValueError(f"give exactly one of num_steps and epochs, got num_steps={num_steps!r}, "
+                     f"epochs={epochs!r}")
+  check.choice("accountant", accountant, accounting.accountants.ACCOUNTANTS)
+  delta = check.open_unit("delta", delta)
+  if noise_multiplier is not None:
+    noise_multiplier = check.noise_multiplier("noise_multiplier", noise_multiplier)
+  else:
+    target_epsilon = check.target_epsilon("target_epsilon", target_epsilon)
+  if num_steps is not None:
+    num_steps = check.num_steps("num_steps", num_steps)
+  else:
+    check.positive("epochs", epochs)
+  if ledger is not None:
+    if not isinstance(ledger, accounting.Ledger):
+      raise ValueError(f"ledger must be an accounting.Ledger, got {type(ledger).__name__}")
+    if ledger.privacy_unit not in (None, privacy_unit):
+      raise ValueError(f"ledger records {ledger.privacy_unit!r}-level privacy, but this run "
+                       f"protects privacy_unit={privacy_unit!r}; extend a ledger of the same "
+                       "unit (or start a new one)")
+    if accountant == "rdp":
+      pld_only = sorted({e.kind for e in ledger.entries if e.pld_only})
+      if pld_only:
+        raise ValueError(f"accountant must be 'pld' to extend this ledger: its "
+                         f"{', '.join(pld_only)} steps have no RDP back end in dp-accounting")
+  return delta, noise_multiplier, target_epsilon, num_steps
 
 
 def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransformation, *,
@@ -249,12 +299,6 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
   if sampling_unit not in (None, "example"):
     raise ValueError(f"sampling_unit={sampling_unit!r} needs privacy_unit='user' (ULS); "
                      "example-level DP samples examples")
-  if (noise_multiplier is None) == (target_epsilon is None):
-    raise ValueError("give exactly one of noise_multiplier and target_epsilon, got "
-                     f"noise_multiplier={noise_multiplier!r}, target_epsilon={target_epsilon!r}")
-  if (num_steps is None) == (epochs is None):
-    raise ValueError(f"give exactly one of num_steps and epochs, got num_steps={num_steps!r}, "
-                     f"epochs={epochs!r}")
   if sampling_scheme is None:
     sampling_scheme = "poisson" if strategy is None else "cyclic"
   if strategy is None and sampling_scheme not in ("poisson", "shuffle"):
@@ -264,29 +308,26 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
     raise ValueError(f"sampling_scheme must be 'cyclic' or 'poisson' with a strategy "
                      f"(DP-FTRL), got {sampling_scheme!r} (a reshuffle per epoch would break "
                      "the participation pattern its sensitivity assumes)")
-  if accountant not in accounting.accountants.ACCOUNTANTS:
-    raise ValueError(f"accountant must be 'pld' or 'rdp', got {accountant!r}")
-  if not (isinstance(delta, (int, float)) and 0 < delta < 1):
-    raise ValueError(f"delta must be in (0, 1), got {delta!r}")
+  delta, noise_multiplier, target_epsilon, num_steps = check_run(
+      delta=delta, accountant=accountant, noise_multiplier=noise_multiplier,
+      target_epsilon=target_epsilon, num_steps=num_steps, epochs=epochs, ledger=ledger,
+      privacy_unit="example")
+  dataset_size = check.positive_int("dataset_size", dataset_size)
+  batch_size = check.integer("batch_size", batch_size, low=1, high=dataset_size)
   if epochs is not None:
     _, num_steps = accounting.sampling_from_epochs(dataset_size=dataset_size,
                                                    batch_size=batch_size, epochs=epochs)
+    num_steps = check.num_steps(f"num_steps (from epochs={epochs!r})", num_steps)
   plan = None
   if strategy is not None:
-    if not (isinstance(dataset_size, int) and dataset_size >= 1):
-      raise ValueError(f"dataset_size must be an integer >= 1, got {dataset_size!r}")
-    if not (isinstance(batch_size, int) and 1 <= batch_size <= dataset_size):
-      raise ValueError(f"batch_size must be an integer in [1, dataset_size={dataset_size}], "
-                       f"got {batch_size!r}")
-    if not (isinstance(num_steps, int) and num_steps >= 1):
-      raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
     if sampling_scheme == "cyclic":
       if max_batch_size is not None:
         raise ValueError("max_batch_size applies to Poisson sampling only (cyclic batches "
                          "have the fixed batch_size)")
       sampler = cyclic_sampling.CyclicSampler(dataset_size, batch_size=batch_size, seed=seed)
       if epochs is not None:  # passes over the cyclic order: b = N // B steps each
-        num_steps = ftrl.cyclic_steps(epochs, sampler.steps_per_epoch)
+        num_steps = check.num_steps(f"num_steps (from epochs={epochs!r})",
+                                    ftrl.cyclic_steps(epochs, sampler.steps_per_epoch))
     else:
       bands = ftrl.amplified_bands(strategy, strategy_options, num_steps)
       group = dataset_size // bands
@@ -299,11 +340,6 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
     plan = ftrl.plan(strategy, strategy_options, sampler=sampler, num_steps=num_steps,
                      privacy_unit="example")
   elif sampling_scheme == "poisson":
-    if not (isinstance(dataset_size, int) and dataset_size >= 1):
-      raise ValueError(f"dataset_size must be an integer >= 1, got {dataset_size!r}")
-    if not (isinstance(batch_size, int) and 1 <= batch_size <= dataset_size):
-      raise ValueError(f"batch_size must be an integer in [1, dataset_size={dataset_size}], "
-                       f"got {batch_size!r}")
     # dp-accounting's RDP back end has no event for truncated Poisson sampling,
     # and untruncated-Poisson ε is not an upper bound for truncated batches; so
     # under RDP a rare oversized draw gets a longer padded shape instead.
@@ -316,11 +352,6 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
     sampler = sampling.ShuffledSampler(dataset_size, batch_size=batch_size, seed=seed)
 
   describe = sampler.mechanism if plan is None else plan.mechanism
-  if accountant == "rdp" and ledger is not None:
-    pld_only = sorted({e.kind for e in ledger.entries if e.pld_only})
-    if pld_only:
-      raise ValueError(f"accountant must be 'pld' to extend this ledger: its "
-                       f"{', '.join(pld_only)} steps have no RDP back end in dp-accounting")
   if target_epsilon is not None:
     calibration = accounting.calibrate_noise_multiplier(
         lambda s: describe(noise_multiplier=s, num_steps=num_steps),
@@ -335,7 +366,7 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
   return PrivateTraining(clipped_grad=grad_fn, optimizer=optax.chain(noisy, optimizer),
                          sampler=sampler, ledger=accounting.Ledger() if ledger is None else ledger,
                          noise_multiplier=float(noise_multiplier),
-                         l2_clip_norm=float(l2_clip_norm), delta=float(delta),
+                         l2_clip_norm=grad_fn.l2_clip_norm, delta=delta,
                          num_steps=int(num_steps), accountant=accountant, ftrl=plan)
 
 

@@ -28,7 +28,6 @@ adversary who sees only the trained model, as in standard DP-SGD practice.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -36,6 +35,7 @@ import jax
 import numpy as np
 
 import accounting
+from accounting import validate as check
 from dpfl import _rng
 
 # Tail probability the default maximum batch size allows to be truncated.
@@ -54,18 +54,6 @@ class Batch(NamedTuple):
 
   indices: np.ndarray
   mask: np.ndarray
-
-
-def _positive_int(name: str, value) -> int:
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-    raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-  return int(value)
-
-
-def _probability(name: str, value) -> float:
-  if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value <= 1:
-    raise ValueError(f"{name} must be in (0, 1], got {value!r}")
-  return float(value)
 
 
 def _index_dtype(dataset_size: int):
@@ -93,10 +81,9 @@ def default_max_batch_size(dataset_size: int, sampling_prob: float, *,
     ``m`` in [1, N] with P[Binomial(N, q) > m] <= truncation_prob (minimal).
   """
   from scipy import stats  # deferred: only needed to build a sampler
-  n = _positive_int("dataset_size", dataset_size)
-  q = _probability("sampling_prob", sampling_prob)
-  if not 0 < truncation_prob < 1:
-    raise ValueError(f"truncation_prob must be in (0, 1), got {truncation_prob!r}")
+  n = check.positive_int("dataset_size", dataset_size)
+  q = check.probability("sampling_prob", sampling_prob)
+  truncation_prob = check.open_unit("truncation_prob", truncation_prob)
   sf = lambda m: stats.binom.sf(m, n, q)  # P[Binomial(n, q) > m]
   guess = stats.binom.isf(truncation_prob, n, q)
   m = n if not math.isfinite(guess) else int(min(max(guess, 0), n))
@@ -170,11 +157,11 @@ class PoissonSampler:
   def __init__(self, dataset_size: int, *, sampling_prob: float,
                max_batch_size: int | None = None, truncate: bool = True,
                seed: int | None = None):
-    self._dataset_size = _positive_int("dataset_size", dataset_size)
-    self._sampling_prob = _probability("sampling_prob", sampling_prob)
+    self._dataset_size = check.positive_int("dataset_size", dataset_size)
+    self._sampling_prob = check.probability("sampling_prob", sampling_prob)
     if max_batch_size is None:
       max_batch_size = default_max_batch_size(self._dataset_size, self._sampling_prob)
-    self._max_batch_size = _positive_int("max_batch_size", max_batch_size)
+    self._max_batch_size = check.positive_int("max_batch_size", max_batch_size)
     if not isinstance(truncate, bool):
       raise ValueError(f"truncate must be True or False, got {truncate!r}")
     self._truncate = truncate
@@ -283,8 +270,8 @@ class ShuffledSampler:
   """
 
   def __init__(self, dataset_size: int, *, batch_size: int, seed: int | None = None):
-    self._dataset_size = _positive_int("dataset_size", dataset_size)
-    self._batch_size = _positive_int("batch_size", batch_size)
+    self._dataset_size = check.positive_int("dataset_size", dataset_size)
+    self._batch_size = check.positive_int("batch_size", batch_size)
     if self._batch_size > self._dataset_size:
       raise ValueError(f"batch_size must be in [1, dataset_size={self._dataset_size}], "
                        f"got {batch_size!r}")
@@ -348,6 +335,15 @@ def _is_example_sequence(dataset) -> bool:
   if isinstance(dataset, (np.ndarray, jax.Array, Mapping, tuple)):
     return False
   return hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")
+
+
+def num_examples(dataset: Any) -> int:
+  """The number of examples in ``dataset``, in the sense ``gather`` indexes it.
+
+  ``len(dataset)`` for an indexable sequence of examples; the shared leading
+  size of the arrays for a pytree of arrays.
+  """
+  return len(dataset) if _is_example_sequence(dataset) else _pytree_len(dataset)
 
 
 def _pytree_len(dataset) -> int:

@@ -30,18 +30,18 @@ device count; see ``dpfl.federated`` for running across hosts with
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from typing import Any, Callable, Iterator
 
 import jax
 import optax
 
 import accounting
+from accounting import validate as check
 from dpfl import cyclic_sampling, ftrl, sampling
 from dpfl.clipping import clipped_grad as _clipped_grad
 from dpfl.data import UserDataset
 from dpfl.federated import clipped_user_updates, shard_users
-from dpfl.privatize import PrivateTraining
+from dpfl.privatize import PrivateTraining, check_run
 from dpfl.user_level_sampling import ElsSampler, UserSampler
 
 SAMPLING_UNITS = ("user", "example")
@@ -87,7 +87,7 @@ class UserLevelPrivateTraining(PrivateTraining):
     leading axis.
     """
     self._check_dataset(dataset)
-    steps = self.num_steps if num_steps is None else num_steps
+    steps = self.num_steps if num_steps is None else check.positive_int("num_steps", num_steps)
     flat = dataset.examples()[0] if self.sampling_unit == "example" else None
     for _ in range(steps):
       draw = self.sampler()
@@ -114,14 +114,6 @@ class UserLevelPrivateTraining(PrivateTraining):
         return step(*args)
 
     return run
-
-
-def _optional_positive_int(name: str, value: Any) -> int | None:
-  if value is None:
-    return None
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-    raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
-  return int(value)
 
 
 def make_private_user_level(
@@ -220,33 +212,32 @@ def make_private_user_level(
   elif sampling_scheme not in (None, "poisson"):
     raise ValueError(f"sampling_scheme must be 'poisson' for user-level DP-SGD, got "
                      f"{sampling_scheme!r} ('cyclic' needs a strategy)")
-  if (noise_multiplier is None) == (target_epsilon is None):
-    raise ValueError("give exactly one of noise_multiplier and target_epsilon, got "
-                     f"noise_multiplier={noise_multiplier!r}, target_epsilon={target_epsilon!r}")
-  if (num_steps is None) == (epochs is None):
-    raise ValueError(f"give exactly one of num_steps and epochs, got num_steps={num_steps!r}, "
-                     f"epochs={epochs!r}")
-  if accountant not in accounting.accountants.ACCOUNTANTS:
-    raise ValueError(f"accountant must be 'pld' or 'rdp', got {accountant!r}")
-  if not (isinstance(delta, (int, float)) and 0 < delta < 1):
-    raise ValueError(f"delta must be in (0, 1), got {delta!r}")
-  examples_per_user = _optional_positive_int("examples_per_user", examples_per_user)
+  delta, noise_multiplier, target_epsilon, num_steps = check_run(
+      delta=delta, accountant=accountant, noise_multiplier=noise_multiplier,
+      target_epsilon=target_epsilon, num_steps=num_steps, epochs=epochs, ledger=ledger,
+      privacy_unit="user")
+  if examples_per_user is not None:
+    examples_per_user = check.positive_int("examples_per_user", examples_per_user)
   if dataset is not None:
     if not isinstance(dataset, UserDataset):
       raise ValueError(f"dataset must be a dpfl.data.UserDataset, got {type(dataset).__name__}")
     size = dataset.num_users if sampling_unit == "user" else dataset.num_examples
-    if dataset_size is not None and dataset_size != size:
+    if dataset_size is not None and check.positive_int("dataset_size", dataset_size) != size:
       raise ValueError(f"dataset_size ({dataset_size!r}) disagrees with the dataset ({size} "
                        f"{sampling_unit}s); give one of them")
     dataset_size = size
     if examples_per_user is None:
       examples_per_user = dataset.examples_per_user
-  if not (isinstance(dataset_size, numbers.Integral) and dataset_size >= 1):
-    raise ValueError(f"dataset_size must be an integer >= 1 (the number of {sampling_unit}s), "
-                     f"got {dataset_size!r}")
-  if not (isinstance(batch_size, numbers.Integral) and 1 <= batch_size <= dataset_size):
-    raise ValueError(f"batch_size must be an integer in [1, dataset_size={dataset_size}], "
-                     f"got {batch_size!r}")
+    elif dataset.examples_per_user > examples_per_user:
+      # ELS accounts for the cap k: a dataset with more examples per user
+      # would be under-accounted (batches() refuses it, but planned_epsilon()
+      # would already have reported the smaller ε).
+      raise ValueError(f"examples_per_user must be >= the dataset's cap "
+                       f"({dataset.examples_per_user}) that the privacy guarantee has to "
+                       f"cover, got {examples_per_user}")
+  dataset_size = check.positive_int(f"dataset_size (the number of {sampling_unit}s)",
+                                    dataset_size)
+  batch_size = check.integer("batch_size", batch_size, low=1, high=dataset_size)
   local = (local_learning_rate, local_optimizer, local_batch_size)
   if sampling_unit == "example":
     if examples_per_user is None:
@@ -261,10 +252,10 @@ def make_private_user_level(
   elif local_steps is None and any(v is not None for v in local):
     raise ValueError("local_learning_rate / local_optimizer / local_batch_size need "
                      "local_steps >= 1")
-  dataset_size, batch_size = int(dataset_size), int(batch_size)
   if epochs is not None:
     _, num_steps = accounting.sampling_from_epochs(dataset_size=dataset_size,
                                                    batch_size=batch_size, epochs=epochs)
+    num_steps = check.num_steps(f"num_steps (from epochs={epochs!r})", num_steps)
   multiple_of = 1 if mesh is None else int(mesh.shape[mesh.axis_names[0]])
   q = batch_size / dataset_size
   plan = None
@@ -272,7 +263,8 @@ def make_private_user_level(
     sampler = cyclic_sampling.CyclicSampler(dataset_size, batch_size=batch_size,
                                      multiple_of=multiple_of, seed=seed)
     if epochs is not None:  # passes over the cyclic order: b = N // B rounds each
-      num_steps = ftrl.cyclic_steps(epochs, sampler.steps_per_epoch)
+      num_steps = check.num_steps(f"num_steps (from epochs={epochs!r})",
+                                  ftrl.cyclic_steps(epochs, sampler.steps_per_epoch))
     plan = ftrl.plan(strategy, strategy_options, sampler=sampler, num_steps=num_steps,
                      privacy_unit="user")
   elif sampling_unit == "user":
@@ -299,12 +291,10 @@ def make_private_user_level(
                             unit=sampling_unit, microbatch_size=microbatch_size)
   noisy = ftrl.make_noise(plan, noise_multiplier=noise_multiplier, l2_clip_norm=l2_clip_norm,
                           expected_batch_size=sampler.expected_batch_size, key=key)
-  if ledger is not None and ledger.privacy_unit not in (None, "user"):
-    raise ValueError(f"ledger must record user-level privacy, got {ledger.privacy_unit!r}")
   return UserLevelPrivateTraining(
       clipped_grad=grad_fn, optimizer=optax.chain(noisy, optimizer), sampler=sampler,
       ledger=accounting.Ledger() if ledger is None else ledger,
-      noise_multiplier=float(noise_multiplier), l2_clip_norm=float(l2_clip_norm),
-      delta=float(delta), num_steps=int(num_steps), accountant=accountant,
+      noise_multiplier=float(noise_multiplier), l2_clip_norm=grad_fn.l2_clip_norm,
+      delta=delta, num_steps=int(num_steps), accountant=accountant,
       sampling_unit=sampling_unit, examples_per_user=examples_per_user,
       local_steps=local_steps, mesh=mesh, ftrl=plan)

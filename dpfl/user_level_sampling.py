@@ -26,6 +26,7 @@ from collections.abc import Iterator
 
 
 import accounting
+from accounting import validate as check
 from dpfl import _rng, sampling
 from dpfl.sampling import Batch
 
@@ -47,13 +48,13 @@ class _PaddedPoissonSampler:
   def __init__(self, population_size: int, *, sampling_prob: float,
                max_batch_size: int | None = None, multiple_of: int = 1,
                seed: int | None = None):
-    self._size = sampling._positive_int(f"num_{self._unit}s", population_size)
-    self._sampling_prob = sampling._probability("sampling_prob", sampling_prob)
-    multiple_of = sampling._positive_int("multiple_of", multiple_of)
+    self._size = check.positive_int(f"num_{self._unit}s", population_size)
+    self._sampling_prob = check.probability("sampling_prob", sampling_prob)
+    multiple_of = check.positive_int("multiple_of", multiple_of)
     if max_batch_size is None:
       max_batch_size = sampling.default_max_batch_size(
           self._size, self._sampling_prob, truncation_prob=DEFAULT_OVERFLOW_PROB)
-    max_batch_size = sampling._positive_int("max_batch_size", max_batch_size)
+    max_batch_size = check.positive_int("max_batch_size", max_batch_size)
     # A multiple of the device count keeps the unit axis evenly shardable.
     self._max_batch_size = multiple_of * math.ceil(max_batch_size / multiple_of)
     self._rng = _rng.numpy_generator(seed)
@@ -151,7 +152,7 @@ class ElsSampler(_PaddedPoissonSampler):
                seed: int | None = None):
     super().__init__(num_examples, sampling_prob=sampling_prob, max_batch_size=max_batch_size,
                      multiple_of=multiple_of, seed=seed)
-    self._examples_per_user = sampling._positive_int("examples_per_user", examples_per_user)
+    self._examples_per_user = check.positive_int("examples_per_user", examples_per_user)
 
   @property
   def examples_per_user(self) -> int:

@@ -7,10 +7,7 @@ whose message names the argument, the value it got and the allowed range (the
 
 from __future__ import annotations
 
-import math
-import numbers
-
-from accounting.validate import integer  # noqa: F401  (one integer check for the project)
+from accounting.validate import integer, positive, real  # noqa: F401  (one set for the project)
 
 OBJECTIVES = ("max", "mean")
 # The loss each optimized strategy minimizes unless told otherwise: the
@@ -27,9 +24,4 @@ def objective(value) -> str:
 
 def unit_interval(name: str, value, *, closed_low: bool = True) -> float:
   """A real number in ``[0, 1)`` (or ``(0, 1)`` with ``closed_low=False``)."""
-  if (isinstance(value, bool) or not isinstance(value, numbers.Real)
-      or not math.isfinite(value) or value >= 1 or value < 0
-      or (value == 0 and not closed_low)):
-    interval = "[0, 1)" if closed_low else "(0, 1)"
-    raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
-  return float(value)
+  return real(name, value, low=0, high=1, low_open=not closed_low, high_open=True)

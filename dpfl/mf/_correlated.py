@@ -9,7 +9,6 @@ adds the result. The public transforms and their documentation live in
 """
 from __future__ import annotations
 
-import numbers
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -17,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from accounting import validate as check
 from dpfl import _rng
 from dpfl import noise as _noise
 
@@ -48,9 +48,7 @@ _noise.register_noise_state(CorrelatedNoiseState)
 
 
 def _check_num_steps(name: str, value) -> int:
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-    raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-  return int(value)
+  return check.positive_int(name, value)
 
 
 def _as_float_array(name: str, value, ndim: int) -> np.ndarray:
@@ -145,6 +143,9 @@ def _correlated_transform(*, num_steps: int, num_buffers: int, kernel: _Kernel,
   l2_clip_norm = _noise._check_positive("l2_clip_norm", l2_clip_norm)
   sensitivity = _noise._check_positive("sensitivity", sensitivity)
   expected_batch_size = _noise._check_positive("expected_batch_size", expected_batch_size)
+  _noise._check_noise_scale(stddev=noise_multiplier * l2_clip_norm * sensitivity,
+                            expected_batch_size=expected_batch_size,
+                            names="noise_multiplier * l2_clip_norm * sensitivity")
   # Kept on the host; init makes a new array each call, so a donated state
   # never deletes the transform's own copy of the key.
   explicit_key = None if key is None else np.asarray(_rng.key_data(key))

@@ -28,7 +28,6 @@ This module imports only the standard library; numpy and scipy load when
 from __future__ import annotations
 
 import argparse
-import math
 import re
 import time
 from typing import Any
@@ -103,12 +102,12 @@ def _flagged(message: str) -> str:
 
 
 def _positive(flag: str, value) -> int:
-  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-    raise ValueError(f"{flag} must be an integer >= 1, got {value!r}")
-  return value
+  from accounting import validate as check  # deferred: numpy, not needed for --help
+  return check.positive_int(flag, value)
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
+  from accounting import validate as check  # deferred: numpy, not needed for --help
   strategy = getattr(args, "strategy", None)
   if strategy not in STRATEGIES:
     raise ValueError(f"--strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
@@ -139,14 +138,11 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     raise ValueError(f"--buffers applies only to --strategy blt, not {strategy}")
   if strategy == "banded":
     bands = min(DEFAULT_MAX_BANDS, b) if bands is None else bands
-    if isinstance(bands, bool) or not isinstance(bands, int) or not 1 <= bands <= b:
-      limit = "--steps" if k == 1 else "--min-sep (b)"
-      raise ValueError(f"--bands must be an integer in [1, {b}] (at most {limit}), got {bands!r}")
+    bands = check.integer("--bands", bands, low=1, high=b)
   if strategy == "blt":
     from dpfl.mf.blt import MAX_BUFFERS
     buffers = DEFAULT_BUFFERS if buffers is None else buffers
-    if isinstance(buffers, bool) or not isinstance(buffers, int) or not 1 <= buffers <= MAX_BUFFERS:
-      raise ValueError(f"--buffers must be an integer in [1, {MAX_BUFFERS}], got {buffers!r}")
+    buffers = check.integer("--buffers", buffers, low=1, high=MAX_BUFFERS)
   settings = {"strategy": strategy, "steps": n, "epochs": k, "min_sep": b, "bands": bands,
               "buffers": buffers, "objective": objective}
   privacy = _privacy_settings(args)
@@ -155,6 +151,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def _privacy_settings(args: argparse.Namespace) -> dict[str, float]:
   """``--noise-multiplier`` / ``--target-epsilon`` with ``--delta``, checked."""
+  from accounting import validate as check  # deferred: numpy, not needed for --help
   sigma = getattr(args, "noise_multiplier", None)
   target = getattr(args, "target_epsilon", None)
   delta = getattr(args, "delta", None)
@@ -168,15 +165,11 @@ def _privacy_settings(args: argparse.Namespace) -> dict[str, float]:
   if delta is None:
     raise ValueError("--delta is required with --noise-multiplier or --target-epsilon "
                      "(a number in (0, 1))")
-  if not (isinstance(delta, (int, float)) and 0 < delta < 1):
-    raise ValueError(f"--delta must be a number in (0, 1), got {delta!r}")
-  flag, value = (("--noise-multiplier", sigma) if sigma is not None
-                 else ("--target-epsilon", target))
-  if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-    raise ValueError(f"{flag} must be a finite number > 0, got {value!r}")
+  delta = check.open_unit("--delta", delta)
   if sigma is not None:
-    return {"noise_multiplier": float(sigma), "delta": float(delta)}
-  return {"target_epsilon": float(target), "delta": float(delta)}
+    return {"noise_multiplier": check.noise_multiplier("--noise-multiplier", sigma),
+            "delta": delta}
+  return {"target_epsilon": check.target_epsilon("--target-epsilon", target), "delta": delta}
 
 
 def _account(settings: dict[str, Any], strategy) -> dict[str, float]:

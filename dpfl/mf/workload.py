@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 
 import numpy as np
 
@@ -48,13 +47,12 @@ class Workload:
     object.__setattr__(self, "momentum", check.unit_interval("momentum", self.momentum))
     if self.learning_rates is not None:
       rates = tuple(self.learning_rates)
-      if len(rates) != n or not all(
-          isinstance(r, numbers.Real) and not isinstance(r, bool) and math.isfinite(r) and r > 0
-          for r in rates):
+      if len(rates) != n:
         raise ValueError(
             f"learning_rates must be None or {n} (num_steps) finite numbers > 0, got "
             f"{len(rates)} values")
-      object.__setattr__(self, "learning_rates", tuple(float(r) for r in rates))
+      rates = tuple(check.positive("learning_rates", r) for r in rates)
+      object.__setattr__(self, "learning_rates", rates)
 
   @property
   def is_toeplitz(self) -> bool:

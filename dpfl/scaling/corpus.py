@@ -36,6 +36,8 @@ import sysconfig
 
 import numpy as np
 
+from accounting import validate as check
+
 BOS = 256
 VOCAB_SIZE = 257
 _EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
@@ -159,18 +161,13 @@ def load_corpus(*, seq_len: int = 64, examples_per_user: int = 32,
     A ``Corpus``. Raises ValueError on bad arguments or when either split ends
     up empty.
   """
-  if isinstance(seq_len, bool) or not isinstance(seq_len, int) or not 1 <= seq_len <= 4096:
-    raise ValueError(f"seq_len must be an integer in [1, 4096], got {seq_len!r}")
-  if (isinstance(examples_per_user, bool) or not isinstance(examples_per_user, int)
-      or examples_per_user < 1):
-    raise ValueError(f"examples_per_user must be an integer >= 1, got {examples_per_user!r}")
-  if max_users is not None and (isinstance(max_users, bool) or not isinstance(max_users, int)
-                                or max_users < 1):
-    raise ValueError(f"max_users must be None or an integer >= 1, got {max_users!r}")
-  if not isinstance(eval_fraction, (int, float)) or not 0 <= eval_fraction < 1:
-    raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction!r}")
+  seq_len = check.integer("seq_len", seq_len, low=1, high=4096)
+  examples_per_user = check.positive_int("examples_per_user", examples_per_user)
+  if max_users is not None:
+    max_users = check.positive_int("max_users", max_users)
+  eval_fraction = check.real("eval_fraction", eval_fraction, low=0, high=1, high_open=True)
   root = os.path.abspath(sysconfig.get_paths()["stdlib"] if root is None else root)
-  return _load(seq_len, examples_per_user, max_users, float(eval_fraction), root)
+  return _load(seq_len, examples_per_user, max_users, eval_fraction, root)
 
 
 @functools.lru_cache(maxsize=8)

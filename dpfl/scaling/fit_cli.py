@@ -32,8 +32,8 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> dict:
-  if args.min_points < 2:
-    raise ValueError(f"--min-points must be an integer >= 2, got {args.min_points}")
+  from accounting import validate as check  # deferred: numpy, not needed for --help
+  check.integer("--min-points", args.min_points, low=2)
   if not os.path.exists(args.results):
     raise ValueError(f"--results: no such file {args.results!r}")
   out_dir = os.path.dirname(os.path.abspath(args.out))

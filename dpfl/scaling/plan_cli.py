@@ -12,10 +12,11 @@ no dp-accounting), so it answers in well under two seconds.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 
 import numpy as np
+
+from accounting import validate as check
 
 
 def _number(text: str) -> float:
@@ -66,19 +67,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _integer(flag: str, value: float) -> int:
-  if not (math.isfinite(value) and value >= 1 and float(value).is_integer()):
-    raise ValueError(f"{flag} must be an integer >= 1, got {value:g}")
-  return int(value)
+  return check.positive_int(flag, value)
 
 
 def run(args) -> dict:
-  if not (math.isfinite(args.compute) and args.compute > 0):
-    raise ValueError(f"--compute must be a finite number of FLOPs > 0, got {args.compute:g}")
-  epsilon = args.target_epsilon
-  if not (math.isfinite(epsilon) and epsilon > 0):
-    raise ValueError(f"--target-epsilon must be a finite number > 0, got {epsilon:g}")
-  if not 0 < args.delta < 1:
-    raise ValueError(f"--delta must be in (0, 1), got {args.delta:g}")
+  check.positive("--compute", args.compute)
+  check.positive("--target-epsilon", args.target_epsilon)
+  check.open_unit("--delta", args.delta)
   users = _integer("--users", args.users)
   seq_len = None if args.seq_len is None else _integer("--seq-len", args.seq_len)
   max_steps = None if args.max_steps is None else _integer("--max-steps", args.max_steps)

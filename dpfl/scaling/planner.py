@@ -32,6 +32,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from accounting import validate as check
 from dpfl.scaling import fit as _fit
 from dpfl.scaling import sigma_grid as _sigma_grid
 
@@ -62,29 +63,21 @@ def default_batch_sizes(users: int) -> list[int]:
   return sizes
 
 
-def _check_positive(name, value):
-  if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-    raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-
-
 def candidates(*, compute: float, epsilon: float, delta: float, users: int,
                law: dict | str | None = None, seq_len: int | None = None,
                models: Sequence[str] | None = None,
                batch_sizes: Sequence[int] | None = None, grid=None,
                steps_per_octave: int = 16, max_steps: int | None = None) -> dict[str, Any]:
   """Every configuration within the budget, as arrays (see ``plan``)."""
-  _check_positive("compute", compute)
-  _check_positive("epsilon", epsilon)
-  if not (isinstance(delta, (int, float)) and 0 < delta < 1):
-    raise ValueError(f"delta must be in (0, 1), got {delta!r}")
-  if isinstance(users, bool) or not isinstance(users, (int, np.integer)) or users < 1:
-    raise ValueError(f"users must be an integer >= 1, got {users!r}")
+  compute = check.positive("compute", compute)
+  epsilon = check.positive("epsilon", epsilon)
+  delta = check.open_unit("delta", delta)
+  users = check.positive_int("users", users)
   law = law if isinstance(law, dict) else _fit.load_law(law)
   seq_len = seq_len if seq_len is not None else law.get("seq_len")
   if seq_len is None:
     raise ValueError("seq_len is required: the law does not record one")
-  if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) or seq_len < 1:
-    raise ValueError(f"seq_len must be an integer >= 1, got {seq_len!r}")
+  seq_len = check.positive_int("seq_len", seq_len)
   sizes = _fit.model_params(law)
   names = list(sizes) if models is None else list(models)
   unknown = [m for m in names if m not in sizes]
@@ -92,9 +85,9 @@ def candidates(*, compute: float, epsilon: float, delta: float, users: int,
     raise ValueError(f"models must be names in the law ({', '.join(sizes)}); got "
                      f"{', '.join(unknown) or 'none'}")
   batches = default_batch_sizes(users) if batch_sizes is None else list(batch_sizes)
-  bad = [b for b in batches if not (isinstance(b, (int, np.integer)) and 1 <= b <= users)]
-  if bad or not batches:
-    raise ValueError(f"batch_sizes must be integers in [1, users={users}], got {bad or 'none'}")
+  if not batches:
+    raise ValueError(f"batch_sizes must be integers in [1, users={users}], got none")
+  batches = [check.integer("batch_sizes (each)", b, low=1, high=users) for b in batches]
 
   table = _sigma_grid._as_table(grid)
   eps_lo, eps_hi = float(table.eps[0]), float(table.eps[-1])
@@ -112,8 +105,7 @@ def candidates(*, compute: float, epsilon: float, delta: float, users: int,
                   for c in m["curves"])
   if max_steps is None:
     max_steps = STEPS_EXTRAPOLATION * law_steps
-  if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or max_steps < 1:
-    raise ValueError(f"max_steps must be an integer >= 1, got {max_steps!r}")
+  max_steps = check.positive_int("max_steps", max_steps)
   top = int(min(max_steps, table.steps[-1]))
   if top < table.steps[0]:
     raise ValueError(f"max_steps={max_steps} is below the σ grid's fewest steps "

@@ -41,6 +41,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from accounting import validate as check
 from dpfl.scaling import corpus as corpus_lib
 from dpfl.scaling import models, results
 
@@ -110,11 +111,15 @@ class RunConfig:
     _check_real("noise_multiplier", self.noise_multiplier, minimum=0.0)
     _check_real("learning_rate", self.learning_rate, minimum=0.0, strict=True)
     _check_real("l2_clip_norm", self.l2_clip_norm, minimum=0.0, strict=True)
-    if not (isinstance(self.delta, (int, float)) and 0 < self.delta < 1):
-      raise ValueError(f"delta must be in (0, 1), got {self.delta!r}")
-    # Floats as floats, so that σ = 1 and σ = 1.0 are one run (one run_id).
+    check.open_unit("delta", self.delta)
+    # Floats as floats, so that σ = 1 and σ = 1.0 are one run (one run_id);
+    # numpy integers as ints (they are not JSON).
     for name in ("noise_multiplier", "learning_rate", "l2_clip_norm", "delta"):
-      object.__setattr__(self, name, float(getattr(self, name)))
+      object.__setattr__(self, name, check.real(name, getattr(self, name)))
+    for name in ("batch_size", "steps", "seq_len", "eval_every", "eval_examples",
+                 "examples_per_user", "warmup_steps", "max_users"):
+      if getattr(self, name) is not None:
+        object.__setattr__(self, name, check.integer(name, getattr(self, name), low=0))
 
   @property
   def private(self) -> bool:
@@ -138,16 +143,11 @@ class RunConfig:
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
-  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+  check.integer(name, value, low=minimum)
 
 
 def _check_real(name: str, value: Any, *, minimum: float, strict: bool = False) -> None:
-  ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-        and (value > minimum if strict else value >= minimum))
-  if not ok:
-    raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {minimum:g}, "
-                     f"got {value!r}")
+  check.real(name, value, low=minimum, low_open=strict)
 
 
 def run_id(config: RunConfig, corpus_fingerprint: str) -> str:

@@ -98,6 +98,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _check(args) -> None:
   """Flag-level validation: ValueError naming the flag, before anything is loaded."""
+  from accounting import validate as check  # deferred: numpy, not needed for --help
   from dpfl.scaling import models
   for name in args.models:
     if name not in models.MODELS:
@@ -117,21 +118,17 @@ def _check(args) -> None:
                      "has no privacy unit: sweep the baseline at example level)")
   if any(v <= 0 for v in args.learning_rates):
     raise ValueError(f"--learning-rates must be > 0, got {min(args.learning_rates):g}")
-  if not 0 < args.delta < 1:
-    raise ValueError(f"--delta must be in (0, 1), got {args.delta:g}")
-  if not 2 <= args.seq_len <= 4096:
-    raise ValueError(f"--seq-len must be an integer in [2, 4096], got {args.seq_len}")
-  if not (math.isfinite(args.l2_clip_norm) and args.l2_clip_norm > 0):
-    raise ValueError(f"--l2-clip-norm must be a finite number > 0, got {args.l2_clip_norm:g}")
+  check.open_unit("--delta", args.delta)
+  check.integer("--seq-len", args.seq_len, low=2, high=4096)
+  check.positive("--l2-clip-norm", args.l2_clip_norm)
   for flag, value, low in (("--warmup-steps", args.warmup_steps, 0),
                            ("--eval-every", args.eval_every, 1),
                            ("--eval-examples", args.eval_examples, 1),
                            ("--examples-per-user", args.examples_per_user, 1),
                            ("--seed", args.seed, 0)):
-    if value < low:
-      raise ValueError(f"{flag} must be an integer >= {low}, got {value}")
-  if args.max_users is not None and args.max_users < 2:
-    raise ValueError(f"--max-users must be an integer >= 2, got {args.max_users}")
+    check.integer(flag, value, low=low)
+  if args.max_users is not None:
+    check.integer("--max-users", args.max_users, low=2)
 
 
 def run(args) -> dict:

@@ -353,7 +353,7 @@ def test_poisson_sampler_validation(kwargs, name):
     sampling.PoissonSampler(size, **kwargs)
 
 
-@pytest.mark.parametrize("size,batch", [(0, 1), (10, 0), (10, 11), (10, 2.0)])
+@pytest.mark.parametrize("size,batch", [(0, 1), (10, 0), (10, 11), (10, 2.5)])
 def test_shuffled_sampler_validation(size, batch):
   name = "dataset_size" if size < 1 else "batch_size"
   with pytest.raises(ValueError, match=rf"^{name} must be .*got"):

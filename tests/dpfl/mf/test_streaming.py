@@ -366,7 +366,7 @@ _OK = dict(noise_multiplier=1.0, l2_clip_norm=1.0, sensitivity=1.0, expected_bat
                                  num_steps=4, **_OK), "output_scale must be finite"),
     (lambda: streaming.blt_noise(buffer_decay=[0.5], output_scale=[1], num_steps=0, **_OK),
      "num_steps must be an integer >= 1"),
-    (lambda: streaming.identity_noise(num_steps=2.0, **_OK), "num_steps must be an integer"),
+    (lambda: streaming.identity_noise(num_steps=2.5, **_OK), "num_steps must be an integer"),
     (lambda: streaming.banded_noise(matrix=np.triu(np.ones((3, 3))), **_OK),
      r"matrix must be lower-triangular; entry \[0, 1\]"),
     (lambda: streaming.banded_noise(matrix=np.diag([1.0, 0.0, 2.0]), **_OK),

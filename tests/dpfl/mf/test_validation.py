@@ -23,7 +23,7 @@ import dpfl.mf as mf
     (lambda: mf.identity(12, participation=(3, 3)), r"num_participations \* min_separation"),
     (lambda: mf.identity(12, participation=3), r"participation must be None or a"),
     (lambda: mf.optimize_dense(8, objective="median"), r"objective must be one of max, mean"),
-    (lambda: mf.Workload(8, momentum=1.0), r"momentum must be a number in \[0, 1\)"),
+    (lambda: mf.Workload(8, momentum=1.0), r"momentum must be in \[0, 1\)"),
     (lambda: mf.Workload(3, learning_rates=(1.0, 0.0, 1.0)), r"learning_rates must be"),
     (lambda: mf.optimize_blt(8, workload=mf.Workload(8, learning_rates=(1, 2) * 4)),
      r"workload must be Toeplitz"),
