@@ -43,8 +43,12 @@ def _replica_probe(tree) -> jax.Array:
   rule) instead of calling it once and broadcasting one key to every replica.
   A full reduction rather than a slice, so sharded leaves need no reshape.
   """
-  leaves = jax.tree.leaves(tree)
-  return jnp.stack([jnp.any(jnp.asarray(leaf) != 0) for leaf in leaves] or [jnp.bool_(False)])
+  def probe(leaf):
+    leaf = jnp.asarray(leaf)
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      leaf = jax.random.key_data(leaf)
+    return jnp.any(leaf != 0)
+  return jnp.stack([probe(leaf) for leaf in jax.tree.leaves(tree)] or [jnp.bool_(False)])
 
 
 def fresh_key_data(like=None) -> jax.Array:

@@ -245,3 +245,11 @@ def test_reseed_under_vmap_gives_every_replica_its_own_key():
   reseeded = jax.vmap(noise.reseed)(states)
   assert _distinct_rows(reseeded.key)
   assert not np.any(np.all(np.asarray(reseeded.key) == np.asarray(states.key), axis=1))
+
+
+def test_init_accepts_any_params_pytree():
+  # Typed-key, integer and empty leaves (and no leaves) still give keys.
+  params = {"w": jnp.zeros((4, 3)), "k": jax.random.split(jax.random.key(0), 4),
+            "n": jnp.arange(4), "e": jnp.zeros((4, 0))}
+  assert _distinct_rows(jax.vmap(_gaussian(3).init)(params).key)
+  np.testing.assert_array_equal(_gaussian(3).init({}).key, _rng.key_data(3))
