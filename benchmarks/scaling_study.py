@@ -70,7 +70,8 @@ FULL = dict(
     + [(m, b, r, lr) for m in MODELS for b in (64, 256) for r in RATIOS
        for lr in (3e-3, 1e-2)],
     steps=200,
-    common=dict(seq_len=64, eval_every=20, warmup_steps=10, eval_examples=512, delta=1e-6),
+    common=dict(seq_len=64, eval_every=20, warmup_steps=10, eval_examples=512, delta=1e-6,
+                seed=0),
     speed=dict(models=["s50k", "s200k"], batch_size=256, repeats=7, naive=True),
     computes=np.geomspace(1e11, 4e12, 7), epsilons=[0.5, 1, 2, 4, 8, 16])
 # Quick (CI): 7 runs of 30 steps, 4 of them private. Enough to exercise every
@@ -80,7 +81,8 @@ QUICK = dict(
           ("s50k", 128, 2.0 ** -7, 3e-3), ("s50k", 128, 2.0 ** -4, 3e-3),
           ("s100k", 128, 0.0, 3e-3), ("s100k", 128, 2.0 ** -4, 3e-3)],
     steps=30,
-    common=dict(seq_len=64, eval_every=5, warmup_steps=5, eval_examples=128, delta=1e-6),
+    common=dict(seq_len=64, eval_every=5, warmup_steps=5, eval_examples=128, delta=1e-6,
+                seed=0),
     speed=dict(models=["s50k"], batch_size=128, repeats=5, naive=False),
     computes=np.geomspace(3e9, 3e11, 5), epsilons=[1, 4, 16])
 

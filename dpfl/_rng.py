@@ -13,8 +13,8 @@ checkpointer can save.
 
 from __future__ import annotations
 
+import itertools
 import math
-
 import numbers
 import os
 import secrets
@@ -35,34 +35,176 @@ def _urandom_words(shape: tuple[int, ...]) -> np.ndarray:
   return np.frombuffer(os.urandom(4 * size), dtype=np.uint32).reshape(shape)
 
 
-def fresh_key_data() -> jax.Array:
+def _replica_probe(tree) -> jax.Array:
+  """A bool per leaf of ``tree``, computed from the leaf: batched wherever it is.
+
+  Passed to the key callbacks below only so that ``jax.vmap`` over ``tree``
+  batches the callback (one call per replica, see ``io_callback``'s batching
+  rule) instead of calling it once and broadcasting one key to every replica.
+  A full reduction rather than a slice, so sharded leaves need no reshape.
+  """
+  def probe(leaf):
+    leaf = jnp.asarray(leaf)
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      leaf = jax.random.key_data(leaf)
+    return jnp.any(leaf != 0)
+  return jnp.stack([probe(leaf) for leaf in jax.tree.leaves(tree)] or [jnp.bool_(False)])
+
+
+def fresh_key_data(like=None) -> jax.Array:
   """Raw key data filled with OS entropy (every bit pattern is a valid key).
 
   The bytes come from ``os.urandom`` through ``jax.experimental.io_callback``,
   so the draw happens when the computation *runs*: a jitted ``init`` called
   twice gets two different keys, instead of one key baked in as a constant at
-  trace time and replayed from the compilation cache. We do not use
+  trace time and replayed from the compilation cache; under ``lax.map`` /
+  ``lax.scan`` every iteration draws anew. We do not use
   ``jax.random.key(int)``: it keeps only 32 bits of the seed when x64 is
   disabled, so independently seeded runs would collide after ~2^16 runs.
+
+  Args:
+    like: optional pytree (e.g. the params ``init`` receives): under
+      ``jax.vmap`` over it, every replica draws its own key. Without it a
+      vmapped draw happens once and every replica shares the key.
   """
   shape = _key_data_shape()
-  return io_callback(lambda: _urandom_words(shape),
-                     jax.ShapeDtypeStruct(shape, jnp.uint32), ordered=False)
+  out = jax.ShapeDtypeStruct(shape, jnp.uint32)
+  if like is None:
+    return io_callback(lambda: _urandom_words(shape), out, ordered=False)
+  return io_callback(lambda _: _urandom_words(shape), out, _replica_probe(like), ordered=False)
+
+
+def init_keys(key, *, name: str = "key"):
+  """The key source of a noise transform: ``draw(params)`` gives each ``init`` its key.
+
+  ``key=None``: every execution of ``init`` draws fresh OS entropy
+  (``fresh_key_data``). An explicit ``key``: the first execution returns its
+  key data unchanged (runs are reproducible, and match ``jax.random.key``),
+  execution ``n >= 1`` returns ``fold_in(key, n)``. Executions are counted at
+  run time by a host callback, so each of several states made from one
+  transform gets its own noise stream wherever they come from: a second
+  ``init`` call, a second run of a jitted ``init``, every iteration of a
+  ``lax.map`` / ``lax.scan`` over ``init``, and every replica of
+  ``jax.vmap(init)`` over batched params (in replica order). Two replicas
+  sharing a key would release updates whose difference cancels the noise.
+
+  Args:
+    key: None, or anything ``key_data`` accepts.
+    name: the argument name used in error messages.
+
+  Returns:
+    A function ``draw(params) -> uint32 key data``, traceable.
+  """
+  if key is None:
+    return fresh_key_data
+  # Kept on the host; every draw makes a new array, so a donated state never
+  # deletes the transform's own copy of the key.
+  base = np.asarray(key_data(key, name=name))
+  counter = itertools.count()
+
+  def next_index(_):
+    # Wraps after 2^32 inits of one transform: far beyond any real use.
+    return np.uint32(next(counter) % 2**32)
+
+  def draw(params) -> jax.Array:
+    index = io_callback(next_index, jax.ShapeDtypeStruct((), jnp.uint32),
+                        _replica_probe(params), ordered=False)
+    first = jnp.asarray(base)
+    folded = jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(first), index))
+    return jnp.where(index == 0, first, folded)
+
+  return draw
+
+
+@jax.custom_batching.custom_vmap
+def _unshared(key: jax.Array, probe: jax.Array) -> jax.Array:
+  del probe
+  return key
+
+
+@_unshared.def_vmap
+def _unshared_rule(axis_size, in_batched, key, probe):
+  del axis_size
+  key_batched, probe_batched = in_batched
+  if not key_batched and probe_batched:
+    raise ValueError(
+        "the noise state's key is shared by every vmapped replica (the state is not batched "
+        "while the updates are): every replica would add the same noise, and the difference "
+        "of two replicas' updates would cancel it. Give every replica its own state, "
+        "states = jax.vmap(tx.init)(stacked_params), and vmap update over it too "
+        "(jax.vmap(tx.update)(updates, states)).")
+  # Bound again so that an enclosing vmap checks its own axis as well.
+  return _unshared(key, probe), key_batched
+
+
+def unshared_key(key: jax.Array, updates) -> jax.Array:
+  """``key`` unchanged; raises at trace time if vmapped replicas would share it.
+
+  Under ``jax.vmap`` over ``updates`` with ``key`` (the noise state) not
+  batched, every replica would draw the same noise: a ``ValueError`` says how
+  to give each replica its own state. Free outside vmap (the check is a
+  batching rule; the probe is dead code that XLA removes).
+  """
+  return _unshared(key, _replica_probe(updates))
+
+
+def _int_key_data(seed: int, name: str) -> np.ndarray:
+  """Key data that depends on every bit of ``seed`` (an int >= 0).
+
+  Under the default threefry impl a key is two 32-bit words, so seeds below
+  2**64 map one-to-one onto key data ``[seed >> 32, seed & 0xFFFFFFFF]``:
+  what ``jax.random.key(seed)`` gives with ``jax_enable_x64`` (and also
+  without it for seeds below 2**32). ``jax.random.key(seed)`` without x64
+  keeps only the low 32 bits: 2**32 seeds can be scanned in hours, so a
+  63-bit secret would have 32 bits of strength. Higher 32-bit words of longer
+  seeds (e.g. 128-bit secrets) are folded in one by one with
+  ``jax.random.fold_in``: every bit still changes the key, though a key holds
+  at most 64 bits of entropy. Other PRNG impls start from
+  ``jax.random.key(low word)`` and fold in every higher word.
+  """
+  if seed < 0:
+    raise ValueError(f"{name} must be an integer >= 0 (or a jax.random.key), got {seed!r}")
+  words = []
+  rest = seed
+  while True:
+    words.append(rest & 0xFFFFFFFF)
+    rest >>= 32
+    if not rest:
+      break
+  if jax.config.jax_default_prng_impl == "threefry2x32" and _key_data_shape() == (2,):
+    data = np.array([words[1] if len(words) > 1 else 0, words[0]], np.uint32)
+    higher = words[2:]
+  else:
+    data = np.asarray(jax.random.key_data(jax.random.key(words[0])))
+    higher = words[1:]
+  for word in higher:
+    data = np.asarray(jax.random.key_data(
+        jax.random.fold_in(jax.random.wrap_key_data(jnp.asarray(data)), np.uint32(word))))
+  return data
 
 
 def key_data(key, *, name: str = "key") -> jax.Array:
   """Raw uint32 key data from an int seed, a typed JAX key, or raw key data.
 
   Args:
-    key: an ``int`` seed (as ``jax.random.key(seed)``), a typed key array
-      (``jax.random.key``), or raw key data (``jax.random.PRNGKey``).
+    key: an ``int`` seed >= 0 of any size, every bit of which is kept (see
+      ``_int_key_data``; for seeds below 2**32 the key is
+      ``jax.random.key(seed)``); a typed key array (``jax.random.key``); or raw
+      key data (``jax.random.PRNGKey``). Note that ``jax.random.key(seed)``
+      itself drops the bits of ``seed`` above 32 unless x64 is enabled: pass
+      large seeds to dpfl as ints.
     name: the argument name used in error messages.
 
   Returns:
     A ``uint32`` array of the default impl's key-data shape.
+
+  Raises:
+    ValueError: for a negative int (no one bit pattern is the obvious
+      meaning: JAX maps -1 to different keys with and without x64) or
+      anything that is not a key.
   """
   if isinstance(key, numbers.Integral) and not isinstance(key, bool):
-    return jax.random.key_data(jax.random.key(int(key)))
+    return jnp.asarray(_int_key_data(int(key), name))
   if isinstance(key, (jax.Array, np.ndarray)):
     if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
       if key.shape != ():
@@ -71,7 +213,7 @@ def key_data(key, *, name: str = "key") -> jax.Array:
     if key.dtype == np.uint32 and tuple(key.shape) == _key_data_shape():
       return jnp.asarray(key)
   raise ValueError(
-      f"{name} must be an int seed, a jax.random.key(...) or raw uint32 key data of "
+      f"{name} must be an int seed >= 0, a jax.random.key(...) or raw uint32 key data of "
       f"shape {_key_data_shape()}, got {key!r}")
 
 

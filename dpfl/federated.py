@@ -268,15 +268,18 @@ def shard_users(tree: PyTree, mesh: jax.sharding.Mesh, *,
 
 
 def shared_secret_seed() -> int:
-  """A 63-bit secret from OS entropy, the same on every process.
+  """A 128-bit secret from OS entropy, the same on every process.
 
   Process 0 draws it and ``jax.experimental.multihost_utils`` broadcasts it,
   so multi-host runs draw the same user sample and the same noise on every
   process without making the seed public. On one process it is simply fresh
-  OS entropy. Use it as the sampler ``seed`` and the noise ``key``.
+  OS entropy. Use it as the sampler ``seed`` and the noise ``key``: the
+  sampler (numpy's PCG64) keeps all 128 bits, and dpfl's int keys keep every
+  bit too (``jax.random.key(seed)`` would keep 32 of them without x64), so
+  the noise key has the full 64 bits a threefry key holds.
   """
-  words = np.frombuffer(secrets.token_bytes(8), dtype=np.uint32).copy()
+  words = np.frombuffer(secrets.token_bytes(16), dtype=np.uint32).copy()
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     words = np.asarray(multihost_utils.broadcast_one_to_all(words))
-  return int((int(words[0]) << 32 | int(words[1])) >> 1)
+  return int.from_bytes(words.astype("<u4").tobytes(), "little")

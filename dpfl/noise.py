@@ -39,8 +39,19 @@ Keys. The PRNG key lives in the transform's state as raw ``uint32`` key data
 (a plain array: jit, vmap and checkpoint friendly). Every update splits it,
 uses one half for this step's noise and keeps the other, so no two steps share
 noise. By default the key comes from OS entropy when ``init`` runs; an
-explicit ``key`` gives reproducible runs. After restoring a checkpoint call
-``reseed``: see its docstring.
+explicit ``key`` gives reproducible runs. An int key keeps every bit (JAX's
+``jax.random.key(int)`` keeps 32 without x64; see ``dpfl._rng.key_data``).
+After restoring a checkpoint call ``reseed``: see its docstring.
+
+Replicas never share a key. Two states with one key release updates whose
+difference cancels the noise, so every execution of ``init`` hands out its
+own key (``dpfl._rng.init_keys``): ``jax.vmap(tx.init)(stacked_params)``
+gives every replica its own, and so do ``lax.map`` / ``lax.scan`` over
+``init``; an explicit key reproduces the same sequence of keys in every run
+(the first ``init`` gets the key itself). ``update`` vmapped over updates
+with a state that is not batched raises a ``ValueError``: every replica
+would add the same noise. Not detectable: one state copied (e.g.
+``jnp.stack``-ed or broadcast) into several replicas after ``init``.
 """
 
 from __future__ import annotations
@@ -172,9 +183,12 @@ def gaussian_noise(*, noise_multiplier: float, l2_clip_norm: float,
       dataset_size`` for Poisson sampling or the fixed batch size; > 0. Never
       the realised batch size, which would leak the sample size.
     key: None (default: fresh OS entropy each time ``init`` runs, so two
-      transforms or two runs never share noise), or an ``int`` seed /
-      ``jax.random.key`` for reproducible noise. In multi-process training all
-      processes must hold the same key: pass one explicitly.
+      transforms or two runs never share noise), or an ``int`` seed >= 0 (all
+      of its bits are used) / ``jax.random.key`` for reproducible noise: the
+      first ``init`` uses this key, each later one (another call, vmapped
+      replica or scan iteration) ``jax.random.fold_in(key, n)``. In
+      multi-process training all processes must hold the same key: pass one
+      explicitly (e.g. ``dpfl.shared_secret_seed()``).
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a
@@ -186,21 +200,18 @@ def gaussian_noise(*, noise_multiplier: float, l2_clip_norm: float,
   _check_noise_scale(stddev=noise_multiplier * l2_clip_norm,
                      expected_batch_size=expected_batch_size,
                      names="noise_multiplier * l2_clip_norm")
-  # Kept on the host; init makes a new array each call, so a donated state
-  # never deletes the transform's own copy of the key.
-  explicit_key = None if key is None else np.asarray(_rng.key_data(key))
+  draw_key = _rng.init_keys(key)
   stddev = noise_multiplier * l2_clip_norm
 
   def init_fn(params):
-    del params
-    key_data = _rng.fresh_key_data() if explicit_key is None else jnp.asarray(explicit_key)
-    return GaussianNoiseState(key=key_data, count=jnp.zeros([], jnp.int32))
+    return GaussianNoiseState(key=draw_key(params), count=jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None):
     del params
     _check_float_leaves(updates)
     leaves, treedef = jax.tree.flatten(updates)
-    next_key, step_key = jax.random.split(jax.random.wrap_key_data(jnp.asarray(state.key)))
+    key = _rng.unshared_key(jnp.asarray(state.key), updates)
+    next_key, step_key = jax.random.split(jax.random.wrap_key_data(key))
     leaf_keys = jax.random.split(step_key, max(len(leaves), 1))
     noisy = []
     for leaf, leaf_key in zip(leaves, leaf_keys):
@@ -237,7 +248,8 @@ def reseed(opt_state: Any, *, key: Any = None) -> Any:
 
   Args:
     opt_state: an optax state containing at least one dpfl noise state.
-    key: None (OS entropy) or an ``int`` / ``jax.random.key`` to fold in.
+    key: None (OS entropy; under ``jax.vmap`` a fresh key per replica) or
+      an ``int`` >= 0 (every bit used) / ``jax.random.key`` to fold in.
 
   Returns:
     ``opt_state`` with new keys (the input is not modified).
@@ -255,7 +267,8 @@ def reseed(opt_state: Any, *, key: Any = None) -> Any:
       return node
     found += 1
     if extra is None:
-      new_key = _rng.fresh_key_data()
+      # Probed with the old key: under vmap every replica draws its own.
+      new_key = _rng.fresh_key_data(like=node.key)
     else:
       mixed = jnp.bitwise_xor(jnp.asarray(node.key, jnp.uint32), extra)
       new_key = jax.random.key_data(

@@ -235,8 +235,8 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
     has_aux, microbatch_size: passed to ``dpfl.clipped_grad``.
     accountant: ``"pld"`` or ``"rdp"`` (see ``max_batch_size``; a ``ledger``
       with truncated-Poisson steps needs ``"pld"``).
-    key: noise PRNG key (default: OS entropy). seed: sampler seed (default:
-      OS entropy).
+    key: noise PRNG key (default: OS entropy; an int keeps all its bits, see
+      ``dpfl.noise.gaussian_noise``). seed: sampler seed (default: OS entropy).
     ledger: an existing ledger to extend (e.g. one loaded to resume a run).
     privacy_unit: ``"example"`` (DP-SGD) or ``"user"`` (see above).
     sampling_unit, examples_per_user, dataset, local_steps,

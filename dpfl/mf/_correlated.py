@@ -146,14 +146,12 @@ def _correlated_transform(*, num_steps: int, num_buffers: int, kernel: _Kernel,
   _noise._check_noise_scale(stddev=noise_multiplier * l2_clip_norm * sensitivity,
                             expected_batch_size=expected_batch_size,
                             names="noise_multiplier * l2_clip_norm * sensitivity")
-  # Kept on the host; init makes a new array each call, so a donated state
-  # never deletes the transform's own copy of the key.
-  explicit_key = None if key is None else np.asarray(_rng.key_data(key))
+  draw_key = _rng.init_keys(key)
   stddev = noise_multiplier * l2_clip_norm * sensitivity
   key_shape = _rng._key_data_shape()
 
   def init_fn(params):
-    key_data = _rng.fresh_key_data() if explicit_key is None else jnp.asarray(explicit_key)
+    key_data = draw_key(params)
     zeros = lambda p: jnp.zeros(jnp.shape(p), _noise_dtype(p))
     buffers = tuple(jax.tree.map(zeros, params) for _ in range(num_buffers))
     step_keys = jnp.zeros(((num_steps if store_step_keys else 0),) + key_shape, jnp.uint32)
@@ -172,7 +170,8 @@ def _correlated_transform(*, num_steps: int, num_buffers: int, kernel: _Kernel,
     leaves, treedef = jax.tree.flatten(updates)
     leaves = [jnp.asarray(leaf) for leaf in leaves]
     # Split exactly as gaussian_noise does, so z_t is the noise it would draw.
-    next_key, step_key = jax.random.split(jax.random.wrap_key_data(jnp.asarray(state.key)))
+    key = _rng.unshared_key(jnp.asarray(state.key), updates)
+    next_key, step_key = jax.random.split(jax.random.wrap_key_data(key))
     leaf_keys = jax.random.split(step_key, max(len(leaves), 1))
     z = [_rng.normal(k, leaf.shape, _noise_dtype(leaf)) for k, leaf in zip(leaf_keys, leaves)]
     # Past the planned steps the tables are indexed at n - 1 (no out-of-bounds
@@ -211,9 +210,12 @@ _SHARED_ARGS_DOC = """
       clip norm; e.g. ``strategy.sensitivity`` from ``dpfl.mf``); > 0.
     expected_batch_size: the public normaliser (``sampling_prob * N``, or the
       fixed batch size, or the number of users per round); > 0.
-    key: None (OS entropy each time ``init`` runs), or an ``int`` seed /
-      ``jax.random.key`` for reproducible noise. Multi-process training must
-      pass the same explicit key on every process.
+    key: None (OS entropy each time ``init`` runs), or an ``int`` seed >= 0
+      (every bit used) / ``jax.random.key`` for reproducible noise: the first
+      ``init`` uses this key, each later one (another call, vmapped replica
+      or scan iteration) ``jax.random.fold_in(key, n)``, as in
+      ``dpfl.noise.gaussian_noise``. Multi-process training must pass the
+      same explicit key on every process.
 """
 
 _GUARANTEE_DOC = """

@@ -45,7 +45,8 @@ would add at step ``t`` (scaled by its ``noise_multiplier * l2_clip_norm``).
 
 Keys, checkpoints, resumes. The key is raw ``uint32`` key data in the state,
 split every step (no two steps share ``z``); OS entropy by default, an explicit
-key for reproducible runs. The state type is registered with
+key for reproducible runs; vmapped or scanned ``init`` gives every replica its
+own key, as ``dpfl.noise`` explains. The state type is registered with
 ``dpfl.noise.reseed``: after restoring a checkpoint call ``reseed`` so the
 resumed steps draw fresh ``z`` (the buffers, and for ``dense_noise`` the keys
 of past steps, are kept: they are what ties the new steps to the old ones).

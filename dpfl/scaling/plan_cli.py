@@ -72,7 +72,7 @@ def _integer(flag: str, value: float) -> int:
 
 def run(args) -> dict:
   check.positive("--compute", args.compute)
-  check.positive("--target-epsilon", args.target_epsilon)
+  epsilon = check.positive("--target-epsilon", args.target_epsilon)
   check.open_unit("--delta", args.delta)
   users = _integer("--users", args.users)
   seq_len = None if args.seq_len is None else _integer("--seq-len", args.seq_len)

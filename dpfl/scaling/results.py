@@ -55,7 +55,9 @@ nats per token on the byte-level corpus (``dpfl.scaling.corpus``).
   ``final_eval_loss``           float, eval loss after T steps (null if the
                                 run diverged: JSON has no NaN)
   ``eval_examples``             int, eval sequences the eval loss averages
-  ``seed``                      int, seed of init, sampling and noise
+  ``seed``                      int, seed of init, sampling and noise: the
+                                one given, or the one drawn from OS entropy
+                                (up to 64 bits: read it as an exact integer)
   ``corpus``                    dict, ``Corpus.summary()`` (fingerprint, sizes)
   ``seconds``                   float, wall time of the run (compile and
                                 evaluation included)

@@ -21,11 +21,18 @@ and is identified by ``run_id``, a hash of its configuration and of the
 corpus; ``run_sweep`` skips runs whose id is already in the file, so an
 interrupted sweep resumes where it stopped.
 
-Seeds: model init, batch sampling and noise all derive from ``seed``, so runs
-that differ only in σ see the same data order (common random numbers make
-their losses comparable). Fixed seeds are fine for a study whose models are
-thrown away; a model meant for release must be trained with OS-entropy seeds
-(``dpfl.make_private``'s default), or its ε does not hold.
+Seeds: model init, batch sampling and noise all derive from one seed. By
+default (``seed=None``) every run draws its own from OS entropy (64 bits,
+``secrets``) and records it in its results line (``seed``), so the run can be
+reproduced with ``seed=<that value>``, and no two runs share noise: runs that
+differ only in σ and shared the noise ``z`` would let anyone who sees both
+models solve for the gradients. The run id of an entropy-seeded run does not
+include the seed, so re-running a sweep skips the runs already in the file;
+an explicit seed is part of the id (a different request), and ``seed=0``
+keeps the ids runs had when 0 was the default. A fixed seed gives every run
+the same init and data order (common random numbers make losses comparable):
+fine for a study whose models are thrown away; a model meant for release must
+be trained with an OS-entropy seed, or its ε does not hold.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import functools
 import hashlib
 import json
 import math
+import secrets
 import sys
 import time
 from typing import Any, Iterable, Sequence
@@ -71,7 +79,9 @@ class RunConfig:
     eval_every: eval (and train-loss) points every this many steps; the
       first eval is at step 0 and the last at step T.
     eval_examples: held-out sequences evaluated (an evenly spaced subset).
-    seed: seed of init, sampling and noise.
+    seed: seed of init, sampling and noise, an int >= 0 (all its bits are
+      used); None (default): each run draws one from OS entropy and records
+      it in its results line (see the module docstring for run ids).
     examples_per_user: corpus cap on sequences per file.
     max_users: corpus cap on files (None: all).
     privacy_unit: ``"example"`` (DP-SGD, issue 3) or ``"user"``: ULS over
@@ -92,7 +102,7 @@ class RunConfig:
   warmup_steps: int = 10
   eval_every: int = 25
   eval_examples: int = 512
-  seed: int = 0
+  seed: int | None = None
   examples_per_user: int = 32
   max_users: int | None = None
   privacy_unit: str = "example"
@@ -105,7 +115,8 @@ class RunConfig:
                  "examples_per_user"):
       _check_int(name, getattr(self, name), 1)
     _check_int("warmup_steps", self.warmup_steps, 0)
-    _check_int("seed", self.seed, 0)
+    if self.seed is not None:
+      _check_int("seed", self.seed, 0)
     if self.max_users is not None:
       _check_int("max_users", self.max_users, 2)
     _check_real("noise_multiplier", self.noise_multiplier, minimum=0.0)
@@ -135,10 +146,15 @@ class RunConfig:
 
     ``privacy_unit`` enters only when it is ``"user"``, so example-level runs
     keep the ids they had before user-level sweeps existed (resume works).
+    ``seed`` enters only when given: an OS-entropy run (``seed=None``) is
+    identified by the rest of its configuration, so re-running the same
+    sweep skips it instead of drawing a new seed and training it again.
     """
     key = dataclasses.asdict(self)
     if key["privacy_unit"] == "example":
       del key["privacy_unit"]
+    if key["seed"] is None:
+      del key["seed"]
     return key
 
 
@@ -296,7 +312,7 @@ def train_run(config: RunConfig, *, corpus: corpus_lib.Corpus | None = None,
   import optax
 
   import dpfl
-  from dpfl import __version__
+  from dpfl import __version__, _rng
 
   start = time.perf_counter()
   corpus = corpus_for(config) if corpus is None else corpus
@@ -307,7 +323,10 @@ def train_run(config: RunConfig, *, corpus: corpus_lib.Corpus | None = None,
                      "sequences of the corpus")
   evals = eval_subset(corpus, config.eval_examples)
   n_params = models.params_count(config.model)
-  root = jax.random.key(config.seed)
+  # The seed used, drawn now when not given, is recorded in the row. Its key
+  # keeps all 64 bits (jax.random.key(seed) would keep 32 without x64).
+  seed = secrets.randbits(64) if config.seed is None else config.seed
+  root = jax.random.wrap_key_data(_rng.key_data(seed, name="seed"))
   params = models.init_params(config.model, jax.random.fold_in(root, 0),
                               seq_len=config.seq_len)
 
@@ -330,7 +349,7 @@ def train_run(config: RunConfig, *, corpus: corpus_lib.Corpus | None = None,
         models.make_loss_fn(config.model), optimizer, privacy_unit="user",
         sampling_unit="user", dataset=users, l2_clip_norm=config.l2_clip_norm,
         batch_size=config.batch_size, delta=config.delta, num_steps=config.steps,
-        noise_multiplier=config.noise_multiplier, seed=config.seed,
+        noise_multiplier=config.noise_multiplier, seed=seed,
         key=jax.random.fold_in(root, 1))
     step_fn = private.make_step()
     opt_state = private.init(params)
@@ -341,7 +360,7 @@ def train_run(config: RunConfig, *, corpus: corpus_lib.Corpus | None = None,
         models.make_loss_fn(config.model), optimizer,
         l2_clip_norm=config.l2_clip_norm, dataset_size=dataset_size,
         batch_size=config.batch_size, delta=config.delta, num_steps=config.steps,
-        noise_multiplier=config.noise_multiplier, seed=config.seed,
+        noise_multiplier=config.noise_multiplier, seed=seed,
         key=jax.random.fold_in(root, 1))
     step_fn = private.make_step()
     opt_state = private.init(params)
@@ -350,7 +369,7 @@ def train_run(config: RunConfig, *, corpus: corpus_lib.Corpus | None = None,
     optimizer, step_fn = plain_step(config.model, config.learning_rate, config.warmup_steps)
     opt_state = optimizer.init(params)
     sampler = dpfl.ShuffledSampler(dataset_size, batch_size=config.batch_size,
-                                   seed=config.seed)
+                                   seed=seed)
     draws = (train[sampler().indices] for _ in range(config.steps))
 
   eval_curve = [[0, evaluate(config.model, params, evals)]]
@@ -408,7 +427,7 @@ def train_run(config: RunConfig, *, corpus: corpus_lib.Corpus | None = None,
       flops=models.training_flops(params=n_params, num_steps=config.steps,
                                   batch_size=examples_per_step, seq_len=config.seq_len),
       tokens=round(config.steps * tokens_per_step), train_loss=train_curve, eval_loss=eval_curve,
-      final_eval_loss=eval_curve[-1][1], eval_examples=len(evals), seed=config.seed,
+      final_eval_loss=eval_curve[-1][1], eval_examples=len(evals), seed=seed,
       corpus=corpus.summary(), seconds=time.perf_counter() - start,
       tokens_per_second=timed_steps * tokens_per_step / max(train_seconds, 1e-9),
       dpfl_version=__version__)

@@ -6,6 +6,10 @@
 Give the noise as ``--noise-multipliers`` (σ) or ``--noise-batch-ratios``
 (σ/B); 0 in either is the non-private baseline. Finished runs (same run_id
 in ``--results``) are skipped, so re-running the command resumes a sweep.
+Without ``--seed`` every run draws its own seed from OS entropy and records
+it in its line (``seed``); its run_id leaves the seed out, so re-running
+resumes. ``--seed S`` makes every run use S (same init and data order across
+the grid, reproducible; S is then part of the run_id).
 ``--dry-run`` lists the grid and what is already done without training.
 The schema of the results file is documented in ``dpfl.scaling.results``.
 """
@@ -89,8 +93,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--privacy-unit", choices=("example", "user"), default="example",
                  help="example: DP-SGD over sequences; user: ULS over source files "
                       "(--batch-sizes are then users per step; every run must be private)")
-  p.add_argument("--seed", type=int, default=0, metavar="S",
-                 help="seed of init, sampling and noise (default: 0)")
+  p.add_argument("--seed", type=int, default=None, metavar="S",
+                 help="seed of init, sampling and noise for every run, an integer >= 0 "
+                      "(default: each run draws its own from OS entropy and records it in "
+                      "its results line as 'seed'; rerun with --seed <that> to reproduce "
+                      "it). Runs are identified without the seed when it is drawn, with it "
+                      "when given, so re-running either way skips finished runs")
   p.add_argument("--dry-run", action="store_true",
                  help="list the runs and whether each is done; train nothing")
   p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
@@ -126,7 +134,8 @@ def _check(args) -> None:
                            ("--eval-examples", args.eval_examples, 1),
                            ("--examples-per-user", args.examples_per_user, 1),
                            ("--seed", args.seed, 0)):
-    check.integer(flag, value, low=low)
+    if value is not None:
+      check.integer(flag, value, low=low)
   if args.max_users is not None:
     check.integer("--max-users", args.max_users, low=2)
 
@@ -170,7 +179,7 @@ def run(args) -> dict:
   summary = sweep.run_sweep(configs, args.results, progress=not args.no_progress)
   keys = ("run_id", "model", "params", "batch_size", "noise_multiplier", "noise_batch_ratio",
           "steps", "learning_rate", "epsilon", "final_eval_loss", "flops", "seconds",
-          "tokens_per_second")
+          "tokens_per_second", "seed")
   return {"results": args.results, "runs": len(configs), "trained": len(summary.trained),
           "skipped": len(summary.skipped), "dry_run": False, "corpus": corpus.summary(),
           "rows": [{k: row.get(k) for k in keys} for row in summary.rows]}

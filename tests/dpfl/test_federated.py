@@ -125,9 +125,10 @@ def test_server_sgd_1_is_fedavg_plus_noise():
   params, batch, mask = _problem(users=4, per_user=3, seed=2)
   clip, expected_users = 0.1, 2.5
   fn = clipped_user_updates(loss_fn, l2_clip_norm=clip, local_steps=2, local_learning_rate=0.2)
-  noise = dpfl.gaussian_noise(noise_multiplier=1.3, l2_clip_norm=clip,
-                              expected_batch_size=expected_users, key=4)
-  opt = optax.chain(noise, optax.sgd(1.0))
+  make_noise = lambda: dpfl.gaussian_noise(noise_multiplier=1.3, l2_clip_norm=clip,
+                                          expected_batch_size=expected_users, key=4)
+  # Two transforms with one key: a second init of one transform gets the next key.
+  opt, noise = optax.chain(make_noise(), optax.sgd(1.0)), make_noise()
 
   @jax.jit
   def run(params, batch, mask):

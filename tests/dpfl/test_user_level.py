@@ -204,7 +204,7 @@ def test_batches_check_the_dataset():
 def test_device_helpers_on_one_process():
   from dpfl.federated import shard_users, shared_secret_seed, user_mesh
   seeds = {shared_secret_seed() for _ in range(3)}
-  assert len(seeds) == 3 and all(0 <= s < 2**63 for s in seeds)  # fresh OS entropy
+  assert len(seeds) == 3 and all(0 <= s < 2**128 for s in seeds)  # fresh OS entropy
   mesh = user_mesh()
   batch = shard_users({"x": np.arange(6.0).reshape(3, 2)}, mesh)
   np.testing.assert_array_equal(np.asarray(batch["x"]), np.arange(6.0).reshape(3, 2))

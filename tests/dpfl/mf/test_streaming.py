@@ -310,8 +310,9 @@ def test_matrix_noise_dispatches_on_the_strategy():
   blt = types.SimpleNamespace(buffer_decay=THETA, output_scale=OMEGA, num_steps=N,
                               sensitivity=SENS)
   tx = streaming.matrix_noise(blt, **shared)
-  assert len(tx.init(params).buffers) == 3
-  outs, _ = _run(tx, params, N)
+  state = tx.init(params)  # a second init would get the next key of the stream
+  assert len(state.buffers) == 3
+  outs, _ = _run(tx, params, N, state=state)
   expected = np.linalg.solve(CASES["blt"][0], _reference_z(4, params, N))
   np.testing.assert_allclose(_noise_rows(outs, params), expected, rtol=0,
                              atol=2e-5 * np.abs(expected).max())

@@ -63,12 +63,34 @@ def test_tiny_sweep_writes_one_schema_line_per_run(tiny_sweep):
   plain, private = sorted(rows, key=lambda r: r["noise_multiplier"])
   assert not plain["private"] and plain["epsilon"] is None and plain["noise_batch_ratio"] == 0
   assert private["private"] and private["noise_batch_ratio"] == 2 / 8
-  # Both runs start from the same initialisation (same seed).
-  assert plain["eval_loss"][0] == private["eval_loss"][0]
+  # Without --seed each run draws its own seed from OS entropy (no two runs
+  # share noise) and records it; test_recorded_seed_reproduces_the_run reruns one.
+  assert plain["seed"] != private["seed"] and plain["seed"] != 0
+  assert plain["eval_loss"][0] != private["eval_loss"][0]  # different inits
   # run_id is the documented hash of the configuration and corpus.
   fingerprint = sweep.corpus_for(_config()).fingerprint
   assert private["run_id"] == sweep.run_id(_config(), fingerprint)
   assert plain["run_id"] == sweep.run_id(_config(noise_multiplier=0.0), fingerprint)
+
+
+def test_recorded_seed_reproduces_the_run(tiny_sweep, dpfl_main, capsys, tmp_path):
+  private = next(r for r in results.read_results(tiny_sweep) if r["private"])
+  # An entropy seed is not part of the run id: re-running the command resumes.
+  path = tmp_path / "runs.jsonl"
+  path.write_text(tiny_sweep.read_text())
+  assert dpfl_main(["sweep", "--results", str(path), "--noise-multipliers", "0,2", "--json",
+                    "--no-progress", *TINY]) == 0
+  out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert out["trained"] == 0 and out["skipped"] == 2
+  # The recorded seed (64 bits, all of them used) gives the same run again; as
+  # an explicit seed it is part of the run id.
+  assert private["seed"] >= 0 and isinstance(private["seed"], int)
+  again = sweep.train_run(_config(seed=private["seed"]), progress=False)
+  assert again["seed"] == private["seed"]
+  assert again["eval_loss"] == private["eval_loss"]
+  assert again["train_loss"] == private["train_loss"]
+  assert again["run_id"] != private["run_id"]
+  assert "seed" not in _config().key() and _config(seed=0).key()["seed"] == 0
 
 
 def test_epsilon_is_accountings_epsilon_of_the_same_mechanism(tiny_sweep):
@@ -162,6 +184,7 @@ def test_noise_batch_ratios_set_sigma_from_batch():
     (["--privacy-unit", "user", "--noise-multipliers", "0,1"], "--noise-multipliers"),
     (["--privacy-unit", "user", "--batch-sizes", "61"], "--batch-sizes"),
     (["--privacy-unit", "file"], "--privacy-unit"),
+    (["--seed", "-1"], "--seed"),
 ])
 def test_bad_flags_exit_2_with_one_line(flags, flag, dpfl_main, capsys, tmp_path):
   argv = ["sweep", "--results", str(tmp_path / "r.jsonl"), "--max-users", "60",
