@@ -59,6 +59,9 @@ _CHILD = textwrap.dedent(
                  zip(jax.tree.leaves(got), jax.tree.leaves(ref)))
       out[f"{unit}/{strategy}/{microbatch_size}"] = {
           "diff": diff,
+          # Each unit adds at most C = 0.5 to any coordinate: the magnitude
+          # of the summands whose float32 sum sharding reorders.
+          "terms": int(ref_aux.num_units) * 0.5,
           "units": [int(got_aux.num_units), int(ref_aux.num_units)],
           "norm": float(jnp.sqrt(sum(jnp.sum(x**2)
                                      for x in jax.tree.leaves(ref)))),
@@ -86,5 +89,7 @@ def test_sharded_unit_axis_matches_single_device():
   assert len(results) == 7
   for config, r in results.items():
     assert r["norm"] > 0.1, config  # the reference is not trivially zero
-    assert r["diff"] <= 1e-5 * max(1.0, r["norm"]), (config, r)
+    # One device vs four reorders the float32 sum over units: 1e-5 (~84
+    # float32 ulps) of the summands' magnitude, not of the result's.
+    assert r["diff"] <= 1e-5 * r["terms"], (config, r)
     assert r["units"][0] == r["units"][1], (config, r)
