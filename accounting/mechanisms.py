@@ -135,7 +135,7 @@ class PoissonDpSgd(Mechanism):
                        check.noise_multiplier("noise_multiplier", self.noise_multiplier))
     object.__setattr__(self, "sampling_prob",
                        check.probability("sampling_prob", self.sampling_prob))
-    object.__setattr__(self, "num_steps", check.positive_int("num_steps", self.num_steps))
+    object.__setattr__(self, "num_steps", check.num_steps("num_steps", self.num_steps))
 
   def dp_event(self):
     return _poisson_gaussian(self.noise_multiplier, self.sampling_prob, self.num_steps)
@@ -195,7 +195,7 @@ class ElsDpSgd(Mechanism):
                        check.noise_multiplier("noise_multiplier", self.noise_multiplier))
     object.__setattr__(self, "sampling_prob",
                        check.probability("sampling_prob", self.sampling_prob))
-    object.__setattr__(self, "num_steps", check.positive_int("num_steps", self.num_steps))
+    object.__setattr__(self, "num_steps", check.num_steps("num_steps", self.num_steps))
     object.__setattr__(self, "examples_per_user",
                        check.positive_int("examples_per_user", self.examples_per_user))
 
@@ -254,7 +254,7 @@ class ShuffledDpSgd(Mechanism):
     object.__setattr__(self, "dataset_size",
                        check.positive_int("dataset_size", self.dataset_size))
     object.__setattr__(self, "batch_size", check.positive_int("batch_size", self.batch_size))
-    object.__setattr__(self, "num_steps", check.positive_int("num_steps", self.num_steps))
+    object.__setattr__(self, "num_steps", check.num_steps("num_steps", self.num_steps))
     if self.batch_size > self.dataset_size:
       raise ValueError(f"batch_size must be <= dataset_size ({self.dataset_size}), "
                        f"got {self.batch_size}")
@@ -303,7 +303,7 @@ class TruncatedPoissonDpSgd(Mechanism):
                        check.positive_int("dataset_size", self.dataset_size))
     object.__setattr__(self, "max_batch_size",
                        check.positive_int("max_batch_size", self.max_batch_size))
-    object.__setattr__(self, "num_steps", check.positive_int("num_steps", self.num_steps))
+    object.__setattr__(self, "num_steps", check.num_steps("num_steps", self.num_steps))
 
   def dp_event(self):
     import dp_accounting as dpa

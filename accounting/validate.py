@@ -118,6 +118,17 @@ def positive_int(name: str, value) -> int:
   return integer(name, value, low=1)
 
 
+# The longest run the accountants answer for. PLD composition raises the
+# one-step characteristic function to the T-th power (phase error ~T·1e-16)
+# and its support grows with T; 10^8 steps is beyond any training run.
+MAX_STEPS = 10**8
+
+
+def num_steps(name: str, value) -> int:
+  """A number of steps: an integer in [1, MAX_STEPS]."""
+  return integer(name, value, low=1, high=MAX_STEPS)
+
+
 def choice(name: str, value, allowed) -> str:
   """One of ``allowed``."""
   try:

@@ -1,0 +1,123 @@
+"""Adversarial inputs to the accountants: a clear error or a correct (pessimistic) answer.
+
+Issue 11, section 3: each case ends in a ``ValueError`` naming the argument and
+its range, or in the right number, within seconds and well under 2 GiB.
+"""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import dp_accounting as dpa
+import pytest
+from dp_accounting import dp_event as dpe
+
+import accounting as A
+from accounting import accountants
+from accounting import validate
+from accounting.cli import main
+
+
+def _cli(capsys, *argv):
+  code = main(list(argv))
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+def _run_limited(code: str, *, seconds: int = 60) -> dict:
+  """Runs ``code`` in a child with a 4 GiB address-space cap; returns its JSON line.
+
+  The cap keeps a regression from taking the machine down; the test then
+  checks the child's peak resident memory against the 2 GiB the issue allows.
+  """
+  prelude = textwrap.dedent("""
+      import json, resource, time
+      resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+      start = time.perf_counter()
+  """)
+  epilogue = textwrap.dedent("""
+      result["seconds"] = time.perf_counter() - start
+      result["peak_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+      print(json.dumps(result))
+  """)
+  proc = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code) + epilogue],
+                        capture_output=True, text=True, timeout=seconds)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --- tiny noise ------------------------------------------------------------------
+
+def test_tiny_noise_is_refused_by_the_pld_naming_the_smallest_noise_it_takes(capsys):
+  # Was: OverflowError inside dp-accounting (exit 1, "internal error").
+  code, _, err = _cli(capsys, "epsilon", "--noise-multiplier", "1e-6", "--sampling-prob", "0.01",
+                      "--steps", "1000", "--delta", "1e-5")
+  assert code == 2 and len(err.strip().splitlines()) == 1, err
+  assert "--noise-multiplier >=" in err and "rdp" in err
+  with pytest.raises(ValueError, match=r"noise_multiplier >= ([0-9.e-]+), got 1e-06") as info:
+    A.epsilon(A.PoissonDpSgd(1e-6, 0.01, 3), delta=1e-5)
+  bound = float(str(info.value).split("noise_multiplier >= ")[1].split(",")[0])
+  # The quoted bound is where the PLD starts answering, and its answer there
+  # is dp-accounting's own PLD at the (coarse, pessimistic) grid it reports.
+  m = A.PoissonDpSgd(bound * 1.01, 0.01, 3)
+  eps, disc = A.epsilon_and_discretization(m, delta=1e-5)
+  assert disc <= accountants.MAX_DISCRETIZATION
+  acc = dpa.pld.PLDAccountant(value_discretization_interval=disc)
+  acc.compose(m.dp_event())
+  assert eps == acc.get_epsilon(1e-5) and eps > 1e5
+  with pytest.raises(ValueError, match="noise too small"):
+    A.epsilon(A.PoissonDpSgd(bound * 0.99, 0.01, 3), delta=1e-5)
+
+
+def test_tiny_noise_with_rdp_is_a_finite_upper_bound(capsys):
+  code, out, err = _cli(capsys, "epsilon", "--noise-multiplier", "1e-6", "--sampling-prob",
+                        "0.01", "--steps", "1000", "--delta", "1e-5", "--accountant", "rdp",
+                        "--json")
+  assert code == 0, err
+  acc = dpa.rdp.RdpAccountant()
+  acc.compose(dpe.SelfComposedDpEvent(dpe.PoissonSampledDpEvent(0.01, dpe.GaussianDpEvent(1e-6)),
+                                      1000))
+  assert json.loads(out.strip().splitlines()[-1])["epsilon"] == acc.get_epsilon(1e-5)
+
+
+# --- long runs -------------------------------------------------------------------------
+
+def test_steps_beyond_the_maximum_are_refused(capsys):
+  # Was: MemoryError (a 2 TiB FFT).
+  code, _, err = _cli(capsys, "epsilon", "--noise-multiplier", "1", "--sampling-prob", "0.01",
+                      "--steps", "1e12", "--delta", "1e-5")
+  assert code == 2 and len(err.strip().splitlines()) == 1, err
+  assert f"--steps must be an integer in [1, {validate.MAX_STEPS}]" in err
+  for make in (lambda t: A.PoissonDpSgd(1.0, 0.01, t), lambda t: A.ElsDpSgd(1.0, 0.01, t, 4),
+               lambda t: A.ShuffledDpSgd(1.0, 100, 10, t),
+               lambda t: A.TruncatedPoissonDpSgd(1.0, 0.01, 100, 5, t)):
+    make(validate.MAX_STEPS)
+    with pytest.raises(ValueError, match="num_steps must be an integer in"):
+      make(validate.MAX_STEPS + 1)
+
+
+def test_long_run_composes_on_a_coarser_grid_equal_to_dp_accounting_there():
+  # 10^4 steps of σ = q = 0.5 span 2.6e7 points at Δ = 1e-4; the composed
+  # floor coarsens Δ, and the answer is dp-accounting's PLD at that Δ.
+  m = A.PoissonDpSgd(0.5, 0.5, 10**4)
+  eps, disc = A.epsilon_and_discretization(m, delta=1e-5)
+  assert disc > accountants.DEFAULT_DISCRETIZATION
+  acc = dpa.pld.PLDAccountant(value_discretization_interval=disc)
+  acc.compose(m.dp_event())
+  assert eps == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9)
+
+
+def test_the_longest_runs_take_seconds_and_under_2_gib():
+  result = _run_limited("""
+      import accounting as A
+      result = {}
+      for name, m in [("poisson", A.PoissonDpSgd(0.5, 0.5, 10**6)),
+                      ("max_steps", A.PoissonDpSgd(1.0, 0.01, A.validate.MAX_STEPS))]:
+        result[name] = A.epsilon(m, delta=1e-5)
+  """, seconds=120)
+  assert result["peak_gib"] < 2 and result["seconds"] < 60, result
+  # Pessimistic: at least the ε of a run 100x shorter at dp-accounting's grid.
+  acc = dpa.pld.PLDAccountant()
+  acc.compose(A.PoissonDpSgd(0.5, 0.5, 10**4).dp_event())
+  assert result["poisson"] >= acc.get_epsilon(1e-5)
