@@ -126,7 +126,10 @@ def _build_one_step_pld(event, discretization: float):
   raise ValueError(f"the PLD back end does not support {type(event).__name__}")
 
 
+@functools.lru_cache(maxsize=4)
 def _composed_pld(mechanism: Mechanism, discretization: float):
+  # Cached (a few, they can be ~100 MiB): a δ(ε) search such as group
+  # privacy's queries one composition many times through ``delta``.
   from dp_accounting import dp_event as dpe
   from dp_accounting.pld import privacy_loss_distribution as pld
   total = pld.identity(value_discretization_interval=discretization)
@@ -214,6 +217,7 @@ def _composed_width(event, count: int, span_floor: float) -> float:
   return width * disc
 
 
+@functools.lru_cache(maxsize=256)
 def discretization_floor(mechanism: Mechanism) -> float:
   """The finest Δ the PLD back end uses for ``mechanism`` (0: no floor).
 
@@ -290,6 +294,7 @@ def _refine(value_at, *, start: float, rtol: float, finest: float = DEFAULT_DISC
   return previous, disc
 
 
+@functools.lru_cache(maxsize=64)
 def _rdp_accountant(mechanism: Mechanism):
   from dp_accounting.rdp import rdp_privacy_accountant as rdp
   if mechanism.pld_only:

@@ -372,19 +372,27 @@ def flatten(mechanism: Mechanism) -> list[Mechanism]:
   return [mechanism]
 
 
-def sampling_from_epochs(*, dataset_size: int, batch_size: int,
-                         epochs: float) -> tuple[float, int]:
-  """(sampling_prob, num_steps) for an expected batch over a number of epochs.
+def sampling_from_epochs(*, dataset_size: int, batch_size: int, epochs: float,
+                         scheme: str = "poisson") -> tuple[float, int]:
+  """(sampling_prob, num_steps) for ``epochs`` passes over the data.
 
-  q = batch_size / dataset_size and T = ceil(epochs * dataset_size / batch_size):
-  the smallest number of steps that processes ``epochs`` passes in expectation
-  (rounding up never under-reports ε).
+  ``scheme="poisson"``: an expected batch of ``batch_size``, q = B / N and
+  T = ceil(epochs * N / B), the smallest number of steps that processes
+  ``epochs`` passes in expectation (rounding up never under-reports ε).
+
+  ``scheme="shuffle"``: an epoch of shuffled fixed-size batches is
+  ``N // B`` full batches (the remainder is dropped, as ``ShuffledDpSgd`` and
+  dpfl's ``ShuffledSampler`` do), so T = ceil(epochs * (N // B)); counting
+  ceil(N / B) per epoch would add a participation per epoch that never ran.
   """
   dataset_size = check.positive_int("dataset_size", dataset_size)
   batch_size = check.positive_int("batch_size", batch_size)
   epochs = check.positive("epochs", epochs)
+  check.choice("scheme", scheme, ("poisson", "shuffle"))
   if batch_size > dataset_size:
     raise ValueError(f"batch_size must be <= dataset_size ({dataset_size}), got {batch_size}")
   # Exact rational arithmetic: float round-off must not drop a step.
-  steps = math.ceil(fractions.Fraction(str(epochs)) * dataset_size / batch_size)
-  return batch_size / dataset_size, max(1, steps)
+  per_epoch = (fractions.Fraction(dataset_size, batch_size) if scheme == "poisson"
+               else dataset_size // batch_size)
+  steps = math.ceil(fractions.Fraction(str(epochs)) * per_epoch)
+  return batch_size / dataset_size, check.num_steps("num_steps", max(1, steps))

@@ -5,6 +5,7 @@ its range, or in the right number, within seconds and well under 2 GiB.
 """
 
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -121,3 +122,53 @@ def test_the_longest_runs_take_seconds_and_under_2_gib():
   acc = dpa.pld.PLDAccountant()
   acc.compose(A.PoissonDpSgd(0.5, 0.5, 10**4).dp_event())
   assert result["poisson"] >= acc.get_epsilon(1e-5)
+
+
+# --- group privacy of a PLD-only mechanism -----------------------------------------------
+
+def test_group_privacy_of_truncated_poisson_uses_the_pld_and_is_certified():
+  # Was: "accountant must be 'pld'" (group.py always built an RDP accountant).
+  m = A.TruncatedPoissonDpSgd(2.0, 0.05, 100, 20, 20)
+  k, target = 3, 1e-6
+  eps_user = A.group_privacy_epsilon(m, group_size=k, delta=target)
+  assert eps_user < float("inf")
+  # Certified with dp-accounting's own PLD of the example-level event.
+  acc = dpa.pld.PLDAccountant(value_discretization_interval=1e-4)
+  acc.compose(m.dp_event())
+  eps = eps_user / k
+  example_delta = acc.get_delta(eps)
+  assert example_delta * (math.expm1(k * eps) / math.expm1(eps)) <= target * (1 + 1e-9)
+
+
+# --- shuffled epochs ------------------------------------------------------------------------
+
+def test_shuffle_epochs_are_floor_n_over_b_full_batches(capsys):
+  # Was: ceil(5 * 10000 / 64) = 782 steps, a 6th participation for some examples.
+  code, out, err = _cli(capsys, "epsilon", "--sampling-scheme", "shuffle", "--dataset-size",
+                        "10000", "--batch-size", "64", "--epochs", "5", "--noise-multiplier",
+                        "1", "--delta", "1e-5", "--json")
+  assert code == 0, err
+  result = json.loads(out.strip().splitlines()[-1])
+  assert result["steps"] == 5 * (10000 // 64)
+  acc = dpa.pld.PLDAccountant(value_discretization_interval=1e-4)
+  acc.compose(dpe.SelfComposedDpEvent(dpe.GaussianDpEvent(1.0), 5))
+  assert result["epsilon"] == pytest.approx(acc.get_epsilon(1e-5), rel=1e-12)
+  # A fractional epoch counts the batches that ran: 2.5 epochs of 156 = 390.
+  assert A.sampling_from_epochs(dataset_size=10000, batch_size=64, epochs=2.5,
+                                scheme="shuffle")[1] == 390
+  assert A.ShuffledDpSgd(1.0, 10000, 64, 390).participations == 3
+
+
+# --- strict JSON ------------------------------------------------------------------------------
+
+def test_json_has_no_infinity_when_delta_is_below_the_pld_tail(capsys):
+  # Was: "epsilon": Infinity, which jq and strict parsers reject.
+  code, out, err = _cli(capsys, "epsilon", "--noise-multiplier", "1", "--sampling-prob", "0.01",
+                        "--steps", "1000", "--delta", "1e-18", "--json")
+  assert code == 0, err
+  line = out.strip().splitlines()[-1]
+  result = json.loads(line, parse_constant=lambda c: pytest.fail(f"non-strict JSON {c}"))
+  assert result["epsilon"] is None and "delta" in result["reason"]
+  acc = dpa.pld.PLDAccountant(value_discretization_interval=1e-4)
+  acc.compose(A.PoissonDpSgd(1.0, 0.01, 1000).dp_event())
+  assert acc.get_epsilon(1e-18) == float("inf")  # the case really is infinite
