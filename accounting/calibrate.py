@@ -2,6 +2,7 @@
 
 Guarantees, for every function here:
 
+* **Bounded targets.** ``target_epsilon`` is in (0, ``MAX_TARGET_EPSILON``].
 * **Never over budget.** The returned parameter's ε, computed by the stated
   accountant, is ``<= target_epsilon``; the ε returned with it is that value.
 * **Tight.** Noise: the returned σ is within ``rtol`` (default 0.1%) of the
@@ -51,8 +52,15 @@ def _evaluator(accountant, discretization, delta):
   return eps
 
 
+# The largest ε a calibration aims at. Beyond it the guarantee is void (e^100
+# likelihood ratios), and the noise sought approaches the PLD's floor, where
+# every evaluation is slow (ε = 10^9 overflowed; 10^6 took minutes).
+MAX_TARGET_EPSILON = 100.0
+
+
 def _check_common(target_epsilon, delta, accountant):
-  target_epsilon = check.positive("target_epsilon", target_epsilon)
+  target_epsilon = check.real("target_epsilon", target_epsilon, low=0, low_open=True,
+                              high=MAX_TARGET_EPSILON)
   delta = check.open_unit("delta", delta)
   check.choice("accountant", accountant, accountants.ACCOUNTANTS)
   return target_epsilon, delta
@@ -242,6 +250,7 @@ def calibrate_num_steps(make_mechanism: Callable[[int], Mechanism], *,
                         target_epsilon: float, delta: float, accountant: str = "pld",
                         discretization=None, max_steps: int = 10**8) -> Calibration:
   """The largest number of steps whose mechanism meets (ε, δ)."""
+  max_steps = check.integer("max_steps", max_steps, low=1, high=check.MAX_STEPS)
   return _calibrate_int(make_mechanism, name="num_steps", upper=max_steps,
                         target_epsilon=target_epsilon, delta=delta,
                         accountant=accountant, discretization=discretization)
@@ -267,6 +276,7 @@ def calibrate_sampling_prob(make_mechanism: Callable[[float], Mechanism], *,
   def from_inverse(inv_q: float) -> Mechanism:
     return make_mechanism(min(1.0, 1.0 / inv_q))
   target_epsilon, delta = _check_common(target_epsilon, delta, accountant)
+  check.positive("rtol", rtol)
   full = accountants.epsilon(make_mechanism(1.0), delta=delta, accountant=accountant,
                              discretization=(None if accountant == "rdp" else
                                              _final_discretization(make_mechanism(1.0),

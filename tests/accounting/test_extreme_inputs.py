@@ -172,3 +172,27 @@ def test_json_has_no_infinity_when_delta_is_below_the_pld_tail(capsys):
   acc = dpa.pld.PLDAccountant(value_discretization_interval=1e-4)
   acc.compose(A.PoissonDpSgd(1.0, 0.01, 1000).dp_event())
   assert acc.get_epsilon(1e-18) == float("inf")  # the case really is infinite
+
+
+# --- calibration targets ---------------------------------------------------------------------
+
+def test_calibration_targets_above_the_maximum_are_refused(capsys):
+  # Was: OverflowError after ~25 s (exit 1).
+  code, _, err = _cli(capsys, "calibrate", "--target-epsilon", "1e9", "--sampling-prob", "0.01",
+                      "--steps", "1000", "--delta", "1e-5")
+  assert code == 2 and len(err.strip().splitlines()) == 1, err
+  assert "--target-epsilon must be in (0, 100]" in err
+  for calibrate in (A.calibrate_noise_multiplier, A.calibrate_num_steps,
+                    A.calibrate_sampling_prob):
+    with pytest.raises(ValueError, match=r"target_epsilon must be in \(0, 100\]"):
+      calibrate(lambda x: A.PoissonDpSgd(1.0, 0.01, 10), target_epsilon=1e9, delta=1e-5)
+
+
+@pytest.mark.slow  # ~10-20 s: ε = 100 needs σ ~ 0.1, a wide PLD grid
+def test_calibration_at_the_maximum_target_meets_it():
+  from accounting import calibrate
+  result = A.calibrate_noise_multiplier(lambda s: A.PoissonDpSgd(s, 0.01, 1000),
+                                        target_epsilon=calibrate.MAX_TARGET_EPSILON, delta=1e-5)
+  acc = dpa.pld.PLDAccountant(value_discretization_interval=result.discretization)
+  acc.compose(result.mechanism.dp_event())
+  assert acc.get_epsilon(1e-5) <= calibrate.MAX_TARGET_EPSILON
