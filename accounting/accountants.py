@@ -28,6 +28,8 @@ without optimism:
   or more (σ below ~0.1); the Δ used is reported. For a mixture of Gaussians
   (ELS) the span is dp-accounting's own connect-the-dots range, not the
   worst-case k²/(2σ²): the binomial mass at large j is negligible there.
+  Its construction also costs (grid points) x (components), so Δ is never
+  finer than span x components / ``MAX_MIXTURE_WORK`` either.
 * **A floor on Δ for long runs.** Composing T steps is one FFT over the
   support of the T-fold PLD, whose width grows with T (about 3·10⁸ points
   at Δ = 1e-4 for σ = 1, q = 0.01, T = 10¹²: terabytes). Δ is also never
@@ -65,6 +67,9 @@ MAX_GRID_POINTS = 300_000
 MAX_COMPOSED_POINTS = 2**23
 # dp-accounting's tail bound for self-composition.
 _TAIL_MASS_TRUNCATION = 1e-15
+# The most (grid points x mixture components) one mixture-of-Gaussians PLD may
+# cost (see _mixture_work_floor); ~5 s.
+MAX_MIXTURE_WORK = 4_000_000
 # The coarsest grid worth computing: beyond it the PLD is refused (see module).
 MAX_DISCRETIZATION = 10.0
 
@@ -191,8 +196,23 @@ def _mixture_loss_span(sigma: float, sensitivities: tuple, probs: tuple) -> floa
     bounds = plm.MixtureGaussianPrivacyLoss(
         sigma, list(sensitivities), list(probs), pessimistic_estimate=True,
         log_mass_truncation_bound=-50, adjacency_type=adjacency).connect_dots_bounds()
-    span = max(span, bounds.epsilon_upper - bounds.epsilon_lower)
+    span = max(span, float(bounds.epsilon_upper - bounds.epsilon_lower))
   return span
+
+
+def _mixture_work_floor(event) -> float:
+  """Δ at which a mixture PLD's construction stays within ``MAX_MIXTURE_WORK``.
+
+  Its cost is (grid points) x (components) x (bisection depth): k = 1000,
+  q = 0.5 took a minute at 53,000 points; ELS with k = 8 at Δ = 1e-4 is ~10^5.
+  """
+  from dp_accounting import dp_event as dpe
+  if not isinstance(event, dpe.MixtureOfGaussiansDpEvent):
+    return 0.0
+  components = sum(1 for p in event.sampling_probs if p > 0)
+  span = _mixture_loss_span(event.standard_deviation, tuple(event.sensitivities),
+                            tuple(event.sampling_probs))
+  return float(span * components / MAX_MIXTURE_WORK)
 
 
 def _composed_width(event, count: int, span_floor: float) -> float:
@@ -221,8 +241,9 @@ def _composed_width(event, count: int, span_floor: float) -> float:
 def discretization_floor(mechanism: Mechanism) -> float:
   """The finest Δ the PLD back end uses for ``mechanism`` (0: no floor).
 
-  The larger of: the widest one-step loss range / ``MAX_GRID_POINTS``, and the
-  composed width of all phases / ``MAX_COMPOSED_POINTS`` (see module).
+  The largest of: the widest one-step loss range / ``MAX_GRID_POINTS``, a
+  mixture's span x components / ``MAX_MIXTURE_WORK``, and the composed width
+  of all phases / ``MAX_COMPOSED_POINTS`` (see module).
   """
   pairs = _base_events(mechanism.dp_event())
   span_floor = _span_floor(mechanism)
@@ -242,8 +263,10 @@ def _scaled_noise(mechanism: Mechanism, factor: float) -> Mechanism:
 
 
 def _span_floor(mechanism: Mechanism) -> float:
-  return max((_loss_span(e, c) for e, c in _base_events(mechanism.dp_event())),
-             default=0.0) / MAX_GRID_POINTS
+  """The one-step part of the floor: grid points and mixture work (see module)."""
+  pairs = _base_events(mechanism.dp_event())
+  return max([_loss_span(e, c) / MAX_GRID_POINTS for e, c in pairs]
+             + [_mixture_work_floor(e) for e, _ in pairs], default=0.0)
 
 
 def _check_floor(mechanism: Mechanism, floor: float) -> None:
@@ -254,8 +277,9 @@ def _check_floor(mechanism: Mechanism, floor: float) -> None:
   if _span_floor(mechanism) <= MAX_DISCRETIZATION:  # too many steps for so little noise
     raise ValueError(
         f"noise_multiplier={sigma} over num_steps={mechanism.num_steps} is beyond the PLD "
-        "back end's range (ε is in the hundreds of thousands or more): use more noise, "
-        "fewer steps, or accountant='rdp' for an upper bound")
+        "back end's range (ε is in the hundreds of thousands or more): use more noise "
+        "or fewer steps" + ("" if mechanism.pld_only else
+                            ", or accountant='rdp' for an upper bound"))
   lo, hi = 1.0, 2.0  # noise scale factors: lo refused, hi accepted
   while _span_floor(_scaled_noise(mechanism, hi)) > MAX_DISCRETIZATION:
     lo, hi = hi, hi * 2
@@ -269,10 +293,12 @@ def _check_floor(mechanism: Mechanism, floor: float) -> None:
     need = f"every phase's noise_multiplier multiplied by >= {hi:.4g}"
   else:
     need = f"noise_multiplier >= {sigma * hi:.4g}, got {sigma:g}"
+  rdp = ("" if mechanism.pld_only else
+         "; accountant='rdp' gives an upper bound at any noise")
   raise ValueError(
-      f"noise too small for the PLD back end: it needs {need} (ε is in the hundreds "
-      "of thousands or more below that); use accountant='rdp' for an upper bound at "
-      "any noise")
+      f"noise too small for the PLD back end: it needs {need} (below that the privacy "
+      f"loss outgrows the coarsest grid, Δ = {MAX_DISCRETIZATION:g}, and ε is in the "
+      f"thousands or more){rdp}")
 
 
 def _needs_auto(mechanism: Mechanism) -> bool:

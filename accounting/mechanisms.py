@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import fractions
+import functools
 import math
 from typing import Any, ClassVar
 
@@ -41,19 +42,22 @@ def _register(cls):
 def binomial_pmf(num_trials: int, success_prob: float) -> list[float]:
   """P[Binomial(num_trials, success_prob) = j] for j = 0..num_trials.
 
-  Computed in log space (lgamma) so it neither overflows for large
-  ``num_trials`` nor loses the tiny upper-tail masses that dominate the
-  privacy loss of the ELS mixture.
+  Computed in log space (``scipy.stats.binom.logpmf``, vectorised) so it
+  neither overflows for large ``num_trials`` nor loses the tiny upper-tail
+  masses that dominate the privacy loss of the ELS mixture. Weights below the
+  smallest double (~1e-308) are exactly 0.
   """
+  return list(_binomial_pmf(int(num_trials), float(success_prob)))
+
+
+@functools.lru_cache(maxsize=32)
+def _binomial_pmf(num_trials: int, success_prob: float) -> tuple[float, ...]:
+  import numpy as np
+  from scipy import stats
   if success_prob >= 1.0:
-    return [0.0] * num_trials + [1.0]
-  log_q, log_1mq = math.log(success_prob), math.log1p(-success_prob)
-  lg = math.lgamma
-  return [
-      math.exp(lg(num_trials + 1) - lg(j + 1) - lg(num_trials - j + 1)
-               + j * log_q + (num_trials - j) * log_1mq)
-      for j in range(num_trials + 1)
-  ]
+    return (0.0,) * num_trials + (1.0,)
+  j = np.arange(num_trials + 1)
+  return tuple(np.exp(stats.binom.logpmf(j, num_trials, success_prob)).tolist())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,9 +204,32 @@ class ElsDpSgd(Mechanism):
                        check.positive_int("examples_per_user", self.examples_per_user))
 
   def mixture(self) -> tuple[list[float], list[float]]:
-    """(sensitivities 0..k in units of C, their Binomial(k, q) probabilities)."""
-    k = self.examples_per_user
-    return [float(j) for j in range(k + 1)], binomial_pmf(k, self.sampling_prob)
+    """(sensitivities j in units of C, their Binomial(k, q) probabilities).
+
+    Every j in 0..k whose weight is representable (> 0 in double precision);
+    the rest, each below ~1e-308 and together below k·1e-308, would be dropped
+    by dp-accounting's mixture anyway (it keeps non-zero weights only), and the
+    per-step δ they could hide is far below the PLD's own tail mass (~1e-15).
+    Dropping them here keeps the event small for large k (k = 10^6, q = 0.01
+    has ~7,000 such j, not 10^6).
+    """
+    probs = binomial_pmf(self.examples_per_user, self.sampling_prob)
+    kept = [(float(j), p) for j, p in enumerate(probs) if p > 0.0]
+    sens, weights = [j for j, _ in kept], [p for _, p in kept]
+    # Round-off leaves the weights summing to 1 ± ~1e-9 for k ~ 10^6 (and
+    # dp-accounting insists on 1 to 1e-9). Fix the sum pessimistically: a
+    # deficit goes to the largest j, an excess comes off the smallest j; both
+    # make J stochastically larger, which never lowers ε.
+    gap = 1.0 - math.fsum(weights)
+    if gap > 0:
+      weights[-1] += gap
+    i = 0
+    while gap < 0 and i < len(weights):
+      take = min(weights[i], -gap)
+      weights[i] -= take
+      gap += take
+      i += 1
+    return sens, weights
 
   def dp_event(self):
     from dp_accounting import dp_event as dpe

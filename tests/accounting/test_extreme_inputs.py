@@ -12,6 +12,7 @@ import textwrap
 
 import dp_accounting as dpa
 import pytest
+import scipy.stats
 from dp_accounting import dp_event as dpe
 
 import accounting as A
@@ -196,3 +197,39 @@ def test_calibration_at_the_maximum_target_meets_it():
   acc = dpa.pld.PLDAccountant(value_discretization_interval=result.discretization)
   acc.compose(result.mechanism.dp_event())
   assert acc.get_epsilon(1e-5) <= calibrate.MAX_TARGET_EPSILON
+
+
+# --- ELS accuracy -----------------------------------------------------------------------------
+
+def test_els_auto_grid_is_within_half_a_percent_above_the_converged_value():
+  # Was: 173.23 at k = 256, +0.66% (the grid floor assumed losses up to
+  # k²/(2σ²) and stopped Δ at 0.03). Reference: dp-accounting's own mixture
+  # PLD of the Binomial(256, 0.001) mixture (scipy weights) at a fine grid.
+  sigma, q, steps, k, delta = 2.0, 1e-3, 10_000, 256, 1e-8
+  weights = list(scipy.stats.binom.pmf(range(k + 1), k, q))
+  event = dpe.SelfComposedDpEvent(
+      dpe.MixtureOfGaussiansDpEvent(sigma, list(range(k + 1)), weights), steps)
+  acc = dpa.pld.PLDAccountant(value_discretization_interval=1.5e-3)
+  acc.compose(event)
+  reference = acc.get_epsilon(delta)  # pessimistic too: >= the true ε
+  ours = A.epsilon(A.ElsDpSgd(sigma, q, steps, k), delta=delta)
+  assert reference * (1 - 1e-9) <= ours <= reference * 1.005
+
+
+def test_els_with_a_million_examples_per_user_answers_or_refuses_within_seconds():
+  # Was: OverflowError (dp-accounting's mixture of 10^6 + 1 Gaussians).
+  result = _run_limited("""
+      import accounting as A
+      result = {}
+      m = A.ElsDpSgd(1e4, 0.01, 100, 10**6)
+      result["epsilon"], result["disc"] = A.epsilon_and_discretization(m, delta=1e-5)
+      try:
+        A.epsilon(A.ElsDpSgd(1.0, 0.01, 100, 10**6), delta=1e-5)
+      except ValueError as e:
+        result["refused"] = str(e)
+  """, seconds=120)
+  assert result["peak_gib"] < 2 and result["seconds"] < 30, result
+  assert "noise_multiplier >=" in result["refused"]
+  # Sanity: between the ULS-like lower view and the exact-Gaussian q = 1 upper one.
+  upper = A.epsilon(A.ElsDpSgd(1e4, 1.0, 100, 10**6), delta=1e-5)
+  assert 0 < result["epsilon"] <= upper
