@@ -332,6 +332,13 @@ def _rdp_accountant(mechanism: Mechanism):
   return acc
 
 
+def check_mechanism(mechanism) -> None:
+  """Raises ``ValueError`` unless ``mechanism`` is an ``accounting`` mechanism."""
+  if not isinstance(mechanism, Mechanism):
+    raise ValueError("mechanism must be an accounting Mechanism (e.g. "
+                     f"accounting.PoissonDpSgd), got {mechanism!r:.80}")
+
+
 def resolve_discretization(mechanism: Mechanism, discretization) -> float | str:
   """The Δ a call will use: a float, or ``"auto"`` for the adaptive rule."""
   if discretization is None:
@@ -346,8 +353,10 @@ def epsilon_and_discretization(mechanism: Mechanism, *, delta: float,
                                discretization: float | str | None = None,
                                rtol: float = AUTO_RTOL) -> tuple[float, float | None]:
   """(ε, the PLD Δ actually used; None for RDP). See ``epsilon``."""
+  check_mechanism(mechanism)
   delta = check.open_unit("delta", delta)
   check.choice("accountant", accountant, ACCOUNTANTS)
+  rtol = check.positive("rtol", rtol)
   if accountant == "pld":
     discretization = resolve_discretization(mechanism, discretization)
   return _cached_epsilon(mechanism, delta, accountant, discretization, rtol)
@@ -397,8 +406,10 @@ def epsilon(mechanism: Mechanism, *, delta: float, accountant: Accountant = "pld
 def delta(mechanism: Mechanism, *, epsilon: float, accountant: Accountant = "pld",
           discretization: float | str | None = None, rtol: float = AUTO_RTOL) -> float:
   """The smallest δ for which ``mechanism`` is (ε, δ)-DP (an upper bound)."""
+  check_mechanism(mechanism)
   epsilon = check.non_negative("epsilon", epsilon)
   check.choice("accountant", accountant, ACCOUNTANTS)
+  rtol = check.positive("rtol", rtol)
   if accountant == "rdp":
     return _rdp_accountant(mechanism).get_delta(epsilon)
   disc = resolve_discretization(mechanism, discretization)

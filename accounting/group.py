@@ -42,6 +42,7 @@ def group_privacy_epsilon(mechanism: Mechanism, *, group_size: int, delta: float
     delta: the user-level δ to certify.
     accountant: back end for the example-level δ(ε).
   """
+  accountants.check_mechanism(mechanism)
   if mechanism.privacy_unit != "example":
     raise ValueError("group_privacy_epsilon needs an example-level mechanism, got "
                      f"privacy unit {mechanism.privacy_unit!r}")

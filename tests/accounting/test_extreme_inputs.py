@@ -233,3 +233,20 @@ def test_els_with_a_million_examples_per_user_answers_or_refuses_within_seconds(
   # Sanity: between the ULS-like lower view and the exact-Gaussian q = 1 upper one.
   upper = A.epsilon(A.ElsDpSgd(1e4, 1.0, 100, 10**6), delta=1e-5)
   assert 0 < result["epsilon"] <= upper
+
+
+# --- validation at every public entry point -----------------------------------------------------
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: A.epsilon("poisson", delta=1e-5), "mechanism must be an accounting Mechanism"),
+    (lambda: A.delta(None, epsilon=1.0), "mechanism must be an accounting Mechanism"),
+    (lambda: A.epsilon(A.PoissonDpSgd(1.0, 0.1, 10), delta=1e-5, rtol=-1), "rtol must be"),
+    (lambda: A.group_privacy_epsilon(3, group_size=2, delta=1e-5), "mechanism must be"),
+    (lambda: A.calibrate_num_steps(lambda t: A.PoissonDpSgd(1.0, 0.1, t), target_epsilon=1.0,
+                                   delta=1e-5, max_steps=10**12), "max_steps must be"),
+    (lambda: A.calibrate_sampling_prob(lambda q: A.PoissonDpSgd(1.0, q, 10), target_epsilon=1.0,
+                                       delta=1e-5, rtol=0), "rtol must be"),
+])
+def test_public_functions_validate_their_numbers(call, match):
+  with pytest.raises(ValueError, match=match):
+    call()
