@@ -31,7 +31,8 @@ def _run_limited(code: str, *, seconds: int = 60) -> dict:
   """Runs ``code`` in a child with a 4 GiB address-space cap; returns its JSON line.
 
   The cap keeps a regression from taking the machine down; the test then
-  checks the child's peak resident memory against the 2 GiB the issue allows.
+  checks the child's peak resident memory against the 2 GiB the issue allows,
+  and its CPU time (not wall time, which a loaded machine inflates) against 30 s.
   """
   prelude = textwrap.dedent("""
       import json, resource, time
@@ -40,6 +41,8 @@ def _run_limited(code: str, *, seconds: int = 60) -> dict:
   """)
   epilogue = textwrap.dedent("""
       result["seconds"] = time.perf_counter() - start
+      usage = resource.getrusage(resource.RUSAGE_SELF)
+      result["cpu_seconds"] = usage.ru_utime + usage.ru_stime
       result["peak_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
       print(json.dumps(result))
   """)
@@ -117,8 +120,8 @@ def test_the_longest_runs_take_seconds_and_under_2_gib():
       for name, m in [("poisson", A.PoissonDpSgd(0.5, 0.5, 10**6)),
                       ("max_steps", A.PoissonDpSgd(1.0, 0.01, A.validate.MAX_STEPS))]:
         result[name] = A.epsilon(m, delta=1e-5)
-  """, seconds=120)
-  assert result["peak_gib"] < 2 and result["seconds"] < 60, result
+  """, seconds=300)
+  assert result["peak_gib"] < 2 and result["cpu_seconds"] < 30, result
   # Pessimistic: at least the ε of a run 100x shorter at dp-accounting's grid.
   acc = dpa.pld.PLDAccountant()
   acc.compose(A.PoissonDpSgd(0.5, 0.5, 10**4).dp_event())
@@ -227,8 +230,8 @@ def test_els_with_a_million_examples_per_user_answers_or_refuses_within_seconds(
         A.epsilon(A.ElsDpSgd(1.0, 0.01, 100, 10**6), delta=1e-5)
       except ValueError as e:
         result["refused"] = str(e)
-  """, seconds=120)
-  assert result["peak_gib"] < 2 and result["seconds"] < 30, result
+  """, seconds=300)
+  assert result["peak_gib"] < 2 and result["cpu_seconds"] < 30, result
   assert "noise_multiplier >=" in result["refused"]
   # Sanity: between the ULS-like lower view and the exact-Gaussian q = 1 upper one.
   upper = A.epsilon(A.ElsDpSgd(1e4, 1.0, 100, 10**6), delta=1e-5)
