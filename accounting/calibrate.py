@@ -2,6 +2,7 @@
 
 Guarantees, for every function here:
 
+* **Bounded targets.** ``target_epsilon`` is in (0, ``MAX_TARGET_EPSILON``].
 * **Never over budget.** The returned parameter's ε, computed by the stated
   accountant, is ``<= target_epsilon``; the ε returned with it is that value.
 * **Tight.** Noise: the returned σ is within ``rtol`` (default 0.1%) of the
@@ -51,8 +52,12 @@ def _evaluator(accountant, discretization, delta):
   return eps
 
 
+# The largest ε a calibration aims at (the project's one bound, in validate).
+MAX_TARGET_EPSILON = check.MAX_TARGET_EPSILON
+
+
 def _check_common(target_epsilon, delta, accountant):
-  target_epsilon = check.positive("target_epsilon", target_epsilon)
+  target_epsilon = check.target_epsilon("target_epsilon", target_epsilon)
   delta = check.open_unit("delta", delta)
   check.choice("accountant", accountant, accountants.ACCOUNTANTS)
   return target_epsilon, delta
@@ -242,6 +247,7 @@ def calibrate_num_steps(make_mechanism: Callable[[int], Mechanism], *,
                         target_epsilon: float, delta: float, accountant: str = "pld",
                         discretization=None, max_steps: int = 10**8) -> Calibration:
   """The largest number of steps whose mechanism meets (ε, δ)."""
+  max_steps = check.integer("max_steps", max_steps, low=1, high=check.MAX_STEPS)
   return _calibrate_int(make_mechanism, name="num_steps", upper=max_steps,
                         target_epsilon=target_epsilon, delta=delta,
                         accountant=accountant, discretization=discretization)
@@ -267,6 +273,7 @@ def calibrate_sampling_prob(make_mechanism: Callable[[float], Mechanism], *,
   def from_inverse(inv_q: float) -> Mechanism:
     return make_mechanism(min(1.0, 1.0 / inv_q))
   target_epsilon, delta = _check_common(target_epsilon, delta, accountant)
+  check.positive("rtol", rtol)
   full = accountants.epsilon(make_mechanism(1.0), delta=delta, accountant=accountant,
                              discretization=(None if accountant == "rdp" else
                                              _final_discretization(make_mechanism(1.0),

@@ -38,10 +38,10 @@ _FLAG_OF = {
 # The allowed range of each numeric flag, for messages about it.
 _RANGE_OF = {
     "--noise-multiplier": "a number > 0", "--sampling-prob": "a number in (0, 1]",
-    "--steps": "an integer >= 1", "--delta": "a number in (0, 1)",
+    "--steps": "an integer in [1, 100000000]", "--delta": "a number in (0, 1)",
     "--examples-per-user": "an integer >= 1", "--dataset-size": "an integer >= 1",
     "--batch-size": "an integer >= 1", "--epochs": "a number > 0",
-    "--target-epsilon": "a number > 0", "--max-batch-size": "an integer >= 1",
+    "--target-epsilon": "a number in (0, 100]", "--max-batch-size": "an integer >= 1",
 }
 
 
@@ -206,7 +206,9 @@ def _add_common(p: argparse.ArgumentParser, *, calibrate: bool) -> None:
                       help="number of noisy steps, >= 1")
   length.add_argument("--epochs", type=_value("--epochs"), metavar="E",
                       help="passes over the data set, > 0, with --dataset-size and "
-                           "--batch-size (T = ceil(E·N/B))")
+                           "--batch-size: T = ceil(E·N/B) steps for Poisson sampling; with "
+                           "--sampling-scheme shuffle an epoch is floor(N/B) full batches, "
+                           "T = ceil(E·floor(N/B))")
   unit = p.add_argument_group("unit of privacy")
   unit.add_argument("--privacy-unit", choices=("example", "user"), default="example",
                     help="what a neighbouring dataset adds or removes (default: example)")
@@ -393,7 +395,8 @@ def _sampling_inputs(args, *, need_q: bool, need_steps: bool):
     if args.batch_size is None:
       raise UsageError("--epochs needs --batch-size")
     q, steps = mech.sampling_from_epochs(dataset_size=args.dataset_size,
-                                         batch_size=args.batch_size, epochs=args.epochs)
+                                         batch_size=args.batch_size, epochs=args.epochs,
+                                         scheme=args.sampling_scheme)
   elif args.steps is not None:
     steps = args.steps
   elif need_steps:
@@ -453,14 +456,34 @@ def _cmd_epsilon(args) -> dict:
     out["group_privacy_epsilon"] = group.group_privacy_epsilon(
         example_level, group_size=args.examples_per_user, delta=args.delta,
         accountant=args.accountant)
+  group_eps = out.get("group_privacy_epsilon")
+  _explain_infinite(out, "epsilon", args)
+  _explain_infinite(out, "group_privacy_epsilon", args)
   if not args.json:
     _print_table(f"dpfl epsilon: {_DESCRIPTION[scheme]}", [
         ("noise multiplier", args.noise_multiplier), ("sampling prob", q),
         ("batch size", batch), ("steps", steps),
         ("examples per user", args.examples_per_user), ("privacy unit", args.privacy_unit),
         ("delta", args.delta), ("accountant", _accountant_label(args, disc)),
-        ("epsilon", eps), ("group-privacy epsilon", out.get("group_privacy_epsilon"))])
+        ("epsilon", eps), ("group-privacy epsilon", group_eps),
+        ("reason", out.get("reason"))])
   return out
+
+
+def _explain_infinite(out: dict, key: str, args) -> None:
+  """An infinite ε becomes ``None`` with a ``"reason"`` (strict JSON has no Infinity).
+
+  The PLD puts the mass of its truncated tails at privacy loss +∞ (pessimistic),
+  so for δ below that mass no finite ε is certified.
+  """
+  value = out.get(key)
+  if not (isinstance(value, float) and math.isinf(value)):
+    return
+  out[key] = None
+  reason = (f"no finite {key.replace('_', ' ')} at delta={args.delta:g}: delta is below the "
+            "probability mass the accountant puts at infinite privacy loss; use a larger "
+            "--delta" + (" or --accountant rdp" if args.accountant == "pld" else ""))
+  out["reason"] = out["reason"] + "; " + reason if "reason" in out else reason
 
 
 def _cmd_calibrate(args) -> dict:
@@ -578,10 +601,26 @@ def main(argv: list[str] | None = None, extra_commands: dict | None = None) -> i
     return 1
   if args.json:
     try:
-      print(json.dumps(out, sort_keys=True, default=str), flush=True)
+      print(json.dumps(_strict_json(out), sort_keys=True, default=str, allow_nan=False),
+            flush=True)
     except BrokenPipeError:
       return _quiet_broken_pipe()
   return 0
+
+
+def _strict_json(value):
+  """``value`` with every non-finite float replaced by ``None`` (jq reads it).
+
+  The commands explain their own infinities (``"reason"``); this is the last
+  guard for any other value, e.g. from a plugged-in command.
+  """
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  if isinstance(value, dict):
+    return {k: _strict_json(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_strict_json(v) for v in value]
+  return value
 
 
 def _quiet_broken_pipe() -> int:

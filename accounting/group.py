@@ -42,6 +42,7 @@ def group_privacy_epsilon(mechanism: Mechanism, *, group_size: int, delta: float
     delta: the user-level δ to certify.
     accountant: back end for the example-level δ(ε).
   """
+  accountants.check_mechanism(mechanism)
   if mechanism.privacy_unit != "example":
     raise ValueError("group_privacy_epsilon needs an example-level mechanism, got "
                      f"privacy unit {mechanism.privacy_unit!r}")
@@ -50,15 +51,18 @@ def group_privacy_epsilon(mechanism: Mechanism, *, group_size: int, delta: float
   check.choice("accountant", accountant, accountants.ACCOUNTANTS)
   # δ(ε) from RDP decays like e^{-(α-1)ε}; the PLD keeps a small mass at +∞
   # (its tail truncation), so for the large ε that group privacy needs, RDP
-  # can be the tighter bound. Both are valid upper bounds: take the smaller.
-  rdp = accountants._rdp_accountant(mechanism)
+  # can be the tighter bound. Both are valid upper bounds: take the smaller
+  # (RDP only where dp-accounting's RDP supports the mechanism).
+  use_rdp = accountant == "rdp" or not mechanism.pld_only
+  rdp_delta = lambda e: accountants.delta(mechanism, epsilon=e, accountant="rdp")
   if accountant == "pld":
     disc = accountants.resolve_discretization(mechanism, discretization)
     disc = accountants.DEFAULT_DISCRETIZATION if disc == "auto" else disc
-    pld = accountants._composed_pld(mechanism, disc)  # compose once, query often
-    example_delta = lambda e: min(pld.get_delta_for_epsilon(e), rdp.get_delta(e))
+    # The composed PLD is cached by ``accountants``: composed once, queried often.
+    pld_delta = lambda e: accountants.delta(mechanism, epsilon=e, discretization=disc)
+    example_delta = (lambda e: min(pld_delta(e), rdp_delta(e))) if use_rdp else pld_delta
   else:
-    example_delta = rdp.get_delta
+    example_delta = rdp_delta
 
   def user_delta(eps: float) -> float:
     return group_privacy(epsilon=eps, delta=max(example_delta(eps), 1e-300),

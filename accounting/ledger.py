@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any, Iterable
 
 from accounting import accountants
 from accounting import mechanisms as mech
+from accounting import validate as check
 
 _FORMAT = "dpfl-ledger"
 _VERSION = 1
+_KEYS = frozenset({"format", "version", "privacy_unit", "entries"})
+_UNITS = ("example", "user")
 
 
 class Ledger:
@@ -104,28 +106,82 @@ class Ledger:
   def to_json(self) -> str:
     return json.dumps(self.to_dict(), sort_keys=True)
 
+  def check_compatible(self, *, privacy_unit: str | None = None,
+                       accountant: str | None = None) -> None:
+    """Raises ``ValueError`` unless a run with this unit and accountant can extend it.
+
+    Args:
+      privacy_unit: ``"example"`` or ``"user"``: what the new run protects.
+        An empty ledger accepts either.
+      accountant: ``"pld"`` or ``"rdp"``: the back end ε will be computed
+        with. RDP cannot account mechanisms dp-accounting supports with the
+        PLD only (ELS, truncated Poisson).
+    """
+    if privacy_unit is not None:
+      check.choice("privacy_unit", privacy_unit, _UNITS)
+      if self._entries and privacy_unit != self.privacy_unit:
+        raise ValueError(
+            f"privacy_unit={privacy_unit!r} does not match this ledger, which records "
+            f"{self.privacy_unit!r}-level privacy; use a separate ledger")
+    if accountant is not None:
+      check.choice("accountant", accountant, accountants.ACCOUNTANTS)
+      pld_only = sorted({e.kind for e in self._entries if e.pld_only})
+      if accountant == "rdp" and pld_only:
+        raise ValueError(
+            f"accountant must be 'pld' for this ledger: it records {', '.join(pld_only)}, "
+            "which the RDP back end does not support")
+
   @classmethod
   def from_dict(cls, data: dict[str, Any]) -> "Ledger":
+    """Rebuilds a ledger from ``to_dict``'s form, checking every header field."""
     if not isinstance(data, dict) or data.get("format") != _FORMAT:
       raise ValueError(f"not a dpfl ledger (format must be {_FORMAT!r})")
     if data.get("version") != _VERSION:
       raise ValueError(f"ledger version must be {_VERSION}, got {data.get('version')!r}")
+    unknown = sorted(set(data) - _KEYS)
+    if unknown:
+      raise ValueError(f"unknown ledger field(s) {', '.join(map(repr, unknown))}; a version "
+                       f"{_VERSION} ledger has {', '.join(sorted(_KEYS))}")
+    if not isinstance(data.get("entries"), list):
+      raise ValueError("ledger 'entries' must be a list of mechanisms, got "
+                       f"{data.get('entries', '<missing>')!r:.80}")
+    entries = []
+    for i, entry in enumerate(data["entries"]):
+      try:
+        entries.append(mech.from_dict(entry))
+      except (TypeError, ValueError) as e:
+        raise ValueError(f"ledger entry {i} is not a valid mechanism: {e}") from None
+    units = {e.privacy_unit for e in entries}
+    if len(units) > 1:
+      raise ValueError(f"ledger entries mix privacy units {sorted(units)}; a ledger records one")
+    unit = units.pop() if units else None
+    if "privacy_unit" not in data or data["privacy_unit"] != unit:
+      raise ValueError(f"ledger header privacy_unit={data.get('privacy_unit', '<missing>')!r} "
+                       f"does not match its entries ({unit!r})")
     ledger = cls()
-    ledger._entries = [mech.from_dict(e) for e in data["entries"]]  # kept exactly as saved
+    ledger._entries = entries  # kept exactly as saved
     ledger._sealed = len(ledger._entries)
     return ledger
 
   @classmethod
   def from_json(cls, text: str) -> "Ledger":
-    return cls.from_dict(json.loads(text))
+    try:
+      data = json.loads(text)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"not valid JSON (truncated or corrupted?): {e}") from None
+    return cls.from_dict(data)
 
   def save(self, path: str | os.PathLike) -> None:
-    """Writes atomically (temp file + rename): a crash never truncates a ledger."""
+    """Writes atomically: a crash never truncates a ledger, nor leaves litter.
+
+    The data goes to ``path + ".tmp"`` (one fixed name, so a save killed half
+    way leaves at most that file, which the next save overwrites), is fsynced,
+    and replaces ``path`` in one rename.
+    """
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".ledger-", suffix=".json")
+    tmp = path + ".tmp"
     try:
-      with os.fdopen(fd, "w") as f:
+      with open(tmp, "w") as f:
         f.write(self.to_json())
         f.flush()
         os.fsync(f.fileno())
@@ -134,11 +190,26 @@ class Ledger:
       if os.path.exists(tmp):
         os.unlink(tmp)
       raise
+    try:  # make the rename itself durable
+      fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    except OSError:
+      return
+    try:
+      os.fsync(fd)
+    except OSError:
+      pass
+    finally:
+      os.close(fd)
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> "Ledger":
+    """Reads a ledger written by ``save``; ``ValueError`` naming the file if it is not one."""
     with open(path) as f:
-      return cls.from_json(f.read())
+      text = f.read()
+    try:
+      return cls.from_json(text)
+    except ValueError as e:
+      raise ValueError(f"ledger file {os.fspath(path)!r}: {e}") from None
 
   def __len__(self) -> int:
     return len(self._entries)

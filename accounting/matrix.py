@@ -182,7 +182,7 @@ class AmplifiedBandedMatrixMechanism(Mechanism):
                        check.noise_multiplier("noise_multiplier", self.noise_multiplier))
     object.__setattr__(self, "sampling_prob",
                        check.probability("sampling_prob", self.sampling_prob))
-    object.__setattr__(self, "num_steps", check.positive_int("num_steps", self.num_steps))
+    object.__setattr__(self, "num_steps", check.num_steps("num_steps", self.num_steps))
     object.__setattr__(self, "num_bands", check.positive_int("num_bands", self.num_bands))
 
   @property

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import fractions
+import functools
 import math
 from typing import Any, ClassVar
 
@@ -41,19 +42,22 @@ def _register(cls):
 def binomial_pmf(num_trials: int, success_prob: float) -> list[float]:
   """P[Binomial(num_trials, success_prob) = j] for j = 0..num_trials.
 
-  Computed in log space (lgamma) so it neither overflows for large
-  ``num_trials`` nor loses the tiny upper-tail masses that dominate the
-  privacy loss of the ELS mixture.
+  Computed in log space (``scipy.stats.binom.logpmf``, vectorised) so it
+  neither overflows for large ``num_trials`` nor loses the tiny upper-tail
+  masses that dominate the privacy loss of the ELS mixture. Weights below the
+  smallest double (~1e-308) are exactly 0.
   """
+  return list(_binomial_pmf(int(num_trials), float(success_prob)))
+
+
+@functools.lru_cache(maxsize=32)
+def _binomial_pmf(num_trials: int, success_prob: float) -> tuple[float, ...]:
+  import numpy as np
+  from scipy import stats
   if success_prob >= 1.0:
-    return [0.0] * num_trials + [1.0]
-  log_q, log_1mq = math.log(success_prob), math.log1p(-success_prob)
-  lg = math.lgamma
-  return [
-      math.exp(lg(num_trials + 1) - lg(j + 1) - lg(num_trials - j + 1)
-               + j * log_q + (num_trials - j) * log_1mq)
-      for j in range(num_trials + 1)
-  ]
+    return (0.0,) * num_trials + (1.0,)
+  j = np.arange(num_trials + 1)
+  return tuple(np.exp(stats.binom.logpmf(j, num_trials, success_prob)).tolist())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +139,7 @@ class PoissonDpSgd(Mechanism):
                        check.noise_multiplier("noise_multiplier", self.noise_multiplier))
     object.__setattr__(self, "sampling_prob",
                        check.probability("sampling_prob", self.sampling_prob))
-    object.__setattr__(self, "num_steps", check.positive_int("num_steps", self.num_steps))
+    object.__setattr__(self, "num_steps", check.num_steps("num_steps", self.num_steps))
 
   def dp_event(self):
     return _poisson_gaussian(self.noise_multiplier, self.sampling_prob, self.num_steps)
@@ -195,14 +199,37 @@ class ElsDpSgd(Mechanism):
                        check.noise_multiplier("noise_multiplier", self.noise_multiplier))
     object.__setattr__(self, "sampling_prob",
                        check.probability("sampling_prob", self.sampling_prob))
-    object.__setattr__(self, "num_steps", check.positive_int("num_steps", self.num_steps))
+    object.__setattr__(self, "num_steps", check.num_steps("num_steps", self.num_steps))
     object.__setattr__(self, "examples_per_user",
                        check.positive_int("examples_per_user", self.examples_per_user))
 
   def mixture(self) -> tuple[list[float], list[float]]:
-    """(sensitivities 0..k in units of C, their Binomial(k, q) probabilities)."""
-    k = self.examples_per_user
-    return [float(j) for j in range(k + 1)], binomial_pmf(k, self.sampling_prob)
+    """(sensitivities j in units of C, their Binomial(k, q) probabilities).
+
+    Every j in 0..k whose weight is representable (> 0 in double precision);
+    the rest, each below ~1e-308 and together below k·1e-308, would be dropped
+    by dp-accounting's mixture anyway (it keeps non-zero weights only), and the
+    per-step δ they could hide is far below the PLD's own tail mass (~1e-15).
+    Dropping them here keeps the event small for large k (k = 10^6, q = 0.01
+    has ~7,000 such j, not 10^6).
+    """
+    probs = binomial_pmf(self.examples_per_user, self.sampling_prob)
+    kept = [(float(j), p) for j, p in enumerate(probs) if p > 0.0]
+    sens, weights = [j for j, _ in kept], [p for _, p in kept]
+    # Round-off leaves the weights summing to 1 ± ~1e-9 for k ~ 10^6 (and
+    # dp-accounting insists on 1 to 1e-9). Fix the sum pessimistically: a
+    # deficit goes to the largest j, an excess comes off the smallest j; both
+    # make J stochastically larger, which never lowers ε.
+    gap = 1.0 - math.fsum(weights)
+    if gap > 0:
+      weights[-1] += gap
+    i = 0
+    while gap < 0 and i < len(weights):
+      take = min(weights[i], -gap)
+      weights[i] -= take
+      gap += take
+      i += 1
+    return sens, weights
 
   def dp_event(self):
     from dp_accounting import dp_event as dpe
@@ -254,7 +281,7 @@ class ShuffledDpSgd(Mechanism):
     object.__setattr__(self, "dataset_size",
                        check.positive_int("dataset_size", self.dataset_size))
     object.__setattr__(self, "batch_size", check.positive_int("batch_size", self.batch_size))
-    object.__setattr__(self, "num_steps", check.positive_int("num_steps", self.num_steps))
+    object.__setattr__(self, "num_steps", check.num_steps("num_steps", self.num_steps))
     if self.batch_size > self.dataset_size:
       raise ValueError(f"batch_size must be <= dataset_size ({self.dataset_size}), "
                        f"got {self.batch_size}")
@@ -303,7 +330,7 @@ class TruncatedPoissonDpSgd(Mechanism):
                        check.positive_int("dataset_size", self.dataset_size))
     object.__setattr__(self, "max_batch_size",
                        check.positive_int("max_batch_size", self.max_batch_size))
-    object.__setattr__(self, "num_steps", check.positive_int("num_steps", self.num_steps))
+    object.__setattr__(self, "num_steps", check.num_steps("num_steps", self.num_steps))
 
   def dp_event(self):
     import dp_accounting as dpa
@@ -372,19 +399,27 @@ def flatten(mechanism: Mechanism) -> list[Mechanism]:
   return [mechanism]
 
 
-def sampling_from_epochs(*, dataset_size: int, batch_size: int,
-                         epochs: float) -> tuple[float, int]:
-  """(sampling_prob, num_steps) for an expected batch over a number of epochs.
+def sampling_from_epochs(*, dataset_size: int, batch_size: int, epochs: float,
+                         scheme: str = "poisson") -> tuple[float, int]:
+  """(sampling_prob, num_steps) for ``epochs`` passes over the data.
 
-  q = batch_size / dataset_size and T = ceil(epochs * dataset_size / batch_size):
-  the smallest number of steps that processes ``epochs`` passes in expectation
-  (rounding up never under-reports ε).
+  ``scheme="poisson"``: an expected batch of ``batch_size``, q = B / N and
+  T = ceil(epochs * N / B), the smallest number of steps that processes
+  ``epochs`` passes in expectation (rounding up never under-reports ε).
+
+  ``scheme="shuffle"``: an epoch of shuffled fixed-size batches is
+  ``N // B`` full batches (the remainder is dropped, as ``ShuffledDpSgd`` and
+  dpfl's ``ShuffledSampler`` do), so T = ceil(epochs * (N // B)); counting
+  ceil(N / B) per epoch would add a participation per epoch that never ran.
   """
   dataset_size = check.positive_int("dataset_size", dataset_size)
   batch_size = check.positive_int("batch_size", batch_size)
   epochs = check.positive("epochs", epochs)
+  check.choice("scheme", scheme, ("poisson", "shuffle"))
   if batch_size > dataset_size:
     raise ValueError(f"batch_size must be <= dataset_size ({dataset_size}), got {batch_size}")
   # Exact rational arithmetic: float round-off must not drop a step.
-  steps = math.ceil(fractions.Fraction(str(epochs)) * dataset_size / batch_size)
-  return batch_size / dataset_size, max(1, steps)
+  per_epoch = (fractions.Fraction(dataset_size, batch_size) if scheme == "poisson"
+               else dataset_size // batch_size)
+  steps = math.ceil(fractions.Fraction(str(epochs)) * per_epoch)
+  return batch_size / dataset_size, check.num_steps("num_steps", max(1, steps))

@@ -90,17 +90,6 @@ def noise_multiplier(name: str, value) -> float:
   return value
 
 
-# The longest run the accountants can compose within seconds and ~2 GiB: the
-# PLD grid of T composed steps grows linearly in T (T = 1e8 steps of q = 0.0064,
-# σ = 1 already takes ~20 s and ~1.8 GB; 1e9 needs ~20 GB).
-MAX_NUM_STEPS = 10**7
-
-
-def num_steps(name: str, value) -> int:
-  """A number of steps: 1 <= value <= MAX_NUM_STEPS."""
-  return integer(name, value, low=1, high=MAX_NUM_STEPS)
-
-
 # Calibrating σ for a larger ε searches σ far below 0.1, where every PLD is
 # built on a coarse floor grid and one calibration takes minutes (ε = 1e3:
 # ~80 s, 1e6: ~280 s); ε above 100 is no meaningful privacy guarantee anyway.
@@ -138,6 +127,17 @@ def integer(name: str, value, *, low: int = 1, high: int | None = None) -> int:
 def positive_int(name: str, value) -> int:
   """An integer >= 1."""
   return integer(name, value, low=1)
+
+
+# The longest run the accountants answer for. PLD composition raises the
+# one-step characteristic function to the T-th power (phase error ~T·1e-16)
+# and its support grows with T; 10^8 steps is beyond any training run.
+MAX_STEPS = 10**8
+
+
+def num_steps(name: str, value) -> int:
+  """A number of steps: an integer in [1, MAX_STEPS]."""
+  return integer(name, value, low=1, high=MAX_STEPS)
 
 
 def choice(name: str, value, allowed) -> str:

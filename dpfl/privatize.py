@@ -146,7 +146,7 @@ def check_run(*, delta: Any, accountant: Any, noise_multiplier: Any, target_epsi
 
   Returns ``(delta, noise_multiplier, target_epsilon, num_steps)`` as plain
   numbers (the ones not given stay None). Each bound is the one in
-  ``accounting.validate``: ``num_steps`` is at most ``MAX_NUM_STEPS`` (longer
+  ``accounting.validate``: ``num_steps`` is at most ``MAX_STEPS`` (longer
   runs cannot be accounted within memory) and ``target_epsilon`` at most
   ``MAX_TARGET_EPSILON``. A ``ledger`` to extend must record the same privacy
   unit, and under ``accountant="rdp"`` hold no PLD-only steps: either would

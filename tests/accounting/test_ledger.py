@@ -1,6 +1,11 @@
 """The ledger: append-only, merges repeated steps, ε recomputed from JSON."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
 
 import dp_accounting as dpa
 import pytest
@@ -86,3 +91,83 @@ def test_bad_ledger_json():
     A.Ledger.from_json('{"entries": []}')
   with pytest.raises(ValueError, match="version"):
     A.Ledger.from_json('{"format": "dpfl-ledger", "version": 99, "entries": []}')
+
+
+# --- bad ledger files (issue 11) ------------------------------------------------------
+
+def _write(tmp_path, data) -> str:
+  path = tmp_path / "ledger.json"
+  path.write_text(data if isinstance(data, str) else json.dumps(data))
+  return str(path)
+
+
+def _header(**changes):
+  entry = A.PoissonDpSgd(1.0, 0.01, 10).to_dict()
+  data = {"format": "dpfl-ledger", "version": 1, "privacy_unit": "example", "entries": [entry]}
+  data.update(changes)
+  return {k: v for k, v in data.items() if v is not _DROP}
+
+
+_DROP = object()
+
+
+@pytest.mark.parametrize("data,match", [
+    (_header(entries=_DROP), "'entries' must be a list"),
+    (_header(entries={"a": 1}), "'entries' must be a list"),
+    (_header(entries=[{"type": "poisson_dp_sgd", "noise_multiplier": 1.0}]),
+     "entry 0 is not a valid mechanism"),
+    (_header(entries=[{"type": "poisson_dp_sgd", "noise_multiplier": -1.0,
+                       "sampling_prob": 0.1, "num_steps": 3}]), "entry 0 .*noise_multiplier"),
+    (_header(privacy_unit="user"), "header privacy_unit='user' does not match"),
+    (_header(privacy_unit=_DROP), "header privacy_unit='<missing>'"),
+    (_header(entries=[A.PoissonDpSgd(1.0, 0.01, 10).to_dict(),
+                      A.UlsDpSgd(1.0, 0.01, 10).to_dict()]), "mix privacy units"),
+    (_header(extra=1), "unknown ledger field"),
+    (_header(version=2), "version must be 1"),
+    ('{"format": "dpfl-ledger", "version": 1, "entr', "not valid JSON"),
+    ("", "not valid JSON"),
+])
+def test_bad_ledger_files_raise_value_error_naming_the_file(tmp_path, data, match):
+  # Was: KeyError (no "entries"), raw JSONDecodeError (truncated), and a
+  # header privacy_unit that nothing read.
+  path = _write(tmp_path, data)
+  with pytest.raises(ValueError, match=match) as info:
+    A.Ledger.load(path)
+  assert path in str(info.value)
+
+
+def test_empty_ledger_round_trips(tmp_path):
+  A.Ledger().save(tmp_path / "l.json")
+  assert len(A.Ledger.load(tmp_path / "l.json")) == 0
+
+
+def test_check_compatible_names_the_mismatch():
+  example = A.Ledger([A.PoissonDpSgd(1.0, 0.01, 10)])
+  example.check_compatible(privacy_unit="example", accountant="rdp")
+  with pytest.raises(ValueError, match="privacy_unit='user' does not match"):
+    example.check_compatible(privacy_unit="user")
+  els = A.Ledger([A.ElsDpSgd(1.0, 0.01, 10, 4)])
+  els.check_compatible(privacy_unit="user", accountant="pld")
+  with pytest.raises(ValueError, match="accountant must be 'pld'.*els_dp_sgd"):
+    els.check_compatible(privacy_unit="user", accountant="rdp")
+  A.Ledger().check_compatible(privacy_unit="user", accountant="rdp")  # empty: anything
+  with pytest.raises(ValueError, match="privacy_unit must be one of"):
+    example.check_compatible(privacy_unit="household")
+
+
+def test_a_save_killed_midway_leaves_nothing_behind_after_the_next_save(tmp_path):
+  # Was: each killed save left an orphan ".ledger-XXXX.json" for ever.
+  path = tmp_path / "ledger.json"
+  code = textwrap.dedent(f"""
+      import os, signal
+      import accounting as A
+      os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)  # dies before the rename
+      A.Ledger([A.PoissonDpSgd(1.0, 0.01, 10)]).save({str(path)!r})
+  """)
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr
+  assert os.listdir(tmp_path)  # the killed save left its temp file
+  ledger = A.Ledger([A.PoissonDpSgd(1.0, 0.01, 20)])
+  ledger.save(path)
+  assert os.listdir(tmp_path) == ["ledger.json"]
+  assert A.Ledger.load(path) == ledger

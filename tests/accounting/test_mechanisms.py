@@ -51,7 +51,7 @@ def test_els_event_is_the_binomial_mixture():
     (lambda: A.PoissonDpSgd(float("nan"), 0.1, 10), "noise_multiplier"),
     (lambda: A.PoissonDpSgd(1.0, 0.0, 10), r"sampling_prob must be in \(0, 1\]"),
     (lambda: A.PoissonDpSgd(1.0, 1.5, 10), "sampling_prob"),
-    (lambda: A.PoissonDpSgd(1.0, 0.1, 0), "num_steps must be an integer >= 1"),
+    (lambda: A.PoissonDpSgd(1.0, 0.1, 0), r"num_steps must be an integer in \[1, 100000000\]"),
     (lambda: A.PoissonDpSgd(1.0, 0.1, 2.5), "num_steps"),
     (lambda: A.ElsDpSgd(1.0, 0.1, 10, 0), "examples_per_user must be an integer >= 1"),
     (lambda: A.ShuffledDpSgd(1.0, 10, 20, 5), "batch_size must be <= dataset_size"),
