@@ -315,8 +315,11 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
   dataset_size = check.positive_int("dataset_size", dataset_size)
   batch_size = check.integer("batch_size", batch_size, low=1, high=dataset_size)
   if epochs is not None:
-    _, num_steps = accounting.sampling_from_epochs(dataset_size=dataset_size,
-                                                   batch_size=batch_size, epochs=epochs)
+    # An epoch of shuffled fixed-size batches is N // B batches (the sampler
+    # drops the remainder); counting ceil(N / B) would account steps never run.
+    _, num_steps = accounting.sampling_from_epochs(
+        dataset_size=dataset_size, batch_size=batch_size, epochs=epochs,
+        scheme="shuffle" if sampling_scheme == "shuffle" else "poisson")
     num_steps = check.num_steps(f"num_steps (from epochs={epochs!r})", num_steps)
   plan = None
   if strategy is not None:

@@ -145,6 +145,28 @@ def test_shuffled_scheme_accounts_without_amplification():
   assert private.epsilon() == pytest.approx(ref, rel=1e-12)
 
 
+def test_shuffled_epochs_are_whole_batches_accounted_as_dp_accounting_does():
+  # 105 examples, batches of 10: an epoch is 105 // 10 = 10 full batches (the
+  # remainder is dropped), so 2 epochs are 20 steps in which every example
+  # takes part at most twice; ceil(2 * 105 / 10) = 21 would add a third
+  # participation that never ran. Reference: two Gaussian mechanisms of
+  # sensitivity C (zero-out neighbours, no amplification) compose to one
+  # Gaussian with mu = sqrt(2) / sigma, whose exact delta(eps) is Balle & Wang
+  # 2018's closed form; the PLD answer is an upper bound close to it.
+  from scipy import optimize, stats
+  private = dpfl.make_private(loss_fn, optax.sgd(0.1), l2_clip_norm=1.0, dataset_size=105,
+                              batch_size=10, epochs=2, noise_multiplier=2.0, delta=1e-5,
+                              sampling_scheme="shuffle")
+  steps = sum(1 for _ in private.batches(_data(105)))
+  assert steps == 20
+  mu = np.sqrt(2) / 2.0
+  def delta_at(eps):
+    return (stats.norm.cdf(mu / 2 - eps / mu)
+            - np.exp(eps) * stats.norm.cdf(-mu / 2 - eps / mu) - 1e-5)
+  exact = optimize.brentq(delta_at, 0.0, 50.0, xtol=1e-12)
+  assert exact * (1 - 1e-9) <= private.epsilon() <= exact * (1 + 1e-3)
+
+
 def _rdp_epsilon(event, delta):
   from dp_accounting.rdp import rdp_privacy_accountant as rdp
   acc = rdp.RdpAccountant()
