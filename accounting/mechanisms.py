@@ -414,7 +414,7 @@ def sampling_from_epochs(*, dataset_size: int, batch_size: int, epochs: float,
   """
   dataset_size = check.positive_int("dataset_size", dataset_size)
   batch_size = check.positive_int("batch_size", batch_size)
-  epochs = check.positive("epochs", epochs)
+  given_epochs, epochs = epochs, check.positive("epochs", epochs)
   check.choice("scheme", scheme, ("poisson", "shuffle"))
   if batch_size > dataset_size:
     raise ValueError(f"batch_size must be <= dataset_size ({dataset_size}), got {batch_size}")
@@ -422,4 +422,5 @@ def sampling_from_epochs(*, dataset_size: int, batch_size: int, epochs: float,
   per_epoch = (fractions.Fraction(dataset_size, batch_size) if scheme == "poisson"
                else dataset_size // batch_size)
   steps = math.ceil(fractions.Fraction(str(epochs)) * per_epoch)
-  return batch_size / dataset_size, check.num_steps("num_steps", max(1, steps))
+  return batch_size / dataset_size, check.num_steps(f"num_steps (from epochs={given_epochs!r})",
+                                                    max(1, steps))

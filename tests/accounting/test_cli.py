@@ -135,7 +135,7 @@ def _replace(args, flag, value):
     (["calibrate", "--target-epsilon", "1", "--noise-multiplier", "1", "--sampling-prob", "0.1",
       "--steps", "10", "--delta", "1e-5"], "leave out exactly one"),
     (["frobnicate"], "frobnicate"),
-    (_replace(BASE, "--steps", "1.5"), "integer >= 1"),
+    (_replace(BASE, "--steps", "1.5"), "integer in [1, 100000000]"),
     (_replace(BASE, "--noise-multiplier", "abc"), "> 0"),
     (_replace(BASE, "--noise-multiplier", "1e300"), "--noise-multiplier"),
     (_replace(BASE, "--delta", "-1e-5"), "(0, 1)"),
