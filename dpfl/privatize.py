@@ -171,15 +171,7 @@ def check_run(*, delta: Any, accountant: Any, noise_multiplier: Any, target_epsi
   if ledger is not None:
     if not isinstance(ledger, accounting.Ledger):
       raise ValueError(f"ledger must be an accounting.Ledger, got {type(ledger).__name__}")
-    if ledger.privacy_unit not in (None, privacy_unit):
-      raise ValueError(f"ledger records {ledger.privacy_unit!r}-level privacy, but this run "
-                       f"protects privacy_unit={privacy_unit!r}; extend a ledger of the same "
-                       "unit (or start a new one)")
-    if accountant == "rdp":
-      pld_only = sorted({e.kind for e in ledger.entries if e.pld_only})
-      if pld_only:
-        raise ValueError(f"accountant must be 'pld' to extend this ledger: its "
-                         f"{', '.join(pld_only)} steps have no RDP back end in dp-accounting")
+    ledger.check_compatible(privacy_unit=privacy_unit, accountant=accountant)
   return delta, noise_multiplier, target_epsilon, num_steps
 
 

@@ -289,15 +289,16 @@ def test_non_numbers_are_refused(entry, name, bad):
 def test_example_level_run_refuses_a_user_level_ledger():
   ledger = accounting.Ledger()
   ledger.record(accounting.UlsDpSgd(noise_multiplier=1.0, sampling_prob=0.1, num_steps=2))
-  with pytest.raises(ValueError, match=r"^ledger records 'user'-level privacy, but this run "
-                                       r"protects privacy_unit='example'"):
+  with pytest.raises(ValueError, match=r"^privacy_unit='example' does not match this ledger, "
+                                       r"which records 'user'-level privacy"):
     _make_private(ledger=ledger)
 
 
 def test_user_level_run_refuses_an_example_level_ledger():
   ledger = accounting.Ledger()
   ledger.record(accounting.PoissonDpSgd(noise_multiplier=1.0, sampling_prob=0.1, num_steps=2))
-  with pytest.raises(ValueError, match=r"^ledger records 'example'-level privacy"):
+  with pytest.raises(ValueError, match=r"^privacy_unit='user' does not match this ledger, which records "
+                                       r"'example'-level privacy"):
     _make_private_user(ledger=ledger, sampling_unit="user", examples_per_user=None)
 
 
@@ -305,7 +306,7 @@ def test_user_level_rdp_run_refuses_els_entries():
   ledger = accounting.Ledger()
   ledger.record(accounting.ElsDpSgd(noise_multiplier=1.0, sampling_prob=0.1, num_steps=2,
                                     examples_per_user=2))
-  with pytest.raises(ValueError, match=r"^accountant must be 'pld' to extend this ledger"):
+  with pytest.raises(ValueError, match=r"^accountant must be 'pld' for this ledger: it records els"):
     _make_private_user(ledger=ledger, sampling_unit="user", examples_per_user=None,
                        accountant="rdp")
   # Under PLD the same ledger extends (ELS and ULS are both user-level).
