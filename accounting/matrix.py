@@ -47,10 +47,10 @@ import math
 from typing import ClassVar
 
 from accounting import validate as check
-from accounting.mechanisms import Mechanism, _poisson_gaussian, _register
+from accounting.mechanisms import Mechanism, poisson_gaussian_event, register
 
 
-@_register
+@register
 @dataclasses.dataclass(frozen=True)
 class MatrixMechanism(Mechanism):
   """Example-level DP-FTRL / DP-MF: one Gaussian release ``C G + s Z`` of a whole run.
@@ -122,7 +122,7 @@ class MatrixMechanism(Mechanism):
     return dpa.GaussianDpEvent(self.noise_multiplier)
 
 
-@_register
+@register
 @dataclasses.dataclass(frozen=True)
 class UserMatrixMechanism(MatrixMechanism):
   """User-level DP-FTRL / DP-MF (ULS; federated DP-FTRL), one Gaussian release.
@@ -145,7 +145,7 @@ class UserMatrixMechanism(MatrixMechanism):
   privacy_unit: ClassVar[str] = "user"
 
 
-@_register
+@register
 @dataclasses.dataclass(frozen=True)
 class AmplifiedBandedMatrixMechanism(Mechanism):
   """Example-level banded MF with cyclic Poisson sampling (amplified).
@@ -191,4 +191,4 @@ class AmplifiedBandedMatrixMechanism(Mechanism):
     return math.ceil(self.num_steps / self.num_bands)
 
   def dp_event(self):
-    return _poisson_gaussian(self.noise_multiplier, self.sampling_prob, self.participations)
+    return poisson_gaussian_event(self.noise_multiplier, self.sampling_prob, self.participations)

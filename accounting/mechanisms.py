@@ -34,7 +34,8 @@ from accounting import validate as check
 _REGISTRY: dict[str, type["Mechanism"]] = {}
 
 
-def _register(cls):
+def register(cls):
+  """Class decorator: makes a mechanism type loadable by ``from_dict`` under its ``kind``."""
   _REGISTRY[cls.kind] = cls
   return cls
 
@@ -108,14 +109,15 @@ def from_dict(data: dict[str, Any]) -> Mechanism:
   return _REGISTRY[kind](**kwargs)
 
 
-def _poisson_gaussian(noise_multiplier: float, sampling_prob: float, num_steps: int):
+def poisson_gaussian_event(noise_multiplier: float, sampling_prob: float, num_steps: int):
+  """dp-accounting's event for ``num_steps`` Poisson-sampled Gaussians (rate q, noise σ)."""
   import dp_accounting as dpa  # deferred: heavy import
   return dpa.SelfComposedDpEvent(
       dpa.PoissonSampledDpEvent(sampling_prob, dpa.GaussianDpEvent(noise_multiplier)),
       num_steps)
 
 
-@_register
+@register
 @dataclasses.dataclass(frozen=True)
 class PoissonDpSgd(Mechanism):
   """Example-level DP-SGD with Poisson sampling (Abadi et al. 2016).
@@ -142,10 +144,10 @@ class PoissonDpSgd(Mechanism):
     object.__setattr__(self, "num_steps", check.num_steps("num_steps", self.num_steps))
 
   def dp_event(self):
-    return _poisson_gaussian(self.noise_multiplier, self.sampling_prob, self.num_steps)
+    return poisson_gaussian_event(self.noise_multiplier, self.sampling_prob, self.num_steps)
 
 
-@_register
+@register
 @dataclasses.dataclass(frozen=True)
 class UlsDpSgd(PoissonDpSgd):
   """User-level DP-SGD with user-level sampling (ULS; DP-FedAvg).
@@ -165,7 +167,7 @@ class UlsDpSgd(PoissonDpSgd):
   privacy_unit: ClassVar[str] = "user"
 
 
-@_register
+@register
 @dataclasses.dataclass(frozen=True)
 class ElsDpSgd(Mechanism):
   """User-level DP from example-level sampling (ELS), Charles et al. 2024.
@@ -245,7 +247,7 @@ class ElsDpSgd(Mechanism):
         self.num_steps)
 
 
-@_register
+@register
 @dataclasses.dataclass(frozen=True)
 class ShuffledDpSgd(Mechanism):
   """Example-level DP-SGD on fixed-size batches from shuffling — no amplification.
@@ -297,7 +299,7 @@ class ShuffledDpSgd(Mechanism):
                                    self.participations)
 
 
-@_register
+@register
 @dataclasses.dataclass(frozen=True)
 class TruncatedPoissonDpSgd(Mechanism):
   """Example-level DP-SGD with Poisson sampling truncated to a maximum batch.
@@ -342,7 +344,7 @@ class TruncatedPoissonDpSgd(Mechanism):
         self.num_steps)
 
 
-@_register
+@register
 @dataclasses.dataclass(frozen=True)
 class Composed(Mechanism):
   """Phases run one after another (σ, q or the scheme changing in training).

@@ -23,7 +23,7 @@ import numpy as np
 
 from accounting import validate as check
 from dpfl import _rng
-from dpfl.sampling import Batch, _index_dtype, default_max_batch_size, padded_poisson_draw
+from dpfl.sampling import Batch, index_dtype, default_max_batch_size, padded_poisson_draw
 
 
 class CyclicSampler:
@@ -63,7 +63,7 @@ class CyclicSampler:
     multiple_of = check.positive_int("multiple_of", multiple_of)
     self._length = multiple_of * math.ceil(self._batch_size / multiple_of)
     rng = _rng.numpy_generator(seed)
-    self._dtype = _index_dtype(self._dataset_size)
+    self._dtype = index_dtype(self._dataset_size)
     self._permutation = rng.permutation(self._dataset_size).astype(self._dtype)
     self.num_batches = 0
 
@@ -156,7 +156,7 @@ class CyclicPoissonSampler:
       max_batch_size = default_max_batch_size(self._group_size, self._sampling_prob)
     self._max_batch_size = check.positive_int("max_batch_size", max_batch_size)
     self._rng = _rng.numpy_generator(seed)
-    self._dtype = _index_dtype(self._dataset_size)
+    self._dtype = index_dtype(self._dataset_size)
     self._permutation = self._rng.permutation(self._dataset_size).astype(self._dtype)
     self.num_batches = 0
     self.num_overflows = 0

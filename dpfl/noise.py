@@ -108,7 +108,8 @@ def register_noise_state(state_type: type) -> type:
   return state_type
 
 
-def _check_noise_multiplier(value) -> float:
+def check_noise_multiplier(value) -> float:
+  """A DP noise multiplier: > 0 (zero noise is refused with advice), finite, bounded."""
   if check.real("noise_multiplier", value) == 0:
     # Zero noise is no privacy; the accountant cannot describe it either
     # (accounting.PoissonDpSgd rejects it). A non-private baseline should say
@@ -120,17 +121,13 @@ def _check_noise_multiplier(value) -> float:
   return check.noise_multiplier("noise_multiplier", value)
 
 
-def _check_positive(name: str, value) -> float:
-  return check.positive(name, value)
-
-
 # Noise is drawn and added in float32 (or wider): its scale, and the division
 # by the batch size, must be normal float32 numbers, or every update is ±inf
 # (scale overflows), exactly noise-free (scale 0), or NaN.
 _FLOAT32 = np.finfo(np.float32)
 
 
-def _check_noise_scale(*, stddev: float, expected_batch_size: float, names: str) -> None:
+def check_noise_scale(*, stddev: float, expected_batch_size: float, names: str) -> None:
   """Refuses noise scales that are not normal float32 numbers (see above)."""
   lo, hi = float(_FLOAT32.tiny), float(_FLOAT32.max)
   for what, value in ((f"{names} (the noise standard deviation)", stddev),
@@ -143,7 +140,8 @@ def _check_noise_scale(*, stddev: float, expected_batch_size: float, names: str)
                        f"noise is drawn in), got {value!r}")
 
 
-def _check_float_leaves(updates) -> None:
+def check_float_leaves(updates) -> None:
+  """Refuses updates with a non-floating leaf, naming its path."""
   for path, leaf in jax.tree_util.tree_flatten_with_path(updates)[0]:
     if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
       raise ValueError(
@@ -194,10 +192,10 @@ def gaussian_noise(*, noise_multiplier: float, l2_clip_norm: float,
     An ``optax.GradientTransformation`` whose state is a
     ``GaussianNoiseState``.
   """
-  noise_multiplier = _check_noise_multiplier(noise_multiplier)
-  l2_clip_norm = _check_positive("l2_clip_norm", l2_clip_norm)
-  expected_batch_size = _check_positive("expected_batch_size", expected_batch_size)
-  _check_noise_scale(stddev=noise_multiplier * l2_clip_norm,
+  noise_multiplier = check_noise_multiplier(noise_multiplier)
+  l2_clip_norm = check.positive("l2_clip_norm", l2_clip_norm)
+  expected_batch_size = check.positive("expected_batch_size", expected_batch_size)
+  check_noise_scale(stddev=noise_multiplier * l2_clip_norm,
                      expected_batch_size=expected_batch_size,
                      names="noise_multiplier * l2_clip_norm")
   draw_key = _rng.init_keys(key)
@@ -208,7 +206,7 @@ def gaussian_noise(*, noise_multiplier: float, l2_clip_norm: float,
 
   def update_fn(updates, state, params=None):
     del params
-    _check_float_leaves(updates)
+    check_float_leaves(updates)
     leaves, treedef = jax.tree.flatten(updates)
     key = _rng.unshared_key(jnp.asarray(state.key), updates)
     next_key, step_key = jax.random.split(jax.random.wrap_key_data(key))

@@ -56,7 +56,8 @@ class Batch(NamedTuple):
   mask: np.ndarray
 
 
-def _index_dtype(dataset_size: int):
+def index_dtype(dataset_size: int):
+  """The narrowest index dtype (int32, else int64) that holds ``dataset_size`` rows."""
   return np.int32 if dataset_size <= np.iinfo(np.int32).max else np.int64
 
 
@@ -166,7 +167,7 @@ class PoissonSampler:
       raise ValueError(f"truncate must be True or False, got {truncate!r}")
     self._truncate = truncate
     self._rng = _rng.numpy_generator(seed)
-    self._dtype = _index_dtype(self._dataset_size)
+    self._dtype = index_dtype(self._dataset_size)
     self.num_batches = 0
     self.num_truncated = 0
     self.num_overflows = 0
@@ -276,7 +277,7 @@ class ShuffledSampler:
       raise ValueError(f"batch_size must be in [1, dataset_size={self._dataset_size}], "
                        f"got {batch_size!r}")
     self._rng = _rng.numpy_generator(seed)
-    self._dtype = _index_dtype(self._dataset_size)
+    self._dtype = index_dtype(self._dataset_size)
     self._permutation: np.ndarray | None = None
     self.num_batches = 0
 

@@ -58,7 +58,7 @@ class _PaddedPoissonSampler:
     # A multiple of the device count keeps the unit axis evenly shardable.
     self._max_batch_size = multiple_of * math.ceil(max_batch_size / multiple_of)
     self._rng = _rng.numpy_generator(seed)
-    self._dtype = sampling._index_dtype(self._size)
+    self._dtype = sampling.index_dtype(self._size)
     self.num_batches = 0
     self.num_overflows = 0
 

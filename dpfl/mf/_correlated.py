@@ -139,11 +139,11 @@ def _correlated_transform(*, num_steps: int, num_buffers: int, kernel: _Kernel,
                           noise_multiplier: float, l2_clip_norm: float, sensitivity: float,
                           expected_batch_size: float, key: Any,
                           store_step_keys: bool = False) -> optax.GradientTransformation:
-  noise_multiplier = _noise._check_noise_multiplier(noise_multiplier)
-  l2_clip_norm = _noise._check_positive("l2_clip_norm", l2_clip_norm)
-  sensitivity = _noise._check_positive("sensitivity", sensitivity)
-  expected_batch_size = _noise._check_positive("expected_batch_size", expected_batch_size)
-  _noise._check_noise_scale(stddev=noise_multiplier * l2_clip_norm * sensitivity,
+  noise_multiplier = _noise.check_noise_multiplier(noise_multiplier)
+  l2_clip_norm = check.positive("l2_clip_norm", l2_clip_norm)
+  sensitivity = check.positive("sensitivity", sensitivity)
+  expected_batch_size = check.positive("expected_batch_size", expected_batch_size)
+  _noise.check_noise_scale(stddev=noise_multiplier * l2_clip_norm * sensitivity,
                             expected_batch_size=expected_batch_size,
                             names="noise_multiplier * l2_clip_norm * sensitivity")
   draw_key = _rng.init_keys(key)
@@ -160,7 +160,7 @@ def _correlated_transform(*, num_steps: int, num_buffers: int, kernel: _Kernel,
 
   def update_fn(updates, state, params=None):
     del params
-    _noise._check_float_leaves(updates)
+    _noise.check_float_leaves(updates)
     count = _concrete_int(state.count)
     if count is not None and count >= num_steps:
       raise ValueError(
