@@ -70,20 +70,30 @@ _DESCRIPTION = {
 }
 
 
+_PLAN_SCHEME = {"poisson": "poisson", "uls": "poisson", "els": "poisson",
+                "truncated": "truncated_poisson", "shuffle": "shuffle"}
+
+
+def _plan(args, scheme: str, sigma: float, q: float, steps: int):
+  """The ``PrivacyPlan`` the flags describe (the one config -> mechanism map)."""
+  from accounting import plan
+  sampling_unit = args.sampling_unit or args.privacy_unit
+  batch = args.batch_size
+  if scheme == "shuffle" and batch is None:
+    batch = round(q * args.dataset_size)
+  sampling = plan.SamplingPlan(
+      scheme=_PLAN_SCHEME[scheme], unit=sampling_unit, population_size=args.dataset_size,
+      sampling_prob=None if scheme == "shuffle" else q, batch_size=batch,
+      max_batch_size=args.max_batch_size, examples_per_user=args.examples_per_user)
+  # The clip norm does not enter ε (noise is relative to it): 1 stands for C.
+  return plan.PrivacyPlan(privacy_unit=args.privacy_unit, sampling=sampling,
+                          noise_multiplier=sigma, l2_clip_norm=1.0, noise=plan.NoisePlan(),
+                          delta=args.delta, num_steps=steps, accountant=args.accountant)
+
+
 def _maker(args, scheme):
-  """(σ, q, T) -> mechanism for the scheme the flags describe."""
-  def make(sigma, q, steps):
-    if scheme == "poisson":
-      return mech.PoissonDpSgd(sigma, q, steps)
-    if scheme == "uls":
-      return mech.UlsDpSgd(sigma, q, steps)
-    if scheme == "els":
-      return mech.ElsDpSgd(sigma, q, steps, args.examples_per_user)
-    if scheme == "truncated":
-      return mech.TruncatedPoissonDpSgd(sigma, q, args.dataset_size, args.max_batch_size, steps)
-    batch = args.batch_size if args.batch_size is not None else round(q * args.dataset_size)
-    return mech.ShuffledDpSgd(sigma, args.dataset_size, batch, steps)
-  return make
+  """(σ, q, T) -> mechanism for the scheme the flags describe, through its plan."""
+  return lambda sigma, q, steps: _plan(args, scheme, sigma, q, steps).mechanism()
 
 
 def _sampling_inputs(args, *, need_q: bool, need_steps: bool):

@@ -174,32 +174,9 @@ class Ledger:
   def save(self, path: str | os.PathLike) -> None:
     """Writes atomically: a crash never truncates a ledger, nor leaves litter.
 
-    The data goes to ``path + ".tmp"`` (one fixed name, so a save killed half
-    way leaves at most that file, which the next save overwrites), is fsynced,
-    and replaces ``path`` in one rename.
+    See ``write_atomically``.
     """
-    path = os.fspath(path)
-    tmp = path + ".tmp"
-    try:
-      with open(tmp, "w") as f:
-        f.write(self.to_json())
-        f.flush()
-        os.fsync(f.fileno())
-      os.replace(tmp, path)
-    except BaseException:
-      if os.path.exists(tmp):
-        os.unlink(tmp)
-      raise
-    try:  # make the rename itself durable
-      fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    except OSError:
-      return
-    try:
-      os.fsync(fd)
-    except OSError:
-      pass
-    finally:
-      os.close(fd)
+    write_atomically(path, self.to_json())
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> "Ledger":
@@ -219,3 +196,35 @@ class Ledger:
 
   def __repr__(self) -> str:
     return f"Ledger({self._entries!r})"
+
+
+def write_atomically(path: str | os.PathLike, text: str) -> None:
+  """Writes ``text`` to ``path`` so that a crash leaves the old file or the new one.
+
+  The data goes to ``path + ".tmp"`` (one fixed name, so a write killed half
+  way leaves at most that file, which the next write overwrites), is fsynced,
+  and replaces ``path`` in one rename; the directory is fsynced too, so the
+  rename itself survives a power loss.
+  """
+  path = os.fspath(path)
+  tmp = path + ".tmp"
+  try:
+    with open(tmp, "w") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+  try:
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)

@@ -31,12 +31,13 @@ al. 2021, arXiv 2103.00039; Choquette-Choo et al. 2023, arXiv 2211.06530 and
 from __future__ import annotations
 
 import dataclasses
-import math
+import hashlib
 from typing import Any
 
-import accounting
+import numpy as np
+
+from accounting import plan as accounting_plan
 from accounting import validate as check
-from dpfl import cyclic_sampling
 
 from dpfl.mf.build import NAMES as STRATEGIES
 OPTIONS = ("buffers", "bands", "objective", "momentum")
@@ -46,64 +47,59 @@ DEFAULT_BANDS = 16
 
 @dataclasses.dataclass(frozen=True)
 class FtrlPlan:
-  """A DP-FTRL run's strategy and the accounting that matches it.
+  """A DP-FTRL run's strategy object and the ``NoisePlan`` that describes it.
+
+  The accounting of the run is the ``PrivacyPlan``'s (``accounting.plan``),
+  built from ``noise``; this object only carries the strategy ``C`` the noise
+  stream needs.
 
   Attributes:
     strategy: the ``dpfl.mf`` strategy ``C`` (``planned_steps`` square).
-    planned_steps: ``n'``, the size of ``C`` (whole epochs / band cycles).
-    participation: ``(k, b)`` each unit's steps obey.
-    privacy_unit: ``"example"`` or ``"user"``.
-    amplified: True for amplified banded MF with cyclic Poisson sampling.
-    sampling_prob: ``q`` per unit of the active group (amplified only).
-    noise_sensitivity: the ``sens`` the noise is scaled by.
+    noise: its ``accounting.plan.NoisePlan`` (sensitivity, participation,
+      planned steps, amplified or not).
   """
 
   strategy: Any
-  planned_steps: int
-  participation: tuple[int, int]
-  privacy_unit: str
-  amplified: bool = False
-  sampling_prob: float | None = None
+  noise: accounting_plan.NoisePlan
+
+  @property
+  def planned_steps(self) -> int:
+    return self.noise.planned_steps
+
+  @property
+  def participation(self) -> tuple[int, int]:
+    return (self.noise.max_participations, self.noise.min_separation)
+
+  @property
+  def amplified(self) -> bool:
+    return self.noise.amplified
 
   @property
   def noise_sensitivity(self) -> float:
-    if self.amplified:
-      return float(max(self.strategy.column_norms()))
-    return float(self.strategy.sensitivity)
+    return self.noise.sensitivity
 
-  def mechanism(self, *, noise_multiplier: float, num_steps: int) -> accounting.Mechanism:
-    """The accounting description of the first ``num_steps`` steps."""
-    if self.amplified:
-      return accounting.AmplifiedBandedMatrixMechanism(
-          noise_multiplier=noise_multiplier, sampling_prob=self.sampling_prob,
-          num_steps=num_steps, num_bands=self.strategy.num_bands)
-    k, b = self.participation
-    cls = accounting.UserMatrixMechanism if self.privacy_unit == "user" else \
-        accounting.MatrixMechanism
-    return cls(noise_multiplier=noise_multiplier, sensitivity=self.noise_sensitivity,
-               planned_steps=self.planned_steps, strategy=self.strategy.name or "custom",
-               max_participations=k, min_separation=b if k > 1 else None,
-               num_steps=num_steps)
-
-  def noise(self, *, noise_multiplier: float, l2_clip_norm: float,
-            expected_batch_size: float, key: Any = None):
+  def noise_transform(self, *, noise_multiplier: float, l2_clip_norm: float,
+                      expected_batch_size: float, key: Any = None):
     """The streaming correlated-noise ``optax`` transform (``dpfl.mf.matrix_noise``)."""
     from dpfl.mf import streaming
     return streaming.matrix_noise(self.strategy, noise_multiplier=noise_multiplier,
                                   l2_clip_norm=l2_clip_norm,
                                   expected_batch_size=expected_batch_size,
-                                  sensitivity=self.noise_sensitivity,
-                                  num_steps=self.planned_steps, key=key)
+                                  sensitivity=self.noise.sensitivity,
+                                  num_steps=self.noise.planned_steps, key=key)
 
 
-def cyclic_steps(epochs: float, steps_per_epoch: int) -> int:
-  """Steps of ``epochs`` passes over a cyclic order of ``steps_per_epoch`` batches.
-
-  A cyclic epoch is ``b = N // B`` steps (the remainder never takes part), not
-  ``N / B``: 40 epochs of 1438 examples in batches of 256 are 200 steps, each
-  example in 40 of them (``ceil(40 * 1438 / 256) = 225`` would be 45 passes).
-  """
-  return max(1, math.ceil(round(float(epochs) * steps_per_epoch, 9)))
+def fingerprint(strategy) -> str:
+  """A digest of the entries that define ``C`` (its stream parameters, else its matrix)."""
+  digest = hashlib.sha256(type(strategy).__name__.encode())
+  parts = [getattr(strategy, name) for name in ("buffer_decay", "output_scale", "diagonals")
+           if getattr(strategy, name, None) is not None]
+  if not parts:
+    parts = [strategy.toeplitz_coefs() if hasattr(strategy, "toeplitz_coefs")
+             else strategy.matrix()]
+  for part in parts:
+    digest.update(np.ascontiguousarray(np.asarray(part, np.float64)).tobytes())
+  return digest.hexdigest()[:32]
 
 
 def check_options(options: dict | None) -> dict:
@@ -157,11 +153,20 @@ def amplified_bands(strategy, options: dict, num_steps: int) -> int:
         "MF, Choquette-Choo et al. 2023); use sampling_scheme='cyclic' for "
         f"{getattr(strategy, 'name', strategy)!r}")
   if isinstance(strategy, str):
-    bands = options.get("bands", min(DEFAULT_BANDS, num_steps))
-    if bands > num_steps:
-      raise ValueError(f"strategy_options['bands'] must be <= num_steps={num_steps}, got {bands}")
-    return int(bands)
+    return bands_for(options, limit=num_steps, why=f"num_steps={num_steps}")
   return int(strategy.num_bands)
+
+
+def bands_for(options: dict, *, limit: int, why: str) -> int:
+  """The bands of a banded strategy: ``options['bands']``, else ``min(DEFAULT_BANDS, limit)``.
+
+  The one place the default is decided; ``limit`` is the most bands the run
+  allows (its steps, or the separation b of a unit's participations).
+  """
+  bands = options.get("bands", min(DEFAULT_BANDS, limit))
+  if bands > limit:
+    raise ValueError(f"strategy_options['bands'] must be <= {limit} ({why}), got {bands}")
+  return int(bands)
 
 
 def build_strategy(name: str, *, planned_steps: int, participation: tuple[int, int],
@@ -173,49 +178,37 @@ def build_strategy(name: str, *, planned_steps: int, participation: tuple[int, i
   bands = None
   if name == "banded":
     k, b = participation
-    limit = planned_steps if k == 1 else b
-    bands = options.get("bands", min(DEFAULT_BANDS, limit))
-    if bands > limit:
-      raise ValueError(f"strategy_options['bands'] must be <= {limit} (the steps per epoch "
-                       f"b under {k} participations, else the number of steps), got {bands}")
+    bands = bands_for(options, limit=planned_steps if k == 1 else b,
+                      why=f"the steps per epoch b under {k} participations, else the number "
+                          "of steps")
   return build(name, planned_steps, participation=participation,
                workload=Workload(planned_steps, momentum=momentum) if momentum else None,
                objective=options.get("objective", "mean"), bands=bands,
                buffers=int(options.get("buffers", DEFAULT_BUFFERS)))
 
 
-def make_noise(plan: FtrlPlan | None, *, noise_multiplier: float, l2_clip_norm: float,
-               expected_batch_size: float, key: Any = None):
-  """DP-SGD's ``gaussian_noise`` (``plan`` None) or the plan's correlated noise."""
-  from dpfl import noise
-  if plan is None:
-    return noise.gaussian_noise(noise_multiplier=noise_multiplier, l2_clip_norm=l2_clip_norm,
-                                expected_batch_size=expected_batch_size, key=key)
-  return plan.noise(noise_multiplier=noise_multiplier, l2_clip_norm=l2_clip_norm,
-                    expected_batch_size=expected_batch_size, key=key)
-
-
-def plan(strategy, options: dict, *, sampler, num_steps: int, privacy_unit: str) -> FtrlPlan:
-  """The ``FtrlPlan`` for a run of ``num_steps`` on ``sampler``'s batches."""
-  if isinstance(sampler, cyclic_sampling.CyclicPoissonSampler):
-    b = sampler.num_groups
-    planned = b * math.ceil(num_steps / b)
-    participation = (planned // b, b)
+def plan(strategy, options: dict, *, sampling: accounting_plan.SamplingPlan,
+         num_steps: int) -> FtrlPlan:
+  """The strategy (built or checked) for ``num_steps`` on ``sampling``'s fixed order."""
+  k, b = sampling.participation(num_steps)
+  planned = k * b
+  if sampling.scheme == "cyclic_poisson":
     if isinstance(strategy, str):
-      strategy = build_strategy("banded", planned_steps=planned, participation=participation,
+      strategy = build_strategy("banded", planned_steps=planned, participation=(k, b),
                                 options={**options, "bands": b})
     _check_given(strategy, planned, b, amplified=True)
-    return FtrlPlan(strategy=strategy, planned_steps=planned, participation=participation,
-                    privacy_unit=privacy_unit, amplified=True,
-                    sampling_prob=sampler.sampling_prob)
-  k, b = sampler.participation(num_steps)
-  planned = k * b
-  if isinstance(strategy, str):
-    strategy = build_strategy(strategy, planned_steps=planned, participation=(k, b),
-                              options=options)
-  _check_given(strategy, planned, b)
-  return FtrlPlan(strategy=strategy, planned_steps=planned, participation=(k, b),
-                  privacy_unit=privacy_unit)
+    sensitivity = float(max(strategy.column_norms()))
+  else:
+    if isinstance(strategy, str):
+      strategy = build_strategy(strategy, planned_steps=planned, participation=(k, b),
+                                options=options)
+    _check_given(strategy, planned, b)
+    sensitivity = float(strategy.sensitivity)
+  noise = accounting_plan.NoisePlan(
+      strategy=strategy.name or "custom", planned_steps=planned, sensitivity=sensitivity,
+      max_participations=k, min_separation=b, amplified=sampling.scheme == "cyclic_poisson",
+      options=dict(options), fingerprint=fingerprint(strategy))
+  return FtrlPlan(strategy=strategy, noise=noise)
 
 
 def _check_given(strategy, planned: int, b: int, amplified: bool = False) -> None:

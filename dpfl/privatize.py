@@ -1,178 +1,588 @@
-"""One call that makes an existing JAX/optax training loop private.
+"""One private run, one object: ``make_private`` plans it, ``PrivateState`` carries it.
 
-``make_private`` takes what a loop already has — a mean loss and an optax
-optimizer — plus the privacy settings, and returns what the loop needs:
+``make_private`` is the one assembler for every kind of private run —
+example-level DP-SGD, user-level ELS and ULS (with or without local steps,
+i.e. DP-FedAvg), and DP-FTRL with any matrix factorization, at either level.
+It makes every decision once:
 
-* ``clipped_grad``: use it where the loop called ``jax.grad(loss_fn)``;
-* ``optimizer``: the user's optimizer behind the Gaussian noise step;
-* ``batches(dataset)``: Poisson (or shuffled) batches with static shapes and a
-  mask, each draw recorded in the ledger *before* it is used;
-* ``ledger`` / ``epsilon()``: the privacy spent so far, at any step — the same
-  number ``dpfl epsilon`` prints for the same settings.
+1. builds the sampler (``dpfl.sampling``) and, for DP-FTRL, the strategy for
+   the participation that sampler gives (``dpfl.ftrl``);
+2. asks the one planner, ``accounting.plan.plan_run``, for the
+   ``PrivacyPlan``: the frozen, JSON-serialisable description of the run,
+   with σ calibrated for a target ε over all the planned steps. The plan is
+   the only place a configuration becomes an ``accounting`` mechanism;
+3. picks the clipping (``dpfl.clipped_grad``, or ``dpfl.federated`` local
+   steps through the same clipping back-ends, ``method=clip_method``) and the
+   noise (one streaming privatizer: ``gaussian_noise`` for DP-SGD,
+   ``dpfl.mf.matrix_noise`` for a matrix factorization).
 
-Everything is built from the public pieces (``dpfl.clipping``,
-``dpfl.noise``, ``dpfl.sampling``, ``accounting``); nothing here computes a
-gradient, draws noise or accounts on its own.
+The returned ``PrivateTraining`` runs it:
+
+* ``init(params)`` -> ``PrivateState``: params, optimizer state (noise keys,
+  MF buffers), the sampler's seed, the step count — one pytree;
+* ``make_step()`` -> ``(state, batch, mask) -> (state, aux)``;
+* ``batches(dataset, state)`` yields the batches of the steps that remain;
+* ``save(directory, state)`` / ``restore(directory, params)``: orbax
+  checkpoints of the state with the plan and the ledger; a restored run gets
+  fresh noise keys and continues the same plan to its planned end;
+* ``epsilon()``: ε spent so far; ``BudgetExhaustedError`` before any step the
+  budget does not cover.
+
+Write-ahead accounting: every step is recorded in the run's journal
+(``accounting.journal``; on disk once a checkpoint directory is set) before
+its noise is drawn — ``batches`` records a step when it hands out its batch,
+and the noise transform itself records (through an ordered host callback)
+any step that did not come from ``batches``. A crash can only over-count.
+
+The ``(params, opt_state)`` pieces — ``clipped_grad`` and ``optimizer`` —
+stay for wrapping an existing loop (README); they account through the same
+journal.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterator
+import os
+from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.experimental import io_callback
 
 import accounting
+from accounting import plan as planning
 from accounting import validate as check
-from dpfl import cyclic_sampling, ftrl, noise, sampling
-from dpfl.clipping import clipped_grad as _clipped_grad
+from accounting.journal import RunJournal, key_digest
+from accounting.plan import BudgetExhaustedError, PrivacyPlan
+from dpfl import _rng, ftrl, noise, sampling
+from dpfl.clipping import clipped_grad as make_clipped_grad
+from dpfl.data import UserDataset
+from dpfl.federated import clipped_user_updates, shard_users
+
+PRIVACY_UNITS = ("example", "user")
+SAMPLING_UNITS = ("user", "example")
+CLIP_METHODS = ("auto", "materialize", "reweight")
+DEFAULT_KEEP = 3
 
 
-@dataclasses.dataclass
-class PrivateTraining:
-  """What ``make_private`` returns. Attributes are read by the training loop.
+class PrivateState(NamedTuple):
+  """The whole state of a private run, as one pytree (jit, shard and checkpoint it).
 
   Attributes:
-    clipped_grad: ``(params, batch, mask=...) -> (clipped_sum, aux)``; the sum
-      of per-unit gradients clipped to ``l2_clip_norm`` (see
-      ``dpfl.clipped_grad``).
-    optimizer: ``optax.chain(gaussian_noise(...), user_optimizer)``; feed it
-      the clipped sum, it adds N(0, (σC)²) and divides by the expected batch
-      size before the user's optimizer sees it.
-    sampler: the batch sampler (``PoissonSampler`` or ``ShuffledSampler``).
-    ledger: ``accounting.Ledger`` of the steps drawn so far.
-    noise_multiplier: σ (given, or calibrated for the target).
-    l2_clip_norm: C.
-    delta: the δ at which ``epsilon()`` reports.
-    num_steps: the planned number of steps (what a target ε was calibrated for).
-    accountant: ``"pld"`` or ``"rdp"``.
-    ftrl: DP-FTRL only: the ``dpfl.ftrl.FtrlPlan`` (strategy ``C``, its
-      participation and accounting); None for DP-SGD.
+    params: the model parameters.
+    opt_state: the optimizer state: ``(noise state, your optimizer's state)``;
+      the noise state holds the noise key and, for DP-FTRL, the MF buffers.
+    sampler_seed: ``uint32[4]``, the seed of the run's batch sampling (with
+      ``step`` it fixes every batch: a cyclic order survives a restart).
+    step: int32 scalar, the number of steps taken.
   """
 
+  params: Any
+  opt_state: Any
+  sampler_seed: jax.Array
+  step: jax.Array
+
+
+def _recorded(transform: optax.GradientTransformation,
+              on_release: Callable[[Any], Any]) -> optax.GradientTransformation:
+  """``transform`` whose update first calls ``on_release(count)`` on the host.
+
+  The callback is ordered and the noise key depends on its result (XOR with
+  the zero it returns), so it has run — and the step is in the ledger —
+  before any noise of the step exists.
+  """
+
+  def update_fn(updates, state, params=None):
+    token = io_callback(on_release, jax.ShapeDtypeStruct((), jnp.uint32), state.count,
+                        ordered=True)
+    state = state._replace(key=jnp.bitwise_xor(jnp.asarray(state.key), token))
+    return transform.update(updates, state, params)
+
+  return optax.GradientTransformation(transform.init, update_fn)
+
+
+@dataclasses.dataclass(eq=False)
+class PrivateTraining:
+  """A planned private run (what ``make_private`` returns).
+
+  Attributes:
+    plan: the ``accounting.plan.PrivacyPlan`` (σ, sampling, clipping, noise,
+      accountant, δ, target ε, planned steps).
+    clipped_grad: ``(params, batch, mask=...) -> (clipped_sum, aux)``: per-unit
+      gradients (or ULS local-step updates) clipped to C and summed.
+    optimizer: ``optax.chain(noise, your_optimizer)``; the noise step adds the
+      plan's noise to the clipped sum and divides by the expected batch size.
+    sampler: the ``dpfl.sampling.Sampler`` of the plan.
+    journal: the write-ahead ``accounting.journal.RunJournal``.
+    ftrl: DP-FTRL only: the ``dpfl.ftrl.FtrlPlan`` (strategy ``C``).
+    mesh: user level: the mesh batches are sharded over, or None.
+  """
+
+  plan: PrivacyPlan
   clipped_grad: Callable[..., Any]
   optimizer: optax.GradientTransformation
   sampler: Any
-  ledger: accounting.Ledger
-  noise_multiplier: float
-  l2_clip_norm: float
-  delta: float
-  num_steps: int
-  accountant: str = "pld"
+  journal: RunJournal
+  noise_transform: optax.GradientTransformation
   ftrl: Any = None
+  mesh: Any = None
+  _last_release: int = -1
+  _pending: int = 0
+  _managers: dict = dataclasses.field(default_factory=dict)
 
-  def _mechanism(self, num_steps: int) -> accounting.Mechanism:
-    source = self.sampler if self.ftrl is None else self.ftrl
-    return source.mechanism(noise_multiplier=self.noise_multiplier, num_steps=num_steps)
+  # --- the plan's numbers -------------------------------------------------------
+
+  @property
+  def noise_multiplier(self) -> float:
+    return self.plan.noise_multiplier
+
+  @property
+  def l2_clip_norm(self) -> float:
+    return self.plan.l2_clip_norm
+
+  @property
+  def delta(self) -> float:
+    return self.plan.delta
+
+  @property
+  def num_steps(self) -> int:
+    """The planned steps (what a target ε was calibrated for)."""
+    return self.plan.num_steps
+
+  @property
+  def accountant(self) -> str:
+    return self.plan.accountant
+
+  @property
+  def privacy_unit(self) -> str:
+    return self.plan.privacy_unit
+
+  @property
+  def sampling_unit(self) -> str:
+    return self.plan.sampling.unit
+
+  @property
+  def examples_per_user(self) -> int | None:
+    return self.plan.sampling.examples_per_user
+
+  @property
+  def local_steps(self) -> int | None:
+    return self.plan.local_steps
+
+  @property
+  def ledger(self) -> accounting.Ledger:
+    """The ledger: earlier runs' entries and this run's recorded steps (a copy)."""
+    return self.journal.ledger
+
+  @property
+  def steps_done(self) -> int:
+    """Steps recorded so far (released, or about to be)."""
+    return self.journal.steps
 
   @property
   def mechanism(self) -> accounting.Mechanism:
-    """The planned run (``num_steps`` steps) as an accounting description."""
-    return self._mechanism(self.num_steps)
+    """The planned run (all ``num_steps`` steps) as an accounting description."""
+    return self.plan.mechanism()
 
   def planned_epsilon(self) -> float:
-    """ε after all ``num_steps`` planned steps."""
-    return accounting.epsilon(self.mechanism, delta=self.delta, accountant=self.accountant)
+    """ε after all planned steps (composed after any earlier ledger entries)."""
+    return self.journal.epsilon(self.plan.num_steps)
 
   def epsilon(self, delta: float | None = None) -> float:
-    """ε spent so far (from the ledger) at ``delta`` (default: the run's δ)."""
-    return self.ledger.epsilon(delta=self.delta if delta is None else delta,
-                               accountant=self.accountant)
+    """ε spent so far: every step recorded (write-ahead), at ``delta`` (default: the plan's)."""
+    return self.journal.epsilon(delta=delta)
 
-  def record_step(self) -> None:
-    """Records one released step in the ledger (``batches`` does this for you)."""
-    self.ledger.record(self._mechanism(1))
+  def extend(self, num_steps: int) -> None:
+    """Allows ``num_steps`` steps past the plan (recorded; with a target, checked against it)."""
+    self.journal.extend(num_steps)
 
-  def batches(self, dataset: Any, num_steps: int | None = None) -> Iterator[tuple[Any, Any]]:
-    """Yields ``(batch, mask)`` with static shapes for ``num_steps`` steps.
+  # --- write-ahead accounting -----------------------------------------------------
 
-    Each draw is recorded in the ledger when it is handed out (before the
-    step uses it), so ``epsilon()`` never lags behind what was released.
-    ``dataset`` is a pytree of arrays with a leading example axis, or any
-    indexable sequence of examples (``dpfl.sampling.gather``).
-    """
-    planned = self.sampler.dataset_size
-    size = sampling.num_examples(dataset)
-    if size != planned:
-      raise ValueError(f"dataset has {size} examples but the run was planned (and is accounted) "
-                       f"for dataset_size={planned}; pass the dataset the sampling rate was "
-                       "computed for, or make_private again with its size")
-    steps = self.num_steps if num_steps is None else check.positive_int("num_steps", num_steps)
-    for _ in range(steps):
-      draw = self.sampler()
-      self.record_step()
-      yield sampling.gather(dataset, draw.indices, draw.mask), draw.mask
+  def _on_release(self, count) -> np.ndarray:
+    count = int(count)
+    if count <= self._last_release:
+      raise ValueError(
+          f"this noise state is at step {count + 1}, but this run already released noise "
+          f"for step {self._last_release + 1}: an earlier state is being stepped again, "
+          "which would release its noise twice. Continue from the latest state (or "
+          "private.restore a checkpoint)")
+    if self._pending:
+      self._pending -= 1
+    else:
+      self.journal.record_step()
+    self._last_release = count
+    return np.zeros((), np.uint32)
 
-  def init(self, params) -> optax.OptState:
-    return self.optimizer.init(params)
+  def _check_next_step(self) -> None:
+    if not self._pending:
+      self.journal.check_step(1)
 
-  def reseed(self, opt_state: optax.OptState, *, key: Any = None) -> optax.OptState:
-    """Fresh noise keys for an optimizer state restored from a checkpoint.
+  # --- the state --------------------------------------------------------------------
 
-    Call it on every resume (with the saved ledger passed to
-    ``make_private(ledger=...)``): a restored key would replay noise that a
-    crashed run may already have released. See ``dpfl.noise.reseed``.
-    """
-    return noise.reseed(opt_state, key=key)
+  def init(self, params) -> PrivateState:
+    """The ``PrivateState`` at step 0 (fresh noise keys unless ``make_private(key=...)``)."""
+    if self.journal.steps:
+      raise ValueError(
+          f"this run has already recorded {self.journal.steps} steps; continue from its "
+          "latest state, or private.restore(directory, params) after a restart")
+    state = PrivateState(params=params, opt_state=self.optimizer.init(params),
+                         sampler_seed=jnp.asarray(self.sampler.seed, jnp.uint32),
+                         step=jnp.zeros((), jnp.int32))
+    if self.journal.directory is not None:
+      # The step-0 checkpoint: a crash before the first save can then resume
+      # (correlated noise needs the state its released steps started from).
+      self.save(self.journal.directory, state)
+    return state
 
   def make_step(self, *, jit: bool = True, donate: bool = False) -> Callable[..., Any]:
-    """A ready train step: ``(params, opt_state, batch, mask) -> (params, opt_state, aux)``.
+    """A train step ``(state, batch, mask) -> (state, aux)``.
+
+    The step is recorded before its noise is drawn, and refused
+    (``BudgetExhaustedError``) if the budget does not cover it.
 
     Args:
       jit: compile the step with ``jax.jit``.
-      donate: donate ``params`` and ``opt_state`` to the step (``jit`` only):
-        their memory is reused for the new ones, so the arrays passed in are
-        deleted; use the returned ones (the usual
-        ``params, opt_state, aux = step(params, opt_state, ...)`` loop does).
-        Recommended for DP-FTRL: its noise state holds model-sized buffers
-        (4 for a 4-buffer BLT), and without donation every step allocates
-        them afresh (on a 2-core CPU, 10M parameters: ~2.8x slower noise).
+      donate: donate the state to the step (``jit`` only): its memory is reused
+        for the new one (use the returned state). Recommended for DP-FTRL,
+        whose noise state holds model-sized buffers.
     """
-    def step(params, opt_state, batch, mask):
-      grads, aux = self.clipped_grad(params, batch, mask=mask)
-      updates, opt_state = self.optimizer.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state, aux
-    if not jit:
-      if donate:
-        raise ValueError("donate=True needs jit=True (donation is a jax.jit feature)")
-      return step
-    return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+    def step(state: PrivateState, batch, mask):
+      grads, aux = self.clipped_grad(state.params, batch, mask=mask)
+      updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      return PrivateState(params=params, opt_state=opt_state, sampler_seed=state.sampler_seed,
+                          step=state.step + 1), aux
+
+    if not jit and donate:
+      raise ValueError("donate=True needs jit=True (donation is a jax.jit feature)")
+    run = jax.jit(step, donate_argnums=(0,) if donate else ()) if jit else step
+    explicit = self.mesh is not None and jax.sharding.AxisType.Explicit in self.mesh.axis_types
+
+    def checked(state, batch, mask):
+      self._check_next_step()
+      if explicit:
+        with jax.set_mesh(self.mesh):
+          return run(state, batch, mask)
+      return run(state, batch, mask)
+
+    return checked
+
+  def _check_dataset(self, dataset) -> Any:
+    """The dataset's gatherable form, after checking it is the one the run was planned for."""
+    planned = self.plan.sampling.population_size
+    if self.plan.privacy_unit == "example":
+      size = sampling.num_examples(dataset)
+      if size != planned:
+        raise ValueError(f"dataset has {size} examples but the run was planned (and is "
+                         f"accounted) for dataset_size={planned}; pass the dataset the "
+                         "sampling rate was computed for, or make_private again with its size")
+      return None
+    if not isinstance(dataset, UserDataset):
+      raise ValueError(f"dataset must be a dpfl.data.UserDataset, got {type(dataset).__name__}")
+    k = self.plan.sampling.examples_per_user
+    if k is not None and dataset.examples_per_user > k:
+      raise ValueError(f"dataset caps users at {dataset.examples_per_user} examples, above "
+                       f"examples_per_user={k} that the privacy guarantee assumes")
+    unit = self.plan.sampling.unit
+    size = dataset.num_users if unit == "user" else dataset.num_examples
+    if size != planned:
+      what = "num_users" if unit == "user" else "num_examples"
+      raise ValueError(f"dataset.{what} ({size}) must equal dataset_size ({planned}) the run "
+                       "was planned for")
+    return dataset.examples()[0] if unit == "example" else None
+
+  def _gather(self, dataset, flat, draw) -> tuple[Any, Any]:
+    if self.plan.privacy_unit == "example":
+      out = sampling.gather(dataset, draw.indices, draw.mask), draw.mask
+    elif flat is None:
+      out = dataset.gather_users(draw.indices, draw.mask)
+    else:
+      out = sampling.gather(flat, draw.indices, draw.mask), draw.mask
+    return out if self.mesh is None else shard_users(out, self.mesh)
+
+  def batches(self, dataset: Any, state: PrivateState | None = None,
+              num_steps: int | None = None) -> Iterator[tuple[Any, Any]]:
+    """Yields ``(batch, mask)`` for the steps that remain, each recorded before it is used.
+
+    Args:
+      dataset: example level: a pytree of arrays with a leading example axis,
+        or an indexable sequence of examples (``dpfl.sampling.gather``). User
+        level: the ``dpfl.UserDataset`` (ULS batches ``[U, k, ...]`` with mask
+        ``[U, k]``; ELS ``[B, ...]`` with mask ``[B]``).
+      state: the ``PrivateState`` to continue (its seed and step fix the
+        batches). None: the sampler of this object, from the steps recorded
+        (the ``(params, opt_state)`` loop).
+      num_steps: how many batches (default: every step the budget has left).
+        Asking for more than remain raises ``BudgetExhaustedError`` when the
+        budget runs out, before that batch is handed out.
+
+    Raises:
+      BudgetExhaustedError: no step remains (e.g. iterating a finished run
+        again), raised at the first ``next``.
+    """
+    flat = self._check_dataset(dataset)
+    requested = None if num_steps is None else check.positive_int("num_steps", num_steps)
+    if state is None:
+      seed, position = self.sampler.seed, self.journal.steps
+    else:
+      seed = np.asarray(jax.device_get(state.sampler_seed), np.uint32)
+      position = int(jax.device_get(state.step))
+    handed = 0
+    while requested is None or handed < requested:
+      if requested is None and handed and self.journal.remaining == 0:
+        return
+      self.journal.record_step()  # BudgetExhaustedError past the budget: nothing handed out
+      self._pending += 1
+      draw = self.sampler.draw(seed, position)
+      position += 1
+      handed += 1
+      yield self._gather(dataset, flat, draw)
+
+  # --- checkpoints ----------------------------------------------------------------------
+
+  def _manager(self, directory: str, keep: int | None = None):
+    import orbax.checkpoint as ocp  # deferred: only checkpointing needs it
+    key = os.path.abspath(directory)
+    if key not in self._managers or (keep is not None and self._managers[key][1] != keep):
+      options = ocp.CheckpointManagerOptions(
+          max_to_keep=keep or DEFAULT_KEEP, enable_async_checkpointing=False,
+          cleanup_tmp_directories=True)
+      self._managers[key] = (ocp.CheckpointManager(key, options=options), keep)
+    return self._managers[key][0]
+
+  def save(self, directory: str | os.PathLike, state: PrivateState, *,
+           keep: int = DEFAULT_KEEP) -> None:
+    """Writes an atomic checkpoint of ``state`` (orbax) next to the run's plan and ledger.
+
+    The first ``save`` attaches the run's journal to ``directory``: from then
+    on every step is written to ``directory/ledger.json`` before its noise
+    is drawn (give ``make_private(checkpoint_dir=...)`` to do so from the
+    first step). Keeps the last ``keep`` checkpoints.
+    """
+    import orbax.checkpoint as ocp
+    directory = os.fspath(directory)
+    keep = check.positive_int("keep", keep)
+    if self.journal.directory is None:
+      self.journal.attach(directory)
+    elif os.path.abspath(self.journal.directory) != os.path.abspath(directory):
+      raise ValueError(f"directory: this run's ledger is kept in {self.journal.directory!r}; "
+                       f"save its checkpoints there, not in {directory!r}")
+    step = int(jax.device_get(state.step))
+    if step > self.journal.steps:
+      raise ValueError(f"state is at step {step} but the run recorded only "
+                       f"{self.journal.steps}: not a state of this run")
+    manager = self._manager(directory, keep)
+    if step in manager.all_steps():
+      return
+    manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    manager.wait_until_finished()
+
+  def restore(self, directory: str | os.PathLike, params, *, key: Any = None) -> PrivateState:
+    """The latest ``PrivateState`` saved in ``directory``, ready to continue the run.
+
+    The checkpoint must be of this plan (same configuration, hence the same
+    σ): another plan is refused with the first field that differs. The
+    returned state continues the *same* run: steps recorded after the last
+    checkpoint (released, or about to be, before a crash) count as done —
+    the state skips past them, rolling the MF noise buffers over them so the
+    run stays one matrix mechanism — and the remaining steps are the planned
+    ones minus those done. The noise key is fresh OS entropy, never a saved
+    one; ``key`` (an int or ``jax.random.key``) replaces it instead, for tests
+    that replay a run, and is refused if this run used it before.
+
+    Args:
+      directory: the checkpoint directory (``save``'s).
+      params: parameters with the shapes of the saved ones (e.g. the model's
+        initial parameters): the template the checkpoint is read into.
+      key: None (OS entropy), or an explicit noise key (see above).
+    """
+    import orbax.checkpoint as ocp
+    directory = os.fspath(directory)
+    journal = RunJournal.load(directory)
+    if journal.plan != self.plan:
+      raise ValueError(f"directory {directory!r} holds a checkpoint of a different plan: "
+                       f"{_plan_difference(journal.plan, self.plan)}; restore it with the "
+                       "make_private arguments it was made with")
+    manager = self._manager(directory)
+    latest = manager.latest_step()
+    seed = jnp.asarray(self.sampler.seed, jnp.uint32)
+    template = jax.eval_shape(
+        lambda p: PrivateState(params=p, opt_state=self.optimizer.init(p), sampler_seed=seed,
+                               step=jnp.zeros((), jnp.int32)), params)
+    if latest is None:
+      # No checkpoint yet: correlated noise cannot be continued without the
+      # state its released steps left behind (``init`` saves one at step 0
+      # when ``checkpoint_dir`` is given, so this needs a run without it).
+      if journal.steps and self.ftrl is not None:
+        raise ValueError(
+            f"directory {directory!r} has no checkpoint but its ledger records "
+            f"{journal.steps} DP-FTRL steps: their noise buffers are lost, so the run cannot "
+            "continue as one matrix mechanism. Plan a new run (pass "
+            "ledger=accounting.Ledger.load(<directory>/ledger.json) to compose it after "
+            "these steps)")
+      state = PrivateState(params=params, opt_state=self.optimizer.init(params),
+                           sampler_seed=seed, step=jnp.zeros((), jnp.int32))
+    else:
+      state = manager.restore(latest, args=ocp.args.StandardRestore(template))
+    saved = int(jax.device_get(state.step))
+    if saved > journal.steps:
+      raise ValueError(f"checkpoint {latest} in {directory!r} is ahead of its ledger "
+                       f"({journal.steps} steps): the ledger was not written ahead")
+    noise_state = self._roll_forward(state.opt_state[0], state.params, journal.steps - saved)
+    if key is None:
+      new_key = _rng.fresh_key_data(like=noise_state.key)
+    else:
+      new_key = jnp.asarray(_rng.key_data(key), jnp.uint32).reshape(noise_state.key.shape)
+      journal.note_resume_key(key_digest(np.asarray(new_key).ravel()))
+    opt_state = (noise_state._replace(key=new_key),) + tuple(state.opt_state[1:])
+    self.journal = journal
+    self._last_release = journal.steps - 1
+    self._pending = 0
+    self.sampler.position = journal.steps
+    return PrivateState(params=state.params, opt_state=opt_state,
+                        sampler_seed=state.sampler_seed,
+                        step=jnp.asarray(journal.steps, jnp.int32))
+
+  def _roll_forward(self, noise_state, params, num_steps: int):
+    """The noise state ``num_steps`` steps on: the noise drawn, never released.
+
+    Independent noise has nothing to roll (only the count moves); correlated
+    noise replays the steps' draws from the saved key so its buffers are
+    those the released steps left behind.
+    """
+    if num_steps <= 0:
+      return noise_state
+    if self.ftrl is None:
+      return noise_state._replace(count=noise_state.count + num_steps)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    advance = jax.jit(lambda s: self.noise_transform.update(zeros, s)[1])
+    for _ in range(num_steps):
+      noise_state = advance(noise_state)
+    return noise_state
+
+  # --- the (params, opt_state) loop -----------------------------------------------------
+
+  def reseed(self, opt_state: optax.OptState, *, key: Any = None) -> optax.OptState:
+    """Fresh noise keys for an optimizer state restored by your own checkpointing.
+
+    ``save`` / ``restore`` do this for you. See ``dpfl.noise.reseed``.
+    """
+    return noise.reseed(opt_state, key=key)
 
 
-def check_run(*, delta: Any, accountant: Any, noise_multiplier: Any, target_epsilon: Any,
-              num_steps: Any, epochs: Any, ledger: Any, privacy_unit: str) -> tuple:
-  """The checks ``make_private`` and ``make_private_user_level`` share.
+def _plan_difference(saved: PrivacyPlan, new: PrivacyPlan) -> str:
+  a, b = saved.to_dict(), new.to_dict()
+  for name in a:
+    if a[name] != b.get(name):
+      if isinstance(a[name], dict) and isinstance(b.get(name), dict):
+        for sub in a[name]:
+          if a[name][sub] != b[name].get(sub):
+            return f"{name}.{sub} is {a[name][sub]!r} in the checkpoint, {b[name].get(sub)!r} now"
+      return f"{name} is {a[name]!r} in the checkpoint, {b.get(name)!r} now"
+  return "they differ"
 
-  Returns ``(delta, noise_multiplier, target_epsilon, num_steps)`` as plain
-  numbers (the ones not given stay None). Each bound is the one in
-  ``accounting.validate``: ``num_steps`` is at most ``MAX_STEPS`` (longer
-  runs cannot be accounted within memory) and ``target_epsilon`` at most
-  ``MAX_TARGET_EPSILON``. A ``ledger`` to extend must record the same privacy
-  unit, and under ``accountant="rdp"`` hold no PLD-only steps: either would
-  otherwise fail only at the first ``epsilon()``.
-  """
-  if (noise_multiplier is None) == (target_epsilon is None):
-    raise ValueError("give exactly one of noise_multiplier and target_epsilon, got "
-                     f"noise_multiplier={noise_multiplier!r}, target_epsilon={target_epsilon!r}")
-  if (num_steps is None) == (epochs is None):
-    raise ValueError(f"give exactly one of num_steps and epochs, got num_steps={num_steps!r}, "
-                     f"epochs={epochs!r}")
-  check.choice("accountant", accountant, accounting.accountants.ACCOUNTANTS)
-  delta = check.open_unit("delta", delta)
-  if noise_multiplier is not None:
-    noise_multiplier = check.noise_multiplier("noise_multiplier", noise_multiplier)
-  else:
-    target_epsilon = check.target_epsilon("target_epsilon", target_epsilon)
-  if num_steps is not None:
-    num_steps = check.num_steps("num_steps", num_steps)
-  else:
-    check.positive("epochs", epochs)
-  if ledger is not None:
-    if not isinstance(ledger, accounting.Ledger):
-      raise ValueError(f"ledger must be an accounting.Ledger, got {type(ledger).__name__}")
-    ledger.check_compatible(privacy_unit=privacy_unit, accountant=accountant)
-  return delta, noise_multiplier, target_epsilon, num_steps
+
+# --- the one assembler -------------------------------------------------------------------
+
+
+def _sampling_scheme(sampling_scheme, *, privacy_unit: str, sampling_unit: str,
+                     strategy) -> str:
+  """The sampler family the arguments ask for (one decision for every entry point)."""
+  if privacy_unit == "user":
+    if strategy is not None:
+      if sampling_unit != "user":
+        raise ValueError("strategy (DP-FTRL) needs sampling_unit='user' (federated DP-FTRL "
+                         "over users); ELS samples examples, which its accounting does not "
+                         "cover")
+      if sampling_scheme not in (None, "cyclic"):
+        raise ValueError(f"sampling_scheme must be 'cyclic' for user-level DP-FTRL, got "
+                         f"{sampling_scheme!r}")
+      return "cyclic"
+    if sampling_scheme not in (None, "poisson"):
+      raise ValueError(f"sampling_scheme must be 'poisson' for user-level DP-SGD, got "
+                       f"{sampling_scheme!r} ('cyclic' needs a strategy); user-level training "
+                       "Poisson-samples users (ULS) or examples (ELS)")
+    return "poisson"
+  if strategy is None:
+    if sampling_scheme not in (None, "poisson", "shuffle"):
+      raise ValueError(f"sampling_scheme must be 'poisson' or 'shuffle' for DP-SGD, got "
+                       f"{sampling_scheme!r} ('cyclic' needs a strategy, e.g. 'identity')")
+    return sampling_scheme or "poisson"
+  if sampling_scheme not in (None, "cyclic", "poisson"):
+    raise ValueError(f"sampling_scheme must be 'cyclic' or 'poisson' with a strategy "
+                     f"(DP-FTRL), got {sampling_scheme!r} (a reshuffle per epoch would break "
+                     "the participation pattern its sensitivity assumes)")
+  return "cyclic_poisson" if sampling_scheme == "poisson" else "cyclic"
+
+
+def _build_sampler(scheme: str, *, privacy_unit: str, sampling_unit: str, dataset_size: int,
+                   batch_size: int, num_steps: int, max_batch_size, accountant: str,
+                   examples_per_user, multiple_of: int, seed, strategy, strategy_options):
+  if scheme == "cyclic":
+    if max_batch_size is not None:
+      raise ValueError("max_batch_size applies to Poisson sampling only (cyclic batches "
+                       "have the fixed batch_size)")
+    return sampling.CyclicSampler(dataset_size, batch_size=batch_size,
+                                  multiple_of=multiple_of, seed=seed)
+  if scheme == "cyclic_poisson":
+    bands = ftrl.amplified_bands(strategy, strategy_options, num_steps)
+    group = dataset_size // bands
+    if bands > dataset_size or not batch_size <= group:
+      raise ValueError(f"batch_size must be in [1, dataset_size // bands = {group}] for "
+                       f"amplified banded MF ({bands} bands), got {batch_size!r}")
+    return sampling.CyclicPoissonSampler(dataset_size, num_groups=bands,
+                                         sampling_prob=batch_size / group,
+                                         max_batch_size=max_batch_size, seed=seed)
+  if scheme == "shuffle":
+    if max_batch_size is not None:
+      raise ValueError("max_batch_size applies to sampling_scheme='poisson' only")
+    return sampling.ShuffledSampler(dataset_size, batch_size=batch_size, seed=seed)
+  q = batch_size / dataset_size
+  if privacy_unit == "example":
+    # dp-accounting's RDP back end has no event for truncated Poisson sampling,
+    # and untruncated-Poisson ε is not an upper bound for truncated batches; so
+    # under RDP a rare oversized draw gets a longer padded shape instead.
+    return sampling.PoissonSampler(dataset_size, sampling_prob=q, max_batch_size=max_batch_size,
+                                   truncate=accountant == "pld", seed=seed)
+  if sampling_unit == "user":
+    return sampling.UserSampler(dataset_size, sampling_prob=q, max_batch_size=max_batch_size,
+                                multiple_of=multiple_of, seed=seed)
+  return sampling.ElsSampler(dataset_size, sampling_prob=q, examples_per_user=examples_per_user,
+                             max_batch_size=max_batch_size, multiple_of=multiple_of, seed=seed)
+
+
+def _sampling_plan(sampler, *, batch_size: int, examples_per_user) -> planning.SamplingPlan:
+  fields = {f.name for f in dataclasses.fields(planning.SamplingPlan)}
+  described = {k: v for k, v in sampler.describe().items() if k in fields}
+  described.setdefault("batch_size", batch_size)
+  if examples_per_user is not None:
+    described["examples_per_user"] = examples_per_user
+  return planning.SamplingPlan(**described)
+
+
+def _user_dataset_size(dataset, *, sampling_unit: str, dataset_size, examples_per_user):
+  """(dataset_size, examples_per_user) of a user-level run, from the dataset if given."""
+  if examples_per_user is not None:
+    examples_per_user = check.positive_int("examples_per_user", examples_per_user)
+  if dataset is None:
+    return dataset_size, examples_per_user
+  if not isinstance(dataset, UserDataset):
+    raise ValueError(f"dataset must be a dpfl.data.UserDataset, got {type(dataset).__name__}")
+  size = dataset.num_users if sampling_unit == "user" else dataset.num_examples
+  if dataset_size is not None and check.positive_int("dataset_size", dataset_size) != size:
+    raise ValueError(f"dataset_size ({dataset_size!r}) disagrees with the dataset ({size} "
+                     f"{sampling_unit}s); give one of them")
+  if examples_per_user is None:
+    examples_per_user = dataset.examples_per_user
+  elif dataset.examples_per_user > examples_per_user:
+    # ELS accounts for the cap k: a dataset with more examples per user would
+    # be under-accounted.
+    raise ValueError(f"examples_per_user must be >= the dataset's cap "
+                     f"({dataset.examples_per_user}) that the privacy guarantee has to "
+                     f"cover, got {examples_per_user}")
+  return size, examples_per_user
 
 
 def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransformation, *,
@@ -189,181 +599,188 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
                  local_learning_rate: float | None = None,
                  local_optimizer: optax.GradientTransformation | None = None,
                  local_batch_size: int | None = None, mesh: Any = None,
-                 strategy: Any = None, strategy_options: dict | None = None) -> PrivateTraining:
-  """Makes a loss and an optax optimizer into example-level DP-SGD (or DP-FTRL).
-
-  With ``privacy_unit="user"`` it makes user-level DP training instead and
-  returns ``dpfl.user_level.make_private_user_level(...)``'s result: pass
-  ``sampling_unit="user"`` (ULS, the default) or ``"example"`` (ELS),
-  ``examples_per_user``, optionally ``dataset`` (a ``dpfl.data.UserDataset``),
-  ``local_steps`` / ``local_learning_rate`` (DP-FedAvg) and ``mesh``; see
-  that function for every user-level option.
+                 strategy: Any = None, strategy_options: dict | None = None,
+                 clip_method: str = "auto",
+                 checkpoint_dir: str | os.PathLike | None = None) -> PrivateTraining:
+  """Makes a loss and an optax optimizer into a private run: DP-SGD, ELS, ULS or DP-FTRL.
 
   Args:
     loss_fn: ``loss_fn(params, batch)``, the mean loss over a batch whose
       leaves have a leading example axis (``(loss, aux)`` with ``has_aux``).
-    optimizer: any optax optimizer; it receives the noisy mean gradient.
-    l2_clip_norm: C, the per-example clip norm.
-    dataset_size: N, the number of examples (user level: of sampling units).
-    batch_size: the expected batch size; Poisson rate q = batch_size / N (or
-      the fixed batch size for ``sampling_scheme="shuffle"``).
+    optimizer: any optax optimizer; it receives the noisy mean gradient (ULS
+      with local steps: the noisy mean pseudo-gradient θ − θ_u, so
+      ``optax.sgd(1.0)`` is FedAvg).
+    l2_clip_norm: C, per sampling unit (example; user for ULS).
+    batch_size: the expected batch (Poisson: q = batch_size / N), or the
+      fixed batch (``"shuffle"``, cyclic).
     delta: δ for reporting and calibration.
-    num_steps / epochs: the length of the run (give one); epochs become
-      ceil(epochs * N / batch_size) steps (cyclic DP-FTRL: ceil(epochs * (N //
-      batch_size)), whole passes over its fixed batches).
-    noise_multiplier / target_epsilon: give σ, or a target ε to calibrate σ
-      for (through ``accounting.calibrate_noise_multiplier``, never above it).
-    sampling_scheme: ``"poisson"`` (amplified; padded to ``max_batch_size``
-      with truncation accounted; the default for DP-SGD), ``"shuffle"``
-      (fixed batches, no amplification claimed) or, with a ``strategy``,
-      ``"cyclic"`` (its default: one fixed order repeated every epoch) or
-      ``"poisson"`` (banded strategies: amplified banded MF, cyclic Poisson
-      sampling over ``bands`` groups, q = batch_size / (N // bands)).
-    max_batch_size: static batch shape for Poisson sampling (default: a size
-      exceeded with probability <= 1e-9 per step). A larger draw is truncated
-      (accounted: ``TruncatedPoissonDpSgd``) under ``accountant="pld"``, and
-      padded to the next multiple of it (one more compilation; exact Poisson,
-      ``PoissonDpSgd``) under ``"rdp"``, which cannot account truncation.
-    has_aux, microbatch_size: passed to ``dpfl.clipped_grad``.
-    accountant: ``"pld"`` or ``"rdp"`` (see ``max_batch_size``; a ``ledger``
-      with truncated-Poisson steps needs ``"pld"``).
-    key: noise PRNG key (default: OS entropy; an int keeps all its bits, see
-      ``dpfl.noise.gaussian_noise``). seed: sampler seed (default: OS entropy).
-    ledger: an existing ledger to extend (e.g. one loaded to resume a run).
-    privacy_unit: ``"example"`` (DP-SGD) or ``"user"`` (see above).
-    sampling_unit, examples_per_user, dataset, local_steps,
-      local_learning_rate, local_optimizer, local_batch_size, mesh: the
-      user-level options (``privacy_unit="user"`` only).
-    strategy: None (DP-SGD: independent noise) or DP-FTRL's matrix
-      factorization: a name from ``dpfl.ftrl.STRATEGIES`` (``"identity"``,
-      ``"tree"``, ``"sqrt"``, ``"banded"``, ``"blt"``, ``"dense"``; built or
-      optimized for the run's participation) or a ``dpfl.mf`` strategy
-      object. See ``dpfl.ftrl`` for how sampling, noise and accounting match.
-    strategy_options: with a named strategy: ``buffers`` (blt, default 4),
-      ``bands`` (banded, default min(16, steps per epoch)), ``objective``
-      (``"mean"``, the default for every strategy in training, or ``"max"``)
-      and ``momentum`` (optimize for the momentum workload of heavy-ball
-      ``beta``: pair it with ``optax.sgd(lr, momentum=beta)``; default 0,
-      prefix sums).
+    dataset_size: N, the number of sampling units (examples; users for ULS;
+      kept examples for ELS). User level: or give ``dataset``.
+    num_steps / epochs: the run's length (exactly one); epochs become
+      ceil(epochs * N / batch_size) steps (shuffle and cyclic: whole passes
+      of N // batch_size batches).
+    noise_multiplier / target_epsilon: σ, or a target ε to calibrate σ for
+      over all the planned steps (``accounting.calibrate_noise_multiplier``;
+      never above the target). With a target no step past it is ever run.
+    sampling_scheme: example level: ``"poisson"`` (default for DP-SGD:
+      amplified, padded to ``max_batch_size``, truncation accounted under
+      ``"pld"``), ``"shuffle"`` (fixed batches, no amplification claimed);
+      with a ``strategy``: ``"cyclic"`` (default: one fixed order repeated
+      every epoch) or ``"poisson"`` (banded: amplified banded MF). User level:
+      ``"poisson"`` (ULS / ELS), ``"cyclic"`` (with a strategy).
+    max_batch_size: static batch length for Poisson sampling (default: a size
+      exceeded with probability <= 1e-9 per step, 1e-4 at user level).
+    has_aux, microbatch_size: as for ``dpfl.clipped_grad``.
+    accountant: ``"pld"`` or ``"rdp"`` (ELS and truncated Poisson: PLD only).
+    key: noise PRNG key (default: OS entropy; an int keeps all its bits).
+    seed: sampling seed (default: OS entropy; an int keeps up to 128 bits).
+    ledger: an earlier ledger this run extends (its entries are composed
+      before this run's; calibration covers the whole).
+    privacy_unit: ``"example"`` or ``"user"``.
+    sampling_unit: user level: ``"user"`` (ULS, default) or ``"example"`` (ELS).
+    examples_per_user: the cap k (ELS: required, ε depends on it; ULS: a check).
+    dataset: user level: the ``dpfl.UserDataset`` (fixes ``dataset_size``).
+    local_steps, local_learning_rate, local_optimizer, local_batch_size: ULS
+      with local steps (DP-FedAvg): see ``dpfl.federated.clipped_user_updates``.
+    mesh: user level: a mesh whose first axis batches are sharded over.
+    strategy, strategy_options: DP-FTRL's matrix factorization (a name from
+      ``dpfl.ftrl.STRATEGIES`` or a ``dpfl.mf`` strategy) and its options
+      (``buffers``, ``bands``, ``objective``, ``momentum``); see ``dpfl.ftrl``.
+    clip_method: the clipping back-end (``"auto"``, ``"materialize"``,
+      ``"reweight"``); see ``dpfl.clipped_grad``'s ``method``.
+    checkpoint_dir: keep the run's ledger in this directory from the first
+      step (write-ahead, durable); ``save`` / ``restore`` use it.
 
   Returns:
-    A ``PrivateTraining`` (a ``dpfl.user_level.UserLevelPrivateTraining``
-    for ``privacy_unit="user"``).
+    A ``PrivateTraining``.
 
   Formal guarantee: each step releases the clipped sum (sensitivity C per
-  example) plus N(0, (σC)²I), on a batch drawn by the returned sampler;
-  ``epsilon()`` is the ε of the steps drawn so far for add/remove-one-example
-  neighbours, computed by ``accounting`` from the ledger. DP-FTRL: the steps
-  release ``G + σ C sens(C) C^{-1} Z``, a post-processing of one Gaussian
-  mechanism ``C G + σ C sens(C) Z`` (``accounting.MatrixMechanism``; or
-  amplified banded MF, ``accounting.AmplifiedBandedMatrixMechanism``).
+  sampling unit; ELS: J·C with J ~ Binomial(k, q) of a user's examples) plus
+  the plan's Gaussian noise, on a batch drawn by the plan's sampler;
+  ``epsilon()`` is the ε of the steps recorded so far for add/remove-one
+  neighbours of the privacy unit, computed by ``accounting`` from
+  ``plan.mechanism`` — the number ``dpfl epsilon`` prints for the same plan.
+  DP-FTRL releases ``G + σ C sens(C) C^{-1} Z``, post-processing of one
+  Gaussian mechanism (``accounting.MatrixMechanism``; amplified banded:
+  ``accounting.AmplifiedBandedMatrixMechanism``).
   """
+  check.choice("privacy_unit", privacy_unit, PRIVACY_UNITS)
+  check.choice("clip_method", clip_method, CLIP_METHODS)
   if strategy is not None:
     ftrl.check_strategy(strategy)
     strategy_options = ftrl.check_options(strategy_options)
   elif strategy_options is not None:
     raise ValueError("strategy_options apply with a strategy (DP-FTRL) only")
-  if privacy_unit == "user":
-    if sampling_scheme not in (None, "poisson") and strategy is None:
-      raise ValueError("sampling_scheme applies to privacy_unit='example' only; user-level "
-                       "training Poisson-samples users (ULS) or examples (ELS)")
-    from dpfl import user_level  # deferred: user_level imports this module
-    return user_level.make_private_user_level(
-        loss_fn, optimizer, l2_clip_norm=l2_clip_norm, dataset_size=dataset_size,
-        batch_size=batch_size, delta=delta, num_steps=num_steps, epochs=epochs,
-        noise_multiplier=noise_multiplier, target_epsilon=target_epsilon,
-        max_batch_size=max_batch_size, has_aux=has_aux, microbatch_size=microbatch_size,
-        accountant=accountant, key=key, seed=seed, ledger=ledger,
-        sampling_unit="user" if sampling_unit is None else sampling_unit,
-        examples_per_user=examples_per_user, dataset=dataset, local_steps=local_steps,
-        local_learning_rate=local_learning_rate, local_optimizer=local_optimizer,
-        local_batch_size=local_batch_size, mesh=mesh, strategy=strategy,
-        strategy_options=strategy_options, sampling_scheme=sampling_scheme)
-  if privacy_unit != "example":
-    raise ValueError(f"privacy_unit must be 'example' or 'user', got {privacy_unit!r}")
-  user_only = dict(examples_per_user=examples_per_user, dataset=dataset,
-                   local_steps=local_steps, local_learning_rate=local_learning_rate,
-                   local_optimizer=local_optimizer, local_batch_size=local_batch_size,
-                   mesh=mesh)
-  given = sorted(name for name, value in user_only.items() if value is not None)
-  if given:
-    raise ValueError(f"{', '.join(given)} apply to privacy_unit='user' only (user-level DP)")
-  if sampling_unit not in (None, "example"):
-    raise ValueError(f"sampling_unit={sampling_unit!r} needs privacy_unit='user' (ULS); "
-                     "example-level DP samples examples")
-  if sampling_scheme is None:
-    sampling_scheme = "poisson" if strategy is None else "cyclic"
-  if strategy is None and sampling_scheme not in ("poisson", "shuffle"):
-    raise ValueError(f"sampling_scheme must be 'poisson' or 'shuffle' for DP-SGD, got "
-                     f"{sampling_scheme!r} ('cyclic' needs a strategy, e.g. 'identity')")
-  if strategy is not None and sampling_scheme not in ("cyclic", "poisson"):
-    raise ValueError(f"sampling_scheme must be 'cyclic' or 'poisson' with a strategy "
-                     f"(DP-FTRL), got {sampling_scheme!r} (a reshuffle per epoch would break "
-                     "the participation pattern its sensitivity assumes)")
-  delta, noise_multiplier, target_epsilon, num_steps = check_run(
-      delta=delta, accountant=accountant, noise_multiplier=noise_multiplier,
-      target_epsilon=target_epsilon, num_steps=num_steps, epochs=epochs, ledger=ledger,
-      privacy_unit="example")
-  dataset_size = check.positive_int("dataset_size", dataset_size)
-  batch_size = check.integer("batch_size", batch_size, low=1, high=dataset_size)
-  if epochs is not None:
-    # An epoch of shuffled fixed-size batches is N // B batches (the sampler
-    # drops the remainder); counting ceil(N / B) would account steps never run.
-    _, num_steps = accounting.sampling_from_epochs(
-        dataset_size=dataset_size, batch_size=batch_size, epochs=epochs,
-        scheme="shuffle" if sampling_scheme == "shuffle" else "poisson")
-    num_steps = check.num_steps(f"num_steps (from epochs={epochs!r})", num_steps)
-  plan = None
-  if strategy is not None:
-    if sampling_scheme == "cyclic":
-      if max_batch_size is not None:
-        raise ValueError("max_batch_size applies to Poisson sampling only (cyclic batches "
-                         "have the fixed batch_size)")
-      sampler = cyclic_sampling.CyclicSampler(dataset_size, batch_size=batch_size, seed=seed)
-      if epochs is not None:  # passes over the cyclic order: b = N // B steps each
-        num_steps = check.num_steps(f"num_steps (from epochs={epochs!r})",
-                                    ftrl.cyclic_steps(epochs, sampler.steps_per_epoch))
-    else:
-      bands = ftrl.amplified_bands(strategy, strategy_options, num_steps)
-      group = dataset_size // bands
-      if bands > dataset_size or not batch_size <= group:
-        raise ValueError(f"batch_size must be in [1, dataset_size // bands = {group}] for "
-                         f"amplified banded MF ({bands} bands), got {batch_size!r}")
-      sampler = cyclic_sampling.CyclicPoissonSampler(dataset_size, num_groups=bands,
-                                              sampling_prob=batch_size / group,
-                                              max_batch_size=max_batch_size, seed=seed)
-    plan = ftrl.plan(strategy, strategy_options, sampler=sampler, num_steps=num_steps,
-                     privacy_unit="example")
-  elif sampling_scheme == "poisson":
-    # dp-accounting's RDP back end has no event for truncated Poisson sampling,
-    # and untruncated-Poisson ε is not an upper bound for truncated batches; so
-    # under RDP a rare oversized draw gets a longer padded shape instead.
-    sampler = sampling.PoissonSampler(dataset_size, sampling_prob=batch_size / dataset_size,
-                                      max_batch_size=max_batch_size,
-                                      truncate=accountant == "pld", seed=seed)
+  local = dict(local_learning_rate=local_learning_rate, local_optimizer=local_optimizer,
+               local_batch_size=local_batch_size)
+  if privacy_unit == "example":
+    user_only = dict(examples_per_user=examples_per_user, dataset=dataset,
+                     local_steps=local_steps, mesh=mesh, **local)
+    given = sorted(name for name, value in user_only.items() if value is not None)
+    if given:
+      raise ValueError(f"{', '.join(given)} apply to privacy_unit='user' only (user-level DP)")
+    if sampling_unit not in (None, "example"):
+      raise ValueError(f"sampling_unit={sampling_unit!r} needs privacy_unit='user' (ULS); "
+                       "example-level DP samples examples")
+    sampling_unit = "example"
   else:
-    if max_batch_size is not None:
-      raise ValueError("max_batch_size applies to sampling_scheme='poisson' only")
-    sampler = sampling.ShuffledSampler(dataset_size, batch_size=batch_size, seed=seed)
+    sampling_unit = "user" if sampling_unit is None else sampling_unit
+    check.choice("sampling_unit", sampling_unit, SAMPLING_UNITS)
+    dataset_size, examples_per_user = _user_dataset_size(
+        dataset, sampling_unit=sampling_unit, dataset_size=dataset_size,
+        examples_per_user=examples_per_user)
+    if sampling_unit == "example":
+      if local_steps is not None or any(v is not None for v in local.values()):
+        raise ValueError("local_steps / local_learning_rate / local_optimizer / "
+                         "local_batch_size apply to ULS (sampling_unit='user') only")
+      if examples_per_user is None:
+        raise ValueError("examples_per_user (the cap k) is required for ELS "
+                         "(sampling_unit='example'): its user-level ε depends on k")
+    elif local_steps is None and any(v is not None for v in local.values()):
+      raise ValueError("local_learning_rate / local_optimizer / local_batch_size need "
+                       "local_steps >= 1")
+  scheme = _sampling_scheme(sampling_scheme, privacy_unit=privacy_unit,
+                            sampling_unit=sampling_unit, strategy=strategy)
+  if ledger is not None:
+    if not isinstance(ledger, accounting.Ledger):
+      raise ValueError(f"ledger must be an accounting.Ledger, got {type(ledger).__name__}")
+    ledger.check_compatible(privacy_unit=privacy_unit, accountant=accountant)
+  check.choice("accountant", accountant, accounting.accountants.ACCOUNTANTS)
+  what = "examples" if sampling_unit == "example" else "users"
+  dataset_size = check.positive_int(
+      "dataset_size" if privacy_unit == "example" else f"dataset_size (the number of {what})",
+      dataset_size)
+  batch_size = check.integer("batch_size", batch_size, low=1, high=dataset_size)
+  # The run's length, from epochs of the scheme (cyclic Poisson passes like Poisson).
+  length_scheme = {"cyclic_poisson": "poisson", "truncated_poisson": "poisson"}.get(scheme,
+                                                                                   scheme)
+  provisional = planning.SamplingPlan(scheme=length_scheme, unit=sampling_unit,
+                                      population_size=dataset_size, batch_size=batch_size,
+                                      sampling_prob=batch_size / dataset_size)
+  if (noise_multiplier is None) == (target_epsilon is None):
+    raise ValueError("give exactly one of noise_multiplier and target_epsilon, got "
+                     f"noise_multiplier={noise_multiplier!r}, target_epsilon={target_epsilon!r}")
+  num_steps = planning.run_length(provisional, num_steps=num_steps, epochs=epochs)
+  multiple_of = 1 if mesh is None else int(mesh.shape[mesh.axis_names[0]])
+  sampler = _build_sampler(scheme, privacy_unit=privacy_unit, sampling_unit=sampling_unit,
+                           dataset_size=dataset_size, batch_size=batch_size,
+                           num_steps=num_steps, max_batch_size=max_batch_size,
+                           accountant=accountant, examples_per_user=examples_per_user,
+                           multiple_of=multiple_of, seed=sampling.sampler_seed(seed),
+                           strategy=strategy, strategy_options=strategy_options)
+  sampling_plan = _sampling_plan(sampler, batch_size=batch_size,
+                                 examples_per_user=examples_per_user)
+  mf = None
+  if strategy is not None:
+    mf = ftrl.plan(strategy, strategy_options, sampling=sampling_plan, num_steps=num_steps)
+  plan = planning.plan_run(
+      privacy_unit=privacy_unit, sampling=sampling_plan, l2_clip_norm=l2_clip_norm,
+      delta=delta, num_steps=num_steps, noise_multiplier=noise_multiplier,
+      target_epsilon=target_epsilon, noise=None if mf is None else mf.noise,
+      accountant=accountant, clip_method=clip_method,
+      local_steps=local_steps if sampling_unit == "user" and privacy_unit == "user" else None,
+      prior=() if ledger is None else ledger.entries)
+  if privacy_unit == "user" and sampling_unit == "user" and local_steps is not None:
+    grad_fn = clipped_user_updates(
+        loss_fn, l2_clip_norm=l2_clip_norm, local_steps=local_steps,
+        local_learning_rate=local_learning_rate, local_optimizer=local_optimizer,
+        local_batch_size=local_batch_size, has_aux=has_aux, microbatch_size=microbatch_size,
+        method=clip_method)
+  else:
+    grad_fn = make_clipped_grad(loss_fn, l2_clip_norm=l2_clip_norm, has_aux=has_aux,
+                                unit=sampling_unit, microbatch_size=microbatch_size,
+                                method=clip_method)
+  noise_args = dict(noise_multiplier=plan.noise_multiplier, l2_clip_norm=plan.l2_clip_norm,
+                    expected_batch_size=sampler.expected_batch_size, key=key)
+  transform = (noise.gaussian_noise(**noise_args) if mf is None
+               else mf.noise_transform(**noise_args))
+  journal = RunJournal(plan, prior=() if ledger is None else ledger.entries)
+  if key is not None:
+    journal.used_keys.append(key_digest(np.asarray(_rng.key_data(key)).ravel()))
+  private = PrivateTraining(plan=plan, clipped_grad=grad_fn, optimizer=optimizer,
+                            sampler=sampler, journal=journal, noise_transform=transform,
+                            ftrl=mf, mesh=mesh)
+  private.optimizer = optax.chain(_recorded(transform, private._on_release), optimizer)
+  if checkpoint_dir is not None:
+    journal.attach(checkpoint_dir)
+  return private
 
-  describe = sampler.mechanism if plan is None else plan.mechanism
-  if target_epsilon is not None:
-    calibration = accounting.calibrate_noise_multiplier(
-        lambda s: describe(noise_multiplier=s, num_steps=num_steps),
-        target_epsilon=target_epsilon, delta=delta, accountant=accountant)
-    noise_multiplier = calibration.value
-  # Validate σ and the step count the way the accountant will, before any step runs.
-  describe(noise_multiplier=noise_multiplier, num_steps=num_steps)
-  grad_fn = _clipped_grad(loss_fn, l2_clip_norm=l2_clip_norm, has_aux=has_aux,
-                          microbatch_size=microbatch_size)
-  noisy = ftrl.make_noise(plan, noise_multiplier=noise_multiplier, l2_clip_norm=l2_clip_norm,
-                          expected_batch_size=sampler.expected_batch_size, key=key)
-  return PrivateTraining(clipped_grad=grad_fn, optimizer=optax.chain(noisy, optimizer),
-                         sampler=sampler, ledger=accounting.Ledger() if ledger is None else ledger,
-                         noise_multiplier=float(noise_multiplier),
-                         l2_clip_norm=grad_fn.l2_clip_norm, delta=delta,
-                         num_steps=int(num_steps), accountant=accountant, ftrl=plan)
+
+def make_private_user_level(loss_fn: Callable[..., Any],
+                            optimizer: optax.GradientTransformation, *,
+                            sampling_unit: str = "user", **kwargs) -> PrivateTraining:
+  """``make_private(..., privacy_unit="user")``: user-level DP (ULS or ELS).
+
+  The same assembler and the same arguments as ``make_private``; kept as the
+  name the user-level documentation uses.
+  """
+  if "privacy_unit" in kwargs and kwargs.pop("privacy_unit") != "user":
+    raise ValueError("make_private_user_level makes user-level runs (privacy_unit='user')")
+  return make_private(loss_fn, optimizer, privacy_unit="user", sampling_unit=sampling_unit,
+                      **kwargs)
 
 
 # The same entry point under the name the literature uses.
 dp_sgd = make_private
+# One class for every privacy unit; the user-level name stays for readers.
+UserLevelPrivateTraining = PrivateTraining
