@@ -26,6 +26,7 @@ import optax
 import accounting
 from accounting import validate as check
 from dpfl import cyclic_sampling, ftrl, noise, sampling
+from dpfl.clipping import METHODS
 from dpfl.clipping import clipped_grad as _clipped_grad
 
 
@@ -189,7 +190,8 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
                  local_learning_rate: float | None = None,
                  local_optimizer: optax.GradientTransformation | None = None,
                  local_batch_size: int | None = None, mesh: Any = None,
-                 strategy: Any = None, strategy_options: dict | None = None) -> PrivateTraining:
+                 strategy: Any = None, strategy_options: dict | None = None,
+                 clip_method: str = "auto") -> PrivateTraining:
   """Makes a loss and an optax optimizer into example-level DP-SGD (or DP-FTRL).
 
   With ``privacy_unit="user"`` it makes user-level DP training instead and
@@ -245,6 +247,9 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
       and ``momentum`` (optimize for the momentum workload of heavy-ball
       ``beta``: pair it with ``optax.sgd(lr, momentum=beta)``; default 0,
       prefix sums).
+    clip_method: how the clipped sum is computed, passed to
+      ``dpfl.clipped_grad(method=...)`` (or ``clipped_user_updates``):
+      ``"auto"``, ``"materialize"`` or ``"reweight"`` (``dpfl.clip_methods``).
 
   Returns:
     A ``PrivateTraining`` (a ``dpfl.user_level.UserLevelPrivateTraining``
@@ -258,6 +263,7 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
   mechanism ``C G + σ C sens(C) Z`` (``accounting.MatrixMechanism``; or
   amplified banded MF, ``accounting.AmplifiedBandedMatrixMechanism``).
   """
+  check.choice("clip_method", clip_method, METHODS)
   if strategy is not None:
     ftrl.check_strategy(strategy)
     strategy_options = ftrl.check_options(strategy_options)
@@ -278,7 +284,8 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
         examples_per_user=examples_per_user, dataset=dataset, local_steps=local_steps,
         local_learning_rate=local_learning_rate, local_optimizer=local_optimizer,
         local_batch_size=local_batch_size, mesh=mesh, strategy=strategy,
-        strategy_options=strategy_options, sampling_scheme=sampling_scheme)
+        strategy_options=strategy_options, sampling_scheme=sampling_scheme,
+        clip_method=clip_method)
   if privacy_unit != "example":
     raise ValueError(f"privacy_unit must be 'example' or 'user', got {privacy_unit!r}")
   user_only = dict(examples_per_user=examples_per_user, dataset=dataset,
@@ -355,7 +362,7 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
   # Validate σ and the step count the way the accountant will, before any step runs.
   describe(noise_multiplier=noise_multiplier, num_steps=num_steps)
   grad_fn = _clipped_grad(loss_fn, l2_clip_norm=l2_clip_norm, has_aux=has_aux,
-                          microbatch_size=microbatch_size)
+                          microbatch_size=microbatch_size, method=clip_method)
   noisy = ftrl.make_noise(plan, noise_multiplier=noise_multiplier, l2_clip_norm=l2_clip_norm,
                           expected_batch_size=sampler.expected_batch_size, key=key)
   return PrivateTraining(clipped_grad=grad_fn, optimizer=optax.chain(noisy, optimizer),

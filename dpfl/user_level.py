@@ -38,6 +38,7 @@ import optax
 import accounting
 from accounting import validate as check
 from dpfl import cyclic_sampling, ftrl, sampling
+from dpfl.clipping import METHODS
 from dpfl.clipping import clipped_grad as _clipped_grad
 from dpfl.data import UserDataset
 from dpfl.federated import clipped_user_updates, shard_users
@@ -130,7 +131,7 @@ def make_private_user_level(
     accountant: str = "pld", key: Any = None, seed: Any = None,
     ledger: accounting.Ledger | None = None, strategy: Any = None,
     strategy_options: dict | None = None,
-    sampling_scheme: str | None = None) -> UserLevelPrivateTraining:
+    sampling_scheme: str | None = None, clip_method: str = "auto") -> UserLevelPrivateTraining:
   """Makes a loss and an optax optimizer into user-level DP training (ELS or ULS).
 
   Args:
@@ -180,6 +181,9 @@ def make_private_user_level(
       ``accounting.UserMatrixMechanism``.
     sampling_scheme: None or ``"poisson"`` (ULS / ELS), ``"cyclic"``
       (with a strategy; its default).
+    clip_method: ``"auto"``, ``"materialize"`` or ``"reweight"``, passed to
+      ``dpfl.clipped_grad(method=...)`` / ``clipped_user_updates(method=...)``
+      (local steps: ``"reweight"`` does not apply, a ``ValueError``).
 
   Returns:
     A ``UserLevelPrivateTraining``.
@@ -195,6 +199,7 @@ def make_private_user_level(
   if sampling_unit not in SAMPLING_UNITS:
     raise ValueError(f"sampling_unit must be one of {SAMPLING_UNITS} (ULS or ELS), got "
                      f"{sampling_unit!r}")
+  check.choice("clip_method", clip_method, METHODS)
   if strategy is not None:
     ftrl.check_strategy(strategy)
     strategy_options = ftrl.check_options(strategy_options)
@@ -285,10 +290,12 @@ def make_private_user_level(
     grad_fn = clipped_user_updates(
         loss_fn, l2_clip_norm=l2_clip_norm, local_steps=local_steps,
         local_learning_rate=local_learning_rate, local_optimizer=local_optimizer,
-        local_batch_size=local_batch_size, has_aux=has_aux, microbatch_size=microbatch_size)
+        local_batch_size=local_batch_size, has_aux=has_aux, microbatch_size=microbatch_size,
+        method=clip_method)
   else:
     grad_fn = _clipped_grad(loss_fn, l2_clip_norm=l2_clip_norm, has_aux=has_aux,
-                            unit=sampling_unit, microbatch_size=microbatch_size)
+                            unit=sampling_unit, microbatch_size=microbatch_size,
+                            method=clip_method)
   noisy = ftrl.make_noise(plan, noise_multiplier=noise_multiplier, l2_clip_norm=l2_clip_norm,
                           expected_batch_size=sampler.expected_batch_size, key=key)
   return UserLevelPrivateTraining(
