@@ -5,7 +5,7 @@ d_model 256, sequence 64, batch 64) this times, jit-compiled and after
 warm-up:
 
 * ``plain``: ``jax.grad`` of the mean loss over the batch (the baseline);
-* ``dpfl``: ``dpfl.clipping.clipped_grad`` (default ``strategy="auto"``);
+* ``dpfl``: ``dpfl.clipping.clipped_grad`` (default ``method="auto"``);
 * ``jax_privacy``: ``jax_privacy.clipping.clipped_grad`` when importable.
 
 The three are timed in interleaved rounds (plain, dpfl, jax-privacy, plain,
@@ -22,7 +22,7 @@ both models. The clipped step processes per-example gradients in
 cache-sized chunks, so its footprint is bounded even without
 microbatching.
 
-Usage: ``python benchmarks/clipping.py [--rounds N] [--json] [--all-strategies]``.
+Usage: ``python benchmarks/clipping.py [--rounds N] [--json] [--all-methods]``.
 With ``--json`` the last stdout line is one JSON object
 ``{"mlp": {"dpfl": r, "jax_privacy": r|null}, "transformer": {...},
 "memory": {...}, "details": {...}}``.
@@ -46,8 +46,8 @@ import jax
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
-from dpfl import _clip_strategies  # noqa: E402
-from dpfl.clipping import _unit_loss, clipped_grad  # noqa: E402
+from dpfl.clip_methods import choose_method  # noqa: E402
+from dpfl.clipping import clipped_grad, per_unit_loss  # noqa: E402
 
 sys.path.append(_HERE)
 from _models import make_mlp, make_transformer  # noqa: E402
@@ -71,14 +71,14 @@ def _time_once(fn: Callable[..., Any], *args) -> float:
   return time.perf_counter() - start
 
 
-def _bench_model(name: str, rounds: int, all_strategies: bool) -> dict:
+def _bench_model(name: str, rounds: int, all_methods: bool) -> dict:
   params, batch, loss_fn = MODELS[name]()
   steps = {"plain": jax.jit(jax.grad(loss_fn))}
   steps["dpfl"] = jax.jit(clipped_grad(loss_fn, l2_clip_norm=L2_CLIP_NORM))
-  if all_strategies:
-    for strategy in ("materialize", "reweight"):
-      steps[f"dpfl[{strategy}]"] = jax.jit(
-          clipped_grad(loss_fn, l2_clip_norm=L2_CLIP_NORM, strategy=strategy)
+  if all_methods:
+    for method in ("materialize", "reweight"):
+      steps[f"dpfl[{method}]"] = jax.jit(
+          clipped_grad(loss_fn, l2_clip_norm=L2_CLIP_NORM, method=method)
       )
   if jp_clipping is not None:
     steps["jax_privacy"] = jax.jit(
@@ -107,14 +107,14 @@ def _bench_model(name: str, rounds: int, all_strategies: bool) -> dict:
       for key in steps
       if key != "plain"
   }
-  one_unit = jax.tree.map(lambda x: x[0], (batch, None))
-  chosen = _clip_strategies.choose_strategy(
-      _unit_loss(loss_fn, False, "example"), params, one_unit
+  chosen = choose_method(
+      per_unit_loss(loss_fn, unit="example"), params,
+      jax.tree.map(lambda x: x[0], batch), jax.numpy.ones((), bool)
   )
   return {
       "median_ms": {k: 1e3 * statistics.median(v) for k, v in times.items()},
       "ratio": ratios,
-      "auto_strategy": chosen,
+      "auto_method": chosen,
   }
 
 
@@ -145,9 +145,9 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--rounds", type=int, default=7, help="timed rounds (>= 5)")
   parser.add_argument("--json", action="store_true", help="print a JSON line last")
   parser.add_argument(
-      "--all-strategies",
+      "--all-methods",
       action="store_true",
-      help="also time each dpfl strategy explicitly",
+      help="also time each dpfl clipping method explicitly",
   )
   args = parser.parse_args(argv)
   if args.rounds < 5:
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
         f" jax-privacy {'found' if jp_clipping else 'not installed'};"
         f" C={L2_CLIP_NORM}, {args.rounds} interleaved rounds")
   results = {
-      name: _bench_model(name, args.rounds, args.all_strategies)
+      name: _bench_model(name, args.rounds, args.all_methods)
       for name in MODELS
   }
 
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
   print("-" * len(header))
   for name, res in results.items():
     for key, ms in res["median_ms"].items():
-      label = key if key != "dpfl" else f"dpfl (auto={res['auto_strategy']})"
+      label = key if key != "dpfl" else f"dpfl (auto={res['auto_method']})"
       ratio = 1.0 if key == "plain" else res["ratio"][key]
       print(f"{name:<12} {label:<22} {ms:>10.2f} {ratio:>14.2f}x")
 
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     out["details"] = {
         name: {
             "median_ms": {k: round(v, 3) for k, v in res["median_ms"].items()},
-            "auto_strategy": res["auto_strategy"],
+            "auto_method": res["auto_method"],
         }
         for name, res in results.items()
     }

@@ -1,9 +1,15 @@
-"""Per-example and per-user clipped gradient sums.
+"""Per-example and per-user clipped sums: the one clipping path.
 
 ``clipped_grad`` transforms a loss the way ``jax.grad`` does, but returns the
 sum over units of privacy (examples, or users) of each unit's gradient clipped
 to a global L2 norm: the quantity DP-SGD adds Gaussian noise to. The clip norm
 it enforces is the L2 sensitivity that the noise and accounting layers use.
+
+``clipped_sum`` is the same path for any per-unit update: ``clipped_grad`` is
+``clipped_sum`` of the gradient of each unit's loss, and DP-FedAvg
+(``dpfl.federated.clipped_user_updates``) is ``clipped_sum`` of each user's
+θ − θ_u after local steps. Masks, NaN safety, microbatching, statistics and
+the choice of method (``dpfl.clip_methods``) live here, once.
 """
 
 from __future__ import annotations
@@ -17,13 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from accounting import validate as check
-from dpfl import _clip_strategies as _strategies
+from dpfl import clip_methods
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree], Any]
 
 UNITS = ("example", "user")
-STRATEGIES = _strategies.STRATEGIES
+METHODS = clip_methods.METHODS
 
 
 class ClippedGradAux(NamedTuple):
@@ -33,8 +39,8 @@ class ClippedGradAux(NamedTuple):
   not covered by the clipped sum's guarantee.
 
   Attributes:
-    grad_norms: ``[units]`` float32 L2 norm of each unit's gradient before
-      clipping (``[users]`` for ``unit="user"``); 0 for masked units, and
+    grad_norms: ``[units]`` float32 L2 norm of each unit's gradient (or
+      update, for :func:`clipped_sum` of a ``unit_update``) before clipping (``[users]`` for ``unit="user"``); 0 for masked units, and
       ``inf``/``nan`` for non-finite units.
     values: ``[units]`` float32 loss of each unit (an example's loss, or a
       user's mean loss over their unmasked examples); 0 for masked units.
@@ -66,23 +72,20 @@ class ClippedGradFn:
 
   Call it as ``fn(params, batch, mask=None) -> (clipped_sum, aux)``.
   ``l2_clip_norm`` is the L2 sensitivity of ``clipped_sum`` under adding or
-  removing one ``unit`` (replacing one unit: twice that).
+  removing one ``unit`` (replacing one unit: twice that). ``method`` is the
+  clipping method asked for (``"auto"`` resolves per call, from the
+  parameters' shapes and dtypes).
   """
 
   fun: Callable[..., tuple[PyTree, ClippedGradAux]]
   l2_clip_norm: float
   unit: str
+  method: str = "auto"
 
   def __call__(
       self, params: PyTree, batch: PyTree, *, mask: jax.Array | None = None
   ) -> tuple[PyTree, ClippedGradAux]:
     return self.fun(params, batch, mask=mask)
-
-
-def _check_l2_clip_norm(l2_clip_norm: Any) -> float:
-  # The clip norm is the mechanism's sensitivity: it must be a concrete number
-  # here (a tracer is refused), checked as everywhere else in the project.
-  return check.positive("l2_clip_norm", l2_clip_norm)
 
 
 def _check_microbatch_size(microbatch_size: Any) -> int | None:
@@ -127,7 +130,8 @@ def _check_mask(mask: Any, shape: tuple[int, ...], unit: str) -> jax.Array:
 def _example_loss(loss_fn: LossFn, has_aux: bool):
   """loss_fn on one example, with its batch axis of size 1 put back."""
 
-  def fn(params, example):
+  def fn(params, example, example_mask):
+    del example_mask  # a masked example's result is dropped by the caller
     out = loss_fn(params, jax.tree.map(lambda x: jnp.expand_dims(x, 0), example))
     if not has_aux:
       return out, None
@@ -141,25 +145,176 @@ def _example_loss(loss_fn: LossFn, has_aux: bool):
   return fn
 
 
-def _unit_loss(loss_fn: LossFn, has_aux: bool, unit: str):
-  """unit_loss(params, (data, inner_mask)) -> (scalar loss, aux)."""
+def per_unit_loss(loss_fn: LossFn, *, unit: str, has_aux: bool = False):
+  """``loss_fn`` as a function of one unit of privacy.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch)``, a mean loss over a batch with a
+      leading example axis (``(loss, aux)`` with ``has_aux``).
+    unit: ``"example"`` or ``"user"``.
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+
+  Returns:
+    ``unit_loss(params, unit_batch, unit_mask) -> (loss, aux)`` (aux None
+    without ``has_aux``). ``unit="example"``: ``unit_batch`` is one example
+    (leaves without the example axis) and ``unit_mask`` a scalar that is
+    ignored; the loss is ``loss_fn`` on a batch of that one example.
+    ``unit="user"``: ``unit_batch`` leaves are ``[examples_per_user, ...]``,
+    ``unit_mask`` is ``[examples_per_user]`` bool, and the loss is the mean of
+    ``loss_fn`` over the user's unmasked examples (0 for none). Padded slots'
+    data never enters the computation, so garbage (NaN) in them cannot leak
+    into a gradient.
+  """
+  check.choice("unit", unit, UNITS)
   example_loss = _example_loss(loss_fn, has_aux)
   if unit == "example":
-    return lambda params, u: example_loss(params, u[0])
+    return example_loss
 
-  def user_loss(params, u):
-    data, mask = u
+  def user_loss(params, data, mask):
     # Padded slots are recomputed on the user's first real example and then
     # dropped by a select: their own (possibly garbage, NaN-producing) data
     # never enters the computation, so 0 * NaN cannot poison the gradient.
     index = jnp.where(mask, jnp.arange(mask.shape[0]), jnp.argmax(mask))
     data = jax.tree.map(lambda x: x[index], data)
-    losses, aux = jax.vmap(example_loss, (None, 0))(params, data)
+    losses, aux = jax.vmap(example_loss, (None, 0, 0))(params, data, mask)
     count = jnp.sum(mask)
     total = jnp.sum(jnp.where(mask, losses, jnp.zeros_like(losses)))
     return total / jnp.maximum(count, 1).astype(total.dtype), aux
 
   return user_loss
+
+
+def clipped_sum(
+    *,
+    l2_clip_norm: float,
+    unit: str = "example",
+    unit_loss: Callable[..., Any] | None = None,
+    unit_update: Callable[..., Any] | None = None,
+    method: str = "auto",
+    microbatch_size: int | None = None,
+) -> ClippedGradFn:
+  """The sum over units of each unit's update clipped to ``l2_clip_norm``.
+
+  The one clipping path: give exactly one description of a unit's update.
+
+  * ``unit_loss(params, unit_batch, unit_mask) -> (loss, aux)``: the update
+    is the gradient of the unit's loss (``clipped_grad``; build it with
+    :func:`per_unit_loss`). Every method applies.
+  * ``unit_update(params, unit_batch, unit_mask) -> (update, value, aux)``:
+    any per-unit update (a pytree shaped like ``params``), with a scalar
+    ``value`` (e.g. a loss) and an ``aux`` pytree (or None) reported in the
+    statistics; e.g. DP-FedAvg's θ − θ_u after local steps
+    (``dpfl.federated.clipped_user_updates``). Only ``"materialize"``
+    applies, and ``"auto"`` picks it: ``"reweight"`` back-propagates the
+    clip-weighted sum of unit losses, and an update that is not the
+    gradient of a loss has none (``ValueError``).
+
+  ``unit_batch`` / ``unit_mask`` are one unit's slice of ``batch`` / ``mask``:
+  for ``unit="example"`` one example (leaves without the example axis) and
+  its scalar mask entry; for ``unit="user"`` leaves ``[examples_per_user,
+  ...]`` and a ``[examples_per_user]`` mask. A unit function is called under
+  ``vmap`` over units, also for masked units, whose results are dropped.
+
+  Formal guarantee:
+    Every unit's contribution to the sum has L2 norm <= ``l2_clip_norm``.
+    Masked units (all examples masked, for users) and units whose update
+    is not finite contribute exactly zero, and a unit's contribution
+    depends only on that unit's data (as long as the unit function reads
+    only its own unit). Adding or removing one unit therefore changes the
+    sum by at most ``l2_clip_norm`` in L2 norm. ``"materialize"`` scales
+    the very vector whose norm it measured; ``"reweight"`` evaluates the
+    same gradient twice, so its bound holds up to float rounding of the
+    order of 1e-6 relative.
+
+  Args:
+    l2_clip_norm: clip norm C, a finite number > 0.
+    unit: ``"example"`` (batch leaves ``[examples, ...]``) or ``"user"``
+      (``[users, examples_per_user, ...]``).
+    unit_loss / unit_update: the unit's loss or update (give one).
+    method: ``"auto"``, ``"materialize"`` or ``"reweight"`` (see
+      ``dpfl.clip_methods``); all give the same sum where they apply.
+    microbatch_size: ``None`` or units per sequential block, >= 1.
+
+  Returns:
+    A :class:`ClippedGradFn` ``fn(params, batch, mask=None) -> (sum, aux)``,
+    as :func:`clipped_grad`'s.
+
+  Raises:
+    ValueError: a bad argument (named), both or neither of ``unit_loss`` and
+      ``unit_update``, ``method="reweight"`` with a ``unit_update``; when
+      called, as :func:`clipped_grad`.
+  """
+  # The clip norm is the mechanism's sensitivity: it must be a concrete number
+  # here (a tracer is refused), checked as everywhere else in the project.
+  l2_clip_norm = check.positive("l2_clip_norm", l2_clip_norm)
+  check.choice("unit", unit, UNITS)
+  check.choice("method", method, METHODS)
+  microbatch_size = _check_microbatch_size(microbatch_size)
+  if (unit_loss is None) == (unit_update is None):
+    raise ValueError(
+        "give exactly one of unit_loss (the update is its gradient) and"
+        f" unit_update (any update), got unit_loss={unit_loss!r},"
+        f" unit_update={unit_update!r}."
+    )
+  if unit_update is not None and method == "reweight":
+    raise ValueError(
+        "method='reweight' needs a unit_loss: it computes the clipped sum as"
+        " the gradient of the clip-weighted sum of unit losses, and a"
+        " unit_update that is not the gradient of a loss (e.g. θ − θ_u after"
+        " local steps) has none. Use method='materialize' or 'auto' (allowed:"
+        f" {', '.join(METHODS)})."
+    )
+
+  def fun(params, batch, *, mask=None):
+    shape = _batch_shape(batch, unit)
+    mask = _check_mask(mask, shape, unit)
+    units = (batch, mask)
+    included = mask if unit == "example" else jnp.any(mask, axis=1)
+
+    chosen = method
+    if unit_update is not None:
+      chosen = "materialize"
+    elif chosen == "auto":
+      # The choice needs only one unit's shapes and dtypes. Slicing x[0]
+      # would fail on a unit axis sharded over an Explicit mesh (a size-1
+      # slice of a sharded dim is a ShardingTypeError), so describe it.
+      one_batch, one_mask = jax.tree.map(
+          lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], jnp.result_type(x)), units
+      )
+      chosen = clip_methods.choose_method(unit_loss, params, one_batch, one_mask)
+    elif chosen == "reweight" and clip_methods.has_half_precision(params):
+      raise ValueError(
+          "method='reweight' needs float32 or wider parameters (its sum is"
+          " accumulated inside the backward pass, in the parameters' dtype);"
+          " use method='materialize' or 'auto' for half precision."
+      )
+    if chosen == "reweight":
+      total, (norms, values, aux) = clip_methods.reweight(
+          unit_loss, l2_clip_norm, params, units, included, microbatch_size
+      )
+    else:
+      update = unit_update
+      if update is None:
+        update = clip_methods.gradient_update(unit_loss)
+      total, (norms, values, aux) = clip_methods.materialize(
+          update, l2_clip_norm, params, units, included, microbatch_size
+      )
+
+    finite = jnp.isfinite(norms)
+    num_units = jnp.sum(included, dtype=jnp.int32)
+    num_clipped = jnp.sum(included & finite & (norms > l2_clip_norm), dtype=jnp.int32)
+    stats = ClippedGradAux(
+        grad_norms=jnp.where(included, norms, 0.0).astype(jnp.float32),
+        values=jnp.where(included, values.astype(jnp.float32), 0.0),
+        num_units=num_units,
+        num_clipped=num_clipped,
+        fraction_clipped=num_clipped / jnp.maximum(num_units, 1).astype(jnp.float32),
+        num_nonfinite=jnp.sum(included & ~finite, dtype=jnp.int32),
+        aux=aux,
+    )
+    return total, stats
+
+  return ClippedGradFn(fun=fun, l2_clip_norm=l2_clip_norm, unit=unit, method=method)
 
 
 def clipped_grad(
@@ -169,7 +324,7 @@ def clipped_grad(
     has_aux: bool = False,
     unit: str = "example",
     microbatch_size: int | None = None,
-    strategy: str = "auto",
+    method: str = "auto",
 ) -> ClippedGradFn:
   """Transforms a mean loss into a function returning a clipped gradient sum.
 
@@ -200,7 +355,7 @@ def clipped_grad(
     adding or removing one unit changes ``clipped_sum`` by at most
     ``l2_clip_norm`` in L2 norm (replacing one unit: ``2 * l2_clip_norm``),
     which is the sensitivity the noise and accounting layers assume. With
-    ``strategy="reweight"`` the norm and the sum come from two evaluations
+    ``method="reweight"`` the norm and the sum come from two evaluations
     of the same gradient, so the bound holds up to float rounding of the
     order of 1e-6 relative; ``"materialize"`` scales the very vector whose
     norm it measured. The statistics in ``aux`` are not privatized.
@@ -237,12 +392,12 @@ def clipped_grad(
     unit: unit of privacy, ``"example"`` or ``"user"``.
     microbatch_size: ``None`` (all units in one block) or an integer >= 1,
       the number of units (examples or users) per sequential block.
-    strategy: how the clipped sum is computed; all give the same result.
+    method: how the clipped sum is computed; all give the same result.
       ``"materialize"`` forms per-unit gradients (a cache-sized chunk at a
       time); ``"reweight"`` computes per-unit norms, then one backward pass
       of the loss weighted by the clip factors (float32+ parameters only);
       ``"auto"`` (default) picks one from the loss's matmul FLOPs per
-      parameter (see ``dpfl._clip_strategies.choose_strategy``).
+      parameter (see ``dpfl.clip_methods.choose_method``).
 
   Returns:
     A :class:`ClippedGradFn`; calling it as ``fn(params, batch, mask=None)``
@@ -252,7 +407,7 @@ def clipped_grad(
     marks padding, so batches can have a static shape under ``jit``.
 
   Raises:
-    ValueError: ``l2_clip_norm`` not finite or <= 0; ``unit``, ``strategy``
+    ValueError: ``l2_clip_norm`` not finite or <= 0; ``unit``, ``method``
       unknown; ``microbatch_size`` < 1; and, when called, batch leaves
       without common leading unit axes or a ``mask`` of another shape.
 
@@ -262,56 +417,13 @@ def clipped_grad(
     clipped_sum, aux = jax.jit(grad_fn)(params, batch, mask=mask)
     # add N(0, (sigma * 1.0)^2) noise to clipped_sum, divide by batch size
   """
-  l2_clip_norm = _check_l2_clip_norm(l2_clip_norm)
-  if unit not in UNITS:
-    raise ValueError(f"unit must be one of {UNITS}, got {unit!r}.")
-  if strategy not in STRATEGIES:
-    raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}.")
-  microbatch_size = _check_microbatch_size(microbatch_size)
   if not isinstance(has_aux, bool):
     raise ValueError(f"has_aux must be True or False, got {has_aux!r}.")
-  unit_loss = _unit_loss(loss_fn, has_aux, unit)
-
-  def fun(params, batch, *, mask=None):
-    shape = _batch_shape(batch, unit)
-    mask = _check_mask(mask, shape, unit)
-    if unit == "example":
-      units, included = (batch, None), mask
-    else:
-      units, included = (batch, mask), jnp.any(mask, axis=1)
-
-    chosen = strategy
-    if chosen == "auto":
-      # The choice needs only one unit's shapes and dtypes. Slicing x[0]
-      # would fail on a unit axis sharded over an Explicit mesh (a size-1
-      # slice of a sharded dim is a ShardingTypeError), so describe it.
-      one_unit = jax.tree.map(
-          lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], jnp.result_type(x)), units
-      )
-      chosen = _strategies.choose_strategy(unit_loss, params, one_unit)
-    elif chosen == "reweight" and _strategies.has_half_precision(params):
-      raise ValueError(
-          "strategy='reweight' needs float32 or wider parameters (its sum is"
-          " accumulated inside the backward pass, in the parameters' dtype);"
-          " use strategy='materialize' or 'auto' for half precision."
-      )
-    backend = _strategies.BACKENDS[chosen]
-    clipped_sum, (norms, values, aux) = backend(
-        unit_loss, l2_clip_norm, params, units, included, microbatch_size
-    )
-
-    finite = jnp.isfinite(norms)
-    num_units = jnp.sum(included, dtype=jnp.int32)
-    num_clipped = jnp.sum(included & finite & (norms > l2_clip_norm), dtype=jnp.int32)
-    stats = ClippedGradAux(
-        grad_norms=jnp.where(included, norms, 0.0).astype(jnp.float32),
-        values=jnp.where(included, values.astype(jnp.float32), 0.0),
-        num_units=num_units,
-        num_clipped=num_clipped,
-        fraction_clipped=num_clipped / jnp.maximum(num_units, 1).astype(jnp.float32),
-        num_nonfinite=jnp.sum(included & ~finite, dtype=jnp.int32),
-        aux=aux if has_aux else None,
-    )
-    return clipped_sum, stats
-
-  return ClippedGradFn(fun=fun, l2_clip_norm=l2_clip_norm, unit=unit)
+  check.choice("unit", unit, UNITS)
+  return clipped_sum(
+      l2_clip_norm=l2_clip_norm,
+      unit=unit,
+      unit_loss=per_unit_loss(loss_fn, unit=unit, has_aux=has_aux),
+      method=method,
+      microbatch_size=microbatch_size,
+  )

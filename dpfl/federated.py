@@ -22,10 +22,14 @@ pseudo-gradient is exactly ``η · ∇L_u(θ)`` (L_u the user's mean loss), so a
 round clipped at ``η·C`` equals ``η`` times the gradient path
 (``dpfl.clipped_grad(..., unit="user")``) clipped at ``C``.
 
-Step 2 is ``jax.vmap``-ed over the users of a batch (``[users,
-examples_per_user, ...]`` with a ``[users, examples_per_user]`` mask), in
-cache-sized chunks of users run one after another (``lax.scan``), so the
-``[users, params]`` pseudo-gradients of only one chunk are live.
+Steps 3 and 4 are ``dpfl.clipping.clipped_sum``, the clipping path of
+``dpfl.clipped_grad``: a user's local training is one more kind of per-unit
+update to clip and sum, with the same masks, NaN safety, microbatching,
+statistics and clipping methods. Step 2 is ``jax.vmap``-ed over the users of
+a batch (``[users, examples_per_user, ...]`` with a ``[users,
+examples_per_user]`` mask), in cache-sized chunks of users run one after
+another (``lax.scan``), so the ``[users, params]`` pseudo-gradients (and
+per-user parameters and optimizer states) of only one chunk are live.
 
 Sharding over devices. Put the user axis of the batch and mask on a mesh
 (``user_mesh`` / ``shard_users`` here, or your own ``NamedSharding(mesh,
@@ -60,9 +64,8 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from accounting import validate as check
-from dpfl import _clip_strategies as _strategies
-from dpfl.clipping import (ClippedGradAux, ClippedGradFn, _batch_shape, _check_l2_clip_norm,
-                           _check_mask, _check_microbatch_size, _unit_loss)
+from dpfl import clipping
+from dpfl.clip_methods import accumulation_dtype
 
 PyTree = Any
 
@@ -96,7 +99,8 @@ def clipped_user_updates(loss_fn, *, l2_clip_norm: float, local_steps: int,
                          local_learning_rate: float | None = None,
                          local_optimizer: optax.GradientTransformation | None = None,
                          local_batch_size: int | None = None, has_aux: bool = False,
-                         microbatch_size: int | None = None) -> ClippedGradFn:
+                         microbatch_size: int | None = None,
+                         method: str = "auto") -> clipping.ClippedGradFn:
   """The sum over users of each user's clipped pseudo-gradient after local training.
 
   For each user u with unmasked examples, starting from ``params`` (θ):
@@ -130,6 +134,13 @@ def clipped_user_updates(loss_fn, *, l2_clip_norm: float, local_steps: int,
     has_aux: ``loss_fn`` returns ``(loss, aux)``; the aux of the first local
       step is returned in ``ClippedGradAux.aux``.
     microbatch_size: users per sequential block (bounds memory).
+    method: the clipping method (``dpfl.clip_methods``): ``"auto"`` (picks
+      ``"materialize"``) or ``"materialize"``, which clips the very vector
+      θ − θ_u it measured. ``"reweight"`` raises ``ValueError``: it
+      back-propagates a clip-weighted sum of unit losses, and θ − θ_u after
+      local steps is not the gradient of a loss (it is a nonlinear function
+      of the whole local trajectory), so there is no such loss; besides,
+      each user's θ_u exists in memory anyway.
 
   Returns:
     A ``dpfl.clipping.ClippedGradFn`` (``unit="user"``): calling it as
@@ -139,18 +150,22 @@ def clipped_user_updates(loss_fn, *, l2_clip_norm: float, local_steps: int,
     user's loss at the first local step (their mean loss at ``params`` when
     ``local_batch_size`` is None).
   """
-  l2_clip_norm = _check_l2_clip_norm(l2_clip_norm)
+  check.choice("method", method, clipping.METHODS)
+  if method == "reweight":
+    raise ValueError(
+        "method='reweight' does not apply to DP-FedAvg's local-step updates: it computes "
+        "the clipped sum as the gradient of a clip-weighted sum of unit losses, and a "
+        "user's θ − θ_u after local steps is not the gradient of a loss. Use "
+        f"method='materialize' or 'auto' (allowed: {', '.join(clipping.METHODS)}).")
   local_steps = check.positive_int("local_steps", local_steps)
   local_opt = _local_optimizer(local_learning_rate, local_optimizer)
-  microbatch_size = _check_microbatch_size(microbatch_size)
   if local_batch_size is not None:
     local_batch_size = check.positive_int("local_batch_size", local_batch_size)
   if not isinstance(has_aux, bool):
     raise ValueError(f"has_aux must be True or False, got {has_aux!r}")
-  user_loss = _unit_loss(loss_fn, has_aux, "user")  # masked mean over a user's examples
+  user_loss = clipping.per_unit_loss(loss_fn, unit="user", has_aux=has_aux)
 
-  def local_update(params, user):
-    data, mask = user
+  def local_update(params, data, mask):
     # Padded slots take the user's first real example (masked out of the
     # loss), so a local batch of padding only never runs on garbage data
     # whose NaN could leak into the gradient through 0 * NaN.
@@ -164,7 +179,7 @@ def clipped_user_updates(loss_fn, *, l2_clip_norm: float, local_steps: int,
       p, state = carry
       i = t % num_batches
       pick = lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False)
-      (loss, aux), grads = grad_fn(p, (jax.tree.map(pick, batches), pick(masks)))
+      (loss, aux), grads = grad_fn(p, jax.tree.map(pick, batches), pick(masks))
       updates, state = local_opt.update(grads, state, p)
       return (optax.apply_updates(p, updates), state), (loss, aux)
 
@@ -176,54 +191,15 @@ def clipped_user_updates(loss_fn, *, l2_clip_norm: float, local_steps: int,
     start = jax.tree.map(lambda p: jnp.where(batched_false, jnp.zeros_like(p), p), params)
     (final, _), (losses, auxes) = jax.lax.scan(
         step, (start, local_opt.init(start)), jnp.arange(local_steps))
-    acc = lambda a: a.astype(_strategies.accumulation_dtype(a.dtype))
+    # θ − θ_u in float32 or wider: for half-precision parameters the
+    # difference of two nearby values is exact there, not in bf16.
+    acc = lambda a: a.astype(accumulation_dtype(a.dtype))
     pseudo = jax.tree.map(lambda a, b: acc(a) - acc(b), params, final)
     return pseudo, losses[0], jax.tree.map(lambda a: a[0], auxes)
 
-  def block(params, xs):
-    units, included = xs
-    pseudo, values, aux = jax.vmap(local_update, (None, 0))(params, units)
-    norms = _strategies.per_unit_norms(pseudo)
-    weights = _strategies.clip_weights(norms, included, l2_clip_norm)
-    finite = jnp.isfinite(norms)
-
-    def leaf(v):
-      # 0 * NaN is NaN: drop non-finite users by select, not by weight.
-      v = jnp.where(_strategies._expand(finite, v), v, 0.0)
-      return jnp.einsum("b,b...->...", weights.astype(v.dtype), v,
-                        out_sharding=_strategies._unit_sum_sharding(v))
-
-    return jax.tree.map(leaf, pseudo), (norms, values, aux)
-
-  def fun(params, batch, *, mask=None):
-    shape = _batch_shape(batch, "user")
-    mask = _check_mask(mask, shape, "user")
-    if local_batch_size is not None and local_batch_size < shape[1] \
-        and shape[1] % local_batch_size:
-      raise ValueError(f"local_batch_size must divide examples_per_user ({shape[1]}), got "
-                       f"{local_batch_size}")
-    included = jnp.any(mask, axis=1)
-    # Per-user parameter copies (+ local optimizer state) are the big
-    # intermediates: chunk users like per-unit gradients are chunked.
-    size = _strategies.chunk_size(params, shape[0])
-    if microbatch_size is not None:
-      size = min(size, microbatch_size)
-    clipped_sum, (norms, values, aux) = _strategies.map_reduce(
-        lambda xs: block(params, xs), ((batch, mask), included), size,
-        _strategies.zeros_accumulator(params))
-    finite = jnp.isfinite(norms)
-    num_units = jnp.sum(included, dtype=jnp.int32)
-    num_clipped = jnp.sum(included & finite & (norms > l2_clip_norm), dtype=jnp.int32)
-    stats = ClippedGradAux(
-        grad_norms=jnp.where(included, norms, 0.0).astype(jnp.float32),
-        values=jnp.where(included, values.astype(jnp.float32), 0.0),
-        num_units=num_units, num_clipped=num_clipped,
-        fraction_clipped=num_clipped / jnp.maximum(num_units, 1).astype(jnp.float32),
-        num_nonfinite=jnp.sum(included & ~finite, dtype=jnp.int32),
-        aux=aux if has_aux else None)
-    return clipped_sum, stats
-
-  return ClippedGradFn(fun=fun, l2_clip_norm=l2_clip_norm, unit="user")
+  return clipping.clipped_sum(l2_clip_norm=l2_clip_norm, unit="user",
+                              unit_update=local_update, method=method,
+                              microbatch_size=microbatch_size)
 
 
 # --- devices and hosts -----------------------------------------------------------

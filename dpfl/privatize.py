@@ -57,13 +57,13 @@ from accounting import validate as check
 from accounting.journal import RunJournal, key_digest
 from accounting.plan import BudgetExhaustedError, PrivacyPlan
 from dpfl import _rng, ftrl, noise, sampling
+from dpfl.clipping import METHODS as CLIP_METHODS
 from dpfl.clipping import clipped_grad as make_clipped_grad
 from dpfl.data import UserDataset
 from dpfl.federated import clipped_user_updates, shard_users
 
 PRIVACY_UNITS = ("example", "user")
 SAMPLING_UNITS = ("user", "example")
-CLIP_METHODS = ("auto", "materialize", "reweight")
 DEFAULT_KEEP = 3
 
 

@@ -22,10 +22,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.flatten_util import ravel_pytree
 
-from dpfl import _clip_strategies
-from dpfl.clipping import ClippedGradAux, ClippedGradFn, clipped_grad
+from dpfl import clip_methods
+from dpfl.clipping import ClippedGradAux, ClippedGradFn, clipped_grad, clipped_sum, per_unit_loss
 
-STRATEGIES = ["materialize", "reweight", "auto"]
+METHODS = ["materialize", "reweight", "auto"]
 EXPLICIT = ["materialize", "reweight"]
 
 
@@ -137,7 +137,7 @@ def _brute_force_users(params, batch, mask, l2_clip_norm, loss_fn=None):
 # Float32 tolerance of a clipped sum. The references sum float32 per-unit
 # gradients in float64; clipped_grad sums them in float32, vmapped, in an
 # order that also changes with the CPU's vector width and XLA's thread count
-# (and microbatching, strategy, sharding). A float32 sum's error is a few ulps
+# (and microbatching, method, sharding). A float32 sum's error is a few ulps
 # of its *summands*, not of the result: a coordinate that cancels to ~0 keeps
 # the summands' absolute error (2.9e-6 seen on one machine, on terms of ~3).
 # So rtol for the large coordinates, plus the same relative size of the
@@ -161,13 +161,13 @@ CLIP = 10.0
 # Example-level correctness.
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_matches_brute_force(strategy):
+@pytest.mark.parametrize("method", METHODS)
+def test_matches_brute_force(method):
   params, batch = _params(), _batch(8)
   ref = _brute_force(_loss, params, batch, CLIP)
   norms, num_clipped = ref.norms, ref.num_clipped
   assert 0 < num_clipped < 8
-  fn = _jit_clipped(_loss, l2_clip_norm=CLIP, strategy=strategy)
+  fn = _jit_clipped(_loss, l2_clip_norm=CLIP, method=method)
   clipped_sum, aux = fn(params, batch)
 
   assert jax.tree.structure(clipped_sum) == jax.tree.structure(params)
@@ -187,7 +187,7 @@ def test_matches_brute_force(strategy):
 
 def test_large_clip_norm_is_the_plain_gradient_sum():
   params, batch = _params(), _batch(8)
-  clipped_sum, aux = _jit_clipped(_loss, l2_clip_norm=1e9, strategy="auto")(
+  clipped_sum, aux = _jit_clipped(_loss, l2_clip_norm=1e9, method="auto")(
       params, batch
   )
   # The mean loss's gradient times the batch size is the sum of per-example
@@ -201,15 +201,15 @@ def test_large_clip_norm_is_the_plain_gradient_sum():
 @given(
     log10_scale=st.floats(-2.0, 2.0),
     seed=st.integers(0, 2**16),
-    strategy=st.sampled_from(EXPLICIT),
+    method=st.sampled_from(EXPLICIT),
 )
-def test_each_contribution_is_at_most_clip_norm(log10_scale, seed, strategy):
+def test_each_contribution_is_at_most_clip_norm(log10_scale, seed, method):
   # The clip norm is fixed (no recompiles); the data scale spans four
   # decades and the parameters vary, so norms fall on both sides of it.
   n = 8
   params = _params(seed)
   batch = _batch(n, seed=seed + 1, scale=10.0**log10_scale)
-  fn = _jit_clipped(_loss, l2_clip_norm=CLIP, strategy=strategy)
+  fn = _jit_clipped(_loss, l2_clip_norm=CLIP, method=method)
   total, _ = fn(params, batch)
   contributions = []
   for i in range(n):
@@ -221,8 +221,8 @@ def test_each_contribution_is_at_most_clip_norm(log10_scale, seed, strategy):
   _assert_sum_close(total, np.sum(contributions, axis=0), np.sum(np.abs(contributions), axis=0))
 
 
-@pytest.mark.parametrize("strategy", EXPLICIT)
-def test_padding_contributes_zero_and_is_not_counted(strategy):
+@pytest.mark.parametrize("method", EXPLICIT)
+def test_padding_contributes_zero_and_is_not_counted(method):
   params, batch = _params(), _batch(8)
   mask = np.array([1, 1, 0, 1, 0, 1, 1, 0], dtype=bool)
   # Garbage in padded slots must not leak, even NaN / Inf.
@@ -232,7 +232,7 @@ def test_padding_contributes_zero_and_is_not_counted(strategy):
   batch = {"x": jnp.asarray(x), "y": batch["y"]}
   ref = _brute_force(_loss, params, batch, CLIP, mask=mask)
   num_clipped = ref.num_clipped
-  clipped_sum, aux = _jit_clipped(_loss, l2_clip_norm=CLIP, strategy=strategy)(
+  clipped_sum, aux = _jit_clipped(_loss, l2_clip_norm=CLIP, method=method)(
       params, batch, mask=jnp.asarray(mask)
   )
   _assert_sum_close(clipped_sum, ref.total, ref.abs_sum)
@@ -248,15 +248,15 @@ def test_integer_mask_is_accepted():
   params, batch = _params(), _batch(8)
   mask = np.array([1, 0, 1, 1, 1, 1, 1, 1], dtype=np.int32)
   ref = _brute_force(_loss, params, batch, CLIP, mask=mask.astype(bool))
-  got, aux = _jit_clipped(_loss, l2_clip_norm=CLIP, strategy="materialize")(
+  got, aux = _jit_clipped(_loss, l2_clip_norm=CLIP, method="materialize")(
       params, batch, mask=mask
   )
   _assert_sum_close(got, ref.total, ref.abs_sum)
   assert int(aux.num_units) == 7
 
 
-@pytest.mark.parametrize("strategy", EXPLICIT)
-def test_nonfinite_examples_contribute_zero_and_are_counted(strategy):
+@pytest.mark.parametrize("method", EXPLICIT)
+def test_nonfinite_examples_contribute_zero_and_are_counted(method):
   params, batch = _params(), _batch(8)
   x, y = np.array(batch["x"]), np.array(batch["y"])
   x[1, 3] = np.nan  # NaN gradient
@@ -264,7 +264,7 @@ def test_nonfinite_examples_contribute_zero_and_are_counted(strategy):
   batch = {"x": jnp.asarray(x), "y": jnp.asarray(y)}
   ref = _brute_force(_loss, params, batch, CLIP)
   assert np.all(np.isfinite(ref.total))
-  clipped_sum, aux = _jit_clipped(_loss, l2_clip_norm=CLIP, strategy=strategy)(
+  clipped_sum, aux = _jit_clipped(_loss, l2_clip_norm=CLIP, method=method)(
       params, batch
   )
   _assert_sum_close(clipped_sum, ref.total, ref.abs_sum)
@@ -273,11 +273,11 @@ def test_nonfinite_examples_contribute_zero_and_are_counted(strategy):
   assert not np.isfinite(np.asarray(aux.grad_norms)[[1, 4]]).any()
 
 
-@pytest.mark.parametrize("strategy", EXPLICIT)
-def test_all_examples_nonfinite_gives_exact_zeros(strategy):
+@pytest.mark.parametrize("method", EXPLICIT)
+def test_all_examples_nonfinite_gives_exact_zeros(method):
   params, batch = _params(), _batch(8)
   batch = {"x": jnp.full_like(batch["x"], jnp.nan), "y": batch["y"]}
-  clipped_sum, aux = _jit_clipped(_loss, l2_clip_norm=CLIP, strategy=strategy)(
+  clipped_sum, aux = _jit_clipped(_loss, l2_clip_norm=CLIP, method=method)(
       params, batch
   )
   np.testing.assert_array_equal(_flat(clipped_sum), 0.0)
@@ -285,18 +285,18 @@ def test_all_examples_nonfinite_gives_exact_zeros(strategy):
 
 
 @pytest.mark.parametrize(
-    "strategy, microbatch_size", [("materialize", 3), ("reweight", 5)]
+    "method, microbatch_size", [("materialize", 3), ("reweight", 5)]
 )
-def test_microbatched_equals_unbatched(strategy, microbatch_size):
+def test_microbatched_equals_unbatched(method, microbatch_size):
   # 8 examples in blocks of 3 or 5: the last block is a remainder.
   params, batch = _params(), _batch(8)
   mask = jnp.arange(8) != 6
   ref = _brute_force(_loss, params, batch, CLIP, mask=np.asarray(mask))
-  full, full_aux = _jit_clipped(_loss, l2_clip_norm=CLIP, strategy=strategy)(
+  full, full_aux = _jit_clipped(_loss, l2_clip_norm=CLIP, method=method)(
       params, batch, mask=mask
   )
   micro, micro_aux = _jit_clipped(
-      _loss, l2_clip_norm=CLIP, strategy=strategy, microbatch_size=microbatch_size
+      _loss, l2_clip_norm=CLIP, method=method, microbatch_size=microbatch_size
   )(params, batch, mask=mask)
   _assert_sum_close(micro, _flat(full), ref.abs_sum)  # two float32 summation orders
   _assert_sum_close(micro, ref.total, ref.abs_sum)
@@ -306,15 +306,15 @@ def test_microbatched_equals_unbatched(strategy, microbatch_size):
 
 
 @pytest.mark.parametrize(
-    "strategy, microbatch_size", [("materialize", None), ("reweight", 5)]
+    "method, microbatch_size", [("materialize", None), ("reweight", 5)]
 )
-def test_has_aux_returns_per_example_aux(strategy, microbatch_size):
+def test_has_aux_returns_per_example_aux(method, microbatch_size):
   params, batch = _params(), _batch(10)
   clipped_sum, aux = _jit_clipped(
       _loss_with_aux,
       l2_clip_norm=CLIP,
       has_aux=True,
-      strategy=strategy,
+      method=method,
       microbatch_size=microbatch_size,
   )(params, batch)
   ref = _brute_force(_loss, params, batch, CLIP)
@@ -434,8 +434,8 @@ def test_bf16_clipped_sum_matches_float32_reference():
 
 def test_reweight_rejects_half_precision():
   params = jax.tree.map(lambda p: p.astype(jnp.float16), _params())
-  with pytest.raises(ValueError, match="strategy='reweight'"):
-    clipped_grad(_loss, l2_clip_norm=1.0, strategy="reweight")(params, _batch(2))
+  with pytest.raises(ValueError, match="method='reweight'"):
+    clipped_grad(_loss, l2_clip_norm=1.0, method="reweight")(params, _batch(2))
 
 
 # --------------------------------------------------------------------------
@@ -466,10 +466,10 @@ USER_CLIP = 8.5
 
 
 @pytest.mark.parametrize(
-    "strategy, microbatch_size",
+    "method, microbatch_size",
     [("materialize", 2), ("reweight", None), ("auto", None)],
 )
-def test_user_level_matches_brute_force(strategy, microbatch_size):
+def test_user_level_matches_brute_force(method, microbatch_size):
   params, (batch, mask) = _params(), _user_batch()
   clip = USER_CLIP
   ref = _brute_force_users(params, batch, mask, clip)
@@ -479,7 +479,7 @@ def test_user_level_matches_brute_force(strategy, microbatch_size):
       _loss,
       l2_clip_norm=clip,
       unit="user",
-      strategy=strategy,
+      method=method,
       microbatch_size=microbatch_size,
   )
   clipped_sum, aux = fn(params, batch, mask=jnp.asarray(mask))
@@ -521,7 +521,7 @@ def test_user_level_values_are_user_mean_losses():
   params, (batch, mask) = _params(), _user_batch()
   # Same configuration as the brute-force user test: reuses its compile.
   _, aux = _jit_clipped(
-      _loss, l2_clip_norm=USER_CLIP, unit="user", strategy="auto", microbatch_size=None
+      _loss, l2_clip_norm=USER_CLIP, unit="user", method="auto", microbatch_size=None
   )(
       params, batch, mask=jnp.asarray(mask)
   )
@@ -550,11 +550,11 @@ def _dropout_loss(params, batch):
 
 
 @pytest.mark.parametrize(
-    "strategy, microbatch_size",
+    "method, microbatch_size",
     [("materialize", None), ("reweight", None), ("auto", None), ("reweight", 3),
      ("materialize", 3), ("auto", 4)],
 )
-def test_typed_key_leaves_match_brute_force(strategy, microbatch_size):
+def test_typed_key_leaves_match_brute_force(method, microbatch_size):
   n = 10
   batch = dict(_batch(n), key=jax.random.split(jax.random.key(11), n))
   assert jax.dtypes.issubdtype(batch["key"].dtype, jax.dtypes.prng_key)
@@ -567,7 +567,7 @@ def test_typed_key_leaves_match_brute_force(strategy, microbatch_size):
   params = _params()
   ref = _brute_force(_dropout_loss, params, batch, CLIP, mask)
   expected, num_clipped = ref.total, ref.num_clipped
-  fn = _jit_clipped(_dropout_loss, l2_clip_norm=CLIP, strategy=strategy,
+  fn = _jit_clipped(_dropout_loss, l2_clip_norm=CLIP, method=method,
                     microbatch_size=microbatch_size)
   clipped_sum, aux = fn(params, batch, mask=jnp.asarray(mask))
   _assert_sum_close(clipped_sum, expected, ref.abs_sum)
@@ -579,44 +579,45 @@ def test_typed_key_leaves_match_brute_force(strategy, microbatch_size):
   assert np.max(np.abs(moved - expected)) > 1e-2
 
 
-@pytest.mark.parametrize("strategy", EXPLICIT)
-def test_typed_key_leaves_user_level(strategy):
+@pytest.mark.parametrize("method", EXPLICIT)
+def test_typed_key_leaves_user_level(method):
   params, (batch, mask) = _params(), _user_batch()
   keys = jax.random.split(jax.random.key(13), mask.size).reshape(mask.shape)
   batch = dict(batch, key=keys)
   ref = _brute_force_users(params, batch, mask, USER_CLIP, _dropout_loss)
-  fn = _jit_clipped(_dropout_loss, l2_clip_norm=USER_CLIP, unit="user", strategy=strategy)
+  fn = _jit_clipped(_dropout_loss, l2_clip_norm=USER_CLIP, unit="user", method=method)
   clipped_sum, aux = fn(params, batch, mask=jnp.asarray(mask))
   _assert_sum_close(clipped_sum, ref.total, ref.abs_sum)
   assert int(aux.num_units) == 4
 
 
 # --------------------------------------------------------------------------
-# Strategy choice and API surface.
+# Method choice and API surface.
 
 
-def test_auto_strategy_follows_flops_per_parameter():
-  dense = _clip_strategies.choose_strategy(
-      lambda p, u: (_loss(p, jax.tree.map(lambda x: x[None], u[0])), None),
-      _params(),
-      (jax.tree.map(lambda x: x[0], _batch(1)), None),
+def test_auto_method_follows_flops_per_parameter():
+  one_example = jax.tree.map(lambda x: x[0], _batch(1))
+  one_mask = jnp.ones((), bool)
+  dense = clip_methods.choose_method(
+      per_unit_loss(_loss, unit="example"), _params(), one_example, one_mask
   )
   assert dense == "reweight"
 
-  def sequence_loss(p, u):  # 64 tokens reuse every weight 64 times
-    tokens = u[0]["x"]
+  def sequence_loss(p, unit_batch, unit_mask):  # 64 tokens reuse every weight 64 times
+    tokens = unit_batch["x"]
     return jnp.mean(jnp.tanh(tokens @ p["w1"]) @ p["w2"]), None
 
-  seq = _clip_strategies.choose_strategy(
-      sequence_loss, _params(), ({"x": jnp.ones((64, 5))}, None)
+  seq = clip_methods.choose_method(
+      sequence_loss, _params(), {"x": jnp.ones((64, 5))}, one_mask
   )
   assert seq == "materialize"
   half = jax.tree.map(lambda p: p.astype(jnp.bfloat16), _params())
   assert (
-      _clip_strategies.choose_strategy(
-          lambda p, u: (_loss(p, jax.tree.map(lambda x: x[None], u[0])), None),
+      clip_methods.choose_method(
+          per_unit_loss(_loss, unit="example"),
           half,
-          (jax.tree.map(lambda x: x[0].astype(jnp.bfloat16), _batch(1)), None),
+          jax.tree.map(lambda x: x.astype(jnp.bfloat16), one_example),
+          one_mask,
       )
       == "materialize"
   )
@@ -627,7 +628,84 @@ def test_returned_callable_carries_its_sensitivity():
   assert isinstance(fn, ClippedGradFn)
   assert fn.l2_clip_norm == 2.5 and isinstance(fn.l2_clip_norm, float)
   assert fn.unit == "user"
+  assert fn.method == "auto"
+  assert clipped_grad(_loss, l2_clip_norm=1.0, method="materialize").method == "materialize"
   assert ClippedGradAux._fields[:2] == ("grad_norms", "values")
+
+
+@pytest.mark.parametrize("method", ["ghost", "Reweight", None, 3])
+def test_bad_method_names_the_argument_and_the_allowed_values(method):
+  with pytest.raises(ValueError, match="method") as info:
+    clipped_grad(_loss, l2_clip_norm=1.0, method=method)
+  assert repr(method) in str(info.value)
+  assert all(name in str(info.value) for name in METHODS)
+
+
+def test_strategy_is_no_longer_a_clipping_argument():
+  # Renamed to method= before 1.0; strategy means the matrix factorization only.
+  with pytest.raises(TypeError, match="strategy"):
+    clipped_grad(_loss, l2_clip_norm=1.0, strategy="reweight")
+
+
+# --------------------------------------------------------------------------
+# clipped_sum of an arbitrary per-unit update (not a gradient).
+
+
+def _odd_update(params, example, example_mask):
+  """A per-example update that is no loss's gradient: params scaled by x."""
+  del example_mask
+  s = jnp.sum(example["x"]) + example["y"][0]
+  update = jax.tree.map(lambda p: jnp.sin(s * p) * s, params)
+  return update, s, {"s": s}
+
+
+@pytest.mark.parametrize("method", ["auto", "materialize"])
+def test_clipped_sum_of_any_update_matches_brute_force(method):
+  params, batch = _params(), _batch(8)
+  x = np.array(batch["x"])
+  x[3] = np.nan  # a real example whose update is NaN: contributes 0, counted
+  x[6] = np.inf  # padding with garbage
+  batch = {"x": jnp.asarray(x), "y": batch["y"]}
+  mask = np.array([1, 1, 1, 1, 0, 1, 0, 1], bool)
+  clip = 2.0
+  fn = clipped_sum(l2_clip_norm=clip, unit_update=_odd_update, method=method,
+                   microbatch_size=3)
+  assert fn.method == method
+  got, aux = jax.jit(fn)(params, batch, mask=jnp.asarray(mask))
+  total = np.zeros(_flat(params).shape)
+  abs_sum = np.zeros_like(total)
+  clipped = 0
+  for i in np.flatnonzero(mask):
+    u = _flat(_odd_update(params, jax.tree.map(lambda v: v[i], batch), True)[0])
+    norm = np.linalg.norm(u)
+    if not np.isfinite(norm):
+      continue
+    clipped += norm > clip
+    total += u * min(1.0, clip / norm)
+    abs_sum += np.abs(u * min(1.0, clip / norm))
+  assert 0 < clipped < 5
+  _assert_sum_close(got, total, abs_sum)
+  assert int(aux.num_units) == 6 and int(aux.num_nonfinite) == 1
+  assert int(aux.num_clipped) == clipped
+  np.testing.assert_array_equal(np.asarray(aux.grad_norms)[~mask], 0.0)
+  want_s = np.sum(x, axis=1) + np.asarray(batch["y"][:, 0])
+  np.testing.assert_allclose(np.asarray(aux.values)[mask & np.isfinite(want_s)],
+                             want_s[mask & np.isfinite(want_s)], rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(aux.aux["s"])[[0, 1, 2]], want_s[[0, 1, 2]], rtol=1e-5)
+
+
+def test_clipped_sum_refuses_reweight_for_an_update_that_is_no_gradient():
+  with pytest.raises(ValueError, match="method='reweight'.*unit_loss") as info:
+    clipped_sum(l2_clip_norm=1.0, unit_update=_odd_update, method="reweight")
+  assert "materialize" in str(info.value)
+
+
+@pytest.mark.parametrize("given", ["neither", "both"])
+def test_clipped_sum_needs_exactly_one_unit_function(given):
+  kwargs = {} if given == "neither" else dict(
+      unit_update=_odd_update, unit_loss=per_unit_loss(_loss, unit="example"))
+  with pytest.raises(ValueError, match="exactly one of unit_loss"):
+    clipped_sum(l2_clip_norm=1.0, **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -643,7 +721,7 @@ def test_returned_callable_carries_its_sensitivity():
         ({"l2_clip_norm": 1.0, "microbatch_size": 0}, "microbatch_size"),
         ({"l2_clip_norm": 1.0, "microbatch_size": -2}, "microbatch_size"),
         ({"l2_clip_norm": 1.0, "microbatch_size": 2.5}, "microbatch_size"),
-        ({"l2_clip_norm": 1.0, "strategy": "ghost"}, "strategy"),
+        ({"l2_clip_norm": 1.0, "method": "ghost"}, "method"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_them(kwargs, name):

@@ -38,26 +38,26 @@ _CHILD = textwrap.dedent(
     mesh = jax.make_mesh((4,), ("users",))
     put = lambda t: jax.device_put(t, NamedSharding(mesh, P("users")))
     out = {}
-    # "auto" (the default) picks a strategy from one unit's shapes: it must not
+    # "auto" (the default) picks a method from one unit's shapes: it must not
     # slice the sharded unit axis to get them.
     configs = [("user", "materialize", None), ("user", "reweight", 8),
                ("example", "materialize", 8), ("example", "reweight", None),
                ("user", "auto", None), ("example", "auto", None),
                ("user", "auto", 8)]
-    for unit, strategy, microbatch_size in configs:
+    for unit, method, microbatch_size in configs:
       b, m = batch, mask
       if unit == "example":
         b = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), b)
         m = m.reshape(-1)
       fn = jax.jit(clipped_grad(loss, l2_clip_norm=0.5, unit=unit,
-                                strategy=strategy,
+                                method=method,
                                 microbatch_size=microbatch_size))
       ref, ref_aux = fn(params, b, mask=m)
       with jax.set_mesh(mesh):
         got, got_aux = fn(params, put(b), mask=put(m))
       diff = max(float(jnp.max(jnp.abs(x - y))) for x, y in
                  zip(jax.tree.leaves(got), jax.tree.leaves(ref)))
-      out[f"{unit}/{strategy}/{microbatch_size}"] = {
+      out[f"{unit}/{method}/{microbatch_size}"] = {
           "diff": diff,
           # Each unit adds at most C = 0.5 to any coordinate: the magnitude
           # of the summands whose float32 sum sharding reorders.

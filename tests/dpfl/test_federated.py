@@ -96,19 +96,57 @@ def _flat(tree):
   return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(tree)])
 
 
-@pytest.mark.parametrize("steps,local_batch_size", [(3, None), (5, 2)])
-def test_clipped_sum_of_local_updates_equals_brute_force(steps, local_batch_size):
+@pytest.mark.parametrize("steps,local_batch_size,method,microbatch_size", [
+    (3, None, "auto", None), (5, 2, "materialize", None), (3, None, "materialize", 2)])
+def test_clipped_sum_of_local_updates_equals_brute_force(steps, local_batch_size, method,
+                                                         microbatch_size):
   params, batch, mask = _problem()
   clip, lr = 0.05, 0.1
-  fn = jax.jit(clipped_user_updates(loss_fn, l2_clip_norm=clip, local_steps=steps,
-                                    local_learning_rate=lr, local_batch_size=local_batch_size))
-  got, aux = fn(params, batch, mask=mask)
+  fn = clipped_user_updates(loss_fn, l2_clip_norm=clip, local_steps=steps,
+                            local_learning_rate=lr, local_batch_size=local_batch_size,
+                            method=method, microbatch_size=microbatch_size)
+  assert fn.method == method and fn.unit == "user"
+  got, aux = jax.jit(fn)(params, batch, mask=mask)
   ref, scale = _brute_force(params, batch, mask, clip=clip, steps=steps, lr=lr,
                             local_batch_size=local_batch_size)
   assert np.linalg.norm(ref) > 0.05  # not trivially zero
   _assert_f32_close(_flat(got), ref, scale)
   assert int(aux.num_units) == int(mask.any(axis=1).sum())
   assert int(aux.num_clipped) >= 1  # the clip is active in this problem
+
+
+@pytest.mark.parametrize("method", ["auto", "materialize"])
+def test_masked_and_nan_users_match_brute_force(method):
+  # Padding slots hold NaN, user 0 has no example, and user 3's real data is
+  # NaN: it is counted, contributes exactly zero, and leaks nowhere.
+  params, batch, mask = _problem(users=6, per_user=4, seed=4)
+  mask[3] = [True, True, False, True]
+  inner = jnp.reshape(jnp.asarray(mask), mask.shape + (1,))
+  batch = {"x": jnp.where(inner, batch["x"], jnp.nan).at[3, 1].set(jnp.nan),
+           "y": jnp.where(jnp.asarray(mask), batch["y"], jnp.nan)}
+  clip, lr, steps = 0.05, 0.1, 3
+  fn = jax.jit(clipped_user_updates(loss_fn, l2_clip_norm=clip, local_steps=steps,
+                                    local_learning_rate=lr, method=method,
+                                    microbatch_size=4))
+  got, aux = fn(params, batch, mask=mask)
+  finite_users = mask.copy()
+  finite_users[3] = False  # the brute force drops the NaN user by hand
+  ref, scale = _brute_force(params, batch, finite_users, clip=clip, steps=steps, lr=lr)
+  assert np.all(np.isfinite(ref)) and np.linalg.norm(ref) > 0.05
+  _assert_f32_close(_flat(got), ref, scale)
+  assert int(aux.num_units) == int(mask.any(axis=1).sum())
+  assert int(aux.num_nonfinite) == 1
+  assert float(aux.grad_norms[0]) == 0.0 and not np.isfinite(float(aux.grad_norms[3]))
+
+
+def test_reweight_does_not_apply_to_local_steps():
+  # reweight back-propagates a clip-weighted sum of unit losses; θ − θ_u after
+  # local steps is no loss's gradient, so it must refuse rather than compute
+  # another sum.
+  with pytest.raises(ValueError, match="method='reweight'.*local-step") as info:
+    clipped_user_updates(loss_fn, l2_clip_norm=1.0, local_steps=2, local_learning_rate=0.1,
+                         method="reweight")
+  assert "materialize" in str(info.value)
 
 
 def test_local_steps_1_plain_sgd_equals_gradient_path():
@@ -250,10 +288,14 @@ def test_each_users_contribution_is_at_most_clip(per_user, data):
     (dict(local_steps=2, local_learning_rate=-1.0), "local_learning_rate"),
     (dict(local_steps=2, local_learning_rate=0.1, local_batch_size=0), "local_batch_size"),
     (dict(local_steps=2, local_learning_rate=0.1, l2_clip_norm=0.0), "l2_clip_norm"),
+    (dict(local_steps=2, local_learning_rate=0.1, method="ghost"),
+     "method must be one of auto, materialize, reweight; got 'ghost'"),
+    (dict(local_steps=2, local_learning_rate=0.1, strategy="auto"), None),
 ])
 def test_bad_arguments(kwargs, match):
   kwargs = {"l2_clip_norm": 1.0, **kwargs}
-  with pytest.raises(ValueError, match=match):
+  # strategy= (the old name of method=) is an unknown keyword like any other.
+  with pytest.raises(ValueError if match else TypeError, match=match):
     clipped_user_updates(loss_fn, **kwargs)
 
 

@@ -135,6 +135,35 @@ def test_bad_arguments(kwargs, match):
     dpfl.make_private(loss_fn, optax.sgd(0.1), **base)
 
 
+@pytest.mark.parametrize("strategy", [None, "identity"])
+def test_clip_method_reaches_the_clipping(strategy):
+  common = dict(l2_clip_norm=1.0, dataset_size=100, batch_size=10, num_steps=5,
+                noise_multiplier=1.0, delta=1e-5, strategy=strategy)
+  half = jax.tree.map(lambda p: p.astype(jnp.bfloat16), PARAMS)
+  batch = jax.tree.map(lambda x: jnp.asarray(x[:4], jnp.bfloat16), _data(n=4))
+  for method in ("auto", "materialize", "reweight"):
+    private = dpfl.make_private(loss_fn, optax.sgd(0.1), clip_method=method, **common)
+    assert private.clipped_grad.method == method
+    if method == "reweight":
+      # Behaviour, not just the attribute: the reweight method itself refuses
+      # half-precision parameters when the clipped sum is computed.
+      with pytest.raises(ValueError, match="method='reweight' needs float32"):
+        private.clipped_grad(half, batch)
+    else:
+      total, _ = private.clipped_grad(half, batch)
+      assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(total))
+  assert dpfl.make_private(loss_fn, optax.sgd(0.1), **common).clipped_grad.method == "auto"
+
+
+@pytest.mark.parametrize("clip_method", ["ghost", "strategy", None])
+def test_bad_clip_method_names_the_argument_and_the_allowed_values(clip_method):
+  with pytest.raises(ValueError, match="clip_method must be one of auto, materialize, "
+                                       f"reweight; got {clip_method!r}"):
+    dpfl.make_private(loss_fn, optax.sgd(0.1), l2_clip_norm=1.0, dataset_size=100,
+                      batch_size=10, num_steps=5, noise_multiplier=1.0, delta=1e-5,
+                      clip_method=clip_method)
+
+
 def test_shuffled_scheme_accounts_without_amplification():
   private = dpfl.make_private(loss_fn, optax.sgd(0.1), l2_clip_norm=1.0, dataset_size=100,
                               batch_size=10, num_steps=25, noise_multiplier=2.0, delta=1e-5,

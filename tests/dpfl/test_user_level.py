@@ -174,6 +174,31 @@ def test_bad_arguments(kwargs, match):
     dpfl.make_private(loss_fn, optax.sgd(0.1), privacy_unit="user", **base)
 
 
+@pytest.mark.parametrize("options", [dict(sampling_unit="example"), dict(sampling_unit="user"),
+                                     dict(sampling_unit="user", local_steps=2,
+                                          local_learning_rate=0.1)])
+def test_clip_method_reaches_the_clipping(options):
+  base = dict(dataset=_users(), l2_clip_norm=1.0, batch_size=5, num_steps=3,
+              noise_multiplier=1.0, delta=1e-5, **options)
+  for method in ("auto", "materialize"):
+    private = dpfl.make_private(loss_fn, optax.sgd(0.1), privacy_unit="user",
+                                clip_method=method, **base)
+    assert private.clipped_grad.method == method
+    assert private.clipped_grad.unit == options["sampling_unit"]
+  if "local_steps" in options:
+    # DP-FedAvg's θ − θ_u is no loss's gradient: reweight refuses, never
+    # computes another sum.
+    with pytest.raises(ValueError, match="method='reweight' does not apply"):
+      dpfl.make_private(loss_fn, optax.sgd(0.1), privacy_unit="user", clip_method="reweight",
+                        **base)
+  else:
+    private = make_private_user_level(loss_fn, optax.sgd(0.1), clip_method="reweight", **base)
+    assert private.clipped_grad.method == "reweight"
+  with pytest.raises(ValueError, match="clip_method must be one of auto, materialize, "
+                                       "reweight; got 'ghost'"):
+    make_private_user_level(loss_fn, optax.sgd(0.1), clip_method="ghost", **base)
+
+
 def test_example_level_make_private_rejects_user_options():
   with pytest.raises(ValueError, match="local_steps apply to privacy_unit='user'"):
     dpfl.make_private(loss_fn, optax.sgd(0.1), l2_clip_norm=1.0, dataset_size=100,

@@ -82,7 +82,7 @@ _CHILD = textwrap.dedent(
     # 3. Whole training runs (sampling, noise, server optimizer) with the same
     #    seeds, with and without a mesh, on the Auto and on an Explicit mesh:
     #    ULS with and without local steps, and ELS. Without local steps the
-    #    step uses clipped_grad's default strategy="auto".
+    #    step uses clipped_grad's default method="auto".
     rng = np.random.default_rng(0)
     x = rng.normal(size=(400, 5)).astype(np.float32)
     ds = UserDataset.from_arrays({"x": x, "y": np.sin(x).sum(1)}, rng.integers(0, 50, 400),

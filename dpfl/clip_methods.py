@@ -1,37 +1,45 @@
-"""Back-ends that compute a clipped sum of per-unit gradients.
+"""Clipping methods: ways to compute a clipped sum of per-unit updates.
 
-Private to :mod:`dpfl.clipping`, which validates arguments and documents the
-guarantee. Every back-end here computes, for a block of units (examples or
+:mod:`dpfl.clipping` validates arguments, documents the guarantee and picks
+the method; the methods here compute, for a block of units (examples or
 users), the same mathematical quantity
 
-    sum_i  w_i * g_i,   g_i = grad of unit i's loss,
-    w_i = min(1, C / ||g_i||)  if unit i is unmasked and ||g_i|| is finite,
+    sum_i  w_i * u_i,   u_i = unit i's update,
+    w_i = min(1, C / ||u_i||)  if unit i is unmasked and ||u_i|| is finite,
           0                    otherwise,
 
-accumulated in float32 (or wider), plus the per-unit statistics (gradient
-norm, loss value, user aux). They differ only in how they get there:
+accumulated in float32 (or wider), plus the per-unit statistics (update
+norm, loss value, aux). A unit is described by two functions of
+``(params, unit_batch, unit_mask)``: ``unit_update -> (update, value, aux)``
+(any per-unit update: a gradient, or DP-FedAvg's θ − θ_u after local steps)
+and, when the update is the gradient of a loss, ``unit_loss -> (loss,
+aux)``. The methods differ only in how they get there:
 
-* ``materialize``: vmap the per-unit gradient, so the ``[units, params]``
-  gradients exist in memory, then take norms and a weighted sum
-  (``einsum``). The bound ``||w_i g_i|| <= C`` holds by construction, since
-  the norm and the sum use the very same vector. Cheap when a unit's
-  gradient costs much compute per parameter (sequence models: a unit's
-  weight gradient is a real matrix product over its tokens).
-* ``reweight``: two passes. Pass 1 computes only the per-unit norms (the
-  per-unit gradients are produced and reduced chunk by chunk and never leave
-  cache; XLA often fuses the reduction into the outer product of dense
-  layers). Pass 2 is one ordinary backward pass of the weighted loss
-  ``sum_i stop_gradient(w_i) * loss_i``, whose gradient is ``sum_i w_i g_i``
-  by linearity. No ``[units, params]`` tensor; one extra forward+backward.
-  Cheap when a unit's gradient is mostly memory traffic (an MLP on single
-  examples). The bound holds up to floating-point differences between the
-  two evaluations of ``g_i`` (same function, same inputs).
+* ``materialize``: vmap the per-unit update, so the ``[units, params]``
+  updates exist in memory, then take norms and a weighted sum (``einsum``).
+  The bound ``||w_i u_i|| <= C`` holds by construction, since the norm and
+  the sum use the very same vector. Works for any update. Cheap when a
+  unit's gradient costs much compute per parameter (sequence models: a
+  unit's weight gradient is a real matrix product over its tokens).
+* ``reweight``: for gradients of a loss only. Two passes. Pass 1 computes
+  only the per-unit norms (the per-unit gradients are produced and reduced
+  chunk by chunk and never leave cache; XLA often fuses the reduction into
+  the outer product of dense layers). Pass 2 is one ordinary backward pass
+  of the weighted loss ``sum_i stop_gradient(w_i) * loss_i``, whose gradient
+  is ``sum_i w_i g_i`` by linearity. No ``[units, params]`` tensor; one extra
+  forward+backward. Cheap when a unit's gradient is mostly memory traffic
+  (an MLP on single examples). The bound holds up to floating-point
+  differences between the two evaluations of ``g_i`` (same function, same
+  inputs). An update that is not the gradient of a loss (θ − θ_u after
+  several local steps is a nonlinear function of the whole local
+  trajectory) has no weighted loss to back-propagate: ``reweight`` does not
+  apply to it.
 
-A future ghost-clipping back-end slots in as another norm pass for
+A future ghost-clipping method slots in as another norm pass for
 ``reweight`` (per-layer norms from activations and output gradients, no
 per-unit gradient at all); pass 2 stays as is.
 
-``auto`` chooses from a static cost model, see :func:`choose_strategy`.
+``auto`` chooses from a static cost model, see :func:`choose_method`.
 """
 
 from __future__ import annotations
@@ -44,10 +52,12 @@ import jax.numpy as jnp
 from jax.extend import core as jex_core
 
 PyTree = Any
-# unit_loss(params, unit) -> (loss scalar, aux), unit = (data, inner_mask).
-UnitLoss = Callable[[PyTree, PyTree], tuple[jax.Array, PyTree]]
+# unit_loss(params, unit_batch, unit_mask) -> (loss scalar, aux).
+UnitLoss = Callable[[PyTree, PyTree, jax.Array], tuple[jax.Array, PyTree]]
+# unit_update(params, unit_batch, unit_mask) -> (update pytree, value, aux).
+UnitUpdate = Callable[[PyTree, PyTree, jax.Array], tuple[PyTree, jax.Array, PyTree]]
 
-STRATEGIES = ("auto", "materialize", "reweight")
+METHODS = ("auto", "materialize", "reweight")
 
 # Per-unit gradients are produced in chunks of about this many bytes. On
 # CPU a chunk then stays in the last-level cache instead of streaming
@@ -252,16 +262,27 @@ def clip_weights(
   return jnp.where(ok, jnp.minimum(1.0, l2_clip_norm / safe_norms), 0.0)
 
 
+def gradient_update(unit_loss: UnitLoss) -> UnitUpdate:
+  """The unit update that is the gradient of ``unit_loss``."""
+
+  def update(params, unit_batch, unit_mask):
+    (value, aux), grad = jax.value_and_grad(unit_loss, has_aux=True)(
+        params, unit_batch, unit_mask
+    )
+    return grad, value, aux
+
+  return update
+
+
 def _materialize_block(
-    unit_loss: UnitLoss,
+    unit_update: UnitUpdate,
     l2_clip_norm: float,
     params: PyTree,
     units: PyTree,
     included: jax.Array,
 ) -> tuple[PyTree, PyTree]:
-  vg = jax.vmap(jax.value_and_grad(unit_loss, has_aux=True), (None, 0))
-  (values, aux), grads = vg(params, units)
-  norms = per_unit_norms(grads)
+  updates, values, aux = jax.vmap(unit_update, (None, 0, 0))(params, *units)
+  norms = per_unit_norms(updates)
   weights = clip_weights(norms, included, l2_clip_norm)
   finite = jnp.isfinite(norms)
 
@@ -278,9 +299,9 @@ def _materialize_block(
           out_sharding=_unit_sum_sharding(g),
       )
 
-    return jax.tree.map(leaf, grads)
+    return jax.tree.map(leaf, updates)
 
-  # The select costs one more pass over the [units, params] gradients, so
+  # The select costs one more pass over the [units, params] updates, so
   # it only runs when some unit actually is non-finite.
   summed = jax.lax.cond(
       jnp.all(finite),
@@ -291,20 +312,26 @@ def _materialize_block(
 
 
 def materialize(
-    unit_loss: UnitLoss,
+    unit_update: UnitUpdate,
     l2_clip_norm: float,
     params: PyTree,
     units: PyTree,
     included: jax.Array,
     microbatch_size: int | None,
 ) -> tuple[PyTree, PyTree]:
-  """Clipped sum via materialised per-unit gradients, chunk by chunk."""
+  """Clipped sum via materialised per-unit updates, chunk by chunk.
+
+  ``units`` is ``(unit_batches, unit_masks)`` with a leading unit axis.
+  Chunks bound the ``[units, params]`` updates (and whatever else a unit's
+  update holds live, e.g. DP-FedAvg's per-user parameters and optimizer
+  state) to about ``chunk_bytes()``.
+  """
   block = chunk_size(params, _leading(units))
   if microbatch_size is not None:
     block = min(block, microbatch_size)
 
   def fn(xs):
-    return _materialize_block(unit_loss, l2_clip_norm, params, *xs)
+    return _materialize_block(unit_update, l2_clip_norm, params, *xs)
 
   return map_reduce(fn, (units, included), block, zeros_accumulator(params))
 
@@ -320,14 +347,12 @@ def _reweight_block(
 
   # Pass 1: per-unit norms, a cache-sized chunk at a time; the gradients
   # themselves are dead after the reduction.
-  def stats(unit):
-    (value, aux), grad = jax.value_and_grad(unit_loss, has_aux=True)(
-        params, unit
-    )
+  def stats(unit_batch, unit_mask):
+    grad, value, aux = gradient_update(unit_loss)(params, unit_batch, unit_mask)
     return global_norm(grad), value, aux
 
   _, (norms, values, aux) = map_reduce(
-      lambda blk: ((), jax.vmap(stats)(blk)), units, chunk_size(params, n), ()
+      lambda blk: ((), jax.vmap(stats)(*blk)), units, chunk_size(params, n), ()
   )
   weights = jax.lax.stop_gradient(clip_weights(norms, included, l2_clip_norm))
 
@@ -342,7 +367,7 @@ def _reweight_block(
   safe_units = jax.tree.map(lambda x: _take_valid_or_donor(x, valid, donor), units)
 
   def weighted_loss(p):
-    losses, _ = jax.vmap(unit_loss, (None, 0))(p, safe_units)
+    losses, _ = jax.vmap(unit_loss, (None, 0, 0))(p, *safe_units)
     return jnp.sum(weights * losses.astype(weights.dtype))
 
   summed = jax.grad(weighted_loss)(params)
@@ -362,7 +387,11 @@ def reweight(
     included: jax.Array,
     microbatch_size: int | None,
 ) -> tuple[PyTree, PyTree]:
-  """Clipped sum via per-unit norms, then one weighted backward pass."""
+  """Clipped sum via per-unit norms, then one weighted backward pass.
+
+  Only for updates that are gradients of ``unit_loss`` (see the module
+  docstring); ``units`` is ``(unit_batches, unit_masks)``.
+  """
 
   def fn(xs):
     return _reweight_block(unit_loss, l2_clip_norm, params, *xs)
@@ -420,8 +449,8 @@ def matmul_flops(jaxpr: jex_core.Jaxpr) -> float:
   return total
 
 
-def choose_strategy(
-    unit_loss: UnitLoss, params: PyTree, one_unit: PyTree
+def choose_method(
+    unit_loss: UnitLoss, params: PyTree, unit_batch: PyTree, unit_mask: Any
 ) -> str:
   """Picks ``reweight`` or ``materialize`` from a static cost model.
 
@@ -433,18 +462,19 @@ def choose_strategy(
   every parameter is reused across many tokens. Half-precision parameters
   always take ``materialize``, whose sum is accumulated explicitly in
   float32 (``reweight`` accumulates inside the backward pass, in the
-  parameters' dtype).
+  parameters' dtype). ``unit_batch`` / ``unit_mask`` describe one unit
+  (arrays or ``jax.ShapeDtypeStruct``s); only their shapes are used.
   """
   if has_half_precision(params):
     return "materialize"
   abstract = lambda t: jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), t
   )
-  jaxpr = jax.make_jaxpr(unit_loss)(abstract(params), abstract(one_unit))
+  jaxpr = jax.make_jaxpr(unit_loss)(
+      abstract(params), abstract(unit_batch), abstract(unit_mask)
+  )
   flops_per_param = matmul_flops(jaxpr.jaxpr) / max(1, num_parameters(params))
   if flops_per_param < REWEIGHT_MAX_FLOPS_PER_PARAM:
     return "reweight"
   return "materialize"
 
-
-BACKENDS = {"materialize": materialize, "reweight": reweight}
