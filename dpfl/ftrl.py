@@ -8,7 +8,7 @@ al. 2021, arXiv 2103.00039; Choquette-Choo et al. 2023, arXiv 2211.06530 and
 2306.08153). This module makes the three parts agree:
 
 * **Sampling.** ``sampling_scheme="cyclic"`` (the default with a strategy):
-  ``dpfl.cyclic_sampling.CyclicSampler`` fixes one order and repeats it every epoch,
+  ``dpfl.sampling.CyclicSampler`` fixes one order and repeats it every epoch,
   so each unit takes part in at most ``k = ceil(n / b)`` steps exactly ``b``
   (= batches per epoch) apart. ``sampling_scheme="poisson"`` with a banded
   strategy: ``CyclicPoissonSampler`` (amplified banded MF, ``b`` = bands).
@@ -36,7 +36,7 @@ from typing import Any
 
 import accounting
 from accounting import validate as check
-from dpfl import cyclic_sampling
+from dpfl import sampling
 
 from dpfl.mf.build import NAMES as STRATEGIES
 OPTIONS = ("buffers", "bands", "objective", "momentum")
@@ -197,7 +197,7 @@ def make_noise(plan: FtrlPlan | None, *, noise_multiplier: float, l2_clip_norm: 
 
 def plan(strategy, options: dict, *, sampler, num_steps: int, privacy_unit: str) -> FtrlPlan:
   """The ``FtrlPlan`` for a run of ``num_steps`` on ``sampler``'s batches."""
-  if isinstance(sampler, cyclic_sampling.CyclicPoissonSampler):
+  if isinstance(sampler, sampling.CyclicPoissonSampler):
     b = sampler.num_groups
     planned = b * math.ceil(num_steps / b)
     participation = (planned // b, b)

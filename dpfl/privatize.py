@@ -25,8 +25,35 @@ import optax
 
 import accounting
 from accounting import validate as check
-from dpfl import cyclic_sampling, ftrl, noise, sampling
+from dpfl import ftrl, noise, sampling
 from dpfl.clipping import clipped_grad as _clipped_grad
+
+
+def _mechanism_of(sampler, *, noise_multiplier: float, num_steps: int) -> accounting.Mechanism:
+  """The mechanism of ``num_steps`` DP-SGD steps on ``sampler``'s batches.
+
+  A stop-gap for the samplers' former ``.mechanism``: the run's plan is to be
+  the one place that maps a configuration to a mechanism (issue 12).
+  """
+  d = sampler.describe()
+  if d["scheme"] == "truncated_poisson":
+    return accounting.TruncatedPoissonDpSgd(
+        noise_multiplier=noise_multiplier, sampling_prob=d["sampling_prob"],
+        dataset_size=d["population_size"], max_batch_size=d["max_batch_size"],
+        num_steps=num_steps)
+  if d["scheme"] == "shuffle":
+    return accounting.ShuffledDpSgd(noise_multiplier=noise_multiplier,
+                                    dataset_size=d["population_size"],
+                                    batch_size=d["batch_size"], num_steps=num_steps)
+  if d["scheme"] == "poisson" and "examples_per_user" in d:
+    return accounting.ElsDpSgd(noise_multiplier=noise_multiplier,
+                               sampling_prob=d["sampling_prob"], num_steps=num_steps,
+                               examples_per_user=d["examples_per_user"])
+  if d["scheme"] == "poisson":
+    mechanism = accounting.UlsDpSgd if d["unit"] == "user" else accounting.PoissonDpSgd
+    return mechanism(noise_multiplier=noise_multiplier, sampling_prob=d["sampling_prob"],
+                     num_steps=num_steps)
+  raise ValueError(f"no DP-SGD mechanism for sampling scheme {d['scheme']!r}")
 
 
 @dataclasses.dataclass
@@ -63,8 +90,10 @@ class PrivateTraining:
   ftrl: Any = None
 
   def _mechanism(self, num_steps: int) -> accounting.Mechanism:
-    source = self.sampler if self.ftrl is None else self.ftrl
-    return source.mechanism(noise_multiplier=self.noise_multiplier, num_steps=num_steps)
+    if self.ftrl is None:
+      return _mechanism_of(self.sampler, noise_multiplier=self.noise_multiplier,
+                           num_steps=num_steps)
+    return self.ftrl.mechanism(noise_multiplier=self.noise_multiplier, num_steps=num_steps)
 
   @property
   def mechanism(self) -> accounting.Mechanism:
@@ -319,7 +348,7 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
       if max_batch_size is not None:
         raise ValueError("max_batch_size applies to Poisson sampling only (cyclic batches "
                          "have the fixed batch_size)")
-      sampler = cyclic_sampling.CyclicSampler(dataset_size, batch_size=batch_size, seed=seed)
+      sampler = sampling.CyclicSampler(dataset_size, batch_size=batch_size, seed=seed)
       if epochs is not None:  # passes over the cyclic order: b = N // B steps each
         num_steps = check.num_steps(f"num_steps (from epochs={epochs!r})",
                                     ftrl.cyclic_steps(epochs, sampler.steps_per_epoch))
@@ -329,7 +358,7 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
       if bands > dataset_size or not batch_size <= group:
         raise ValueError(f"batch_size must be in [1, dataset_size // bands = {group}] for "
                          f"amplified banded MF ({bands} bands), got {batch_size!r}")
-      sampler = cyclic_sampling.CyclicPoissonSampler(dataset_size, num_groups=bands,
+      sampler = sampling.CyclicPoissonSampler(dataset_size, num_groups=bands,
                                               sampling_prob=batch_size / group,
                                               max_batch_size=max_batch_size, seed=seed)
     plan = ftrl.plan(strategy, strategy_options, sampler=sampler, num_steps=num_steps,
@@ -346,7 +375,8 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
       raise ValueError("max_batch_size applies to sampling_scheme='poisson' only")
     sampler = sampling.ShuffledSampler(dataset_size, batch_size=batch_size, seed=seed)
 
-  describe = sampler.mechanism if plan is None else plan.mechanism
+  describe = (plan.mechanism if plan is not None
+              else lambda **kw: _mechanism_of(sampler, **kw))
   if target_epsilon is not None:
     calibration = accounting.calibrate_noise_multiplier(
         lambda s: describe(noise_multiplier=s, num_steps=num_steps),

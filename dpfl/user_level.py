@@ -37,14 +37,28 @@ import optax
 
 import accounting
 from accounting import validate as check
-from dpfl import cyclic_sampling, ftrl, sampling
+from dpfl import ftrl, sampling
 from dpfl.clipping import clipped_grad as _clipped_grad
 from dpfl.data import UserDataset
 from dpfl.federated import clipped_user_updates, shard_users
 from dpfl.privatize import PrivateTraining, check_run
-from dpfl.user_level_sampling import ElsSampler, UserSampler
+from dpfl.sampling import ElsSampler, UserSampler
 
 SAMPLING_UNITS = ("user", "example")
+
+
+def _mechanism_of(sampler, *, noise_multiplier: float, num_steps: int) -> accounting.Mechanism:
+  """ULS / ELS mechanism of ``num_steps`` steps on ``sampler``'s batches.
+
+  A stop-gap for the samplers' former ``.mechanism``: the run's plan is to be
+  the one place that maps a configuration to a mechanism (issue 12).
+  """
+  if isinstance(sampler, ElsSampler):
+    return accounting.ElsDpSgd(noise_multiplier=noise_multiplier,
+                               sampling_prob=sampler.sampling_prob, num_steps=num_steps,
+                               examples_per_user=sampler.examples_per_user)
+  return accounting.UlsDpSgd(noise_multiplier=noise_multiplier,
+                             sampling_prob=sampler.sampling_prob, num_steps=num_steps)
 
 
 @dataclasses.dataclass
@@ -162,7 +176,7 @@ def make_private_user_level(
       on local batches of ``local_batch_size`` (None: all the user's examples).
     max_batch_size: usual static batch length (default: exceeded with
       probability <= 1e-4 per step; a larger draw is padded to a multiple of
-      it, never truncated: see ``dpfl.user_level_sampling``).
+      it, never truncated: see ``dpfl.sampling.users``).
     has_aux, microbatch_size: as for ``dpfl.clipped_grad``.
     mesh: a ``jax.sharding.Mesh`` whose first axis the batches' leading axis
       is sharded over (e.g. ``dpfl.federated.user_mesh()``), or None.
@@ -260,8 +274,8 @@ def make_private_user_level(
   q = batch_size / dataset_size
   plan = None
   if strategy is not None:
-    sampler = cyclic_sampling.CyclicSampler(dataset_size, batch_size=batch_size,
-                                     multiple_of=multiple_of, seed=seed)
+    sampler = sampling.CyclicSampler(dataset_size, batch_size=batch_size,
+                                     multiple_of=multiple_of, seed=seed, unit="user")
     if epochs is not None:  # passes over the cyclic order: b = N // B rounds each
       num_steps = check.num_steps(f"num_steps (from epochs={epochs!r})",
                                   ftrl.cyclic_steps(epochs, sampler.steps_per_epoch))
@@ -273,7 +287,8 @@ def make_private_user_level(
   else:
     sampler = ElsSampler(dataset_size, sampling_prob=q, examples_per_user=examples_per_user,
                          max_batch_size=max_batch_size, multiple_of=multiple_of, seed=seed)
-  describe = sampler.mechanism if plan is None else plan.mechanism
+  describe = (plan.mechanism if plan is not None
+              else lambda **kw: _mechanism_of(sampler, **kw))
   if target_epsilon is not None:
     calibration = accounting.calibrate_noise_multiplier(
         lambda s: describe(noise_multiplier=s, num_steps=num_steps),
