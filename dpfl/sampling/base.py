@@ -63,8 +63,8 @@ def sampler_seed(seed=None, *, name: str = "seed") -> np.ndarray:
   Args:
     seed: None (fresh OS entropy: the private default), an int in
       ``[0, 2**128)`` (every bit is kept: two seeds that differ in any bit
-      give different batches), or a ``uint32`` array of shape ``[4]`` (taken
-      as is, e.g. ``sampler.seed`` of a saved run).
+      give different batches), or a ``uint32`` array of shape ``[4]``, numpy
+      or jax (taken as is, e.g. ``sampler.seed`` of a saved run).
     name: the argument name used in error messages.
 
   Returns:
@@ -79,9 +79,9 @@ def sampler_seed(seed=None, *, name: str = "seed") -> np.ndarray:
     value = int(seed)
     if 0 <= value < 2**(32 * SEED_WORDS):
       return np.array([(value >> (32 * i)) & 0xFFFFFFFF for i in range(SEED_WORDS)], np.uint32)
-  elif (isinstance(seed, np.ndarray) and seed.dtype == np.uint32
-        and seed.shape == (SEED_WORDS,)):
-    return seed.copy()
+  elif (hasattr(seed, "dtype") and hasattr(seed, "shape") and seed.dtype == np.uint32
+        and tuple(seed.shape) == (SEED_WORDS,)):
+    return np.array(seed, np.uint32)  # a copy; also from a jax array (a restored state)
   raise ValueError(f"{name} must be None (OS entropy), an integer in [0, 2**128) or a uint32 "
                    f"array of shape ({SEED_WORDS},), got {seed!r}")
 
@@ -160,11 +160,14 @@ def padded_poisson_draw(rng: np.random.Generator, population: int, sampling_prob
   return Batch(indices=indices, mask=np.arange(length) < size), overflowed
 
 
-def check_step(step) -> int:
-  """A step index: an integer >= 0."""
-  if isinstance(step, (bool, np.bool_)) or not isinstance(step, numbers.Integral) or step < 0:
-    raise ValueError(f"step must be an integer >= 0, got {step!r}")
-  return int(step)
+def check_index(name: str, value) -> int:
+  """A step index: an integer >= 0 (a Python or numpy int, or a 0-d integer array)."""
+  if (hasattr(value, "dtype") and np.ndim(value) == 0
+      and np.issubdtype(value.dtype, np.integer)):
+    value = int(value)  # e.g. the step count of a (jax) training state
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < 0:
+    raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+  return int(value)
 
 
 class Sampler(abc.ABC):
@@ -223,7 +226,7 @@ class Sampler(abc.ABC):
     if seed is None:
       raise ValueError("seed must be given to draw (it is deterministic: use sampler.seed), "
                        "got None")
-    return self._draw(sampler_seed(seed), check_step(step))[0]
+    return self._draw(sampler_seed(seed), check_index("step", step))[0]
 
   @abc.abstractmethod
   def _draw(self, seed: np.ndarray, step: int) -> tuple[Batch, bool]:
@@ -251,9 +254,7 @@ class Sampler(abc.ABC):
 
   @position.setter
   def position(self, value: int) -> None:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < 0:
-      raise ValueError(f"position must be an integer >= 0, got {value!r}")
-    self._position = int(value)
+    self._position = check_index("position", value)
 
   def __call__(self) -> Batch:
     """Draws step ``position`` of this sampler's seed and advances ``position``."""

@@ -3,6 +3,7 @@
 import itertools
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -117,6 +118,7 @@ def test_sampler_seed_keeps_all_128_bits():
   np.testing.assert_array_equal(taken, array)
   taken[0] = 9  # a copy: the caller's array is not shared
   assert array[0] == 1
+  np.testing.assert_array_equal(sampling.sampler_seed(jnp.asarray(array)), array)
   fresh = [sampling.sampler_seed() for _ in range(2)]
   assert fresh[0].shape == (4,) and not np.array_equal(*fresh)
 
@@ -141,6 +143,17 @@ def test_draw_and_position_refuse_bad_steps(step):
     s.position = step
   with pytest.raises(ValueError, match=r"^seed must be given"):
     s.draw(None, 0)
+
+
+def test_steps_may_be_numpy_or_jax_integers():
+  # A training state's step count may be a numpy or jax scalar.
+  s = sampling.ShuffledSampler(10, batch_size=2, seed=0)
+  expected = s.draw(s.seed, 3).indices
+  for step in (np.int64(3), np.array(3, np.int32), jnp.asarray(3)):
+    np.testing.assert_array_equal(s.draw(s.seed, step).indices, expected)
+  s.position = jnp.asarray(3)
+  assert s.position == 3 and type(s.position) is int
+  np.testing.assert_array_equal(s().indices, expected)
 
 
 def test_top_level_names():
