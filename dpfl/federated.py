@@ -4,7 +4,7 @@ One round of user-level DP with user-level sampling (ULS; McMahan et al. 2018,
 "Learning Differentially Private Recurrent Language Models", arXiv
 1710.06963; Charles et al. 2024, arXiv 2407.07737):
 
-1. sample users (``dpfl.user_level_sampling.UserSampler``);
+1. sample users (``dpfl.sampling.UserSampler``);
 2. each sampled user starts from the server parameters θ and runs
    ``local_steps`` steps of local SGD on their own examples, ending at θ_u;
 3. each user's *pseudo-gradient* ``θ − θ_u`` is clipped to L2 norm ≤ C;

@@ -524,7 +524,7 @@ def _build_sampler(scheme: str, *, privacy_unit: str, sampling_unit: str, datase
     if max_batch_size is not None:
       raise ValueError("max_batch_size applies to Poisson sampling only (cyclic batches "
                        "have the fixed batch_size)")
-    return sampling.CyclicSampler(dataset_size, batch_size=batch_size,
+    return sampling.CyclicSampler(dataset_size, batch_size=batch_size, unit=sampling_unit,
                                   multiple_of=multiple_of, seed=seed)
   if scheme == "cyclic_poisson":
     bands = ftrl.amplified_bands(strategy, strategy_options, num_steps)

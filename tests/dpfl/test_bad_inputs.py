@@ -15,7 +15,7 @@ import pytest
 
 import accounting
 import dpfl
-from dpfl import cyclic_sampling, sampling, user_level_sampling
+from dpfl import sampling
 from dpfl.data import UserDataset
 from dpfl import mf
 from dpfl.mf import streaming
@@ -238,9 +238,9 @@ CASES = [
     (lambda **kw: sampling.PoissonSampler(100, **kw), "sampling_prob", 1, 0,
      r"in \(0, 1\]"),
     (lambda **kw: sampling.ShuffledSampler(100, **kw), "batch_size", 10, 0, r"an integer >= 1"),
-    (lambda **kw: cyclic_sampling.CyclicSampler(100, **kw), "batch_size", 10, 0,
+    (lambda **kw: sampling.CyclicSampler(100, **kw), "batch_size", 10, 0,
      r"an integer >= 1"),
-    (lambda **kw: user_level_sampling.ElsSampler(100, sampling_prob=0.1, **kw),
+    (lambda **kw: sampling.ElsSampler(100, sampling_prob=0.1, **kw),
      "examples_per_user", 2, 0, r"an integer >= 1"),
     (lambda **kw: UserDataset.from_arrays(_data(10), np.arange(10), **kw),
      "examples_per_user", 2, 0, r"an integer >= 1"),

@@ -11,7 +11,7 @@ import pytest
 import accounting
 import dpfl
 import dpfl.mf as mf
-from dpfl import cyclic_sampling, ftrl
+from dpfl import ftrl, sampling
 from dpfl.data import UserDataset
 
 
@@ -32,37 +32,6 @@ def _gaussian_epsilon(sigma, delta):
   return accountant.get_epsilon(delta)
 
 
-# --- samplers -------------------------------------------------------------------------
-
-
-def test_cyclic_sampler_repeats_one_order():
-  s = cyclic_sampling.CyclicSampler(103, batch_size=10, seed=1)
-  assert s.steps_per_epoch == 10 and s.participation(25) == (3, 10)
-  draws = [s() for _ in range(30)]
-  first = np.concatenate([d.indices for d in draws[:10]])
-  assert len(set(first.tolist())) == 100  # one epoch: each kept unit once, 3 left out
-  for t, draw in enumerate(draws):
-    assert draw.mask.all() and np.array_equal(draw.indices, draws[t % 10].indices)
-  padded = cyclic_sampling.CyclicSampler(103, batch_size=10, multiple_of=4, seed=1)()
-  assert padded.indices.shape == (12,) and padded.mask.sum() == 10
-
-
-def test_cyclic_poisson_sampler_draws_only_the_active_group():
-  s = cyclic_sampling.CyclicPoissonSampler(1000, num_groups=4, sampling_prob=0.3, seed=0)
-  assert s.group_size == 250 and s.expected_batch_size == pytest.approx(75)
-  seen = [set() for _ in range(4)]
-  sizes = []
-  for t in range(400):
-    draw = s()
-    real = set(draw.indices[draw.mask].tolist())
-    sizes.append(len(real))
-    seen[t % 4] |= real
-  for i in range(4):
-    for j in range(i + 1, 4):
-      assert not seen[i] & seen[j]
-  assert np.mean(sizes) == pytest.approx(75, rel=0.05)
-
-
 # --- example level ----------------------------------------------------------------------
 
 
@@ -72,7 +41,7 @@ def test_every_strategy_trains_and_accounts_as_one_gaussian(name):
   pt = dpfl.make_private(loss_fn, optax.sgd(0.05, momentum=0.9), l2_clip_norm=1.0,
                          dataset_size=400, batch_size=50, delta=1e-5, num_steps=20,
                          noise_multiplier=1.3, strategy=name, key=0, seed=0)
-  assert isinstance(pt.sampler, cyclic_sampling.CyclicSampler)
+  assert isinstance(pt.sampler, sampling.CyclicSampler)
   plan = pt.ftrl
   assert plan.participation == (3, 8) and plan.planned_steps == 24
   assert plan.strategy.participation == (3, 8)
@@ -157,7 +126,7 @@ def test_amplified_banded_with_cyclic_poisson_sampling():
                          batch_size=50, delta=1e-5, num_steps=30, noise_multiplier=1.0,
                          strategy="banded", sampling_scheme="poisson",
                          strategy_options={"bands": 4}, key=0, seed=0)
-  assert isinstance(pt.sampler, cyclic_sampling.CyclicPoissonSampler)
+  assert isinstance(pt.sampler, sampling.CyclicPoissonSampler)
   assert pt.sampler.num_groups == 4 and pt.sampler.sampling_prob == pytest.approx(0.2)
   assert pt.ftrl.amplified and pt.ftrl.strategy.num_bands == 4
   assert pt.ftrl.noise_sensitivity == pytest.approx(max(pt.ftrl.strategy.column_norms()))

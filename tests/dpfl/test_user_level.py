@@ -1,7 +1,6 @@
 """User-level make_private (ELS / ULS): ledger ε equals the CLI's, samplers, errors."""
 
 import json
-import math
 
 import dp_accounting as dpa
 import jax.numpy as jnp
@@ -16,7 +15,7 @@ import dpfl
 from accounting import cli
 from dpfl.data import UserDataset
 from dpfl.user_level import make_private_user_level
-from dpfl.user_level_sampling import ElsSampler, UserSampler
+from dpfl.sampling import ElsSampler
 
 
 def loss_fn(params, batch):
@@ -122,37 +121,6 @@ def test_uls_training_lowers_the_loss_with_local_steps():
   # Linearly separable labels: log(2) = 0.69 at init; 25 rounds reach far below.
   assert float(loss_fn(params, flat)) < 0.8 * before
   assert private.ledger.num_steps == 25
-
-
-@pytest.mark.parametrize("sampler_cls,kwargs", [
-    (UserSampler, {}), (ElsSampler, {"examples_per_user": 3})])
-@pytest.mark.parametrize("max_batch_size", [None, 4])
-def test_sampler_inclusion_rate_is_q_and_never_truncates(sampler_cls, kwargs, max_batch_size):
-  # 300 draws of Poisson(q=0.05) over N=400 units: the total count is
-  # Binomial(120000, 0.05); a 6-sigma bound fails with probability < 2e-9.
-  n, q, draws = 400, 0.05, 300
-  sampler = sampler_cls(n, sampling_prob=q, max_batch_size=max_batch_size, seed=7, **kwargs)
-  counts = np.zeros(n)
-  for _ in range(draws):
-    batch = sampler()
-    real = batch.indices[batch.mask]
-    assert len(batch.mask) % sampler.max_batch_size == 0
-    assert batch.mask[:real.size].all() and not batch.mask[real.size:].any()
-    assert len(set(real.tolist())) == real.size and np.all(np.diff(real) > 0)
-    counts[real] += 1
-  total = counts.sum()
-  assert abs(total - n * q * draws) < 6 * math.sqrt(n * draws * q * (1 - q))
-  # Per unit: Binomial(300, 0.05); max over 400 units below the 1e-9 upper
-  # quantile (union bound: false failure < 4e-7), and every unit is reachable.
-  assert counts.max() <= scipy.stats.binom.isf(1e-9, draws, q)
-  if max_batch_size == 4:  # mean 20 per draw > 4: overflow padded, not truncated
-    assert sampler.num_overflows > 0.99 * draws
-
-
-def test_sampler_pads_to_a_multiple_of_the_device_count():
-  sampler = UserSampler(100, sampling_prob=0.1, max_batch_size=9, multiple_of=4, seed=0)
-  assert sampler.max_batch_size == 12
-  assert sampler.mechanism(noise_multiplier=1.0, num_steps=3) == accounting.UlsDpSgd(1.0, 0.1, 3)
 
 
 @pytest.mark.parametrize("kwargs,match", [

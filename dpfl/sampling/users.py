@@ -1,66 +1,59 @@
 """Poisson sampling for user-level DP: users (ULS) or capped examples (ELS).
 
 Both samplers include each unit independently with probability
-``sampling_prob`` and return a ``dpfl.sampling.Batch`` (indices + mask)
-padded to a static length, as ``dpfl.sampling.PoissonSampler`` does, with
-one difference: they never truncate. A draw larger than ``max_batch_size``
-is padded to the next multiple of ``max_batch_size`` instead (a new static
-shape, so ``jit`` compiles once more; with the default ``max_batch_size``
-this happens with probability <= ``DEFAULT_OVERFLOW_PROB`` = 1e-4 per step). Why: the user-level mechanisms in
-``accounting`` (``UlsDpSgd``, ``ElsDpSgd``) describe plain Poisson sampling,
-and a truncated sample would need an accountant they do not have. The
-sample is therefore exactly what the ledger says, at every step.
+``sampling_prob`` and return a ``Batch`` (indices + mask) padded to a static
+length, as ``PoissonSampler`` does, with one difference: they never
+truncate. A draw larger than ``max_batch_size`` is padded to the next
+multiple of ``max_batch_size`` instead (a new static shape, so ``jit``
+compiles once more; with the default ``max_batch_size`` this happens with
+probability <= ``DEFAULT_OVERFLOW_PROB`` = 1e-4 per step). Why: the
+user-level mechanisms in ``accounting`` (``UlsDpSgd``, ``ElsDpSgd``) describe
+plain Poisson sampling, and a truncated sample would need an accountant they
+do not have. The sample is therefore exactly what the ledger says, at every
+step.
 
-* ``UserSampler`` samples users: ``mechanism()`` is ``accounting.UlsDpSgd``.
+* ``UserSampler`` samples users: accounted as ``accounting.UlsDpSgd``.
 * ``ElsSampler`` samples examples out of users capped at ``examples_per_user``
-  examples each: ``mechanism()`` is ``accounting.ElsDpSgd``, whose ε is
-  user-level (a mixture of Gaussians per step).
-
-Secrecy of the sample is part of the guarantee: seeds default to OS entropy.
+  examples each: accounted as ``accounting.ElsDpSgd``, whose ε is user-level
+  (a mixture of Gaussians per step).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
+import numpy as np
 
-import accounting
 from accounting import validate as check
-from dpfl import _rng, sampling
-from dpfl.sampling import Batch
-
-__all__ = ["DEFAULT_OVERFLOW_PROB", "ElsSampler", "UserSampler"]
+from dpfl.sampling.base import (DOMAIN_POISSON_STEP, Batch, Sampler, default_max_batch_size,
+                                index_dtype, padded_poisson_draw, step_generator)
 
 # Per-step probability that a draw exceeds the default static length. An
 # overflow costs one more compilation (for a longer shape, cached by jit
 # afterwards), not data or privacy, so this can be far looser than the 1e-9
-# that ``dpfl.sampling`` allows for truncation; at small expected batches it
+# that ``PoissonSampler`` allows for truncation; at small expected batches it
 # cuts the padding (expected 24 of 500: static 44 instead of 57).
 DEFAULT_OVERFLOW_PROB = 1e-4
 
 
-class _PaddedPoissonSampler:
+class _PaddedPoissonSampler(Sampler):
   """Poisson sampling of ``population_size`` units, padded, never truncated."""
 
   _unit = "unit"
 
   def __init__(self, population_size: int, *, sampling_prob: float,
-               max_batch_size: int | None = None, multiple_of: int = 1,
-               seed: int | None = None):
+               max_batch_size: int | None = None, multiple_of: int = 1, seed=None):
     self._size = check.positive_int(f"num_{self._unit}s", population_size)
     self._sampling_prob = check.probability("sampling_prob", sampling_prob)
     multiple_of = check.positive_int("multiple_of", multiple_of)
     if max_batch_size is None:
-      max_batch_size = sampling.default_max_batch_size(
-          self._size, self._sampling_prob, truncation_prob=DEFAULT_OVERFLOW_PROB)
+      max_batch_size = default_max_batch_size(self._size, self._sampling_prob,
+                                              truncation_prob=DEFAULT_OVERFLOW_PROB)
     max_batch_size = check.positive_int("max_batch_size", max_batch_size)
     # A multiple of the device count keeps the unit axis evenly shardable.
     self._max_batch_size = multiple_of * math.ceil(max_batch_size / multiple_of)
-    self._rng = _rng.numpy_generator(seed)
-    self._dtype = sampling.index_dtype(self._size)
-    self.num_batches = 0
-    self.num_overflows = 0
+    self._dtype = index_dtype(self._size)
+    super().__init__(seed)
 
   @property
   def population_size(self) -> int:
@@ -80,18 +73,16 @@ class _PaddedPoissonSampler:
     """``q * N``: the public normaliser for ``dpfl.noise.gaussian_noise``."""
     return self._sampling_prob * self._size
 
-  def __call__(self) -> Batch:
-    """Draws the next sample: sorted indices, then padding (mask False)."""
-    batch, overflowed = sampling.padded_poisson_draw(
-        self._rng, self._size, self._sampling_prob, self._max_batch_size, self._dtype)
-    self.num_overflows += overflowed  # rare: a longer static shape, never a truncated sample
-    self.num_batches += 1
-    return batch
+  def describe(self) -> dict:
+    return {"scheme": "poisson", "unit": self._unit, "population_size": self._size,
+            "sampling_prob": self._sampling_prob, "max_batch_size": self._max_batch_size}
 
-  def __iter__(self) -> Iterator[Batch]:
-    """An endless stream of samples; stop after your number of steps."""
-    while True:
-      yield self()
+  def _draw(self, seed: np.ndarray, step: int) -> tuple[Batch, bool]:
+    """Sorted indices, then padding (mask False); a rare longer shape, never truncated."""
+    rng = step_generator(seed, DOMAIN_POISSON_STEP, step)
+    batch, _ = padded_poisson_draw(rng, self._size, self._sampling_prob,
+                                   self._max_batch_size, self._dtype)
+    return batch, False
 
   def __repr__(self) -> str:
     return (f"{type(self).__name__}({self._size} {self._unit}s, sampling_prob="
@@ -112,20 +103,16 @@ class UserSampler(_PaddedPoissonSampler):
     max_batch_size: usual static number of user slots (default: exceeded
       with probability <= 1e-4 per step), rounded up to ``multiple_of``.
     multiple_of: e.g. the number of devices the user axis is sharded over.
-    seed: None (OS entropy, the private default) or an int.
+    seed: None (OS entropy, the private default), an int in [0, 2**128) or a
+      ``uint32[4]`` array.
   """
 
   _unit = "user"
 
   def __init__(self, num_users: int, *, sampling_prob: float, max_batch_size: int | None = None,
-               multiple_of: int = 1, seed: int | None = None):
+               multiple_of: int = 1, seed=None):
     super().__init__(num_users, sampling_prob=sampling_prob, max_batch_size=max_batch_size,
                      multiple_of=multiple_of, seed=seed)
-
-  def mechanism(self, *, noise_multiplier: float, num_steps: int) -> accounting.Mechanism:
-    """``accounting.UlsDpSgd`` for ``num_steps`` steps on samples of this sampler."""
-    return accounting.UlsDpSgd(noise_multiplier=noise_multiplier,
-                               sampling_prob=self._sampling_prob, num_steps=num_steps)
 
 
 class ElsSampler(_PaddedPoissonSampler):
@@ -148,8 +135,7 @@ class ElsSampler(_PaddedPoissonSampler):
   _unit = "example"
 
   def __init__(self, num_examples: int, *, sampling_prob: float, examples_per_user: int,
-               max_batch_size: int | None = None, multiple_of: int = 1,
-               seed: int | None = None):
+               max_batch_size: int | None = None, multiple_of: int = 1, seed=None):
     super().__init__(num_examples, sampling_prob=sampling_prob, max_batch_size=max_batch_size,
                      multiple_of=multiple_of, seed=seed)
     self._examples_per_user = check.positive_int("examples_per_user", examples_per_user)
@@ -158,8 +144,5 @@ class ElsSampler(_PaddedPoissonSampler):
   def examples_per_user(self) -> int:
     return self._examples_per_user
 
-  def mechanism(self, *, noise_multiplier: float, num_steps: int) -> accounting.Mechanism:
-    """``accounting.ElsDpSgd`` for ``num_steps`` steps on samples of this sampler."""
-    return accounting.ElsDpSgd(noise_multiplier=noise_multiplier,
-                               sampling_prob=self._sampling_prob, num_steps=num_steps,
-                               examples_per_user=self._examples_per_user)
+  def describe(self) -> dict:
+    return {**super().describe(), "examples_per_user": self._examples_per_user}

@@ -1,38 +1,58 @@
-"""Cyclic batch selection for DP-FTRL, with static shapes for ``jit``.
+"""Cyclic batch selection for DP-FTRL: one fixed order, or fixed groups Poisson-sampled.
 
 Matrix-factorization mechanisms are accounted for a participation pattern,
 not for amplification by sampling, so their samplers fix which steps each
-example can take part in:
+unit can take part in:
 
-* ``CyclicSampler``: one fixed order repeated every epoch, each example every
+* ``CyclicSampler``: one fixed order repeated every epoch, each unit every
   ``b = N // B`` steps (``(k, b)``-participation);
-* ``CyclicPoissonSampler``: the data split once into ``b`` fixed groups,
+* ``CyclicPoissonSampler``: the units split once into ``b`` fixed groups,
   step ``t`` Poisson-samples group ``t mod b`` (amplified banded MF).
 
-Their accounting is the matrix mechanism's (``dpfl.ftrl``); batches are the
-same ``dpfl.sampling.Batch`` (indices + mask) as the other samplers', and the
-same secrecy rules apply (OS-entropy seeds unless given one).
+The order (and so the groups) is a function of the seed alone: a run rebuilt
+with the same seed, at any position, keeps the participation pattern its
+strategy was optimized for. Their accounting is the matrix mechanism's
+(``dpfl.ftrl``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import numpy as np
 
 from accounting import validate as check
-from dpfl import _rng
-from dpfl.sampling import Batch, index_dtype, default_max_batch_size, padded_poisson_draw
+from dpfl.sampling.base import (DOMAIN_CYCLIC_ORDER, DOMAIN_CYCLIC_POISSON_ORDER,
+                                DOMAIN_CYCLIC_POISSON_STEP, Batch, Sampler,
+                                default_max_batch_size, index_dtype, padded_poisson_draw,
+                                step_generator)
+
+UNITS = ("example", "user")
 
 
-class CyclicSampler:
+class _FixedOrder:
+  """The uniformly random order of ``size`` units for a seed, cached for the last seed."""
+
+  def __init__(self, size: int, domain: int):
+    self._size, self._domain = size, domain
+    self._dtype = index_dtype(size)
+    self._cached: tuple[bytes, np.ndarray] | None = None
+
+  def __call__(self, seed: np.ndarray) -> np.ndarray:
+    key = seed.tobytes()
+    if self._cached is None or self._cached[0] != key:
+      rng = step_generator(seed, self._domain)
+      self._cached = (key, rng.permutation(self._size).astype(self._dtype))
+    return self._cached[1]
+
+
+class CyclicSampler(Sampler):
   """Fixed-size batches in one fixed order, repeated every epoch (DP-FTRL / DP-MF).
 
-  One uniformly random permutation is drawn at construction and split into
-  ``b = dataset_size // batch_size`` batches (the remainder never takes part);
-  step ``t`` uses batch ``t mod b``. So every unit takes part in at most
-  ``ceil(n / b)`` of ``n`` steps, any two exactly ``b`` apart: the
+  One uniformly random permutation, a function of the seed only, is split
+  into ``b = dataset_size // batch_size`` batches (the remainder never takes
+  part); step ``t`` uses batch ``t mod b``. So every unit takes part in at
+  most ``ceil(n / b)`` of ``n`` steps, any two exactly ``b`` apart: the
   ``(k, b)``-participation (``min_separation = b``) under which a matrix
   mechanism's sensitivity is computed (Choquette-Choo et al. 2023,
   "Multi-Epoch Matrix Factorization Mechanisms"). A shuffle per epoch
@@ -50,22 +70,25 @@ class CyclicSampler:
     batch_size: units per step, in [1, N].
     multiple_of: pads each batch (mask False) to a multiple of this, e.g. the
       number of devices the unit axis is sharded over.
-    seed: None (OS entropy, the private default) or an int.
+    seed: None (OS entropy, the private default), an int in [0, 2**128) or a
+      ``uint32[4]`` array.
+    unit: what the units are, ``"example"`` (default) or ``"user"``: reported
+      by ``describe()``.
   """
 
   def __init__(self, dataset_size: int, *, batch_size: int, multiple_of: int = 1,
-               seed: int | None = None):
+               seed=None, unit: str = "example"):
     self._dataset_size = check.positive_int("dataset_size", dataset_size)
     self._batch_size = check.positive_int("batch_size", batch_size)
     if self._batch_size > self._dataset_size:
       raise ValueError(f"batch_size must be in [1, dataset_size={self._dataset_size}], "
                        f"got {batch_size!r}")
     multiple_of = check.positive_int("multiple_of", multiple_of)
+    self._unit = check.choice("unit", unit, UNITS)
     self._length = multiple_of * math.ceil(self._batch_size / multiple_of)
-    rng = _rng.numpy_generator(seed)
     self._dtype = index_dtype(self._dataset_size)
-    self._permutation = rng.permutation(self._dataset_size).astype(self._dtype)
-    self.num_batches = 0
+    self._order = _FixedOrder(self._dataset_size, DOMAIN_CYCLIC_ORDER)
+    super().__init__(seed)
 
   @property
   def dataset_size(self) -> int:
@@ -100,31 +123,29 @@ class CyclicSampler:
     b = self.steps_per_epoch
     return math.ceil(num_steps / b), b
 
-  def __call__(self) -> Batch:
-    """The next batch: batch ``t mod b`` of the fixed order, padded to ``max_batch_size``."""
-    position = self.num_batches % self.steps_per_epoch
-    start = position * self._batch_size
-    indices = np.zeros(self._length, self._dtype)
-    indices[:self._batch_size] = np.sort(self._permutation[start:start + self._batch_size])
-    self.num_batches += 1
-    return Batch(indices=indices, mask=np.arange(self._length) < self._batch_size)
+  def describe(self) -> dict:
+    return {"scheme": "cyclic", "unit": self._unit, "population_size": self._dataset_size,
+            "batch_size": self._batch_size, "max_batch_size": self._length,
+            "steps_per_epoch": self.steps_per_epoch}
 
-  def __iter__(self) -> Iterator[Batch]:
-    """An endless stream of batches; stop after your number of steps."""
-    while True:
-      yield self()
+  def _draw(self, seed: np.ndarray, step: int) -> tuple[Batch, bool]:
+    """Batch ``step mod b`` of the seed's fixed order, sorted, padded to ``max_batch_size``."""
+    start = (step % self.steps_per_epoch) * self._batch_size
+    indices = np.zeros(self._length, self._dtype)
+    indices[:self._batch_size] = np.sort(self._order(seed)[start:start + self._batch_size])
+    return Batch(indices=indices, mask=np.arange(self._length) < self._batch_size), False
 
   def __repr__(self) -> str:
     return (f"CyclicSampler(dataset_size={self._dataset_size}, batch_size={self._batch_size}, "
             f"steps_per_epoch={self.steps_per_epoch})")
 
 
-class CyclicPoissonSampler:
+class CyclicPoissonSampler(Sampler):
   """Cyclic Poisson sampling for amplified banded MF.
 
   Choquette-Choo et al. 2023, "(Amplified) Banded Matrix Factorizations"
-  (arXiv 2306.08153), Alg. 2: one uniformly random permutation, drawn at
-  construction, splits the units into ``num_groups = b`` groups of
+  (arXiv 2306.08153), Alg. 2: one uniformly random permutation, a function
+  of the seed only, splits the units into ``num_groups = b`` groups of
   ``N // b`` (the remainder never takes part); step ``t`` includes every unit
   of group ``t mod b`` independently with probability ``sampling_prob`` and
   no other unit. Padded to a static size with a mask.
@@ -140,26 +161,26 @@ class CyclicPoissonSampler:
     sampling_prob: q in (0, 1], per unit of the active group.
     max_batch_size: usual static length (default: exceeded with probability
       <= 1e-9 per step).
-    seed: None (OS entropy) or an int.
+    seed: None (OS entropy), an int in [0, 2**128) or a ``uint32[4]`` array.
+    unit: ``"example"`` (default) or ``"user"``, reported by ``describe()``.
   """
 
   def __init__(self, dataset_size: int, *, num_groups: int, sampling_prob: float,
-               max_batch_size: int | None = None, seed: int | None = None):
+               max_batch_size: int | None = None, seed=None, unit: str = "example"):
     self._dataset_size = check.positive_int("dataset_size", dataset_size)
     self._groups = check.positive_int("num_groups", num_groups)
     if self._groups > self._dataset_size:
       raise ValueError(f"num_groups must be in [1, dataset_size={self._dataset_size}], "
                        f"got {num_groups!r}")
     self._sampling_prob = check.probability("sampling_prob", sampling_prob)
+    self._unit = check.choice("unit", unit, UNITS)
     self._group_size = self._dataset_size // self._groups
     if max_batch_size is None:
       max_batch_size = default_max_batch_size(self._group_size, self._sampling_prob)
     self._max_batch_size = check.positive_int("max_batch_size", max_batch_size)
-    self._rng = _rng.numpy_generator(seed)
     self._dtype = index_dtype(self._dataset_size)
-    self._permutation = self._rng.permutation(self._dataset_size).astype(self._dtype)
-    self.num_batches = 0
-    self.num_overflows = 0
+    self._order = _FixedOrder(self._dataset_size, DOMAIN_CYCLIC_POISSON_ORDER)
+    super().__init__(seed)
 
   @property
   def dataset_size(self) -> int:
@@ -190,19 +211,19 @@ class CyclicPoissonSampler:
     """``q * N // b``: the public noise normaliser."""
     return self._sampling_prob * self._group_size
 
-  def __call__(self) -> Batch:
-    """Poisson sample of group ``t mod b``, sorted, then padding (mask False)."""
-    group = self.num_batches % self._groups
-    members = self._permutation[group * self._group_size:(group + 1) * self._group_size]
-    batch, overflowed = padded_poisson_draw(self._rng, self._group_size, self._sampling_prob,
-                                            self._max_batch_size, self._dtype, members)
-    self.num_overflows += overflowed
-    self.num_batches += 1
-    return batch
+  def describe(self) -> dict:
+    return {"scheme": "cyclic_poisson", "unit": self._unit,
+            "population_size": self._dataset_size, "num_groups": self._groups,
+            "sampling_prob": self._sampling_prob, "max_batch_size": self._max_batch_size}
 
-  def __iter__(self) -> Iterator[Batch]:
-    while True:
-      yield self()
+  def _draw(self, seed: np.ndarray, step: int) -> tuple[Batch, bool]:
+    """Poisson sample of group ``step mod b``, sorted, then padding (mask False)."""
+    group = step % self._groups
+    members = self._order(seed)[group * self._group_size:(group + 1) * self._group_size]
+    rng = step_generator(seed, DOMAIN_CYCLIC_POISSON_STEP, step)
+    batch, _ = padded_poisson_draw(rng, self._group_size, self._sampling_prob,
+                                   self._max_batch_size, self._dtype, members)
+    return batch, False
 
   def __repr__(self) -> str:
     return (f"CyclicPoissonSampler(dataset_size={self._dataset_size}, num_groups="
