@@ -14,7 +14,7 @@ import accounting
 import dpfl
 from accounting import cli
 from dpfl.data import UserDataset
-from dpfl.user_level import make_private_user_level
+from dpfl.privatize import make_private_user_level
 from dpfl.sampling import ElsSampler
 
 
