@@ -184,17 +184,6 @@ def build_strategy(name: str, *, planned_steps: int, participation: tuple[int, i
                buffers=int(options.get("buffers", DEFAULT_BUFFERS)))
 
 
-def make_noise(plan: FtrlPlan | None, *, noise_multiplier: float, l2_clip_norm: float,
-               expected_batch_size: float, key: Any = None):
-  """DP-SGD's ``gaussian_noise`` (``plan`` None) or the plan's correlated noise."""
-  from dpfl import noise
-  if plan is None:
-    return noise.gaussian_noise(noise_multiplier=noise_multiplier, l2_clip_norm=l2_clip_norm,
-                                expected_batch_size=expected_batch_size, key=key)
-  return plan.noise(noise_multiplier=noise_multiplier, l2_clip_norm=l2_clip_norm,
-                    expected_batch_size=expected_batch_size, key=key)
-
-
 def plan(strategy, options: dict, *, sampler, num_steps: int, privacy_unit: str) -> FtrlPlan:
   """The ``FtrlPlan`` for a run of ``num_steps`` on ``sampler``'s batches."""
   if isinstance(sampler, cyclic_sampling.CyclicPoissonSampler):

@@ -356,8 +356,10 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
   describe(noise_multiplier=noise_multiplier, num_steps=num_steps)
   grad_fn = _clipped_grad(loss_fn, l2_clip_norm=l2_clip_norm, has_aux=has_aux,
                           microbatch_size=microbatch_size)
-  noisy = ftrl.make_noise(plan, noise_multiplier=noise_multiplier, l2_clip_norm=l2_clip_norm,
-                          expected_batch_size=sampler.expected_batch_size, key=key)
+  # DP-SGD's noise or the plan's correlated noise: both dpfl.noise.privatizer.
+  noisy = (noise.gaussian_noise if plan is None else plan.noise)(
+      noise_multiplier=noise_multiplier, l2_clip_norm=l2_clip_norm,
+      expected_batch_size=sampler.expected_batch_size, key=key)
   return PrivateTraining(clipped_grad=grad_fn, optimizer=optax.chain(noisy, optimizer),
                          sampler=sampler, ledger=accounting.Ledger() if ledger is None else ledger,
                          noise_multiplier=float(noise_multiplier),

@@ -37,7 +37,7 @@ import optax
 
 import accounting
 from accounting import validate as check
-from dpfl import cyclic_sampling, ftrl, sampling
+from dpfl import cyclic_sampling, ftrl, noise, sampling
 from dpfl.clipping import clipped_grad as _clipped_grad
 from dpfl.data import UserDataset
 from dpfl.federated import clipped_user_updates, shard_users
@@ -289,8 +289,10 @@ def make_private_user_level(
   else:
     grad_fn = _clipped_grad(loss_fn, l2_clip_norm=l2_clip_norm, has_aux=has_aux,
                             unit=sampling_unit, microbatch_size=microbatch_size)
-  noisy = ftrl.make_noise(plan, noise_multiplier=noise_multiplier, l2_clip_norm=l2_clip_norm,
-                          expected_batch_size=sampler.expected_batch_size, key=key)
+  # DP-SGD's noise or the plan's correlated noise: both dpfl.noise.privatizer.
+  noisy = (noise.gaussian_noise if plan is None else plan.noise)(
+      noise_multiplier=noise_multiplier, l2_clip_norm=l2_clip_norm,
+      expected_batch_size=sampler.expected_batch_size, key=key)
   return UserLevelPrivateTraining(
       clipped_grad=grad_fn, optimizer=optax.chain(noisy, optimizer), sampler=sampler,
       ledger=accounting.Ledger() if ledger is None else ledger,
