@@ -379,7 +379,9 @@ def _assert_close_trees(a, b):
 def test_advance_then_update_is_the_last_of_skip_plus_one_updates(name, skip):
   make, _ = ADVANCE_CASES[name]
   tx = make()
-  params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "b": jnp.ones(5, jnp.bfloat16)}
+  # float32 leaves: a bf16 output could round to either side of a boundary when
+  # the buffers of the jitted skip differ from eager ones in the last ulp.
+  params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "b": jnp.ones(5)}
   start = tx.init(params)
   state = start
   for _ in range(skip + 1):
