@@ -1,9 +1,18 @@
-"""Gaussian noise for DP-SGD as optax ``GradientTransformation``s.
+"""The one noise path of dpfl: a streaming privatizer, as optax ``GradientTransformation``s.
 
-The transform here is the *release* step of DP-SGD (Abadi et al. 2016,
-"Deep Learning with Differential Privacy", Algorithm 1): it takes the sum of
-per-unit gradients, each clipped to L2 norm ``l2_clip_norm`` (``C``), adds
-``N(0, (noise_multiplier * C)^2 I)`` and divides by the expected batch size.
+``privatizer(strategy, ...)`` is the *release* step of every dpfl run: it
+takes the sum of per-unit gradients, each clipped to L2 norm ``l2_clip_norm``
+(``C``), adds noise of scale ``noise_multiplier * C`` (times the strategy's
+sensitivity) and divides by the expected batch size. The strategy says how
+the noise is correlated across steps (a ``NoiseStrategy``: the streaming form
+of a matrix-factorization strategy, ``dpfl.mf.streaming`` builds them). DP-SGD
+(Abadi et al. 2016, "Deep Learning with Differential Privacy", Algorithm 1)
+is the identity strategy, ``gaussian_noise``: iid ``N(0, (noise_multiplier *
+C)^2 I)`` every step. All strategies share every line of this code (key
+splitting, the draw, scaling, checks, the state type ``NoiseState``), as
+jax-privacy's ``gaussian_privatizer`` is its matrix privatizer with the
+identity. ``advance`` moves a state over steps whose noise must not be
+released again (a resume).
 
 Why the input is the clipped *sum* and the transform divides. The noise is
 calibrated to the sensitivity of the sum (``C``: one unit added or removed
@@ -56,8 +65,9 @@ would add the same noise. Not detectable: one state copied (e.g.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -72,21 +82,36 @@ from dpfl import _rng
 _RESEED_DOMAIN = 0x5EED
 
 
-class GaussianNoiseState(NamedTuple):
-  """State of ``gaussian_noise``.
+class NoiseState(NamedTuple):
+  """State of every dpfl noise transform (``privatizer``, ``gaussian_noise``, ``dpfl.mf``'s).
+
+  A pytree of arrays: it jits, vmaps, shards and checkpoints as is. For
+  DP-SGD (the identity strategy) its leaves are just ``key`` and ``count``.
 
   Attributes:
     key: raw ``uint32`` PRNG key data for the *next* step's noise.
     count: number of noisy updates released so far (int32 scalar).
+    buffers: the strategy's model-sized buffers, a tuple of pytrees shaped
+      like the updates (float32, or the leaf's dtype if wider): none for the
+      identity strategy, ``m`` for BLT, ``num_bands - 1`` for banded.
+    step_keys: None, or (strategies that regenerate past noise, e.g.
+      ``dpfl.mf.dense_noise``) ``[n, *key_shape]`` raw key data of every
+      step's noise so far (zeros for future steps).
   """
 
   key: jax.Array
   count: jax.Array
+  buffers: tuple[Any, ...] = ()
+  step_keys: jax.Array | None = None
 
 
-# State types whose ``key`` field ``reseed`` refreshes. Other dpfl noise
-# transforms (e.g. correlated noise) add theirs with ``register_noise_state``.
-_NOISE_STATE_TYPES: tuple[type, ...] = (GaussianNoiseState,)
+# The public name of DP-SGD's noise state (``dpfl.GaussianNoiseState``): the
+# one state type, whose ``buffers`` and ``step_keys`` stay empty for DP-SGD.
+GaussianNoiseState = NoiseState
+
+# State types whose ``key`` field ``reseed`` refreshes. Other noise transforms
+# may add theirs with ``register_noise_state``.
+_NOISE_STATE_TYPES: tuple[type, ...] = (NoiseState,)
 
 
 def register_noise_state(state_type: type) -> type:
@@ -149,6 +174,264 @@ def check_float_leaves(updates) -> None:
           f"{jax.tree_util.keystr(path)} has dtype {jnp.result_type(leaf)}")
 
 
+# --- the one streaming privatizer ------------------------------------------------
+
+# ``solve(t, z, buffers, step_keys) -> x``: row ``t`` of ``C x = z``, per leaf
+# (``z``: this step's fresh noise, a list over leaves; ``buffers[j]``: the
+# list of leaf ``j``'s buffers; ``step_keys``: the state's, or None).
+Solve = Callable[[jax.Array, list, list, Any], list]
+# ``carry(t, x, buffers) -> new buffers`` (same layout as ``buffers``).
+Carry = Callable[[jax.Array, list, list], list]
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseStrategy:
+  """How ``privatizer`` turns step ``t``'s fresh noise ``z_t`` into ``x_t = (C^{-1} z)_t``.
+
+  The streaming form of a lower-triangular strategy ``C`` (the matrix
+  mechanism, Denisov et al. 2022, arXiv 2202.08312): ``x_t`` from ``z_t`` and
+  a small state. ``NoiseStrategy()`` is ``C = I`` with no end: DP-SGD
+  (``IDENTITY``). ``dpfl.mf.streaming`` builds the others (``blt_strategy``,
+  ``banded_strategy``, ``dense_strategy``, ``noise_strategy``).
+
+  Attributes:
+    num_steps: ``n``, the number of steps ``C`` has (and the mechanism is
+      accounted for): an eager ``update`` at step ``>= n`` raises, a jitted
+      one returns NaN. None: no end (C = I, DP-SGD).
+    num_buffers: model-sized buffers the state keeps per leaf (>= 0).
+    solve: ``solve(t, z, buffers, step_keys) -> x`` (see ``Solve``); None:
+      ``x = z`` (``C = I``).
+    carry: ``carry(t, x, buffers) -> new buffers``; None: buffers unchanged.
+      Needed when ``num_buffers > 0``.
+    store_step_keys: keep every step's key in ``state.step_keys`` (``n`` of
+      them; needs ``num_steps``), so ``solve`` can regenerate past ``z_s``
+      with ``normal_leaves``.
+  """
+
+  num_steps: int | None = None
+  num_buffers: int = 0
+  solve: Solve | None = None
+  carry: Carry | None = None
+  store_step_keys: bool = False
+
+  def __post_init__(self):
+    if self.num_steps is not None:
+      object.__setattr__(self, "num_steps", check.positive_int("num_steps", self.num_steps))
+    object.__setattr__(self, "num_buffers",
+                       check.integer("num_buffers", self.num_buffers, low=0))
+    if self.num_buffers and self.carry is None:
+      raise ValueError(f"carry must be given for num_buffers={self.num_buffers} > 0 (how the "
+                       "buffers move on), got None")
+    if self.store_step_keys and self.num_steps is None:
+      raise ValueError("store_step_keys=True needs num_steps (the number of keys to keep), "
+                       "got num_steps=None")
+
+
+# DP-SGD: iid noise, C = I, no last step.
+IDENTITY = NoiseStrategy()
+
+
+def noise_dtype(leaf) -> jnp.dtype:
+  """The dtype noise for ``leaf`` is drawn and added in: float32, or wider."""
+  return jnp.promote_types(jnp.result_type(leaf), jnp.float32)
+
+
+def normal_leaves(step_key: jax.Array, leaves: Sequence[Any]) -> list[jax.Array]:
+  """Step noise ``z`` for every leaf, exactly as ``privatizer`` draws it from ``step_key``.
+
+  ``jax.random.split(step_key, len(leaves))``, then ``jax.random.normal`` of
+  each leaf's shape in ``noise_dtype(leaf)`` (bit for bit, by a fused
+  implementation). Lets a ``NoiseStrategy`` regenerate past steps' ``z``
+  from ``state.step_keys``.
+
+  Args:
+    step_key: a typed key (``jax.random.wrap_key_data(raw)`` for raw data).
+    leaves: arrays (or anything with ``shape`` and ``dtype``), one per leaf.
+  """
+  leaf_keys = jax.random.split(step_key, max(len(leaves), 1))
+  return [_rng.normal(k, jnp.shape(leaf), noise_dtype(leaf))
+          for k, leaf in zip(leaf_keys, leaves)]
+
+
+def _concrete_int(value) -> int | None:
+  """``int(value)`` outside of tracing, None for a tracer (inside jit/vmap)."""
+  if isinstance(value, jax.core.Tracer):
+    return None
+  return int(value)
+
+
+def _materialize(xs: list, valid: jax.Array) -> list:
+  """``xs`` written to memory once; NaN when ``valid`` is False (past step n).
+
+  Why a ``cond``: each of ``x``'s consumers (m buffer updates, the output) is
+  a separate loop, and XLA fuses the cheap sum ``z - sum_i omega_i s_i`` into
+  every one of them, re-reading all m buffers m + 1 times; on CPU it ignores
+  ``optimization_barrier`` for this. A conditional's result must be stored, so
+  ``x`` is computed once (with the draw of ``z`` fused in) and read back.
+  """
+  return jax.lax.cond(valid, lambda xs: xs,
+                      lambda xs: [jnp.full_like(x, jnp.nan) for x in xs], xs)
+
+
+def privatizer(strategy: NoiseStrategy = IDENTITY, *, noise_multiplier: float,
+               l2_clip_norm: float, expected_batch_size: float,
+               sensitivity: float | None = None,
+               key: Any = None) -> optax.GradientTransformation:
+  """The one noise step of dpfl: ``(clipped_sum + s * x_t) / expected_batch_size``.
+
+  ``s = noise_multiplier * l2_clip_norm * sensitivity`` and ``x_t = (C^{-1}
+  z)_t`` for the strategy's ``C`` and iid ``N(0, 1)`` noise ``z``, streamed
+  (see ``NoiseStrategy``). Every step splits the state's key as
+  ``next_key, step_key = split(key)`` and draws ``z_t = normal_leaves(step_key,
+  leaves)``; the identity strategy adds ``s * z_t``, which is DP-SGD
+  (``gaussian_noise`` is this function with ``IDENTITY``), and every strategy
+  draws the same ``z_t`` from the same key.
+
+  Privacy guarantee: if every privacy unit changes each step's clipped sum by
+  a vector of L2 norm at most ``l2_clip_norm`` and takes part in the steps of
+  a participation pattern ``sensitivity`` (``sens(C)``; 1 for DP-SGD's
+  per-step release) was computed for, the outputs are post-processing of ``C G
+  + s Z``: a Gaussian mechanism with noise multiplier ``noise_multiplier``,
+  also for adaptively chosen gradients (``C`` lower-triangular). DP-SGD:
+  one Gaussian mechanism per step, accounted with the sampler's mechanism;
+  otherwise ``accounting.MatrixMechanism``.
+
+  Args:
+    strategy: a ``NoiseStrategy``; default ``IDENTITY`` (DP-SGD).
+    noise_multiplier: finite and > 0 (0 is rejected; see "Zero noise" in the
+      module docstring).
+    l2_clip_norm: the clip norm the input sums were clipped with; > 0.
+    expected_batch_size: the public normaliser; > 0. Never the realised
+      batch size, which would leak the sample size.
+    sensitivity: ``sens(C)`` in units of the clip norm; > 0. None: 1.
+    key: None (OS entropy each time ``init`` runs), or an ``int`` seed >= 0
+      (every bit used) / ``jax.random.key``: the first ``init`` uses it, each
+      later one ``jax.random.fold_in(key, n)`` (see the module docstring).
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is a ``NoiseState``.
+  """
+  if not isinstance(strategy, NoiseStrategy):
+    raise ValueError(f"strategy must be a dpfl.noise.NoiseStrategy, got "
+                     f"{type(strategy).__name__}")
+  noise_multiplier = check_noise_multiplier(noise_multiplier)
+  l2_clip_norm = check.positive("l2_clip_norm", l2_clip_norm)
+  stddev, names = noise_multiplier * l2_clip_norm, "noise_multiplier * l2_clip_norm"
+  if sensitivity is not None:
+    sensitivity = check.positive("sensitivity", sensitivity)
+    stddev, names = stddev * sensitivity, names + " * sensitivity"
+  expected_batch_size = check.positive("expected_batch_size", expected_batch_size)
+  check_noise_scale(stddev=stddev, expected_batch_size=expected_batch_size, names=names)
+  draw_key = _rng.init_keys(key)
+  n, num_buffers = strategy.num_steps, strategy.num_buffers
+  solve, carry, store_step_keys = strategy.solve, strategy.carry, strategy.store_step_keys
+
+  def init_fn(params):
+    key_data = draw_key(params)
+    zeros = lambda p: jnp.zeros(jnp.shape(p), noise_dtype(p))
+    buffers = tuple(jax.tree.map(zeros, params) for _ in range(num_buffers))
+    step_keys = None
+    if store_step_keys:
+      step_keys = jnp.zeros((n,) + tuple(jnp.shape(key_data)), jnp.uint32)
+    return NoiseState(key=key_data, count=jnp.zeros([], jnp.int32), buffers=buffers,
+                      step_keys=step_keys)
+
+  def update_fn(updates, state, params=None):
+    del params
+    check_float_leaves(updates)
+    if n is not None:
+      count = _concrete_int(state.count)
+      if count is not None and count >= n:
+        raise ValueError(
+            f"this noise transform was built for num_steps={n} steps and its state is at "
+            f"step {count}; the matrix mechanism (and its accounting) does not extend past "
+            "its last step. Build a new transform (and account a new mechanism).")
+    leaves, treedef = jax.tree.flatten(updates)
+    leaves = [jnp.asarray(leaf) for leaf in leaves]
+    key = _rng.unshared_key(jnp.asarray(state.key), updates)
+    next_key, step_key = jax.random.split(jax.random.wrap_key_data(key))
+    x = normal_leaves(step_key, leaves)
+    buffers, step_keys, valid = state.buffers, state.step_keys, None
+    if solve is not None or num_buffers:
+      # Past the planned steps the tables are indexed at n - 1 (no
+      # out-of-bounds reads) and the output is NaN.
+      t = state.count if n is None else jnp.minimum(state.count, n - 1)
+      if store_step_keys:
+        step_keys = jax.lax.dynamic_update_index_in_dim(
+            step_keys, jax.random.key_data(step_key), t, axis=0)
+      flat = [treedef.flatten_up_to(b) for b in buffers]
+      per_leaf = [[b[j] for b in flat] for j in range(len(leaves))]
+      if n is not None:
+        valid = state.count < n
+      if solve is not None:
+        x = solve(t, x, per_leaf, step_keys)
+      if num_buffers:
+        if valid is not None:
+          x = _materialize(x, valid)
+        new = carry(t, x, per_leaf)
+        buffers = tuple(jax.tree.unflatten(treedef, [new[j][i] for j in range(len(leaves))])
+                        for i in range(num_buffers))
+    elif n is not None:
+      valid = state.count < n
+    out = []
+    for leaf, x_leaf in zip(leaves, x):
+      noisy = (leaf.astype(x_leaf.dtype) + stddev * x_leaf) / expected_batch_size
+      if valid is not None:
+        noisy = jnp.where(valid, noisy, jnp.nan)
+      out.append(noisy.astype(leaf.dtype))
+    new_state = NoiseState(key=jax.random.key_data(next_key),
+                           count=optax.safe_increment(state.count), buffers=buffers,
+                           step_keys=step_keys)
+    return jax.tree.unflatten(treedef, out), new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def advance(transform: optax.GradientTransformation, state: NoiseState, params_like: Any,
+            num_steps: int) -> NoiseState:
+  """``state`` moved on by ``num_steps`` steps, exactly as that many ``update`` calls would.
+
+  The same keys, buffers, stored step keys and count as ``num_steps`` calls
+  of ``transform.update`` (on any updates: the state does not depend on
+  them), but the noise is never returned. For a resume: steps released
+  before a crash must move a correlated-noise state on (the new steps'
+  noise is tied to theirs through the buffers), and their noise must never
+  be released again.
+
+  Args:
+    transform: the dpfl noise transform ``state`` belongs to (``privatizer``,
+      ``gaussian_noise``, a ``dpfl.mf`` noise transform); not a chain.
+    state: its ``NoiseState``.
+    params_like: a pytree shaped like the updates (e.g. the params).
+    num_steps: steps to skip, an integer >= 0.
+
+  Returns:
+    The new ``NoiseState``.
+
+  Raises:
+    ValueError: if ``state`` is not a ``NoiseState``, or the steps would go
+      past a finite strategy's last step (as ``update`` would).
+  """
+  num_steps = check.integer("num_steps", num_steps, low=0)
+  if not isinstance(state, NoiseState):
+    raise ValueError(f"state must be a dpfl.noise.NoiseState (the state of a dpfl noise "
+                     f"transform), got {type(state).__name__}")
+  if not num_steps:
+    return state
+  zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.result_type(p)), params_like)
+
+  @jax.jit
+  def skip(state, updates, steps):
+    # Only the state is returned, so XLA drops the output (and for DP-SGD
+    # the whole draw): skipping costs the buffers' arithmetic at most.
+    return jax.lax.fori_loop(0, steps, lambda _, s: transform.update(updates, s)[1], state)
+
+  state = skip(state, zeros, num_steps - 1)
+  # The last step eagerly: update's count check raises past a finite end
+  # (the count only grows, so any earlier step past it means this one is too).
+  return transform.update(zeros, state)[1]
+
+
 def gaussian_noise(*, noise_multiplier: float, l2_clip_norm: float,
                    expected_batch_size: float,
                    key: Any = None) -> optax.GradientTransformation:
@@ -158,7 +441,8 @@ def gaussian_noise(*, noise_multiplier: float, l2_clip_norm: float,
   ``(clipped_sum + N(0, (noise_multiplier * l2_clip_norm)^2 I)) / expected_batch_size``
   with independent noise for every leaf and every step. Put it first in an
   ``optax.chain``, directly on the output of ``dpfl.clipped_grad``, e.g.
-  ``optax.chain(gaussian_noise(...), optax.adam(1e-3))``.
+  ``optax.chain(gaussian_noise(...), optax.adam(1e-3))``. It is
+  ``privatizer(IDENTITY, ...)``: the identity strategy of the one noise path.
 
   Privacy guarantee: if every privacy unit (example or user) changes
   ``clipped_sum`` by a vector of L2 norm at most ``l2_clip_norm`` (true for
@@ -190,38 +474,10 @@ def gaussian_noise(*, noise_multiplier: float, l2_clip_norm: float,
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a
-    ``GaussianNoiseState``.
+    ``GaussianNoiseState`` (``NoiseState`` with no buffers).
   """
-  noise_multiplier = check_noise_multiplier(noise_multiplier)
-  l2_clip_norm = check.positive("l2_clip_norm", l2_clip_norm)
-  expected_batch_size = check.positive("expected_batch_size", expected_batch_size)
-  check_noise_scale(stddev=noise_multiplier * l2_clip_norm,
-                     expected_batch_size=expected_batch_size,
-                     names="noise_multiplier * l2_clip_norm")
-  draw_key = _rng.init_keys(key)
-  stddev = noise_multiplier * l2_clip_norm
-
-  def init_fn(params):
-    return GaussianNoiseState(key=draw_key(params), count=jnp.zeros([], jnp.int32))
-
-  def update_fn(updates, state, params=None):
-    del params
-    check_float_leaves(updates)
-    leaves, treedef = jax.tree.flatten(updates)
-    key = _rng.unshared_key(jnp.asarray(state.key), updates)
-    next_key, step_key = jax.random.split(jax.random.wrap_key_data(key))
-    leaf_keys = jax.random.split(step_key, max(len(leaves), 1))
-    noisy = []
-    for leaf, leaf_key in zip(leaves, leaf_keys):
-      leaf = jnp.asarray(leaf)
-      dtype = jnp.promote_types(leaf.dtype, jnp.float32)
-      noise = stddev * _rng.normal(leaf_key, leaf.shape, dtype)  # == jax.random.normal
-      noisy.append(((leaf.astype(dtype) + noise) / expected_batch_size).astype(leaf.dtype))
-    new_state = GaussianNoiseState(key=jax.random.key_data(next_key),
-                                   count=optax.safe_increment(state.count))
-    return jax.tree.unflatten(treedef, noisy), new_state
-
-  return optax.GradientTransformation(init_fn, update_fn)
+  return privatizer(IDENTITY, noise_multiplier=noise_multiplier, l2_clip_norm=l2_clip_norm,
+                    expected_batch_size=expected_batch_size, key=key)
 
 
 def reseed(opt_state: Any, *, key: Any = None) -> Any:
@@ -235,8 +491,9 @@ def reseed(opt_state: Any, *, key: Any = None) -> Any:
   ``opt_state = reseed(restored_opt_state)`` right after restoring.
 
   Walks any optax state (``chain`` tuples, ``inject_hyperparams``,
-  ``multi_transform``, ...) and replaces each ``GaussianNoiseState`` (and
-  each type registered with ``register_noise_state``) key; counts are kept.
+  ``multi_transform``, ...) and replaces each ``NoiseState`` (and each type
+  registered with ``register_noise_state``) key; counts, buffers and stored
+  step keys are kept.
 
   Privacy guarantee: with ``key=None`` each new key is fresh OS entropy, so
   the resumed run's noise is independent of everything drawn before. With an

@@ -456,11 +456,7 @@ class PrivateTraining:
       return noise_state
     if self.ftrl is None:
       return noise_state._replace(count=noise_state.count + num_steps)
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    advance = jax.jit(lambda s: self.noise_transform.update(zeros, s)[1])
-    for _ in range(num_steps):
-      noise_state = advance(noise_state)
-    return noise_state
+    return noise.advance(self.noise_transform, noise_state, params, num_steps)
 
   # --- the (params, opt_state) loop -----------------------------------------------------
 

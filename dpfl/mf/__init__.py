@@ -12,8 +12,8 @@ from dpfl.mf.strategies import (IdentityStrategy, SqrtToeplitzStrategy, Strategy
 from dpfl.mf.workload import Workload
 
 __all__ = [
-    "CorrelatedNoiseState", "banded_noise", "blt_noise", "dense_noise", "identity_noise",
-    "matrix_noise",
+    "CorrelatedNoiseState", "banded_noise", "banded_strategy", "blt_noise", "blt_strategy",
+    "dense_noise", "dense_strategy", "identity_noise", "matrix_noise", "noise_strategy",
     "BandedStrategy", "BltStrategy", "DenseStrategy", "IdentityStrategy", "Participation",
     "SqrtToeplitzStrategy", "Strategy", "ToeplitzStrategy", "TreeStrategy", "Workload",
     "brute_force_sensitivity", "build", "identity", "matrix_sensitivity", "optimize_banded",
@@ -21,8 +21,9 @@ __all__ = [
 ]
 
 # Streaming noise needs JAX; `dpfl mf` must not. Loaded on first use (PEP 562).
-_STREAMING = ("CorrelatedNoiseState", "banded_noise", "blt_noise", "dense_noise",
-              "identity_noise", "matrix_noise")
+_STREAMING = ("CorrelatedNoiseState", "banded_noise", "banded_strategy", "blt_noise",
+              "blt_strategy", "dense_noise", "dense_strategy", "identity_noise", "matrix_noise",
+              "noise_strategy")
 
 
 def __getattr__(name):

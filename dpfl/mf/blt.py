@@ -78,12 +78,57 @@ def inverse_parameters(buffer_decay: np.ndarray,
   return zeros, output_scale_from_pair(zeros, theta)
 
 
+def _float_vector(name: str, value) -> np.ndarray:
+  try:
+    arr = np.array(value, dtype=float)
+  except (TypeError, ValueError) as err:
+    raise ValueError(f"{name} must be a real 1-D array, got {value!r}") from err
+  if arr.ndim > 1:
+    raise ValueError(f"{name} must be a 1-D array, got shape {arr.shape}")
+  arr = arr.reshape(-1)
+  if not np.all(np.isfinite(arr)):
+    raise ValueError(f"{name} must be finite, got {arr.tolist()}")
+  return arr
+
+
+def check_blt_parameters(buffer_decay, output_scale) -> tuple[np.ndarray, np.ndarray]:
+  """``(theta, omega)`` as float arrays, or a ``ValueError`` naming the bad one.
+
+  The one check of a BLT's parameters (``BltStrategy`` and the streaming
+  ``dpfl.mf.blt_noise`` both call it). ``buffer_decay`` must lie in (-1, 1):
+  the streamed recursion ``x_t = z_t - sum_i omega_i s_i``,
+  ``s_i <- theta_i s_i + x_t`` solves ``C x = z`` for any real ``theta``
+  (``s_i`` holds ``sum_{j<t} theta_i^(t-1-j) x_j``), and ``|theta| < 1`` keeps
+  the buffers bounded (``|theta| >= 1`` would let them, and ``c_t``, grow
+  without decay). Negative or zero decays are valid: the sensitivity code
+  uses the O(n) rule only for non-negative, non-increasing coefficients and
+  falls back to the dense computation (exact, or the valid Alg. 4 bound)
+  otherwise; the optimizer produces decays in (0, 1).
+
+  Args:
+    buffer_decay: ``theta``, 1-D (or a scalar), each finite in (-1, 1), at
+      least one.
+    output_scale: ``omega``, the shape of ``buffer_decay``, finite.
+  """
+  theta = _float_vector("buffer_decay", buffer_decay)
+  omega = _float_vector("output_scale", output_scale)
+  if theta.size < 1:
+    raise ValueError("buffer_decay must hold at least one buffer's decay, got shape (0,)")
+  if omega.shape != theta.shape:
+    raise ValueError(f"output_scale must have the shape of buffer_decay {theta.shape}, "
+                     f"got {omega.shape}")
+  if not np.all(np.abs(theta) < 1):
+    raise ValueError(f"buffer_decay must lie in (-1, 1), got {theta.tolist()}")
+  return theta, omega
+
+
 @dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
 class BltStrategy(_strategies._ToeplitzLosses, _strategies.Strategy):
   """A BLT strategy: ``c_0 = 1, c_t = sum_i output_scale_i buffer_decay_i^(t-1)``.
 
   Attributes:
-    buffer_decay: ``theta``, shape ``[buffers]``, in (0, 1), decreasing.
+    buffer_decay: ``theta``, shape ``[buffers]``, in (-1, 1) (``check_blt_parameters``;
+      optimized ones lie in (0, 1), decreasing).
     output_scale: ``omega``, shape ``[buffers]``.
   """
 
@@ -93,15 +138,7 @@ class BltStrategy(_strategies._ToeplitzLosses, _strategies.Strategy):
 
   def __post_init__(self):
     super().__post_init__()
-    theta = np.array(self.buffer_decay, dtype=float).reshape(-1)
-    omega = np.array(self.output_scale, dtype=float).reshape(-1)
-    if theta.shape != omega.shape or not len(theta):
-      raise ValueError(
-          f"buffer_decay and output_scale must be 1-D of equal length >= 1, got shapes "
-          f"{theta.shape} and {omega.shape}")
-    if not (np.all(np.isfinite(theta)) and np.all(np.isfinite(omega))
-            and np.all(np.abs(theta) < 1)):
-      raise ValueError(f"buffer_decay must be finite in (-1, 1), got {theta}")
+    theta, omega = check_blt_parameters(self.buffer_decay, self.output_scale)
     for arr in (theta, omega):
       arr.setflags(write=False)
     object.__setattr__(self, "buffer_decay", theta)

@@ -160,9 +160,8 @@ def test_lax_map_and_scan_over_init_give_distinct_keys(name, key):
   tx = TRANSFORMS[name](key)
   mapped = jax.lax.map(tx.init, params)
   _, scanned = jax.lax.scan(lambda c, p: (c, tx.init(p)), 0, params)
-  keys = [mapped.key, scanned.key]
-  if name == "gaussian":  # jax 0.10's batched lax.map cannot reshape blt's empty step_keys
-    keys.append(jax.lax.map(tx.init, params, batch_size=2).key)  # a vmap inside a scan
+  batched = jax.lax.map(tx.init, params, batch_size=2)  # a vmap inside a scan
+  keys = [mapped.key, scanned.key, batched.key]
   assert _distinct_rows(np.concatenate(keys))
 
 

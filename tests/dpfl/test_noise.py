@@ -248,3 +248,184 @@ def test_fused_normal_is_jax_random_normal_bit_for_bit(shape):
   key = jax.random.key(1234)
   ours = jax.jit(_rng.normal, static_argnums=(1, 2))(key, shape, jnp.float32)
   np.testing.assert_array_equal(np.asarray(ours), np.asarray(jax.random.normal(key, shape)))
+
+
+# --- the one privatizer (issue 12) -------------------------------------------------
+
+
+def _old_gaussian_noise_outputs(key, leaves, steps, stddev, batch):
+  """gaussian_noise as it was before the privatizer, rebuilt from the key with jax.random.
+
+  Each step: next_key, step_key = split(key); one key per leaf from
+  split(step_key, n_leaves); z = jax.random.normal in float32 or wider; then
+  (leaf + stddev * z) / batch in that dtype, cast back to the leaf's dtype.
+  """
+  outs = []
+  for _ in range(steps):
+    key, step_key = jax.random.split(key)
+    leaf_keys = jax.random.split(step_key, len(leaves))
+    step = []
+    for leaf, leaf_key in zip(leaves, leaf_keys):
+      dtype = jnp.promote_types(leaf.dtype, jnp.float32)
+      z = jax.random.normal(leaf_key, leaf.shape, dtype)
+      step.append(((leaf.astype(dtype) + stddev * z) / batch).astype(leaf.dtype))
+    outs.append(step)
+  return outs
+
+
+def test_gaussian_noise_is_bit_for_bit_the_old_gaussian_noise():
+  rng = np.random.default_rng(0)
+  leaves = [jnp.asarray(rng.normal(size=(17, 5)), jnp.float32),
+            jnp.asarray(rng.normal(size=(33,)), jnp.bfloat16),
+            jnp.asarray(1.25, jnp.float32),  # a scalar leaf
+            jnp.asarray(rng.normal(size=(2, 3, 4)), jnp.float16),
+            jnp.asarray(rng.normal(size=(4096,)), jnp.float32)]
+  updates = {f"leaf{i}": leaf for i, leaf in enumerate(leaves)}  # keys sort as leaf0..4
+  sigma, clip, batch = 1.3, 0.7, 32.0
+  tx = noise.gaussian_noise(noise_multiplier=sigma, l2_clip_norm=clip,
+                            expected_batch_size=batch, key=17)
+  state = tx.init(updates)
+  expected = _old_gaussian_noise_outputs(jax.random.key(17), leaves, 3, sigma * clip, batch)
+  for step in range(3):
+    out, state = tx.update(updates, state)
+    got = jax.tree.leaves(out)
+    for g, e in zip(got, expected[step]):
+      assert g.dtype == e.dtype and g.shape == e.shape
+      np.testing.assert_array_equal(np.asarray(g).reshape(-1).view(np.uint8),
+                                    np.asarray(e).reshape(-1).view(np.uint8))
+  assert int(state.count) == 3
+
+
+def test_dp_sgd_state_is_the_one_state_type_with_only_key_and_count_leaves():
+  import dpfl
+  from dpfl.mf import streaming
+  state = _transform().init({"w": jnp.zeros(3)})
+  assert noise.GaussianNoiseState is noise.NoiseState is streaming.CorrelatedNoiseState
+  assert dpfl.GaussianNoiseState is noise.NoiseState
+  assert isinstance(state, noise.GaussianNoiseState)
+  # Checkpoints of DP-SGD keep their two leaves: no empty buffers or keys.
+  assert len(jax.tree.leaves(state)) == 2 and state.buffers == () and state.step_keys is None
+  assert state.key.dtype == jnp.uint32 and int(state.count) == 0
+
+
+def test_gaussian_noise_has_no_last_step():
+  tx = _transform(key=1)
+  zeros = {"w": jnp.zeros(4)}
+  state = tx.init(zeros)._replace(count=jnp.asarray(10**6, jnp.int32))
+  out, state = tx.update(zeros, state)
+  assert np.all(np.isfinite(np.asarray(out["w"]))) and int(state.count) == 10**6 + 1
+
+
+@pytest.mark.parametrize("build,match", [
+    (lambda: noise.NoiseStrategy(num_buffers=2), "carry must be given for num_buffers=2"),
+    (lambda: noise.NoiseStrategy(store_step_keys=True), "store_step_keys=True needs num_steps"),
+    (lambda: noise.NoiseStrategy(num_steps=0), "num_steps must be an integer >= 1, got 0"),
+    (lambda: noise.NoiseStrategy(num_buffers=-1), "num_buffers must be an integer >= 0"),
+    (lambda: noise.privatizer("blt", noise_multiplier=1.0, l2_clip_norm=1.0,
+                              expected_batch_size=1.0), "strategy must be a dpfl.noise"),
+    (lambda: noise.privatizer(noise_multiplier=1.0, l2_clip_norm=1.0, sensitivity=0.0,
+                              expected_batch_size=1.0), "sensitivity must be .*got 0.0"),
+])
+def test_privatizer_arguments_are_checked(build, match):
+  with pytest.raises(ValueError, match=match):
+    build()
+
+
+def test_privatizer_identity_with_sensitivity_scales_the_same_z():
+  # s = noise_multiplier * clip * sensitivity: with zero updates the output is
+  # exactly s * z / B; z rebuilt from the key as above.
+  zeros = {"w": jnp.zeros((50,))}
+  tx = noise.privatizer(noise_multiplier=1.5, l2_clip_norm=2.0, sensitivity=3.0,
+                        expected_batch_size=4.0, key=5)
+  out, _ = tx.update(zeros, tx.init(zeros))
+  _, step_key = jax.random.split(jax.random.key(5))
+  z = jax.random.normal(jax.random.split(step_key, 1)[0], (50,), jnp.float32)
+  np.testing.assert_array_equal(np.asarray(out["w"]), np.asarray((0.0 + 9.0 * z) / 4.0))
+
+
+# --- advance: skipping released steps ------------------------------------------------
+
+
+def _advance_cases():
+  from dpfl.mf import streaming
+  n = 6
+  shared = dict(noise_multiplier=1.1, l2_clip_norm=0.9, expected_batch_size=4.0, key=21)
+  mf_shared = dict(shared, sensitivity=1.7)
+  rng = np.random.default_rng(3)
+  dense = np.tril(rng.uniform(-0.4, 0.4, (n, n))) + np.diag(np.linspace(1.0, 2.0, n))
+  banded = np.tril(dense) - np.tril(dense, -3)
+  return {
+      "gaussian": (lambda: noise.gaussian_noise(**shared), None),
+      "identity": (lambda: streaming.identity_noise(num_steps=n, **mf_shared), n),
+      "blt": (lambda: streaming.blt_noise(buffer_decay=[0.9, -0.3], output_scale=[0.2, 0.1],
+                                          num_steps=n, **mf_shared), n),
+      "banded": (lambda: streaming.banded_noise(matrix=banded, **mf_shared), n),
+      "dense": (lambda: streaming.dense_noise(matrix=dense, **mf_shared), n),
+  }
+
+
+ADVANCE_CASES = _advance_cases()
+
+
+def _assert_close_trees(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    # Jitted and eager arithmetic may round differently: float32 ulps of the terms.
+    np.testing.assert_allclose(x, y, rtol=0, atol=1e-5 * max(np.abs(y).max(), 1.0))
+
+
+@pytest.mark.parametrize("skip", [0, 1, 4])
+@pytest.mark.parametrize("name", list(ADVANCE_CASES))
+def test_advance_then_update_is_the_last_of_skip_plus_one_updates(name, skip):
+  make, _ = ADVANCE_CASES[name]
+  tx = make()
+  # float32 leaves: a bf16 output could round to either side of a boundary when
+  # the buffers of the jitted skip differ from eager ones in the last ulp.
+  params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "b": jnp.ones(5)}
+  start = tx.init(params)
+  state = start
+  for _ in range(skip + 1):
+    expected, state = tx.update(params, state)
+  skipped = noise.advance(tx, start, params, skip)
+  assert int(skipped.count) == skip
+  got, after = tx.update(params, skipped)
+  _assert_close_trees(got, expected)
+  np.testing.assert_array_equal(np.asarray(after.key), np.asarray(state.key))
+  assert int(after.count) == int(state.count) == skip + 1
+  if state.step_keys is not None:
+    np.testing.assert_array_equal(np.asarray(after.step_keys), np.asarray(state.step_keys))
+  _assert_close_trees(after.buffers, state.buffers)
+
+
+def test_advance_moves_keys_as_splits_of_the_key():
+  # Independent reference: each step keeps split(key)[0].
+  tx, _ = ADVANCE_CASES["gaussian"]
+  skipped = noise.advance(tx(), tx().init({"w": jnp.zeros(3)}), {"w": jnp.zeros(3)}, 50)
+  key = jax.random.key(21)
+  for _ in range(50):
+    key = jax.random.split(key)[0]
+  np.testing.assert_array_equal(np.asarray(skipped.key), np.asarray(jax.random.key_data(key)))
+  assert int(skipped.count) == 50
+
+
+@pytest.mark.parametrize("name", [k for k, (_, n) in ADVANCE_CASES.items() if n])
+def test_advance_past_a_finite_strategy_end_raises(name):
+  make, n = ADVANCE_CASES[name]
+  tx = make()
+  params = {"w": jnp.zeros(3)}
+  state = tx.init(params)
+  at_end = noise.advance(tx, state, params, n)  # all n steps released: allowed
+  assert int(at_end.count) == n
+  with pytest.raises(ValueError, match=f"num_steps={n}"):
+    tx.update(params, at_end)
+  with pytest.raises(ValueError, match=f"num_steps={n}"):
+    noise.advance(tx, state, params, n + 1)
+
+
+def test_advance_arguments_are_checked():
+  tx = _transform()
+  params = {"w": jnp.zeros(3)}
+  with pytest.raises(ValueError, match="num_steps must be an integer >= 0, got -1"):
+    noise.advance(tx, tx.init(params), params, -1)
+  with pytest.raises(ValueError, match="state must be a dpfl.noise.NoiseState"):
+    noise.advance(tx, (tx.init(params),), params, 1)

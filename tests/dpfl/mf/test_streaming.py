@@ -196,7 +196,7 @@ def test_state_holds_exactly_the_stated_buffers():
     for buf in state.buffers:  # one model-sized buffer each, shaped like params
       assert jax.tree.structure(buf) == jax.tree.structure(params)
       assert sum(x.size for x in jax.tree.leaves(buf)) == size
-    assert state.step_keys.shape[0] == 0
+    assert state.step_keys is None  # only dense_noise keeps step keys
   for bands in (1, 2, 5):
     C = _random_banded(12, bands, 0)
     state = streaming.banded_noise(matrix=C, **shared).init(params)
@@ -308,7 +308,7 @@ def test_matrix_noise_dispatches_on_the_strategy():
   shared = dict(noise_multiplier=SIGMA, l2_clip_norm=CLIP, expected_batch_size=BATCH, key=4)
   params = _params()
   ident = streaming.matrix_noise(np.eye(N), sensitivity=SENS, **shared).init(params)
-  assert ident.buffers == () and ident.step_keys.shape[0] == 0
+  assert ident.buffers == () and ident.step_keys is None
   banded = streaming.matrix_noise(_random_banded(N, 3, 0), sensitivity=SENS,
                                   **shared).init(params)
   assert len(banded.buffers) == 2
@@ -357,10 +357,8 @@ _OK = dict(noise_multiplier=1.0, l2_clip_norm=1.0, sensitivity=1.0, expected_bat
 
 @pytest.mark.parametrize("build,match", [
     (lambda: streaming.blt_noise(buffer_decay=[0.5, 1.0], output_scale=[1, 1], num_steps=4,
-                                 **_OK), r"buffer_decay must lie in \(0, 1\)"),
-    (lambda: streaming.blt_noise(buffer_decay=[0.0], output_scale=[1], num_steps=4, **_OK),
-     "buffer_decay must lie in"),
-    (lambda: streaming.blt_noise(buffer_decay=[-0.5], output_scale=[1], num_steps=4, **_OK),
+                                 **_OK), r"buffer_decay must lie in \(-1, 1\)"),
+    (lambda: streaming.blt_noise(buffer_decay=[-1.0], output_scale=[1], num_steps=4, **_OK),
      "buffer_decay must lie in"),
     (lambda: streaming.blt_noise(buffer_decay=[float("nan")], output_scale=[1], num_steps=4,
                                  **_OK), "buffer_decay must be finite"),
@@ -433,3 +431,57 @@ def test_state_is_registered_for_reseed():
   assert isinstance(again, streaming.CorrelatedNoiseState)
   assert not np.array_equal(np.asarray(again.key), np.asarray(state.key))
   assert int(again.count) == 0
+
+
+# --- one BLT validator (issue 12): negative and zero decays ------------------------
+
+
+def test_negative_and_zero_decays_stream_the_dense_inverse():
+  # The recursion x_t = z_t - sum omega_i s_i, s_i <- theta_i s_i + x_t solves
+  # C x = z for any real theta; |theta| < 1 only keeps the buffers bounded. The
+  # reference C is built here from c_t = sum omega_i theta_i^(t-1) (0^0 = 1).
+  import dpfl.mf as mf
+  theta, omega = np.array([0.8, -0.6, 0.0]), np.array([0.3, 0.4, -0.2])
+  C = _blt_matrix(theta, omega, N)
+  params = _params()
+  direct = streaming.blt_noise(buffer_decay=theta, output_scale=omega, num_steps=N,
+                               noise_multiplier=SIGMA, l2_clip_norm=CLIP, sensitivity=SENS,
+                               expected_batch_size=BATCH, key=8)
+  strategy = mf.BltStrategy(num_steps=N, participation=None, workload=None,
+                            buffer_decay=theta, output_scale=omega)
+  np.testing.assert_allclose(strategy.matrix, C, rtol=1e-12, atol=1e-15)
+  via_strategy = streaming.matrix_noise(strategy, noise_multiplier=SIGMA, l2_clip_norm=CLIP,
+                                        sensitivity=SENS, expected_batch_size=BATCH, key=8)
+  expected = np.linalg.solve(C, _reference_z(8, params, N))
+  for tx in (direct, via_strategy):
+    outs, _ = _run(tx, params, N, jit=True)
+    np.testing.assert_allclose(_noise_rows(outs, params), expected, rtol=0,
+                               atol=2e-5 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("theta,omega,match", [
+    ([0.5, -0.5], [0.1, 0.2], None), ([0.0], [0.3], None), ([-0.999], [0.3], None),
+    ([1.0], [0.1], r"buffer_decay must lie in \(-1, 1\), got \[1.0\]"),
+    ([-1.0], [0.1], r"buffer_decay must lie in \(-1, 1\), got \[-1.0\]"),
+    ([0.5, 1.5], [0.1, 0.1], r"buffer_decay must lie in \(-1, 1\)"),
+    ([float("nan")], [0.1], "buffer_decay must be finite"),
+    ([0.5], [float("inf")], "output_scale must be finite"),
+    ([], [], "buffer_decay must hold at least one"),
+    ([0.5], [0.1, 0.2], "output_scale must have the shape of buffer_decay"),
+    ([[0.5]], [[0.1]], "buffer_decay must be a 1-D array"),
+])
+def test_blt_strategy_and_blt_noise_accept_and_refuse_the_same_decays(theta, omega, match):
+  import dpfl.mf as mf
+  entry_points = (
+      lambda: mf.BltStrategy(num_steps=4, participation=None, workload=None,
+                             buffer_decay=theta, output_scale=omega),
+      lambda: streaming.blt_noise(buffer_decay=theta, output_scale=omega, num_steps=4, **_OK))
+  messages = []
+  for build in entry_points:
+    if match is None:
+      build()
+      continue
+    with pytest.raises(ValueError, match=match) as err:
+      build()
+    messages.append(str(err.value))
+  assert len(set(messages)) <= 1  # one validator: the very same message
