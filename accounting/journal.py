@@ -177,6 +177,13 @@ class RunJournal:
   def attach(self, directory: str | os.PathLike) -> None:
     """Keeps the journal in ``directory`` from now on (writes both files now)."""
     directory = os.fspath(directory)
+    if self.directory is not None and os.path.abspath(self.directory) == os.path.abspath(
+        directory):
+      return
+    if os.path.exists(os.path.join(directory, RUN_FILE)):
+      # Never overwrite another run's record: that would erase steps it released.
+      raise ValueError(f"directory {directory!r} already holds a dpfl run ({RUN_FILE}); "
+                       "restore it (private.restore), or use a new directory")
     os.makedirs(directory, exist_ok=True)
     self.directory = directory
     self._write_run()

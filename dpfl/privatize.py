@@ -54,7 +54,7 @@ from jax.experimental import io_callback
 import accounting
 from accounting import plan as planning
 from accounting import validate as check
-from accounting.journal import RunJournal, key_digest
+from accounting.journal import RUN_FILE, RunJournal, key_digest
 from accounting.plan import BudgetExhaustedError, PrivacyPlan
 from dpfl import _rng, ftrl, noise, sampling
 from dpfl.clipping import METHODS as CLIP_METHODS
@@ -128,6 +128,7 @@ class PrivateTraining:
   noise_transform: optax.GradientTransformation
   ftrl: Any = None
   mesh: Any = None
+  resume_from: str | None = None
   _last_release: int = -1
   _pending: int = 0
   _managers: dict = dataclasses.field(default_factory=dict)
@@ -227,6 +228,10 @@ class PrivateTraining:
       raise ValueError(
           f"this run has already recorded {self.journal.steps} steps; continue from its "
           "latest state, or private.restore(directory, params) after a restart")
+    if self.resume_from is not None:
+      raise ValueError(
+          f"checkpoint_dir {self.resume_from!r} already holds a run: continue it with "
+          "private.restore(checkpoint_dir, params), or give a new directory")
     state = PrivateState(params=params, opt_state=self.optimizer.init(params),
                          sampler_seed=jnp.asarray(self.sampler.seed, jnp.uint32),
                          step=jnp.zeros((), jnp.int32))
@@ -438,6 +443,7 @@ class PrivateTraining:
       journal.note_resume_key(key_digest(np.asarray(new_key).ravel()))
     opt_state = (noise_state._replace(key=new_key),) + tuple(state.opt_state[1:])
     self.journal = journal
+    self.resume_from = None
     self._last_release = journal.steps - 1
     self._pending = 0
     self.sampler.position = journal.steps
@@ -758,7 +764,11 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
                             ftrl=mf, mesh=mesh)
   private.optimizer = optax.chain(_recorded(transform, private._on_release), optimizer)
   if checkpoint_dir is not None:
-    journal.attach(checkpoint_dir)
+    checkpoint_dir = os.fspath(checkpoint_dir)
+    if os.path.exists(os.path.join(checkpoint_dir, RUN_FILE)):
+      private.resume_from = checkpoint_dir  # init refuses; restore continues it
+    else:
+      journal.attach(checkpoint_dir)
   return private
 
 
