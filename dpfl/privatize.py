@@ -435,11 +435,17 @@ class PrivateTraining:
     if saved > journal.steps:
       raise ValueError(f"checkpoint {latest} in {directory!r} is ahead of its ledger "
                        f"({journal.steps} steps): the ledger was not written ahead")
+    saved_key = np.asarray(jax.device_get(state.opt_state[0].key))
     noise_state = self._roll_forward(state.opt_state[0], state.params, journal.steps - saved)
     if key is None:
       new_key = _rng.fresh_key_data(like=noise_state.key)
     else:
       new_key = jnp.asarray(_rng.key_data(key), jnp.uint32).reshape(noise_state.key.shape)
+      if journal.steps > saved and np.array_equal(np.asarray(new_key), saved_key):
+        raise ValueError(
+            f"key: this is the checkpoint's own noise key, which already drew the noise of "
+            f"the {journal.steps - saved} step(s) released after it; resuming with it would "
+            "release that noise again. Pass None (fresh OS entropy) or a new key")
       journal.note_resume_key(key_digest(np.asarray(new_key).ravel()))
     opt_state = (noise_state._replace(key=new_key),) + tuple(state.opt_state[1:])
     self.journal = journal
