@@ -193,7 +193,11 @@ def _cmd_epsilon(args) -> dict:
       raise UsageError("--group-privacy applies to ELS (--privacy-unit user "
                        "--sampling-unit example --examples-per-user K)")
     from accounting import group
-    example_level = mech.PoissonDpSgd(args.noise_multiplier, q, steps)
+    from accounting import plan as planning
+    example_level = planning.PrivacyPlan(
+        privacy_unit="example", sampling=planning.SamplingPlan(scheme="poisson", sampling_prob=q),
+        noise_multiplier=args.noise_multiplier, l2_clip_norm=1.0, noise=planning.NoisePlan(),
+        delta=args.delta, num_steps=steps, accountant=args.accountant).mechanism()
     out["group_privacy_epsilon"] = group.group_privacy_epsilon(
         example_level, group_size=args.examples_per_user, delta=args.delta,
         accountant=args.accountant)

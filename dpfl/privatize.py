@@ -128,6 +128,7 @@ class PrivateTraining:
   noise_transform: optax.GradientTransformation
   ftrl: Any = None
   mesh: Any = None
+  checkpoint_dir: str | None = None
   resume_from: str | None = None
   _last_release: int = -1
   _pending: int = 0
@@ -235,10 +236,10 @@ class PrivateTraining:
     state = PrivateState(params=params, opt_state=self.optimizer.init(params),
                          sampler_seed=jnp.asarray(self.sampler.seed, jnp.uint32),
                          step=jnp.zeros((), jnp.int32))
-    if self.journal.directory is not None:
+    if self.checkpoint_dir is not None:
       # The step-0 checkpoint: a crash before the first save can then resume
       # (correlated noise needs the state its released steps started from).
-      self.save(self.journal.directory, state)
+      self.save(self.checkpoint_dir, state)
     return state
 
   def make_step(self, *, jit: bool = True, donate: bool = False) -> Callable[..., Any]:
@@ -369,10 +370,12 @@ class PrivateTraining:
     import orbax.checkpoint as ocp
     directory = os.fspath(directory)
     keep = check.positive_int("keep", keep)
-    if self.journal.directory is None:
-      self.journal.attach(directory)
-    elif os.path.abspath(self.journal.directory) != os.path.abspath(directory):
-      raise ValueError(f"directory: this run's ledger is kept in {self.journal.directory!r}; "
+    if self.checkpoint_dir is None:
+      self.checkpoint_dir = directory
+      if jax.process_index() == 0:  # one writer: every process records the same steps
+        self.journal.attach(directory)
+    elif os.path.abspath(self.checkpoint_dir) != os.path.abspath(directory):
+      raise ValueError(f"directory: this run's ledger is kept in {self.checkpoint_dir!r}; "
                        f"save its checkpoints there, not in {directory!r}")
     step = int(jax.device_get(state.step))
     if step > self.journal.steps:
@@ -448,7 +451,10 @@ class PrivateTraining:
             "release that noise again. Pass None (fresh OS entropy) or a new key")
       journal.note_resume_key(key_digest(np.asarray(new_key).ravel()))
     opt_state = (noise_state._replace(key=new_key),) + tuple(state.opt_state[1:])
+    if jax.process_index() != 0:
+      journal.directory = None  # one writer (process 0)
     self.journal = journal
+    self.checkpoint_dir = directory
     self.resume_from = None
     self._last_release = journal.steps - 1
     self._pending = 0
@@ -771,9 +777,10 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
   private.optimizer = optax.chain(_recorded(transform, private._on_release), optimizer)
   if checkpoint_dir is not None:
     checkpoint_dir = os.fspath(checkpoint_dir)
+    private.checkpoint_dir = checkpoint_dir
     if os.path.exists(os.path.join(checkpoint_dir, RUN_FILE)):
       private.resume_from = checkpoint_dir  # init refuses; restore continues it
-    else:
+    elif jax.process_index() == 0:  # one writer: every process records the same steps
       journal.attach(checkpoint_dir)
   return private
 
