@@ -334,5 +334,11 @@ def test_readme_loop_with_unchanged_train_step_signature():
     params, opt_state = train_step(params, opt_state, batch)
   assert private.ledger.num_steps == private.num_steps == 20
   assert 0 < private.epsilon() <= 3.0
+  # Iterating batches() again (which used to run on past the target) is
+  # refused before a batch is handed out, naming the spent and the target ε.
+  with pytest.raises(dpfl.BudgetExhaustedError, match="target epsilon=3") as refused:
+    next(private.batches(data))
+  assert refused.value.target == 3.0 and refused.value.spent == private.epsilon()
+  assert private.ledger.num_steps == 20
   assert np.isfinite(float(loss_fn(params, data)))
   assert not np.allclose(np.asarray(params["w"]), 0.0)
