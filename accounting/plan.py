@@ -159,8 +159,9 @@ class SamplingPlan:
     if self.population_size is None or self.batch_size is None:
       raise ValueError("epochs need population_size and batch_size")
     scheme = "shuffle" if self.scheme == "shuffle" else "poisson"
+    # The value as given, so an error names it as the user wrote it.
     return mech.sampling_from_epochs(dataset_size=self.population_size,
-                                     batch_size=self.batch_size, epochs=epochs,
+                                     batch_size=self.batch_size, epochs=given,
                                      scheme=scheme)[1]
 
 

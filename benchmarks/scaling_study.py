@@ -130,8 +130,8 @@ def measure_speed(model: str, batch_size: int, *, seq_len: int, repeats: int,
                               num_steps=1000, noise_multiplier=1.0, seed=0, key=1)
   dp_step = private.make_step()
   dp_state = private.init(params)
-  draws = private.batches(train)
-  dp_batches = [next(draws) for _ in range(repeats + 1)]
+  draws = private.batches(train, dp_state, num_steps=repeats + 1)
+  dp_batches = list(draws)
   # The sweep's non-private step (gradient accumulated over blocks of <= 32
   # sequences), and a naive one-pass jax.grad step for reference.
   optimizer, plain_step = sweep.plain_step(model, 1e-3, 0)
@@ -147,9 +147,14 @@ def measure_speed(model: str, batch_size: int, *, seq_len: int, repeats: int,
   plain_batches = [train[rng.choice(len(train), batch_size, replace=False)]
                    for _ in range(repeats + 1)]
 
+  dp_states = [dp_state]
+
   def run_dp(i):
+    # Each DP step continues from the last state: stepping one state twice
+    # would release its noise twice, which the run refuses.
     batch, mask = dp_batches[i]
-    return jax.block_until_ready(dp_step(params, dp_state, batch, mask))
+    dp_states[0], aux = jax.block_until_ready(dp_step(dp_states[0], batch, mask))
+    return aux
 
   def run_plain(i):
     return jax.block_until_ready(plain_step(params, plain_state, plain_batches[i]))

@@ -95,8 +95,9 @@ def fingerprint(strategy) -> str:
   parts = [getattr(strategy, name) for name in ("buffer_decay", "output_scale", "diagonals")
            if getattr(strategy, name, None) is not None]
   if not parts:
+    # ``matrix`` is a cached property (an array), ``toeplitz_coefs`` a method.
     parts = [strategy.toeplitz_coefs() if hasattr(strategy, "toeplitz_coefs")
-             else strategy.matrix()]
+             else strategy.matrix]
   for part in parts:
     digest.update(np.ascontiguousarray(np.asarray(part, np.float64)).tobytes())
   return digest.hexdigest()[:32]

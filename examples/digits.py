@@ -127,10 +127,11 @@ def main(argv=None) -> dict:
         loss_fn, optimizer, l2_clip_norm=args.l2_clip_norm, dataset_size=n,
         batch_size=args.batch_size, epochs=args.epochs, target_epsilon=args.target_epsilon,
         delta=args.delta, key=args.seed, seed=args.seed, **ftrl)
-    opt_state = private.init(params)
+    state = private.init(params)
     step = private.make_step(donate=True)
-    for batch, mask in private.batches(train):
-      params, opt_state, _ = step(params, opt_state, batch, mask)
+    for batch, mask in private.batches(train, state):
+      state, _ = step(state, batch, mask)
+    params = state.params
     epsilon, sigma, steps = private.epsilon(), private.noise_multiplier, private.num_steps
 
   logits = model.apply(params, test["x"])

@@ -212,14 +212,14 @@ def main(argv=None) -> dict:
   print(f"{args.method.upper()}: C={private.l2_clip_norm:g}, σ={private.noise_multiplier:.3f} "
         f"for user-level ε={args.target_epsilon} at δ={args.delta}, {how}, {args.steps} steps")
   initial = eval_loss(loss_fn, params, held_out)
-  opt_state = private.init(params)
+  state = private.init(params)
   step = private.make_step(donate=True)
-  for i, (batch, mask) in enumerate(private.batches(train)):
-    params, opt_state, aux = step(params, opt_state, batch, mask)
+  for i, (batch, mask) in enumerate(private.batches(train, state)):
+    state, aux = step(state, batch, mask)
     if (i + 1) % max(1, args.steps // 5) == 0:
       print(f"  step {i + 1:4d}  train loss (clipped units, not private) "
             f"{float(jnp.sum(aux.values) / jnp.maximum(aux.num_units, 1)):.3f}")
-  final = eval_loss(loss_fn, params, held_out)
+  final = eval_loss(loss_fn, state.params, held_out)
   epsilon = private.epsilon()
   seconds = time.perf_counter() - start
   print(f"held-out eval loss: {final:.4f} nats/byte (initial {initial:.4f}; uniform "

@@ -352,8 +352,8 @@ def train_run(config: RunConfig, *, corpus: corpus_lib.Corpus | None = None,
         noise_multiplier=config.noise_multiplier, seed=seed,
         key=jax.random.fold_in(root, 1))
     step_fn = private.make_step()
-    opt_state = private.init(params)
-    draws = private.batches(users)
+    state = private.init(params)
+    draws = private.batches(users, state)
   elif config.private:
     optimizer = optax.adam(_schedule(config.learning_rate, config.warmup_steps))
     private = dpfl.make_private(
@@ -363,8 +363,8 @@ def train_run(config: RunConfig, *, corpus: corpus_lib.Corpus | None = None,
         noise_multiplier=config.noise_multiplier, seed=seed,
         key=jax.random.fold_in(root, 1))
     step_fn = private.make_step()
-    opt_state = private.init(params)
-    draws = private.batches(train)
+    state = private.init(params)
+    draws = private.batches(train, state)
   else:
     optimizer, step_fn = plain_step(config.model, config.learning_rate, config.warmup_steps)
     opt_state = optimizer.init(params)
@@ -382,7 +382,8 @@ def train_run(config: RunConfig, *, corpus: corpus_lib.Corpus | None = None,
     for step in range(1, config.steps + 1):
       if private is not None:
         batch, mask = next(draws)
-        params, opt_state, aux = step_fn(params, opt_state, batch, mask)
+        state, aux = step_fn(state, batch, mask)
+        params = state.params
         values = np.asarray(aux.values)[mask.any(axis=1) if user_level else mask]
         pending.append(float(values.mean()) if values.size else math.nan)
       else:

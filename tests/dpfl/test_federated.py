@@ -181,10 +181,10 @@ def test_local_steps_1_round_equals_gradient_round_end_to_end():
   params = _problem()[0]
   results = []
   for private in (fed, grad):
-    p, state, step = params, private.init(params), private.make_step()
-    for b, m in private.batches(ds):
-      p, state, _ = step(p, state, b, m)
-    results.append(_flat(p))
+    state, step = private.init(params), private.make_step()
+    for b, m in private.batches(ds, state):
+      state, _ = step(state, b, m)
+    results.append(_flat(state.params))
   assert np.linalg.norm(results[0] - _flat(params)) > 1e-3
   # Two float32 paths (clip at ηC then lr vs clip at C then lr·η) to the same
   # parameters: they agree to float32 rounding at the parameters' scale.

@@ -46,10 +46,10 @@ def test_every_strategy_trains_and_accounts_as_one_gaussian(name):
   assert plan.participation == (3, 8) and plan.planned_steps == 24
   assert plan.strategy.participation == (3, 8)
   step = pt.make_step()
-  params, state = jnp.zeros(5), pt.init(jnp.zeros(5))
-  for batch, mask in pt.batches((x, y)):
-    params, state, _ = step(params, state, batch, mask)
-  assert np.all(np.isfinite(np.asarray(params)))
+  state = pt.init(jnp.zeros(5))
+  for batch, mask in pt.batches((x, y), state):
+    state, _ = step(state, batch, mask)
+  assert int(state.step) == 20 and np.all(np.isfinite(np.asarray(state.params)))
   (entry,) = pt.ledger.entries
   assert isinstance(entry, accounting.MatrixMechanism)
   assert entry.num_steps == 20 and entry.planned_steps == 24
@@ -85,11 +85,12 @@ def test_noise_has_the_inverse_strategy_covariance():
                          batch_size=batch, delta=1e-5, num_steps=steps,
                          noise_multiplier=sigma, strategy="sqrt", key=3, seed=0)
   step = pt.make_step()
-  params, state = jnp.zeros(dim), pt.init(jnp.zeros(dim))
+  state = pt.init(jnp.zeros(dim))
   noises = []
-  for b, mask in pt.batches(x):
-    new, state, _ = step(params, state, b, mask)
-    noises.append(-np.asarray(new - params))
+  for b, mask in pt.batches(x, state):
+    params = state.params
+    state, _ = step(state, b, mask)
+    noises.append(-np.asarray(state.params - params))
   X = np.stack(noises) / (sigma * 2.0 * pt.ftrl.noise_sensitivity / batch)
   C = pt.ftrl.strategy.matrix
   Cinv = np.linalg.inv(C)
@@ -131,9 +132,9 @@ def test_amplified_banded_with_cyclic_poisson_sampling():
   assert pt.ftrl.amplified and pt.ftrl.strategy.num_bands == 4
   assert pt.ftrl.noise_sensitivity == pytest.approx(max(pt.ftrl.strategy.column_norms()))
   step = pt.make_step()
-  params, state = jnp.zeros(5), pt.init(jnp.zeros(5))
-  for batch, mask in pt.batches((x, y)):
-    params, state, _ = step(params, state, batch, mask)
+  state = pt.init(jnp.zeros(5))
+  for batch, mask in pt.batches((x, y), state):
+    state, _ = step(state, batch, mask)
   (entry,) = pt.ledger.entries
   assert isinstance(entry, accounting.AmplifiedBandedMatrixMechanism)
   assert entry.num_steps == 30 and entry.num_bands == 4
@@ -180,17 +181,31 @@ def test_bad_ftrl_arguments(kwargs, match):
     dpfl.make_private(loss_fn, optax.sgd(0.1), **{**base, **kwargs})
 
 
-def test_running_past_the_matrix_starts_a_new_composed_entry():
+def test_running_past_the_matrix_is_refused_before_the_step():
+  # A matrix mechanism is planned for its n rows: a step past them (which
+  # used to start a second, composed entry silently) is refused before its
+  # batch is handed out or its noise drawn, and the plan cannot be extended.
   x, y = _data()
   pt = dpfl.make_private(loss_fn, optax.sgd(0.1), l2_clip_norm=1.0, dataset_size=400,
                          batch_size=100, delta=1e-5, num_steps=4, noise_multiplier=2.0,
                          strategy="identity", key=0, seed=0)
-  for _ in pt.batches((x, y), num_steps=6):
-    pass
-  first, second = pt.ledger.entries
-  assert first.num_steps == 4 and second.num_steps == 2
+  assert pt.ftrl.planned_steps == 4
+  step, state = pt.make_step(), pt.init(jnp.zeros(5))
+  handed = 0
+  with pytest.raises(dpfl.BudgetExhaustedError, match="4 of 4 steps done"):
+    for batch, mask in pt.batches((x, y), state, num_steps=6):
+      handed += 1
+      state, _ = step(state, batch, mask)
+  assert handed == 4 and int(state.step) == 4
+  # A step with a batch of its own is refused too (nothing recorded: 4 steps done).
+  with pytest.raises(dpfl.BudgetExhaustedError):
+    step(state, batch, mask)
+  with pytest.raises(ValueError, match="4 planned rows; it cannot run 6 steps"):
+    pt.extend(2)
+  (entry,) = pt.ledger.entries
+  assert entry.num_steps == 4 and pt.steps_done == 4
   acc = dpa.pld.PLDAccountant(value_discretization_interval=1e-4)
-  acc.compose(dpa.GaussianDpEvent(2.0), 2)
+  acc.compose(dpa.GaussianDpEvent(2.0), 1)  # the identity matrix: one Gaussian of σ
   assert pt.epsilon() == pytest.approx(acc.get_epsilon(1e-5), rel=2e-3)
 
 
@@ -221,10 +236,10 @@ def test_federated_dp_ftrl(local_steps):
   b = n_users // 10
   assert pt.ftrl.participation == (math.ceil(12 / b), b)
   step = pt.make_step()
-  params, state = jnp.zeros(4), pt.init(jnp.zeros(4))
+  state = pt.init(jnp.zeros(4))
   rounds = []
-  for batch, mask in pt.batches(ds):
-    params, state, _ = step(params, state, batch, mask)
+  for batch, mask in pt.batches(ds, state):
+    state, _ = step(state, batch, mask)
     rounds.append(mask.any(axis=1).sum())
   assert all(r == 10 for r in rounds)
   (entry,) = pt.ledger.entries
@@ -261,11 +276,11 @@ def test_donated_steps_match_undonated_and_keep_the_key():
                            dataset_size=400, batch_size=50, delta=1e-5, num_steps=8,
                            noise_multiplier=1.0, strategy="blt", key=5, seed=0)
     step = pt.make_step(donate=donate)
-    params, state = jnp.zeros(5), pt.init(jnp.zeros(5))
-    for batch, mask in pt.batches((x, y)):
-      params, state, _ = step(params, state, batch, mask)
-    pt.init(jnp.zeros(5))  # the explicit key is still usable
-    runs.append(np.asarray(params))
+    state = pt.init(jnp.zeros(5))
+    for batch, mask in pt.batches((x, y), state):
+      state, _ = step(state, batch, mask)
+    pt.optimizer.init(jnp.zeros(5))  # the explicit key is still usable
+    runs.append(np.asarray(state.params))
   np.testing.assert_array_equal(runs[0], runs[1])
   with pytest.raises(ValueError, match="donate=True needs jit=True"):
     pt.make_step(jit=False, donate=True)

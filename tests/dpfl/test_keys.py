@@ -100,11 +100,10 @@ def _private_params_after_one_step(key):
   private = dpfl.make_private(loss_fn, optax.sgd(1.0), l2_clip_norm=1.0, dataset_size=40,
                               batch_size=8, num_steps=1, noise_multiplier=1.0, delta=1e-5,
                               key=key, seed=0)
-  params = {"w": jnp.zeros(3)}
-  state = private.init(params)
-  batch, mask = next(private.batches(data))
-  params, _, _ = private.make_step()(params, state, batch, mask)
-  return np.asarray(params["w"])
+  state = private.init({"w": jnp.zeros(3)})
+  batch, mask = next(private.batches(data, state))
+  state, _ = private.make_step()(state, batch, mask)
+  return np.asarray(state.params["w"])
 
 
 def test_three_int_keys_give_three_noises_through_make_private():

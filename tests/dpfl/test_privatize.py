@@ -29,31 +29,44 @@ PARAMS = {"w": jnp.zeros(5), "b": jnp.zeros(())}
 
 
 def test_loop_runs_and_ledger_epsilon_equals_cli(capsys):
+  import dp_accounting as dpa
+  from dp_accounting.pld import pld_privacy_accountant
   data = _data()
   private = dpfl.make_private(loss_fn, optax.sgd(0.5), l2_clip_norm=1.0, dataset_size=200,
                               batch_size=20, num_steps=30, noise_multiplier=1.5, delta=1e-5,
                               key=0, seed=0)
-  opt_state = private.init(PARAMS)
+  state = private.init(PARAMS)
   step = private.make_step()
-  params = PARAMS
   eps_so_far = []
-  for i, (batch, mask) in enumerate(private.batches(data)):
-    params, opt_state, aux = step(params, opt_state, batch, mask)
+  for i, (batch, mask) in enumerate(private.batches(data, state)):
+    state, aux = step(state, batch, mask)
     if i in (0, 9, 29):  # ε is available at any step
       eps_so_far.append(private.epsilon())
-  assert private.ledger.num_steps == 30
+  assert private.ledger.num_steps == private.steps_done == int(state.step) == 30
   assert eps_so_far == sorted(eps_so_far) and eps_so_far[0] > 0
-  assert np.isfinite(float(loss_fn(params, data)))
-  # The same number `dpfl epsilon` gives for the same settings.
-  argv = ["epsilon", "--noise-multiplier", "1.5", "--sampling-prob", str(20 / 200), "--steps",
-          "30", "--delta", "1e-5", "--json"]
-  if private.sampler.can_truncate:
-    argv = ["epsilon", "--noise-multiplier", "1.5", "--dataset-size", "200", "--batch-size", "20",
-            "--steps", "30", "--max-batch-size", str(private.sampler.max_batch_size),
-            "--delta", "1e-5", "--json"]
+  assert np.isfinite(float(loss_fn(state.params, data)))
+  # The plan is the run as described: truncated Poisson of the given sizes.
+  plan = private.plan
+  assert (plan.sampling.scheme, plan.sampling.population_size, plan.sampling.batch_size,
+          plan.noise_multiplier, plan.num_steps) == ("truncated_poisson", 200, 20, 1.5, 30)
+  assert plan.sampling.max_batch_size < 200
+  # Independently: dp-accounting's PLD accountant on the DpEvent of exactly
+  # that mechanism (truncated Poisson-subsampled Gaussian, composed 30 times).
+  event = dpa.SelfComposedDpEvent(dpa.TruncatedSubsampledGaussianDpEvent(
+      200, 0.1, plan.sampling.max_batch_size, 1.5), 30)
+  reference = pld_privacy_accountant.PLDAccountant()
+  reference.compose(event)
+  assert private.epsilon() == pytest.approx(reference.get_epsilon(1e-5), rel=1e-6)
+  # The same number `dpfl epsilon` gives for the same plan (flags from the plan).
+  s = plan.sampling
+  argv = ["epsilon", "--noise-multiplier", repr(plan.noise_multiplier),
+          "--dataset-size", str(s.population_size), "--batch-size", str(s.batch_size),
+          "--max-batch-size", str(s.max_batch_size), "--steps", str(plan.num_steps),
+          "--delta", repr(plan.delta), "--accountant", plan.accountant, "--json"]
   assert cli.main(argv) == 0
   from_cli = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["epsilon"]
   assert private.epsilon() == pytest.approx(from_cli, rel=1e-12)
+  assert plan.epsilon() == pytest.approx(from_cli, rel=1e-12)
   # ...and plain Poisson accounting differs only by the (accounted) truncation.
   plain = accounting.epsilon(accounting.PoissonDpSgd(1.5, 0.1, 30), delta=1e-5)
   assert private.epsilon() == pytest.approx(plain, rel=1e-4)
@@ -78,14 +91,13 @@ def test_update_is_noisy_sum_over_expected_batch():
     return jnp.mean(params["b"] * jnp.ones_like(batch["x"][:, 0]))
   sigma, clip, n, b = 2.0, 1.0, 100, 10
   private = dpfl.make_private(const_loss, optax.identity(), l2_clip_norm=clip, dataset_size=n,
-                              batch_size=b, num_steps=1, noise_multiplier=sigma, delta=1e-5,
+                              batch_size=b, num_steps=400, noise_multiplier=sigma, delta=1e-5,
                               key=3, seed=3)
   params = {"b": jnp.zeros(())}
-  opt_state = private.init(params)
+  opt_state = private.optimizer.init(params)
   data = _data(n)
   residuals = []
-  for _ in range(400):
-    batch, mask = next(private.batches(data, 1))
+  for batch, mask in private.batches(data):
     grads, aux = private.clipped_grad(params, batch, mask=mask)
     updates, opt_state = private.optimizer.update(grads, opt_state, params)
     residuals.append(float(updates["b"]) - int(mask.sum()) / b)
@@ -95,23 +107,52 @@ def test_update_is_noisy_sum_over_expected_batch():
   assert abs(std / expected - 1) < 6 / np.sqrt(2 * 400)
 
 
-def test_resume_with_saved_ledger_and_fresh_keys(tmp_path):
+def test_resume_from_a_checkpoint_with_fresh_keys(tmp_path):
+  # The resume: save / restore continues the same plan with fresh noise keys.
   kwargs = dict(l2_clip_norm=1.0, dataset_size=200, batch_size=20, num_steps=10,
                 noise_multiplier=1.5, delta=1e-5)
   first = dpfl.make_private(loss_fn, optax.sgd(0.1), **kwargs)
   state = first.init(PARAMS)
-  for _ in first.batches(_data(), 4):
+  step = first.make_step()
+  for batch, mask in first.batches(_data(), state, num_steps=4):
+    state, _ = step(state, batch, mask)
+  first.save(tmp_path / "run", state)
+  resumed = dpfl.make_private(loss_fn, optax.sgd(0.1), **kwargs)
+  restored = resumed.restore(tmp_path / "run", PARAMS)
+  assert resumed.steps_done == int(restored.step) == 4
+  assert resumed.epsilon() == first.epsilon()
+  assert not np.array_equal(np.asarray(restored.opt_state[0].key),
+                            np.asarray(state.opt_state[0].key))
+  step = resumed.make_step()
+  remaining = 0
+  for batch, mask in resumed.batches(_data(), restored):
+    restored, _ = step(restored, batch, mask)
+    remaining += 1
+  assert remaining == 6  # the planned steps minus those done
+  assert resumed.ledger.num_steps == 10
+  assert resumed.epsilon() == pytest.approx(first.planned_epsilon(), rel=1e-12)
+
+
+def test_a_saved_ledger_composes_a_new_run_after_an_earlier_one(tmp_path):
+  # Not a resume: a new run (its own plan) on the same data, composed after
+  # the earlier run's ledger; reseed gives its (params, opt_state) loop fresh keys.
+  kwargs = dict(l2_clip_norm=1.0, dataset_size=200, batch_size=20, noise_multiplier=1.5,
+                delta=1e-5)
+  first = dpfl.make_private(loss_fn, optax.sgd(0.1), num_steps=4, **kwargs)
+  opt_state = first.optimizer.init(PARAMS)
+  for _ in first.batches(_data()):
     pass
   first.ledger.save(tmp_path / "ledger.json")
-  resumed = dpfl.make_private(loss_fn, optax.sgd(0.1), ledger=accounting.Ledger.load(
+  second = dpfl.make_private(loss_fn, optax.sgd(0.1), num_steps=6, ledger=accounting.Ledger.load(
       tmp_path / "ledger.json"), **kwargs)
-  assert resumed.epsilon() == first.epsilon()
-  fresh = resumed.reseed(state)
-  assert not np.array_equal(np.asarray(fresh[0].key), np.asarray(state[0].key))
-  for _ in resumed.batches(_data(), 6):
+  assert second.epsilon() == first.epsilon()
+  fresh = second.reseed(opt_state)
+  assert not np.array_equal(np.asarray(fresh[0].key), np.asarray(opt_state[0].key))
+  for _ in second.batches(_data()):
     pass
-  assert resumed.ledger.num_steps == 10
-  assert resumed.epsilon() >= first.planned_epsilon() * (1 - 1e-9)
+  assert [e.num_steps for e in second.ledger.entries] == [4, 6]
+  ten_steps = dpfl.make_private(loss_fn, optax.sgd(0.1), num_steps=10, **kwargs)
+  assert second.epsilon() >= ten_steps.planned_epsilon() * (1 - 1e-9)
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -212,9 +253,9 @@ def test_rdp_accountant_gets_exact_poisson_and_its_epsilon():
                               accountant="rdp", key=0, seed=0)
   assert not private.sampler.can_truncate
   assert private.sampler.max_batch_size < n  # still padded to a small static shape
-  step, params, state = private.make_step(), PARAMS, private.init(PARAMS)
-  for batch, mask in private.batches(_data(n)):
-    params, state, _ = step(params, state, batch, mask)
+  step, state = private.make_step(), private.init(PARAMS)
+  for batch, mask in private.batches(_data(n), state):
+    state, _ = step(state, batch, mask)
   event = dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(b / n, dpa.GaussianDpEvent(1.0)),
                                   steps)
   assert private.epsilon() == pytest.approx(_rdp_epsilon(event, 1e-5), rel=1e-12)
@@ -233,11 +274,14 @@ def test_rdp_overflowing_draw_gets_a_longer_shape_not_truncated():
   private = dpfl.make_private(loss_fn, optax.sgd(0.1), l2_clip_norm=1.0, dataset_size=200,
                               batch_size=100, max_batch_size=8, num_steps=3,
                               noise_multiplier=1.0, delta=1e-5, accountant="rdp", seed=1)
-  step, params, state = private.make_step(), PARAMS, private.init(PARAMS)
-  for batch, mask in private.batches(_data()):
+  step, state = private.make_step(), private.init(PARAMS)
+  overflows = 0
+  for batch, mask in private.batches(_data(), state):
+    # Longer than max_batch_size, padded to a multiple of it, every example kept.
     assert len(mask) % 8 == 0 and mask.sum() > 8
-    params, state, _ = step(params, state, batch, mask)
-  assert private.sampler.num_overflows == 3 and private.sampler.num_truncated == 0
+    overflows += len(mask) > 8
+    state, _ = step(state, batch, mask)
+  assert overflows == 3
   assert isinstance(private.ledger.entries[0], accounting.PoissonDpSgd)
 
 
@@ -245,7 +289,7 @@ def test_rdp_refuses_a_ledger_with_truncated_steps_at_construction():
   kwargs = dict(l2_clip_norm=1.0, dataset_size=200, batch_size=20, num_steps=10,
                 noise_multiplier=1.5, delta=1e-5)
   first = dpfl.make_private(loss_fn, optax.sgd(0.1), **kwargs)
-  for _ in first.batches(_data(), 2):
+  for _ in first.batches(_data(), num_steps=2):
     pass
   assert isinstance(first.ledger.entries[0], accounting.TruncatedPoissonDpSgd)
   with pytest.raises(ValueError, match="accountant must be 'pld'.*truncated_poisson"):
@@ -290,5 +334,11 @@ def test_readme_loop_with_unchanged_train_step_signature():
     params, opt_state = train_step(params, opt_state, batch)
   assert private.ledger.num_steps == private.num_steps == 20
   assert 0 < private.epsilon() <= 3.0
+  # Iterating batches() again (which used to run on past the target) is
+  # refused before a batch is handed out, naming the spent and the target ε.
+  with pytest.raises(dpfl.BudgetExhaustedError, match="target epsilon=3") as refused:
+    next(private.batches(data))
+  assert refused.value.target == 3.0 and refused.value.spent == private.epsilon()
+  assert private.ledger.num_steps == 20
   assert np.isfinite(float(loss_fn(params, data)))
   assert not np.allclose(np.asarray(params["w"]), 0.0)

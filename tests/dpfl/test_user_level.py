@@ -48,10 +48,11 @@ def test_els_ledger_epsilon_equals_cli_and_dp_accounting(capsys):
                               l2_clip_norm=1.0,
                               noise_multiplier=sigma, delta=1e-5, key=0, seed=0)
   assert isinstance(private.sampler, ElsSampler)
-  params, state, step = PARAMS, private.init(PARAMS), private.make_step()
-  for batch, mask in private.batches(ds):
+  state, step = private.init(PARAMS), private.make_step()
+  for batch, mask in private.batches(ds, state):
     assert batch["x"].shape[0] == mask.shape[0] == private.sampler.max_batch_size
-    params, state, _ = step(params, state, batch, mask)
+    state, _ = step(state, batch, mask)
+  assert int(state.step) == steps
   q = 40 / ds.num_examples
   assert private.ledger.entries == (accounting.ElsDpSgd(sigma, q, steps, k),)
   assert private.ledger.privacy_unit == "user"
@@ -115,11 +116,11 @@ def test_uls_training_lowers_the_loss_with_local_steps():
                               local_steps=3, local_learning_rate=0.5, delta=1e-5, key=1, seed=1)
   flat, _ = ds.examples()
   before = float(loss_fn(PARAMS, flat))
-  params, state, step = PARAMS, private.init(PARAMS), private.make_step()
-  for batch, mask in private.batches(ds):
-    params, state, aux = step(params, state, batch, mask)
+  state, step = private.init(PARAMS), private.make_step()
+  for batch, mask in private.batches(ds, state):
+    state, aux = step(state, batch, mask)
   # Linearly separable labels: log(2) = 0.69 at init; 25 rounds reach far below.
-  assert float(loss_fn(params, flat)) < 0.8 * before
+  assert float(loss_fn(state.params, flat)) < 0.8 * before
   assert private.ledger.num_steps == 25
 
 

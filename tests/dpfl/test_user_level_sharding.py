@@ -98,12 +98,12 @@ _CHILD = textwrap.dedent(
           loss, optax.sgd(0.5, momentum=0.9, nesterov=True), privacy_unit="user",
           dataset=ds, l2_clip_norm=0.3, num_steps=3, noise_multiplier=1.0, delta=1e-5,
           key=3, seed=4, mesh=mesh, **extra)
-      p, state, step = params, private.init(params), private.make_step()
-      for b, m in private.batches(ds):
+      state, step = private.init(params), private.make_step()
+      for b, m in private.batches(ds, state):
         if mesh is not None:
           assert len(jax.tree.leaves(b)[0].sharding.device_set) == 4
-        p, state, _ = step(p, state, b, m)
-      return flat(p).tolist()
+        state, _ = step(state, b, m)
+      return flat(state.params).tolist()
 
     for name, extra in configs.items():
       ref = run(None, extra)
