@@ -5,7 +5,7 @@ calibration, and a ledger. Importing this package does not import
 dp-accounting; computing a number does.
 """
 
-from accounting.accountants import delta, epsilon, epsilon_and_discretization
+from accounting.accountants import delta, epsilon, epsilon_and_discretization, epsilons
 from accounting.calibrate import (Calibration, calibrate_batch_size, calibrate_noise_multiplier,
                                   calibrate_num_steps, calibrate_sampling_prob)
 from accounting.group import group_privacy, group_privacy_epsilon
@@ -19,6 +19,6 @@ __all__ = [
     "AmplifiedBandedMatrixMechanism", "MatrixMechanism", "UserMatrixMechanism", "Calibration", "Composed", "ElsDpSgd", "Ledger", "Mechanism", "PoissonDpSgd",
     "ShuffledDpSgd", "TruncatedPoissonDpSgd", "UlsDpSgd", "calibrate_batch_size",
     "calibrate_noise_multiplier", "calibrate_num_steps", "calibrate_sampling_prob", "delta",
-    "epsilon", "epsilon_and_discretization", "from_dict", "group_privacy",
+    "epsilon", "epsilon_and_discretization", "epsilons", "from_dict", "group_privacy",
     "group_privacy_epsilon", "sampling_from_epochs",
 ]

@@ -314,10 +314,17 @@ def _refine(value_at, *, start: float, rtol: float, finest: float = DEFAULT_DISC
   while disc / 2 >= finest * (1 - 1e-12):
     disc /= 2
     current = value_at(disc)
-    if abs(previous - current) <= rtol * abs(current) or current == previous:
+    if _agree(previous, current, rtol):
       return current, disc
     previous = current
   return previous, disc
+
+
+def _agree(previous, current, rtol: float) -> bool:
+  """Two successive values (or tuples of them, one per query) agree to ``rtol``."""
+  if not isinstance(current, tuple):
+    previous, current = (previous,), (current,)
+  return all(abs(p - c) <= rtol * abs(c) or c == p for p, c in zip(previous, current))
 
 
 @functools.lru_cache(maxsize=64)
@@ -401,6 +408,48 @@ def epsilon(mechanism: Mechanism, *, delta: float, accountant: Accountant = "pld
   """
   return epsilon_and_discretization(mechanism, delta=delta, accountant=accountant,
                                     discretization=discretization, rtol=rtol)[0]
+
+
+def epsilons(mechanism: Mechanism, *, deltas, accountant: Accountant = "pld",
+             discretization: float | str | None = None,
+             rtol: float = AUTO_RTOL) -> tuple[float, ...]:
+  """The ε of ``mechanism`` at each of ``deltas``, from one composed PLD.
+
+  The same numbers as ``epsilon`` at each δ, for the price of one: the PLD
+  back end composes the mechanism once (and caches it) and answers every δ
+  from it, which is what makes a table over many δ (``dpfl.scaling``'s σ
+  grid) affordable. Every value is an upper bound, never optimistic.
+
+  Args:
+    mechanism: what was run (``accounting.mechanisms``).
+    deltas: the δ values, each in (0, 1) (any order; repeats allowed).
+    accountant, discretization, rtol: as in ``epsilon``. All values of one
+      call share one grid: under ``"auto"`` Δ is halved until every value
+      agrees with the previous grid's to ``rtol``.
+
+  Returns:
+    A tuple of ε, one per δ, in the order given.
+  """
+  check_mechanism(mechanism)
+  deltas = tuple(check.open_unit("deltas", d) for d in _as_sequence("deltas", deltas))
+  check.choice("accountant", accountant, ACCOUNTANTS)
+  rtol = check.positive("rtol", rtol)
+  if accountant == "rdp":
+    acc = _rdp_accountant(mechanism)
+    return tuple(float(acc.get_epsilon(d)) for d in deltas)
+  disc = resolve_discretization(mechanism, discretization)
+  value_at = lambda d: tuple(float(_composed_pld(mechanism, d).get_epsilon_for_delta(x))
+                             for x in deltas)
+  return _evaluate(value_at, mechanism, disc, rtol)[0]
+
+
+def _as_sequence(name: str, values) -> tuple:
+  if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+    raise ValueError(f"{name} must be a sequence of numbers, got {values!r:.80}")
+  values = tuple(values)
+  if not values:
+    raise ValueError(f"{name} must hold at least one number, got an empty sequence")
+  return values
 
 
 def delta(mechanism: Mechanism, *, epsilon: float, accountant: Accountant = "pld",

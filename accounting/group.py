@@ -41,6 +41,8 @@ def group_privacy_epsilon(mechanism: Mechanism, *, group_size: int, delta: float
     group_size: k, the number of examples per user.
     delta: the user-level δ to certify.
     accountant: back end for the example-level δ(ε).
+    discretization: the PLD grid Δ of the whole search (None or ``"auto"``:
+      the accountant's default for the mechanism; see ``accounting.delta``).
   """
   accountants.check_mechanism(mechanism)
   if mechanism.privacy_unit != "example":
@@ -56,9 +58,10 @@ def group_privacy_epsilon(mechanism: Mechanism, *, group_size: int, delta: float
   use_rdp = accountant == "rdp" or not mechanism.pld_only
   rdp_delta = lambda e: accountants.delta(mechanism, epsilon=e, accountant="rdp")
   if accountant == "pld":
-    disc = accountants.resolve_discretization(mechanism, discretization)
-    disc = accountants.DEFAULT_DISCRETIZATION if disc == "auto" else disc
-    # The composed PLD is cached by ``accountants``: composed once, queried often.
+    # One grid for the whole search ("auto" would refine it per query): the
+    # accountant's default for the mechanism (dp-accounting's Δ for every
+    # example-level one). The composed PLD is cached: composed once, queried often.
+    disc = None if discretization == "auto" else discretization
     pld_delta = lambda e: accountants.delta(mechanism, epsilon=e, discretization=disc)
     example_delta = (lambda e: min(pld_delta(e), rdp_delta(e))) if use_rdp else pld_delta
   else:

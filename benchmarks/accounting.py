@@ -33,6 +33,7 @@ from dp_accounting import dp_event as dpe
 
 import accounting as A  # noqa: E402
 from accounting import accountants, mechanisms  # noqa: E402
+from accounting import plan as planning  # noqa: E402
 
 
 def _timed(fn):
@@ -41,8 +42,17 @@ def _timed(fn):
   return value, time.perf_counter() - start
 
 
+def _plan(*, privacy_unit: str, sampling, steps: int, delta: float, **noise):
+  """dpfl's plan of the configuration (its one configuration -> mechanism map)."""
+  return planning.plan_run(privacy_unit=privacy_unit, sampling=sampling, l2_clip_norm=1.0,
+                           delta=delta, num_steps=steps, **noise)
+
+
 def bench_els(quick: bool) -> dict:
   k, q, sigma, steps, delta = 8, 0.01, 1.0, 2000, 1e-6
+  els = _plan(privacy_unit="user", delta=delta, steps=steps, noise_multiplier=sigma,
+              sampling=planning.SamplingPlan(scheme="poisson", unit="example",
+                                             sampling_prob=q, examples_per_user=k))
   sens, probs = mechanisms.ElsDpSgd(sigma, q, steps, k).mixture()
   event = dpe.SelfComposedDpEvent(dpe.MixtureOfGaussiansDpEvent(sigma, sens, probs), steps)
 
@@ -53,14 +63,14 @@ def bench_els(quick: bool) -> dict:
 
   if quick:  # the fine-grid value through our vectorised (value-identical) PLD
     accountants._ONE_STEP_CACHE.clear()
-    fine, base_s = _timed(lambda: A.epsilon(mechanisms.ElsDpSgd(sigma, q, steps, k),
-                                            delta=delta, discretization=1e-4))
+    fine, base_s = _timed(lambda: A.epsilon(els.mechanism(), delta=delta,
+                                            discretization=1e-4))
     base_label = "dpfl fine grid (quick)"
   else:
     fine, base_s = _timed(baseline)
     base_label = "dp-accounting PLD default grid"
   accountants._ONE_STEP_CACHE.clear()
-  ours, ours_s = _timed(lambda: A.epsilon(mechanisms.ElsDpSgd(sigma, q, steps, k), delta=delta))
+  ours, ours_s = _timed(els.epsilon)
   return {"baseline": base_label, "baseline_seconds": base_s, "dpfl_seconds": ours_s,
           "speedup": base_s / ours_s, "epsilon_fine": fine, "epsilon_dpfl": ours,
           "relative_gap": ours / fine - 1}
@@ -75,13 +85,14 @@ def bench_calibration() -> dict:
   base_sigma, base_s = _timed(lambda: dpa.calibrate_dp_mechanism(
       dpa.pld.PLDAccountant, event, target, delta))
   accountants._ONE_STEP_CACHE.clear()
-  ours, ours_s = _timed(lambda: A.calibrate_noise_multiplier(
-      lambda s: A.PoissonDpSgd(s, q, steps), target_epsilon=target, delta=delta))
+  ours, ours_s = _timed(lambda: _plan(
+      privacy_unit="example", delta=delta, steps=steps, target_epsilon=target,
+      sampling=planning.SamplingPlan(scheme="poisson", sampling_prob=q)).noise_multiplier)
   acc = dpa.pld.PLDAccountant()
-  acc.compose(event(ours.value))
+  acc.compose(event(ours))
   return {"baseline_seconds": base_s, "dpfl_seconds": ours_s, "speedup": base_s / ours_s,
-          "sigma_dp_accounting": base_sigma, "sigma_dpfl": ours.value,
-          "sigma_relative_gap": ours.value / base_sigma - 1,
+          "sigma_dp_accounting": base_sigma, "sigma_dpfl": ours,
+          "sigma_relative_gap": ours / base_sigma - 1,
           "epsilon_dp_accounting_at_dpfl_sigma": acc.get_epsilon(delta)}
 
 

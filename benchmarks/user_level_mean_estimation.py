@@ -170,22 +170,41 @@ def schedule(*, compute: int, num_users: int, examples_per_user: int,
   return min(1.0, compute / (steps * per_full_step)), steps
 
 
+def _sampling(method: str, sampling_prob: float, examples_per_user: int):
+  from accounting import plan as planning
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+  # ELS Poisson-samples examples (user-level ε depends on the cap k); ULS users.
+  return planning.SamplingPlan(scheme="poisson", unit="example" if method == "ELS" else "user",
+                               sampling_prob=sampling_prob,
+                               examples_per_user=examples_per_user)
+
+
 def mechanism(method: str, noise_multiplier: float, sampling_prob: float, num_steps: int,
               examples_per_user: int) -> accounting.Mechanism:
-  """The user-level mechanism description that accounts one run."""
-  if method == "ELS":
-    return accounting.ElsDpSgd(noise_multiplier, sampling_prob, num_steps, examples_per_user)
-  if method == "ULS":
-    return accounting.UlsDpSgd(noise_multiplier, sampling_prob, num_steps)
-  raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+  """The user-level mechanism that accounts one run, from its plan (dpfl's one mapping)."""
+  # δ is the plan's reporting δ; it does not enter the mechanism.
+  return plan(method, sampling_prob, num_steps, examples_per_user, delta=1e-6,
+              noise_multiplier=noise_multiplier).mechanism()
+
+
+def plan(method: str, sampling_prob: float, num_steps: int, examples_per_user: int, *,
+         delta: float, noise_multiplier: float | None = None,
+         target_epsilon: float | None = None):
+  """The run's ``accounting.plan.PrivacyPlan`` (σ given, or calibrated for ``target_epsilon``)."""
+  from accounting import plan as planning
+  # The clip norm does not enter ε (the noise is relative to it): 1 stands for C.
+  return planning.plan_run(privacy_unit="user",
+                           sampling=_sampling(method, sampling_prob, examples_per_user),
+                           l2_clip_norm=1.0, delta=delta, num_steps=num_steps,
+                           noise_multiplier=noise_multiplier, target_epsilon=target_epsilon)
 
 
 def calibrate(key: tuple[str, float, float, int, int, float]) -> float:
   """σ for key = (method, ε, q, T, k, δ): the smallest meeting user-level (ε, δ)."""
   method, epsilon, sampling_prob, num_steps, examples_per_user, delta = key
-  return accounting.calibrate_noise_multiplier(
-      lambda s: mechanism(method, s, sampling_prob, num_steps, examples_per_user),
-      target_epsilon=epsilon, delta=delta).value
+  return plan(method, sampling_prob, num_steps, examples_per_user, delta=delta,
+              target_epsilon=epsilon).noise_multiplier
 
 
 def _accounting_key(method, epsilon, sampling_prob, num_steps, examples_per_user, delta):

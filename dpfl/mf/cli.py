@@ -19,7 +19,9 @@ run (one Gaussian mechanism with noise multiplier ``S`` relative to
 ``sensitivity * clip norm``: ``accounting.MatrixMechanism``); with
 ``--target-epsilon E --delta D`` the smallest ``noise_multiplier`` meeting
 ``E`` (and the ``epsilon`` it gives). ``noise_stddev`` is then
-``noise_multiplier * sensitivity``, the per-step noise in clip norms.
+``noise_multiplier * sensitivity``, the per-step noise in clip norms, and
+``plan`` the run's ``accounting.plan.PrivacyPlan`` (``to_dict()``), whose
+mechanism gives ``epsilon``.
 
 This module imports only the standard library; numpy and scipy load when
 ``run`` builds a strategy (no strategy here needs JAX).
@@ -172,24 +174,34 @@ def _privacy_settings(args: argparse.Namespace) -> dict[str, float]:
   return {"target_epsilon": check.target_epsilon("--target-epsilon", target), "delta": delta}
 
 
-def _account(settings: dict[str, Any], strategy) -> dict[str, float]:
-  """``epsilon`` (and the calibrated ``noise_multiplier``) of ``strategy``'s run."""
-  import accounting
-  k, b = settings["epochs"], settings["min_sep"]
+def _plan(settings: dict[str, Any], strategy):
+  """The ``PrivacyPlan`` of ``strategy``'s run: the one configuration -> mechanism map.
 
-  def mechanism(sigma: float):
-    return accounting.MatrixMechanism(sigma, strategy.sensitivity, settings["steps"],
-                                      settings["strategy"], k, b if k > 1 else None)
+  ``b`` units, each taking part once every ``b`` steps (cyclic, one unit a
+  step), for the ``n`` steps of ``C``; ``--target-epsilon`` is calibrated by
+  the planner.
+  """
+  from accounting import plan as planning
+  n, k, b = settings["steps"], settings["epochs"], settings["min_sep"]
+  options = {name: settings[name] for name in ("objective", "bands", "buffers")
+             if settings[name] is not None}
+  noise = planning.NoisePlan(strategy=settings["strategy"], planned_steps=n,
+                             sensitivity=strategy.sensitivity, max_participations=k,
+                             min_separation=b, options=options)
+  sampling = planning.SamplingPlan(scheme="cyclic", unit="example", population_size=b,
+                                   batch_size=1)
+  # The clip norm does not enter ε (the noise is relative to it): 1 stands for C.
+  return planning.plan_run(privacy_unit="example", sampling=sampling, l2_clip_norm=1.0,
+                           delta=settings["delta"], num_steps=n, noise=noise,
+                           noise_multiplier=settings.get("noise_multiplier"),
+                           target_epsilon=settings.get("target_epsilon"))
 
-  if "target_epsilon" in settings:
-    result = accounting.calibrate_noise_multiplier(
-        mechanism, target_epsilon=settings["target_epsilon"], delta=settings["delta"])
-    sigma, epsilon = result.value, result.epsilon
-  else:
-    sigma = settings["noise_multiplier"]
-    epsilon = accounting.epsilon(mechanism(sigma), delta=settings["delta"])
-  return {"noise_multiplier": sigma, "epsilon": epsilon,
-          "noise_stddev": sigma * strategy.sensitivity}
+
+def _account(settings: dict[str, Any], strategy) -> dict[str, Any]:
+  """``epsilon`` (and the calibrated ``noise_multiplier``) of ``strategy``'s run, and its plan."""
+  plan = _plan(settings, strategy)
+  return {"noise_multiplier": plan.noise_multiplier, "epsilon": plan.epsilon(),
+          "noise_stddev": plan.noise_multiplier * strategy.sensitivity, "plan": plan.to_dict()}
 
 
 def build(settings: dict[str, Any]):

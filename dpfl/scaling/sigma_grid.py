@@ -10,10 +10,10 @@ answers queries by interpolation in microseconds, importing only numpy.
 
 **Never under-estimated (never over-spends ε).**
 
-* **Nodes are feasible.** Each stored σ had its ε computed — from a PLD
-  built exactly as ``accounting`` builds it (one composed PLD answers every
-  δ of a node column at once; one node per column is re-checked through
-  ``accounting.epsilon`` itself) — and found <= the node's ε. Nodes sit at
+* **Nodes are feasible.** Each stored σ had its ε computed by
+  ``accounting.epsilons`` (one composed PLD answers every δ of a node
+  column at once; one node per column is re-checked through
+  ``accounting.epsilon``) and found <= the node's ε. Nodes sit at
   most ~0.5% above the least feasible σ (false-position refinement of a
   shared ladder of σ; ``_solve``).
 * **δ** uses the largest δ node <= the query's δ (σ decreases with δ): a δ
@@ -86,18 +86,15 @@ DEFAULT_DELTAS = (1e-10, 1e-8, 1e-7, 1e-6, 1e-5)
 # --- building -------------------------------------------------------------------------
 
 def _pld_epsilons(sigma: float, q: float, steps: int, deltas) -> np.ndarray:
-  """ε at every δ of one composed PLD, built exactly as ``accounting`` builds it.
+  """ε at every δ of one composed PLD: ``accounting.epsilons`` at Δ = ``DISCRETIZATION``.
 
-  ``accounting.accountants`` composes the one-step PLD of the Poisson-sampled
-  Gaussian T times at Δ; the composed PLD answers every δ at once, which is
-  what makes a multi-δ grid affordable. (Tested equal to ``accounting.epsilon``;
-  one node per column is also re-checked through it at build time.)
+  One composition answers every δ of a node column at once, which is what
+  makes a multi-δ grid affordable.
   """
-  from dp_accounting.pld import privacy_loss_distribution as pld
-  one = pld.from_gaussian_mechanism(standard_deviation=sigma, sampling_prob=q,
-                                    value_discretization_interval=DISCRETIZATION)
-  composed = one.self_compose(steps)
-  return np.array([composed.get_epsilon_for_delta(d) for d in deltas])
+  import accounting
+  return np.array(accounting.epsilons(accounting.PoissonDpSgd(sigma, q, steps),
+                                      deltas=[float(d) for d in deltas],
+                                      discretization=DISCRETIZATION))
 
 
 def _verified(sigma: float, q: float, steps: int, epsilon: float, delta: float) -> bool:

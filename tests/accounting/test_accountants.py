@@ -182,3 +182,26 @@ def test_coarser_grids_are_pessimistic():
 def test_bad_accountant_arguments(kwargs, match):
   with pytest.raises(ValueError, match=match):
     A.epsilon(A.PoissonDpSgd(1.0, 0.1, 10), **kwargs)
+
+
+def test_epsilons_answer_many_deltas_as_epsilon_does_each():
+  """accounting.epsilons: one composed PLD, the same ε as epsilon at every δ."""
+  import dp_accounting as dpa
+  from dp_accounting import dp_event as dpe
+  mech = A.PoissonDpSgd(1.1, 0.02, 50)
+  deltas = [1e-5, 1e-8, 1e-6]
+  many = A.epsilons(mech, deltas=deltas, discretization=1e-3)
+  acc = dpa.pld.PLDAccountant(value_discretization_interval=1e-3)
+  acc.compose(dpe.SelfComposedDpEvent(dpe.PoissonSampledDpEvent(0.02, dpe.GaussianDpEvent(1.1)), 50))
+  for value, delta in zip(many, deltas):
+    assert value == A.epsilon(mech, delta=delta, discretization=1e-3)
+    assert value == pytest.approx(acc.get_epsilon(delta), rel=1e-6)
+  assert many[1] > many[2] > many[0]
+  assert A.epsilons(mech, deltas=deltas, accountant="rdp") == tuple(
+      A.epsilon(mech, delta=d, accountant="rdp") for d in deltas)
+  with pytest.raises(ValueError, match="deltas"):
+    A.epsilons(mech, deltas=[1e-5, 1.5])
+  with pytest.raises(ValueError, match="deltas"):
+    A.epsilons(mech, deltas=[])
+  with pytest.raises(ValueError, match="deltas"):
+    A.epsilons(mech, deltas=1e-5)

@@ -198,3 +198,17 @@ def test_epochs_is_a_deprecated_alias_of_participations(capsys):
   assert console.main(["mf", "--strategy", "sqrt", "--steps", "64", "--participations", "2",
                        "--epochs", "2"]) == 2
   assert "not allowed" in capsys.readouterr().err
+
+
+def test_the_reported_epsilon_is_the_plans():
+  """dpfl mf plans its run (accounting.plan): ε and σ are the plan's, the plan is in the JSON."""
+  from accounting import plan as planning
+  for extra in (["--noise-multiplier", "1.5"], ["--target-epsilon", "3"]):
+    result = _run("--strategy", "sqrt", "--steps", "16", "--participations", "4", "--delta",
+                 "1e-5", *extra)
+    plan = planning.PrivacyPlan.from_dict(result["plan"])
+    assert plan.noise_multiplier == result["noise_multiplier"]
+    assert plan.noise.sensitivity == result["sensitivity"]
+    assert (plan.noise.max_participations, plan.noise.min_separation) == (4, 4)
+    assert plan.epsilon() == result["epsilon"]
+    json.dumps(result)  # the --json line
