@@ -461,9 +461,15 @@ class PrivateTraining:
     self._last_release = journal.steps - 1
     self._pending = 0
     self.sampler.position = journal.steps
-    return PrivateState(params=state.params, opt_state=opt_state,
-                        sampler_seed=state.sampler_seed,
-                        step=jnp.asarray(journal.steps, jnp.int32))
+    restored = PrivateState(params=state.params, opt_state=opt_state,
+                            sampler_seed=state.sampler_seed,
+                            step=jnp.asarray(journal.steps, jnp.int32))
+    if latest is None:
+      # A crash between starting the run and its first checkpoint: take the
+      # step-0 checkpoint now (as init does), or the next crash could not
+      # continue correlated noise.
+      self.save(directory, restored)
+    return restored
 
   def _roll_forward(self, noise_state, params, num_steps: int):
     """The noise state ``num_steps`` steps on: the noise drawn, never released.

@@ -329,3 +329,20 @@ def test_user_level_runs_resume(tmp_path):
     assert int(state.step) == 6 == resumed.steps_done
     assert resumed.epsilon() == pytest.approx(resumed.planned_epsilon(), rel=1e-12)
     assert resumed.epsilon() <= 4.0
+
+
+def test_a_crash_before_the_first_checkpoint_can_be_resumed_twice(tmp_path):
+  # Killed after make_private attached the ledger but before init saved the
+  # step-0 checkpoint; then killed again after 3 DP-FTRL steps.
+  kwargs = dict(noise_multiplier=1.0, epochs=1, strategy="blt", checkpoint_dir=tmp_path)
+  _private(**kwargs)  # the first process dies here
+  second = _private(**kwargs)
+  state, step = second.restore(tmp_path, PARAMS), second.make_step()
+  for i, (batch, mask) in enumerate(second.batches(_data(), state)):
+    state, _ = step(state, batch, mask)
+    if i == 2:
+      break
+  third = _private(**kwargs)
+  state = _run(third, _data(), third.restore(tmp_path, PARAMS))
+  assert int(state.step) == third.plan.num_steps == third.steps_done
+  assert third.epsilon() == pytest.approx(third.planned_epsilon(), rel=1e-12)
