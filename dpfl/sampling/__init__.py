@@ -5,7 +5,8 @@ returning a ``Batch`` (a fixed-length vector of unit indices and a boolean
 mask marking the real ones; the rest are padding that ``dpfl.clipped_grad``
 must be told to ignore), ``describe()`` is its configuration, and calling it
 draws the next step of its own seed (``seed`` and ``position`` are all the
-state a resumed run needs).
+state a resumed run needs). ``FixedSizeSampler`` and ``PoissonRateSampler``
+hold what the fixed-size and the Poisson samplers below share.
 
 * ``PoissonSampler``: Poisson sampling of examples, truncated to a maximum
   batch size when that maximum is below the dataset size (or padded further
@@ -18,9 +19,9 @@ state a resumed run needs).
 * ``gather``: the examples of a batch, from arrays or an indexable dataset.
 """
 
-from dpfl.sampling.base import (DEFAULT_TRUNCATION_PROB, Batch, Sampler,
-                                default_max_batch_size, index_dtype, padded_poisson_draw,
-                                sampler_seed)
+from dpfl.sampling.base import (DEFAULT_TRUNCATION_PROB, Batch, FixedSizeSampler,
+                                PoissonRateSampler, Sampler, default_max_batch_size,
+                                index_dtype, padded_poisson_draw, sampler_seed)
 from dpfl.sampling.cyclic import CyclicPoissonSampler, CyclicSampler
 from dpfl.sampling.gathering import gather, num_examples
 from dpfl.sampling.poisson import PoissonSampler
@@ -29,7 +30,8 @@ from dpfl.sampling.users import DEFAULT_OVERFLOW_PROB, ElsSampler, UserSampler
 
 __all__ = [
     "Batch", "CyclicPoissonSampler", "CyclicSampler", "DEFAULT_OVERFLOW_PROB",
-    "DEFAULT_TRUNCATION_PROB", "ElsSampler", "PoissonSampler", "Sampler", "ShuffledSampler",
+    "DEFAULT_TRUNCATION_PROB", "ElsSampler", "FixedSizeSampler", "PoissonRateSampler",
+    "PoissonSampler", "Sampler", "ShuffledSampler",
     "UserSampler", "default_max_batch_size", "gather", "index_dtype", "num_examples",
     "padded_poisson_draw", "sampler_seed",
 ]

@@ -160,6 +160,23 @@ def padded_poisson_draw(rng: np.random.Generator, population: int, sampling_prob
   return Batch(indices=indices, mask=np.arange(length) < size), overflowed
 
 
+def round_up(length: int, multiple_of: int) -> int:
+  """``length`` rounded up to a multiple of ``multiple_of``.
+
+  A static batch length that is a multiple of the device count keeps the
+  unit axis evenly shardable.
+  """
+  return multiple_of * math.ceil(length / multiple_of)
+
+
+def check_at_most_dataset_size(name: str, value, dataset_size: int) -> int:
+  """A count of units per step or per group: an integer in ``[1, dataset_size]``."""
+  count = check.positive_int(name, value)
+  if count > dataset_size:
+    raise ValueError(f"{name} must be in [1, dataset_size={dataset_size}], got {value!r}")
+  return count
+
+
 def check_index(name: str, value) -> int:
   """A step index: an integer >= 0 (a Python or numpy int, or a 0-d integer array)."""
   if (hasattr(value, "dtype") and np.ndim(value) == 0
@@ -268,3 +285,109 @@ class Sampler(abc.ABC):
     """An endless stream of batches from ``position`` on; stop after your number of steps."""
     while True:
       yield self()
+
+
+class FixedSizeSampler(Sampler):
+  """``batch_size`` of the ``dataset_size`` units every step, in epochs.
+
+  What ``ShuffledSampler`` and ``CyclicSampler`` share: a public, fixed
+  batch size (so the noise normaliser is the batch size itself), a static
+  length rounded up to ``multiple_of``, and epochs of
+  ``dataset_size // batch_size`` steps (the remainder sits each epoch out).
+  Subclasses say which units make up each step (``_draw``).
+
+  Args:
+    dataset_size: number of units N >= 1.
+    batch_size: units per step, in [1, N].
+    multiple_of: pads each batch (mask False) to a multiple of this.
+    seed: as for ``Sampler``.
+  """
+
+  def __init__(self, dataset_size: int, *, batch_size: int, multiple_of: int = 1, seed=None):
+    self._dataset_size = check.positive_int("dataset_size", dataset_size)
+    self._batch_size = check_at_most_dataset_size("batch_size", batch_size, self._dataset_size)
+    self._length = round_up(self._batch_size, check.positive_int("multiple_of", multiple_of))
+    self._dtype = index_dtype(self._dataset_size)
+    super().__init__(seed)
+
+  @property
+  def dataset_size(self) -> int:
+    return self._dataset_size
+
+  @property
+  def population_size(self) -> int:
+    return self._dataset_size
+
+  @property
+  def batch_size(self) -> int:
+    return self._batch_size
+
+  @property
+  def max_batch_size(self) -> int:
+    """The static batch length (``batch_size`` rounded up to ``multiple_of``)."""
+    return self._length
+
+  @property
+  def expected_batch_size(self) -> int:
+    """The fixed batch size (public): the normaliser for ``dpfl.noise.gaussian_noise``."""
+    return self._batch_size
+
+  @property
+  def steps_per_epoch(self) -> int:
+    """Batches per pass over the units (the remainder never takes part)."""
+    return self._dataset_size // self._batch_size
+
+
+class PoissonRateSampler(Sampler):
+  """Each candidate unit of a step is included independently with probability ``sampling_prob``.
+
+  What the Poisson samplers share (``PoissonSampler``, ``CyclicPoissonSampler``,
+  ``UserSampler``, ``ElsSampler``): the rate, the usual static length (by
+  default the one a Binomial(candidates, q) draw exceeds with probability
+  ``truncation_prob``), and the public noise normaliser ``q * candidates``.
+  Subclasses validate the population under their own argument name.
+
+  Args:
+    population_size: the number of units, already validated.
+    candidates: the units each step samples from (default: all of them).
+    sampling_prob: q in (0, 1].
+    max_batch_size: usual static length >= 1, or None for the default;
+      rounded up to ``multiple_of``.
+    truncation_prob: the per-step probability the default length is exceeded.
+    multiple_of: e.g. the number of devices the unit axis is sharded over.
+    seed: as for ``Sampler``.
+  """
+
+  def __init__(self, population_size: int, *, sampling_prob: float,
+               max_batch_size: int | None = None, candidates: int | None = None,
+               truncation_prob: float = DEFAULT_TRUNCATION_PROB, multiple_of: int = 1,
+               seed=None):
+    self._population_size = population_size
+    self._candidates = population_size if candidates is None else candidates
+    self._sampling_prob = check.probability("sampling_prob", sampling_prob)
+    multiple_of = check.positive_int("multiple_of", multiple_of)
+    if max_batch_size is None:
+      max_batch_size = default_max_batch_size(self._candidates, self._sampling_prob,
+                                              truncation_prob=truncation_prob)
+    self._max_batch_size = round_up(check.positive_int("max_batch_size", max_batch_size),
+                                    multiple_of)
+    self._dtype = index_dtype(population_size)
+    super().__init__(seed)
+
+  @property
+  def population_size(self) -> int:
+    return self._population_size
+
+  @property
+  def sampling_prob(self) -> float:
+    return self._sampling_prob
+
+  @property
+  def max_batch_size(self) -> int:
+    """The usual static batch length."""
+    return self._max_batch_size
+
+  @property
+  def expected_batch_size(self) -> float:
+    """``q * candidates`` (N, or ``N // b`` for cyclic Poisson): the public noise normaliser."""
+    return self._sampling_prob * self._candidates

@@ -23,9 +23,9 @@ import numpy as np
 
 from accounting import validate as check
 from dpfl.sampling.base import (DOMAIN_CYCLIC_ORDER, DOMAIN_CYCLIC_POISSON_ORDER,
-                                DOMAIN_CYCLIC_POISSON_STEP, Batch, Sampler,
-                                default_max_batch_size, index_dtype, padded_poisson_draw,
-                                step_generator)
+                                DOMAIN_CYCLIC_POISSON_STEP, Batch, FixedSizeSampler,
+                                PoissonRateSampler, check_at_most_dataset_size, index_dtype,
+                                padded_poisson_draw, step_generator)
 
 UNITS = ("example", "user")
 
@@ -46,7 +46,7 @@ class _FixedOrder:
     return self._cached[1]
 
 
-class CyclicSampler(Sampler):
+class CyclicSampler(FixedSizeSampler):
   """Fixed-size batches in one fixed order, repeated every epoch (DP-FTRL / DP-MF).
 
   One uniformly random permutation, a function of the seed only, is split
@@ -78,44 +78,9 @@ class CyclicSampler(Sampler):
 
   def __init__(self, dataset_size: int, *, batch_size: int, multiple_of: int = 1,
                seed=None, unit: str = "example"):
-    self._dataset_size = check.positive_int("dataset_size", dataset_size)
-    self._batch_size = check.positive_int("batch_size", batch_size)
-    if self._batch_size > self._dataset_size:
-      raise ValueError(f"batch_size must be in [1, dataset_size={self._dataset_size}], "
-                       f"got {batch_size!r}")
-    multiple_of = check.positive_int("multiple_of", multiple_of)
     self._unit = check.choice("unit", unit, UNITS)
-    self._length = multiple_of * math.ceil(self._batch_size / multiple_of)
-    self._dtype = index_dtype(self._dataset_size)
+    super().__init__(dataset_size, batch_size=batch_size, multiple_of=multiple_of, seed=seed)
     self._order = _FixedOrder(self._dataset_size, DOMAIN_CYCLIC_ORDER)
-    super().__init__(seed)
-
-  @property
-  def dataset_size(self) -> int:
-    return self._dataset_size
-
-  @property
-  def population_size(self) -> int:
-    return self._dataset_size
-
-  @property
-  def batch_size(self) -> int:
-    return self._batch_size
-
-  @property
-  def max_batch_size(self) -> int:
-    """The static batch length (``batch_size`` rounded up to ``multiple_of``)."""
-    return self._length
-
-  @property
-  def expected_batch_size(self) -> int:
-    """The fixed batch size (public): the noise normaliser."""
-    return self._batch_size
-
-  @property
-  def steps_per_epoch(self) -> int:
-    """``b``: batches per pass, and the separation between a unit's steps."""
-    return self._dataset_size // self._batch_size
 
   def participation(self, num_steps: int) -> tuple[int, int]:
     """``(k, b)`` for a run of ``num_steps``: at most k steps per unit, b apart."""
@@ -140,7 +105,7 @@ class CyclicSampler(Sampler):
             f"steps_per_epoch={self.steps_per_epoch})")
 
 
-class CyclicPoissonSampler(Sampler):
+class CyclicPoissonSampler(PoissonRateSampler):
   """Cyclic Poisson sampling for amplified banded MF.
 
   Choquette-Choo et al. 2023, "(Amplified) Banded Matrix Factorizations"
@@ -167,28 +132,17 @@ class CyclicPoissonSampler(Sampler):
 
   def __init__(self, dataset_size: int, *, num_groups: int, sampling_prob: float,
                max_batch_size: int | None = None, seed=None, unit: str = "example"):
-    self._dataset_size = check.positive_int("dataset_size", dataset_size)
-    self._groups = check.positive_int("num_groups", num_groups)
-    if self._groups > self._dataset_size:
-      raise ValueError(f"num_groups must be in [1, dataset_size={self._dataset_size}], "
-                       f"got {num_groups!r}")
-    self._sampling_prob = check.probability("sampling_prob", sampling_prob)
+    dataset_size = check.positive_int("dataset_size", dataset_size)
+    self._groups = check_at_most_dataset_size("num_groups", num_groups, dataset_size)
     self._unit = check.choice("unit", unit, UNITS)
-    self._group_size = self._dataset_size // self._groups
-    if max_batch_size is None:
-      max_batch_size = default_max_batch_size(self._group_size, self._sampling_prob)
-    self._max_batch_size = check.positive_int("max_batch_size", max_batch_size)
-    self._dtype = index_dtype(self._dataset_size)
-    self._order = _FixedOrder(self._dataset_size, DOMAIN_CYCLIC_POISSON_ORDER)
-    super().__init__(seed)
+    self._group_size = dataset_size // self._groups
+    super().__init__(dataset_size, sampling_prob=sampling_prob,
+                     max_batch_size=max_batch_size, candidates=self._group_size, seed=seed)
+    self._order = _FixedOrder(dataset_size, DOMAIN_CYCLIC_POISSON_ORDER)
 
   @property
   def dataset_size(self) -> int:
-    return self._dataset_size
-
-  @property
-  def population_size(self) -> int:
-    return self._dataset_size
+    return self._population_size
 
   @property
   def num_groups(self) -> int:
@@ -198,22 +152,9 @@ class CyclicPoissonSampler(Sampler):
   def group_size(self) -> int:
     return self._group_size
 
-  @property
-  def sampling_prob(self) -> float:
-    return self._sampling_prob
-
-  @property
-  def max_batch_size(self) -> int:
-    return self._max_batch_size
-
-  @property
-  def expected_batch_size(self) -> float:
-    """``q * N // b``: the public noise normaliser."""
-    return self._sampling_prob * self._group_size
-
   def describe(self) -> dict:
     return {"scheme": "cyclic_poisson", "unit": self._unit,
-            "population_size": self._dataset_size, "num_groups": self._groups,
+            "population_size": self._population_size, "num_groups": self._groups,
             "sampling_prob": self._sampling_prob, "max_batch_size": self._max_batch_size}
 
   def _draw(self, seed: np.ndarray, step: int) -> tuple[Batch, bool]:
@@ -226,5 +167,5 @@ class CyclicPoissonSampler(Sampler):
     return batch, False
 
   def __repr__(self) -> str:
-    return (f"CyclicPoissonSampler(dataset_size={self._dataset_size}, num_groups="
+    return (f"CyclicPoissonSampler(dataset_size={self._population_size}, num_groups="
             f"{self._groups}, sampling_prob={self._sampling_prob})")

@@ -5,12 +5,11 @@ from __future__ import annotations
 import numpy as np
 
 from accounting import validate as check
-from dpfl.sampling.base import (DOMAIN_POISSON_STEP, Batch, Sampler,
-                                default_max_batch_size, index_dtype, padded_poisson_draw,
-                                step_generator)
+from dpfl.sampling.base import (DOMAIN_POISSON_STEP, Batch, PoissonRateSampler,
+                                padded_poisson_draw, step_generator)
 
 
-class PoissonSampler(Sampler):
+class PoissonSampler(PoissonRateSampler):
   """Poisson sampling of examples, padded (and if needed truncated) to a static size.
 
   Each step includes every one of ``dataset_size`` examples independently
@@ -53,37 +52,16 @@ class PoissonSampler(Sampler):
 
   def __init__(self, dataset_size: int, *, sampling_prob: float,
                max_batch_size: int | None = None, truncate: bool = True, seed=None):
-    self._dataset_size = check.positive_int("dataset_size", dataset_size)
-    self._sampling_prob = check.probability("sampling_prob", sampling_prob)
-    if max_batch_size is None:
-      max_batch_size = default_max_batch_size(self._dataset_size, self._sampling_prob)
-    self._max_batch_size = check.positive_int("max_batch_size", max_batch_size)
+    dataset_size = check.positive_int("dataset_size", dataset_size)
     if not isinstance(truncate, bool):
       raise ValueError(f"truncate must be True or False, got {truncate!r}")
     self._truncate = truncate
-    self._dtype = index_dtype(self._dataset_size)
-    super().__init__(seed)
+    super().__init__(dataset_size, sampling_prob=sampling_prob, max_batch_size=max_batch_size,
+                     seed=seed)
 
   @property
   def dataset_size(self) -> int:
-    return self._dataset_size
-
-  @property
-  def population_size(self) -> int:
-    return self._dataset_size
-
-  @property
-  def sampling_prob(self) -> float:
-    return self._sampling_prob
-
-  @property
-  def max_batch_size(self) -> int:
-    return self._max_batch_size
-
-  @property
-  def expected_batch_size(self) -> float:
-    """``q * N``: the public normaliser for ``dpfl.noise.gaussian_noise``."""
-    return self._sampling_prob * self._dataset_size
+    return self._population_size
 
   @property
   def truncate(self) -> bool:
@@ -93,28 +71,28 @@ class PoissonSampler(Sampler):
   @property
   def can_truncate(self) -> bool:
     """Whether a draw can be truncated (it exceeds ``max_batch_size`` and ``truncate``)."""
-    return self._truncate and self._max_batch_size < self._dataset_size
+    return self._truncate and self._max_batch_size < self._population_size
 
   def describe(self) -> dict:
     return {"scheme": "truncated_poisson" if self.can_truncate else "poisson",
-            "unit": "example", "population_size": self._dataset_size,
+            "unit": "example", "population_size": self._population_size,
             "sampling_prob": self._sampling_prob, "max_batch_size": self._max_batch_size}
 
   def _draw(self, seed: np.ndarray, step: int) -> tuple[Batch, bool]:
     rng = step_generator(seed, DOMAIN_POISSON_STEP, step)
     if not self.can_truncate:
       # Nothing is ever truncated: the exact Poisson draw every padded sampler makes.
-      return padded_poisson_draw(rng, self._dataset_size, self._sampling_prob,
+      return padded_poisson_draw(rng, self._population_size, self._sampling_prob,
                                  self._max_batch_size, self._dtype)[0], False
-    size = int(rng.binomial(self._dataset_size, self._sampling_prob))
+    size = int(rng.binomial(self._population_size, self._sampling_prob))
     truncated = size > self._max_batch_size
     size = min(size, self._max_batch_size)
-    chosen = rng.choice(self._dataset_size, size=size, replace=False)
+    chosen = rng.choice(self._population_size, size=size, replace=False)
     indices = np.zeros(self._max_batch_size, self._dtype)
     indices[:size] = np.sort(chosen)
     return Batch(indices=indices, mask=np.arange(self._max_batch_size) < size), truncated
 
   def __repr__(self) -> str:
-    return (f"PoissonSampler(dataset_size={self._dataset_size}, "
+    return (f"PoissonSampler(dataset_size={self._population_size}, "
             f"sampling_prob={self._sampling_prob}, max_batch_size={self._max_batch_size}, "
             f"truncate={self._truncate})")

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from accounting import validate as check
-from dpfl.sampling.base import (DOMAIN_SHUFFLE_EPOCH, Batch, Sampler, index_dtype,
-                                step_generator)
+from dpfl.sampling.base import DOMAIN_SHUFFLE_EPOCH, Batch, FixedSizeSampler, step_generator
 
 
-class ShuffledSampler(Sampler):
+class ShuffledSampler(FixedSizeSampler):
   """Fixed-size batches from a fresh shuffle every epoch (remainder dropped).
 
   An epoch is ``dataset_size // batch_size`` steps; each starts with a new
@@ -31,40 +29,8 @@ class ShuffledSampler(Sampler):
   """
 
   def __init__(self, dataset_size: int, *, batch_size: int, seed=None):
-    self._dataset_size = check.positive_int("dataset_size", dataset_size)
-    self._batch_size = check.positive_int("batch_size", batch_size)
-    if self._batch_size > self._dataset_size:
-      raise ValueError(f"batch_size must be in [1, dataset_size={self._dataset_size}], "
-                       f"got {batch_size!r}")
-    self._dtype = index_dtype(self._dataset_size)
+    super().__init__(dataset_size, batch_size=batch_size, seed=seed)
     self._cached: tuple[bytes, int, np.ndarray] | None = None  # (seed, epoch, permutation)
-    super().__init__(seed)
-
-  @property
-  def dataset_size(self) -> int:
-    return self._dataset_size
-
-  @property
-  def population_size(self) -> int:
-    return self._dataset_size
-
-  @property
-  def batch_size(self) -> int:
-    return self._batch_size
-
-  @property
-  def max_batch_size(self) -> int:
-    """The static batch length: the fixed batch size (no padding)."""
-    return self._batch_size
-
-  @property
-  def expected_batch_size(self) -> int:
-    """The fixed batch size (public), the normaliser for ``gaussian_noise``."""
-    return self._batch_size
-
-  @property
-  def steps_per_epoch(self) -> int:
-    return self._dataset_size // self._batch_size
 
   def describe(self) -> dict:
     return {"scheme": "shuffle", "unit": "example", "population_size": self._dataset_size,

@@ -20,13 +20,11 @@ step.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from accounting import validate as check
-from dpfl.sampling.base import (DOMAIN_POISSON_STEP, Batch, Sampler, default_max_batch_size,
-                                index_dtype, padded_poisson_draw, step_generator)
+from dpfl.sampling.base import (DOMAIN_POISSON_STEP, Batch, PoissonRateSampler,
+                                padded_poisson_draw, step_generator)
 
 # Per-step probability that a draw exceeds the default static length. An
 # overflow costs one more compilation (for a longer shape, cached by jit
@@ -36,56 +34,30 @@ from dpfl.sampling.base import (DOMAIN_POISSON_STEP, Batch, Sampler, default_max
 DEFAULT_OVERFLOW_PROB = 1e-4
 
 
-class _PaddedPoissonSampler(Sampler):
+class _PaddedPoissonSampler(PoissonRateSampler):
   """Poisson sampling of ``population_size`` units, padded, never truncated."""
 
   _unit = "unit"
 
   def __init__(self, population_size: int, *, sampling_prob: float,
                max_batch_size: int | None = None, multiple_of: int = 1, seed=None):
-    self._size = check.positive_int(f"num_{self._unit}s", population_size)
-    self._sampling_prob = check.probability("sampling_prob", sampling_prob)
-    multiple_of = check.positive_int("multiple_of", multiple_of)
-    if max_batch_size is None:
-      max_batch_size = default_max_batch_size(self._size, self._sampling_prob,
-                                              truncation_prob=DEFAULT_OVERFLOW_PROB)
-    max_batch_size = check.positive_int("max_batch_size", max_batch_size)
-    # A multiple of the device count keeps the unit axis evenly shardable.
-    self._max_batch_size = multiple_of * math.ceil(max_batch_size / multiple_of)
-    self._dtype = index_dtype(self._size)
-    super().__init__(seed)
-
-  @property
-  def population_size(self) -> int:
-    return self._size
-
-  @property
-  def sampling_prob(self) -> float:
-    return self._sampling_prob
-
-  @property
-  def max_batch_size(self) -> int:
-    """The usual static batch length (a draw above it gets a longer one)."""
-    return self._max_batch_size
-
-  @property
-  def expected_batch_size(self) -> float:
-    """``q * N``: the public normaliser for ``dpfl.noise.gaussian_noise``."""
-    return self._sampling_prob * self._size
+    super().__init__(check.positive_int(f"num_{self._unit}s", population_size),
+                     sampling_prob=sampling_prob, max_batch_size=max_batch_size,
+                     truncation_prob=DEFAULT_OVERFLOW_PROB, multiple_of=multiple_of, seed=seed)
 
   def describe(self) -> dict:
-    return {"scheme": "poisson", "unit": self._unit, "population_size": self._size,
+    return {"scheme": "poisson", "unit": self._unit, "population_size": self._population_size,
             "sampling_prob": self._sampling_prob, "max_batch_size": self._max_batch_size}
 
   def _draw(self, seed: np.ndarray, step: int) -> tuple[Batch, bool]:
     """Sorted indices, then padding (mask False); a rare longer shape, never truncated."""
     rng = step_generator(seed, DOMAIN_POISSON_STEP, step)
-    batch, _ = padded_poisson_draw(rng, self._size, self._sampling_prob,
+    batch, _ = padded_poisson_draw(rng, self._population_size, self._sampling_prob,
                                    self._max_batch_size, self._dtype)
     return batch, False
 
   def __repr__(self) -> str:
-    return (f"{type(self).__name__}({self._size} {self._unit}s, sampling_prob="
+    return (f"{type(self).__name__}({self._population_size} {self._unit}s, sampling_prob="
             f"{self._sampling_prob}, max_batch_size={self._max_batch_size})")
 
 
