@@ -311,31 +311,6 @@ def _materialize_block(
   return summed, (norms, values, aux)
 
 
-def materialize(
-    unit_update: UnitUpdate,
-    l2_clip_norm: float,
-    params: PyTree,
-    units: PyTree,
-    included: jax.Array,
-    microbatch_size: int | None,
-) -> tuple[PyTree, PyTree]:
-  """Clipped sum via materialised per-unit updates, chunk by chunk.
-
-  ``units`` is ``(unit_batches, unit_masks)`` with a leading unit axis.
-  Chunks bound the ``[units, params]`` updates (and whatever else a unit's
-  update holds live, e.g. DP-FedAvg's per-user parameters and optimizer
-  state) to about ``chunk_bytes()``.
-  """
-  block = chunk_size(params, _leading(units))
-  if microbatch_size is not None:
-    block = min(block, microbatch_size)
-
-  def fn(xs):
-    return _materialize_block(unit_update, l2_clip_norm, params, *xs)
-
-  return map_reduce(fn, (units, included), block, zeros_accumulator(params))
-
-
 def _reweight_block(
     unit_loss: UnitLoss,
     l2_clip_norm: float,
@@ -379,26 +354,43 @@ def _reweight_block(
   return summed, (norms, values, aux)
 
 
-def reweight(
-    unit_loss: UnitLoss,
+def clipped_sum(
+    method: str,
+    unit_fn: UnitUpdate | UnitLoss,
     l2_clip_norm: float,
     params: PyTree,
     units: PyTree,
     included: jax.Array,
     microbatch_size: int | None,
 ) -> tuple[PyTree, PyTree]:
-  """Clipped sum via per-unit norms, then one weighted backward pass.
+  """Clipped sum of the units' updates by ``method``, block by block.
 
-  Only for updates that are gradients of ``unit_loss`` (see the module
-  docstring); ``units`` is ``(unit_batches, unit_masks)``.
+  ``units`` is ``(unit_batches, unit_masks)`` with a leading unit axis.
+
+  * ``"materialize"``: ``unit_fn`` is a ``UnitUpdate``. Blocks bound the
+    ``[units, params]`` updates (and whatever else a unit's update holds
+    live, e.g. DP-FedAvg's per-user parameters and optimizer state) to about
+    ``chunk_bytes()``, and to ``microbatch_size`` units when given.
+  * ``"reweight"``: ``unit_fn`` is a ``UnitLoss`` (only for updates that are
+    gradients of it, see the module docstring); blocks of ``microbatch_size``
+    units, all at once when None.
+
+  Returns ``(sum, (norms, values, aux))`` as ``map_reduce`` does.
   """
+  if method == "materialize":
+    block = chunk_size(params, _leading(units))
+    if microbatch_size is not None:
+      block = min(block, microbatch_size)
+    block_fn = _materialize_block
+  elif method == "reweight":
+    block, block_fn = microbatch_size, _reweight_block
+  else:
+    raise ValueError(f"method must be 'materialize' or 'reweight', got {method!r}")
 
   def fn(xs):
-    return _reweight_block(unit_loss, l2_clip_norm, params, *xs)
+    return block_fn(unit_fn, l2_clip_norm, params, *xs)
 
-  return map_reduce(
-      fn, (units, included), microbatch_size, zeros_accumulator(params)
-  )
+  return map_reduce(fn, (units, included), block, zeros_accumulator(params))
 
 
 def _sub_jaxprs(value: Any):

@@ -289,16 +289,14 @@ def clipped_sum(
           " use method='materialize' or 'auto' for half precision."
       )
     if chosen == "reweight":
-      total, (norms, values, aux) = clip_methods.reweight(
-          unit_loss, l2_clip_norm, params, units, included, microbatch_size
-      )
+      unit_fn = unit_loss
+    elif unit_update is not None:
+      unit_fn = unit_update
     else:
-      update = unit_update
-      if update is None:
-        update = clip_methods.gradient_update(unit_loss)
-      total, (norms, values, aux) = clip_methods.materialize(
-          update, l2_clip_norm, params, units, included, microbatch_size
-      )
+      unit_fn = clip_methods.gradient_update(unit_loss)
+    total, (norms, values, aux) = clip_methods.clipped_sum(
+        chosen, unit_fn, l2_clip_norm, params, units, included, microbatch_size
+    )
 
     finite = jnp.isfinite(norms)
     num_units = jnp.sum(included, dtype=jnp.int32)
