@@ -36,7 +36,7 @@ import os
 from typing import Any
 
 from accounting import mechanisms as mech
-from accounting.ledger import Ledger, write_atomically
+from accounting.ledger import Ledger, check_header, parse_json, write_atomically
 from accounting.plan import BudgetExhaustedError, PrivacyPlan, compose_after
 from accounting import validate as check
 
@@ -230,15 +230,15 @@ class RunJournal:
     run_path = os.path.join(directory, RUN_FILE)
     try:
       with open(run_path) as f:
-        data = json.load(f)
+        text = f.read()
     except FileNotFoundError:
       raise ValueError(f"directory {directory!r} holds no dpfl run ({RUN_FILE} is missing)") \
           from None
-    except json.JSONDecodeError as e:
-      raise ValueError(f"run file {run_path!r} is not valid JSON: {e}") from None
-    if not isinstance(data, dict) or data.get("format") != _FORMAT or \
-        data.get("version") != _VERSION:
-      raise ValueError(f"run file {run_path!r} is not a version-{_VERSION} dpfl run file")
+    try:
+      data = parse_json(text)
+      check_header(data, format=_FORMAT, version=_VERSION, what="run")
+    except ValueError as e:
+      raise ValueError(f"run file {run_path!r}: {e}") from None
     plan = PrivacyPlan.from_dict(data["plan"])
     prior = tuple(mech.from_dict(e) for e in data.get("prior", []))
     journal = cls(plan, prior=prior)

@@ -134,10 +134,7 @@ class Ledger:
   @classmethod
   def from_dict(cls, data: dict[str, Any]) -> "Ledger":
     """Rebuilds a ledger from ``to_dict``'s form, checking every header field."""
-    if not isinstance(data, dict) or data.get("format") != _FORMAT:
-      raise ValueError(f"not a dpfl ledger (format must be {_FORMAT!r})")
-    if data.get("version") != _VERSION:
-      raise ValueError(f"ledger version must be {_VERSION}, got {data.get('version')!r}")
+    check_header(data, format=_FORMAT, version=_VERSION, what="ledger")
     unknown = sorted(set(data) - _KEYS)
     if unknown:
       raise ValueError(f"unknown ledger field(s) {', '.join(map(repr, unknown))}; a version "
@@ -165,11 +162,7 @@ class Ledger:
 
   @classmethod
   def from_json(cls, text: str) -> "Ledger":
-    try:
-      data = json.loads(text)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"not valid JSON (truncated or corrupted?): {e}") from None
-    return cls.from_dict(data)
+    return cls.from_dict(parse_json(text))
 
   def save(self, path: str | os.PathLike) -> None:
     """Writes atomically: a crash never truncates a ledger, nor leaves litter.
@@ -196,6 +189,38 @@ class Ledger:
 
   def __repr__(self) -> str:
     return f"Ledger({self._entries!r})"
+
+
+def parse_json(text: str) -> Any:
+  """The value of the JSON ``text`` of a saved file (ledger, plan, run).
+
+  Raises:
+    ValueError: saying the text is not valid JSON (a truncated or corrupted
+      file, typically), with the parser's position.
+  """
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"not valid JSON (truncated or corrupted?): {e}") from None
+
+
+def check_header(data: Any, *, format: str, version: int, what: str) -> None:
+  """Checks that ``data`` is a dict saved as ``format`` at ``version``.
+
+  Args:
+    data: the parsed file (``parse_json``).
+    format: the ``"format"`` field it must have, e.g. ``"dpfl-ledger"``.
+    version: the ``"version"`` field it must have.
+    what: the kind of file, for the message, e.g. ``"ledger"``.
+
+  Raises:
+    ValueError: ``not a dpfl {what}`` for another format (or not a dict),
+      ``{what} version must be ...`` for another version.
+  """
+  if not isinstance(data, dict) or data.get("format") != format:
+    raise ValueError(f"not a dpfl {what} (format must be {format!r})")
+  if data.get("version") != version:
+    raise ValueError(f"{what} version must be {version}, got {data.get('version')!r}")
 
 
 def write_atomically(path: str | os.PathLike, text: str) -> None:

@@ -44,6 +44,7 @@ from accounting import calibrate as calib
 from accounting import matrix
 from accounting import mechanisms as mech
 from accounting import validate as check
+from accounting.ledger import check_header, parse_json
 
 SCHEMES = ("poisson", "truncated_poisson", "shuffle", "cyclic", "cyclic_poisson")
 UNITS = ("example", "user")
@@ -296,10 +297,7 @@ class PrivacyPlan:
 
   @classmethod
   def from_dict(cls, data: dict[str, Any]) -> "PrivacyPlan":
-    if not isinstance(data, dict) or data.get("format") != _FORMAT:
-      raise ValueError(f"not a dpfl plan (format must be {_FORMAT!r})")
-    if data.get("version") != _VERSION:
-      raise ValueError(f"plan version must be {_VERSION}, got {data.get('version')!r}")
+    check_header(data, format=_FORMAT, version=_VERSION, what="plan")
     fields = {f.name for f in dataclasses.fields(cls)}
     body = {k: v for k, v in data.items() if k not in ("format", "version")}
     unknown = sorted(set(body) - fields)
@@ -316,11 +314,7 @@ class PrivacyPlan:
 
   @classmethod
   def from_json(cls, text: str) -> "PrivacyPlan":
-    try:
-      data = json.loads(text)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"not valid JSON (truncated or corrupted?): {e}") from None
-    return cls.from_dict(data)
+    return cls.from_dict(parse_json(text))
 
 
 def _check_combination(plan: PrivacyPlan) -> None:

@@ -99,6 +99,20 @@ def test_another_run_is_never_overwritten_and_bad_files_are_refused(tmp_path):
     RunJournal.load(tmp_path)
 
 
+@pytest.mark.parametrize("header,message", [
+    ({"format": "dpfl-ledger", "version": 1}, r"not a dpfl run \(format must be 'dpfl-run'\)"),
+    ({"format": "dpfl-run", "version": 2}, "run version must be 1, got 2"),
+    ([], "not a dpfl run"),
+])
+def test_a_run_file_of_another_format_or_version_is_refused(tmp_path, header, message):
+  RunJournal(_plan(), directory=tmp_path).record_step()
+  data = json.loads((tmp_path / RUN_FILE).read_text())
+  data = {**data, **header} if isinstance(header, dict) else header
+  (tmp_path / RUN_FILE).write_text(json.dumps(data))
+  with pytest.raises(ValueError, match=r"^run file .*run\.json': " + message):
+    RunJournal.load(tmp_path)
+
+
 def test_a_ledger_of_another_plan_is_refused(tmp_path):
   RunJournal(_plan(), directory=tmp_path).record_step()
   Ledger([_plan(5, noise_multiplier=2.0).mechanism(2)]).save(tmp_path / LEDGER_FILE)
