@@ -86,9 +86,9 @@ def _plan(args, scheme: str, sigma: float, q: float, steps: int):
       sampling_prob=None if scheme == "shuffle" else q, batch_size=batch,
       max_batch_size=args.max_batch_size, examples_per_user=args.examples_per_user)
   # The clip norm does not enter ε (noise is relative to it): 1 stands for C.
-  return plan.PrivacyPlan(privacy_unit=args.privacy_unit, sampling=sampling,
-                          noise_multiplier=sigma, l2_clip_norm=1.0, noise=plan.NoisePlan(),
-                          delta=args.delta, num_steps=steps, accountant=args.accountant)
+  return plan.plan_run(privacy_unit=args.privacy_unit, sampling=sampling, l2_clip_norm=1.0,
+                       delta=args.delta, num_steps=steps, noise_multiplier=sigma,
+                       accountant=args.accountant)
 
 
 def _maker(args, scheme):
