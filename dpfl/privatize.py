@@ -384,7 +384,9 @@ class PrivateTraining:
     self.journal.flush()
     manager = self._manager(directory, keep)
     if step in manager.all_steps():
-      return
+      # The same step again (e.g. a second init): the newest state of that
+      # step is the one whose noise key the run goes on with.
+      manager.delete(step)
     manager.save(step, args=ocp.args.StandardSave(state), force=True)
     manager.wait_until_finished()
 

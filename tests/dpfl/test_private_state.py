@@ -346,3 +346,29 @@ def test_a_crash_before_the_first_checkpoint_can_be_resumed_twice(tmp_path):
   state = _run(third, _data(), third.restore(tmp_path, PARAMS))
   assert int(state.step) == third.plan.num_steps == third.steps_done
   assert third.epsilon() == pytest.approx(third.planned_epsilon(), rel=1e-12)
+
+
+@pytest.mark.parametrize("crash_at", [1, 5])
+def test_restore_rolls_the_noise_buffers_to_the_released_steps(tmp_path, crash_at):
+  # Crashed after the step-0 checkpoint (of a second init) or 3 steps after
+  # the step-2 one: the restored BLT buffers are those the live run had after
+  # its released steps.
+  kwargs = dict(noise_multiplier=1.0, epochs=2, strategy="blt", checkpoint_dir=tmp_path)
+  live = _private(**kwargs)
+  live.init(PARAMS)
+  state, step = live.init(PARAMS), live.make_step()  # the second init is the one used
+  for i, (batch, mask) in enumerate(live.batches(_data(), state)):
+    state, _ = step(state, batch, mask)
+    if int(state.step) == 2:
+      live.save(tmp_path, state)
+    if int(state.step) == crash_at:
+      break
+  resumed = _private(**kwargs)
+  restored = resumed.restore(tmp_path, PARAMS)
+  assert int(restored.step) == crash_at
+  live_noise, restored_noise = state.opt_state[0], restored.opt_state[0]
+  assert int(restored_noise.count) == int(live_noise.count) == crash_at
+  assert len(live_noise.buffers) > 0
+  for a, b in zip(jax.tree.leaves(live_noise.buffers), jax.tree.leaves(restored_noise.buffers)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-6)
+  assert not np.array_equal(np.asarray(restored_noise.key), np.asarray(live_noise.key))
