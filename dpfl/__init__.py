@@ -13,7 +13,7 @@ _EXPORTS = {
     "ClippedGradAux": "dpfl.clipping", "ClippedGradFn": "dpfl.clipping",
     "clipped_grad": "dpfl.clipping",
     "GaussianNoiseState": "dpfl.noise", "gaussian_noise": "dpfl.noise", "reseed": "dpfl.noise",
-    "PrivateTraining": "dpfl.privatize", "PrivateState": "dpfl.privatize",
+    "PrivateTraining": "dpfl.private_training", "PrivateState": "dpfl.private_training",
     "dp_sgd": "dpfl.privatize", "make_private": "dpfl.privatize",
     "UserLevelPrivateTraining": "dpfl.privatize", "make_private_user_level": "dpfl.privatize",
     "BudgetExhaustedError": "accounting.plan", "PrivacyPlan": "accounting.plan",
