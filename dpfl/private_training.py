@@ -63,12 +63,13 @@ class PrivateState(NamedTuple):
 
 
 def recorded_noise(transform: optax.GradientTransformation,
-              on_release: Callable[[Any], Any]) -> optax.GradientTransformation:
+                   on_release: Callable[[Any], Any]) -> optax.GradientTransformation:
   """``transform`` whose update first calls ``on_release(count)`` on the host.
 
-  The callback is ordered and the noise key depends on its result (XOR with
-  the zero it returns), so it has run — and the step is in the ledger —
-  before any noise of the step exists.
+  The noise key depends on the callback's result (XOR with the zero it
+  returns), so the callback has run — and the step is in the ledger — before
+  any noise of the step exists. It need not be an ordered effect: successive
+  steps are ordered by their state already (and unordered is cheaper).
   """
 
   def update_fn(updates, state, params=None):
