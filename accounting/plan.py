@@ -381,6 +381,13 @@ def _mechanism(plan: PrivacyPlan, sigma: float, steps: int) -> mech.Mechanism:
                            num_steps=steps)
 
 
+def check_noise_or_target(noise_multiplier, target_epsilon) -> None:
+  """Exactly one of σ and a target ε (to calibrate σ for) must be given."""
+  if (noise_multiplier is None) == (target_epsilon is None):
+    raise ValueError("give exactly one of noise_multiplier and target_epsilon, got "
+                     f"noise_multiplier={noise_multiplier!r}, target_epsilon={target_epsilon!r}")
+
+
 def run_length(sampling: SamplingPlan, *, num_steps: int | None,
                epochs: float | None) -> int:
   """The run's steps from exactly one of ``num_steps`` and ``epochs`` (passes over the data)."""
@@ -424,9 +431,7 @@ def plan_run(*, privacy_unit: str, sampling: SamplingPlan, l2_clip_norm: float, 
   Returns:
     The ``PrivacyPlan``.
   """
-  if (noise_multiplier is None) == (target_epsilon is None):
-    raise ValueError("give exactly one of noise_multiplier and target_epsilon, got "
-                     f"noise_multiplier={noise_multiplier!r}, target_epsilon={target_epsilon!r}")
+  check_noise_or_target(noise_multiplier, target_epsilon)
   check.choice("accountant", accountant, accountants.ACCOUNTANTS)
   delta = check.open_unit("delta", delta)
   if noise_multiplier is not None:

@@ -287,9 +287,7 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
   provisional = planning.SamplingPlan(scheme=length_scheme, unit=sampling_unit,
                                       population_size=dataset_size, batch_size=batch_size,
                                       sampling_prob=batch_size / dataset_size)
-  if (noise_multiplier is None) == (target_epsilon is None):
-    raise ValueError("give exactly one of noise_multiplier and target_epsilon, got "
-                     f"noise_multiplier={noise_multiplier!r}, target_epsilon={target_epsilon!r}")
+  planning.check_noise_or_target(noise_multiplier, target_epsilon)  # before any strategy is built
   num_steps = planning.run_length(provisional, num_steps=num_steps, epochs=epochs)
   multiple_of = 1 if mesh is None else int(mesh.shape[mesh.axis_names[0]])
   sampler = _build_sampler(scheme, privacy_unit=privacy_unit, sampling_unit=sampling_unit,
