@@ -51,13 +51,15 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jex_core
 
+from dpfl import ghost
+
 PyTree = Any
 # unit_loss(params, unit_batch, unit_mask) -> (loss scalar, aux).
 UnitLoss = Callable[[PyTree, PyTree, jax.Array], tuple[jax.Array, PyTree]]
 # unit_update(params, unit_batch, unit_mask) -> (update pytree, value, aux).
 UnitUpdate = Callable[[PyTree, PyTree, jax.Array], tuple[PyTree, jax.Array, PyTree]]
 
-METHODS = ("auto", "materialize", "reweight")
+METHODS = ("auto", "materialize", "reweight", "ghost")
 
 # Per-unit gradients are produced in chunks of about this many bytes. On
 # CPU a chunk then stays in the last-level cache instead of streaming
@@ -222,6 +224,35 @@ def _unit_sum_sharding(x: jax.Array) -> jax.sharding.NamedSharding | None:
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec[1:]))
 
 
+def _replicated_sharding(x: jax.Array) -> jax.sharding.NamedSharding | None:
+  """Replicated output sharding for a contraction over ``x``'s unit axis.
+
+  Under explicitly sharded mesh axes a contraction over the sharded unit
+  axis must name its output sharding; ghost's weight-gradient contractions
+  produce parameter-shaped results from differently shaped operands.
+  """
+  sharding = jax.typeof(x).sharding
+  mesh = getattr(sharding, "mesh", None)
+  if mesh is None or mesh.empty:
+    return None
+  if jax.sharding.AxisType.Explicit not in mesh.axis_types:
+    return None
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def one_unit(units: PyTree) -> PyTree:
+  """Shapes and dtypes of one unit (the leading unit axis dropped)."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(jnp.shape(x)[1:], jnp.result_type(x)), units
+  )
+
+
+def ghost_analysis(unit_loss: UnitLoss, params: PyTree, units: PyTree):
+  """``dpfl.ghost.analyze`` of ``unit_loss`` for one unit of ``units``."""
+  one_batch, one_mask = one_unit(units)
+  return ghost.analyze(unit_loss, params, one_batch, one_mask)
+
+
 def _select_unit(x: jax.Array, one_hot: jax.Array) -> jax.Array:
   """x[argmax(one_hot)] by a masked reduction, not a gather.
 
@@ -384,8 +415,25 @@ def clipped_sum(
     block_fn = _materialize_block
   elif method == "reweight":
     block, block_fn = microbatch_size, _reweight_block
+  elif method == "ghost":
+    analysis = ghost_analysis(unit_fn, params, units)
+    ghost.warn_fallback(analysis.report)
+    block = microbatch_size
+
+    def block_fn(unit_fn, l2_clip_norm, params, units, included):
+      del unit_fn
+      return ghost.block(
+          analysis, params, units, included, l2_clip_norm,
+          chunk_units=lambda unit_bytes: max(1, chunk_bytes() // unit_bytes),
+          clip_weights=clip_weights,
+          take_valid_or_donor=_take_valid_or_donor,
+          map_reduce=map_reduce,
+          sum_sharding=_replicated_sharding,
+      )
   else:
-    raise ValueError(f"method must be 'materialize' or 'reweight', got {method!r}")
+    raise ValueError(
+        f"method must be 'materialize', 'reweight' or 'ghost', got {method!r}"
+    )
 
   def fn(xs):
     return block_fn(unit_fn, l2_clip_norm, params, *xs)
@@ -441,32 +489,69 @@ def matmul_flops(jaxpr: jex_core.Jaxpr) -> float:
   return total
 
 
-def choose_method(
-    unit_loss: UnitLoss, params: PyTree, unit_batch: PyTree, unit_mask: Any
-) -> str:
-  """Picks ``reweight`` or ``materialize`` from a static cost model.
+def _node_flops(node) -> float:
+  """Matmul FLOPs inside an equation's sub-jaxprs (scan bodies x length)."""
+  subs = [matmul_flops(j) for v in node.params.values() for j in _sub_jaxprs(v)]
+  if not subs:
+    return 0.0
+  if node.prim.name == "cond":
+    return max(subs)
+  if node.prim.name == "scan":
+    return node.params["length"] * sum(subs)
+  return sum(subs)
 
-  ``materialize`` pays ~3 passes of memory traffic over a unit's gradient
-  (write, norm, weighted sum), ~12 bytes per parameter; ``reweight`` pays
-  one more forward+backward, ~3x the unit's matmul FLOPs. With a CPU doing
-  tens of FLOPs per byte moved, reweight wins when the unit's matmul FLOPs
-  per parameter are small (single-example dense layers) and loses when
-  every parameter is reused across many tokens. Half-precision parameters
-  always take ``materialize``, whose sum is accumulated explicitly in
-  float32 (``reweight`` accumulates inside the backward pass, in the
-  parameters' dtype). ``unit_batch`` / ``unit_mask`` describe one unit
-  (arrays or ``jax.ShapeDtypeStruct``s); only their shapes are used.
+
+# FLOPs one byte of memory traffic is worth, for the cost model below: the
+# crossover of reweight (3 more FLOPs per matmul FLOP, 4 bytes per parameter
+# in cache) and materialize (12 bytes per parameter through memory) at the
+# measured 16 matmul FLOPs per parameter.
+BYTES_COST = 6.0
+
+
+def method_costs(
+    unit_loss: UnitLoss, params: PyTree, unit_batch: PyTree, unit_mask: Any
+) -> dict[str, float]:
+  """Per-unit cost of each method beyond a plain step, in FLOP-equivalents.
+
+  ``materialize`` writes, reads and sums each unit's gradient: ~12 bytes
+  per parameter. ``reweight`` adds a forward+backward pass (~3x the unit's
+  matmul FLOPs) and reduces each unit's gradient in cache (~4 bytes per
+  parameter); it needs float32+ parameters. ``ghost`` pays the norm
+  arithmetic of its sites and the traffic of its records (see
+  ``dpfl.ghost.extra_cost``); absent when the loss cannot be traced for it.
   """
-  if has_half_precision(params):
-    return "materialize"
   abstract = lambda t: jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), t
   )
-  jaxpr = jax.make_jaxpr(unit_loss)(
-      abstract(params), abstract(unit_batch), abstract(unit_mask)
-  )
-  flops_per_param = matmul_flops(jaxpr.jaxpr) / max(1, num_parameters(params))
-  if flops_per_param < REWEIGHT_MAX_FLOPS_PER_PARAM:
-    return "reweight"
-  return "materialize"
+  params, unit_batch, unit_mask = abstract((params, unit_batch, unit_mask))
+  jaxpr = jax.make_jaxpr(unit_loss)(params, unit_batch, unit_mask)
+  flops = matmul_flops(jaxpr.jaxpr)
+  num = max(1, num_parameters(params))
+  costs = {"materialize": BYTES_COST * 12.0 * num}
+  if not has_half_precision(params):
+    costs["reweight"] = 3.0 * flops + BYTES_COST * 4.0 * num
+  try:
+    analysis = ghost.analyze(unit_loss, params, unit_batch, unit_mask)
+  except ghost.GhostUnsupported:
+    return costs
+  costs["ghost"] = ghost.extra_cost(analysis, BYTES_COST, _node_flops)
+  return costs
 
+
+def choose_method(
+    unit_loss: UnitLoss, params: PyTree, unit_batch: PyTree, unit_mask: Any
+) -> str:
+  """The method of least estimated cost (:func:`method_costs`).
+
+  A dense layer on single examples costs ghost two products of norms and
+  materialize a whole per-unit gradient: ghost. A sequence model costs ghost
+  token Gram matrices, usually far less than a per-unit gradient (Bu et
+  al. 2023); long sequences through narrow layers switch those layers to
+  the explicit per-layer gradient. A loss whose parameters mostly sit in
+  control flow (a ``scan`` over layers) gains nothing from ghost and takes
+  materialize. Ties go to ghost, then materialize. ``unit_batch`` /
+  ``unit_mask`` describe one unit (arrays or ``jax.ShapeDtypeStruct``s).
+  """
+  costs = method_costs(unit_loss, params, unit_batch, unit_mask)
+  order = ("ghost", "materialize", "reweight")
+  return min((m for m in order if m in costs), key=lambda m: (costs[m], order.index(m)))

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from accounting import validate as check
-from dpfl import clip_methods
+from dpfl import clip_methods, ghost
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree], Any]
@@ -81,11 +81,22 @@ class ClippedGradFn:
   l2_clip_norm: float
   unit: str
   method: str = "auto"
+  explainer: Callable[..., ghost.ClipReport] | None = None
 
   def __call__(
       self, params: PyTree, batch: PyTree, *, mask: jax.Array | None = None
   ) -> tuple[PyTree, ClippedGradAux]:
     return self.fun(params, batch, mask=mask)
+
+  def explain(
+      self, params: PyTree, batch: PyTree, *, mask: jax.Array | None = None
+  ) -> ghost.ClipReport:
+    """Which method this call uses and, for ``"ghost"``, how each parameter's
+    per-unit norm is computed: without a per-unit gradient (``ghost``),
+    from a small per-unit gradient of an elementwise use (``per_unit``), or
+    by forming that parameter's per-unit gradient (``fallback``, with the
+    reason). Traces, never runs, the loss; arrays or ShapeDtypeStructs."""
+    return self.explainer(params, batch, mask=mask)
 
 
 def _check_microbatch_size(microbatch_size: Any) -> int | None:
@@ -256,39 +267,47 @@ def clipped_sum(
         f" unit_update (any update), got unit_loss={unit_loss!r},"
         f" unit_update={unit_update!r}."
     )
-  if unit_update is not None and method == "reweight":
+  if unit_update is not None and method in ("reweight", "ghost"):
     raise ValueError(
-        "method='reweight' needs a unit_loss: it computes the clipped sum as"
+        f"method={method!r} needs a unit_loss: it computes the clipped sum as"
         " the gradient of the clip-weighted sum of unit losses, and a"
         " unit_update that is not the gradient of a loss (e.g. θ − θ_u after"
         " local steps) has none. Use method='materialize' or 'auto' (allowed:"
         f" {', '.join(METHODS)})."
     )
 
+  def resolve(params, units):
+    if unit_update is not None:
+      return "materialize"
+    if method == "auto":
+      # The choice needs only one unit's shapes and dtypes. Slicing x[0]
+      # would fail on a unit axis sharded over an Explicit mesh (a size-1
+      # slice of a sharded dim is a ShardingTypeError), so describe it.
+      one_batch, one_mask = clip_methods.one_unit(units)
+      return clip_methods.choose_method(unit_loss, params, one_batch, one_mask)
+    if method == "reweight" and clip_methods.has_half_precision(params):
+      raise ValueError(
+          "method='reweight' needs float32 or wider parameters (its sum is"
+          " accumulated inside the backward pass, in the parameters' dtype);"
+          " use method='ghost', 'materialize' or 'auto' for half precision."
+      )
+    return method
+
+  def explain(params, batch, *, mask=None) -> ghost.ClipReport:
+    shape = _batch_shape(batch, unit)
+    units = (batch, _check_mask(mask, shape, unit))
+    chosen = resolve(params, units)
+    if chosen != "ghost":
+      return ghost.ClipReport(method=chosen)
+    return clip_methods.ghost_analysis(unit_loss, params, units).report
+
   def fun(params, batch, *, mask=None):
     shape = _batch_shape(batch, unit)
     mask = _check_mask(mask, shape, unit)
     units = (batch, mask)
     included = mask if unit == "example" else jnp.any(mask, axis=1)
-
-    chosen = method
-    if unit_update is not None:
-      chosen = "materialize"
-    elif chosen == "auto":
-      # The choice needs only one unit's shapes and dtypes. Slicing x[0]
-      # would fail on a unit axis sharded over an Explicit mesh (a size-1
-      # slice of a sharded dim is a ShardingTypeError), so describe it.
-      one_batch, one_mask = jax.tree.map(
-          lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], jnp.result_type(x)), units
-      )
-      chosen = clip_methods.choose_method(unit_loss, params, one_batch, one_mask)
-    elif chosen == "reweight" and clip_methods.has_half_precision(params):
-      raise ValueError(
-          "method='reweight' needs float32 or wider parameters (its sum is"
-          " accumulated inside the backward pass, in the parameters' dtype);"
-          " use method='materialize' or 'auto' for half precision."
-      )
-    if chosen == "reweight":
+    chosen = resolve(params, units)
+    if chosen in ("reweight", "ghost"):
       unit_fn = unit_loss
     elif unit_update is not None:
       unit_fn = unit_update
@@ -312,7 +331,9 @@ def clipped_sum(
     )
     return total, stats
 
-  return ClippedGradFn(fun=fun, l2_clip_norm=l2_clip_norm, unit=unit, method=method)
+  return ClippedGradFn(
+      fun=fun, l2_clip_norm=l2_clip_norm, unit=unit, method=method, explainer=explain
+  )
 
 
 def clipped_grad(

@@ -136,8 +136,9 @@ def clipped_user_updates(loss_fn, *, l2_clip_norm: float, local_steps: int,
     microbatch_size: users per sequential block (bounds memory).
     method: the clipping method (``dpfl.clip_methods``): ``"auto"`` (picks
       ``"materialize"``) or ``"materialize"``, which clips the very vector
-      θ − θ_u it measured. ``"reweight"`` raises ``ValueError``: it
-      back-propagates a clip-weighted sum of unit losses, and θ − θ_u after
+      θ − θ_u it measured. ``"reweight"`` and ``"ghost"`` raise
+      ``ValueError``: they compute the sum from the gradient of a
+      clip-weighted sum of unit losses, and θ − θ_u after
       local steps is not the gradient of a loss (it is a nonlinear function
       of the whole local trajectory), so there is no such loss; besides,
       each user's θ_u exists in memory anyway.
@@ -151,9 +152,9 @@ def clipped_user_updates(loss_fn, *, l2_clip_norm: float, local_steps: int,
     ``local_batch_size`` is None).
   """
   check.choice("method", method, clipping.METHODS)
-  if method == "reweight":
+  if method in ("reweight", "ghost"):
     raise ValueError(
-        "method='reweight' does not apply to DP-FedAvg's local-step updates: it computes "
+        f"method={method!r} does not apply to DP-FedAvg's local-step updates: it computes "
         "the clipped sum as the gradient of a clip-weighted sum of unit losses, and a "
         "user's θ − θ_u after local steps is not the gradient of a loss. Use "
         f"method='materialize' or 'auto' (allowed: {', '.join(clipping.METHODS)}).")

@@ -213,7 +213,7 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
       ``dpfl.ftrl.STRATEGIES`` or a ``dpfl.mf`` strategy) and its options
       (``buffers``, ``bands``, ``objective``, ``momentum``); see ``dpfl.ftrl``.
     clip_method: the clipping back-end (``"auto"``, ``"materialize"``,
-      ``"reweight"``); see ``dpfl.clipped_grad``'s ``method``.
+      ``"reweight"``, ``"ghost"``); see ``dpfl.clipped_grad``'s ``method``.
     checkpoint_dir: keep the run's ledger in this directory from the first
       step (write-ahead, durable); ``save`` / ``restore`` use it.
     ledger_sync_steps: write the on-disk ledger once per this many steps,

@@ -595,32 +595,43 @@ def test_typed_key_leaves_user_level(method):
 # Method choice and API surface.
 
 
-def test_auto_method_follows_flops_per_parameter():
-  one_example = jax.tree.map(lambda x: x[0], _batch(1))
-  one_mask = jnp.ones((), bool)
-  dense = clip_methods.choose_method(
-      per_unit_loss(_loss, unit="example"), _params(), one_example, one_mask
-  )
-  assert dense == "reweight"
+def test_auto_method_follows_the_cost_model():
+  mask = jnp.ones((), bool)
+  key = jax.random.key(0)
+  wide = {"w1": jax.random.normal(key, (256, 256)), "w2": jnp.ones((256, 4))}
 
-  def sequence_loss(p, unit_batch, unit_mask):  # 64 tokens reuse every weight 64 times
+  def dense_loss(p, unit_batch, unit_mask):  # one token: ghost needs two norms
+    return jnp.mean(jnp.tanh(unit_batch["x"] @ p["w1"]) @ p["w2"]), None
+
+  one = {"x": jnp.ones((1, 256))}
+  assert clip_methods.choose_method(dense_loss, wide, one, mask) == "ghost"
+  # Half precision: never reweight (its sum would accumulate in bf16).
+  half = jax.tree.map(lambda p: p.astype(jnp.bfloat16), wide)
+  costs = clip_methods.method_costs(dense_loss, half, one, mask)
+  assert "reweight" not in costs
+  assert clip_methods.choose_method(dense_loss, half, one, mask) == "ghost"
+
+  def sequence_loss(p, unit_batch, unit_mask):  # 64 tokens through 5 -> 4 -> 2
     tokens = unit_batch["x"]
     return jnp.mean(jnp.tanh(tokens @ p["w1"]) @ p["w2"]), None
 
+  # Narrow layers reused by many tokens: a per-unit gradient is tiny and the
+  # token Gram matrices (or per-layer gradients) cost more.
   seq = clip_methods.choose_method(
-      sequence_loss, _params(), {"x": jnp.ones((64, 5))}, one_mask
+      sequence_loss, _params(), {"x": jnp.ones((64, 5))}, mask
   )
   assert seq == "materialize"
-  half = jax.tree.map(lambda p: p.astype(jnp.bfloat16), _params())
-  assert (
-      clip_methods.choose_method(
-          per_unit_loss(_loss, unit="example"),
-          half,
-          jax.tree.map(lambda x: x.astype(jnp.bfloat16), one_example),
-          one_mask,
-      )
-      == "materialize"
-  )
+
+  def scanned_loss(p, unit_batch, unit_mask):  # every weight inside a scan
+    def body(h, w):
+      return jnp.tanh(h @ w), None
+    h, _ = jax.lax.scan(body, unit_batch["x"], p["layers"])
+    return jnp.mean(h), None
+
+  layers = {"layers": jnp.ones((4, 256, 256))}
+  assert clip_methods.choose_method(
+      scanned_loss, layers, {"x": jnp.ones((1, 256))}, mask
+  ) != "ghost"
 
 
 def test_returned_callable_carries_its_sensitivity():
@@ -633,7 +644,7 @@ def test_returned_callable_carries_its_sensitivity():
   assert ClippedGradAux._fields[:2] == ("grad_norms", "values")
 
 
-@pytest.mark.parametrize("method", ["ghost", "Reweight", None, 3])
+@pytest.mark.parametrize("method", ["Ghost", "book-keeping", None, 3])
 def test_bad_method_names_the_argument_and_the_allowed_values(method):
   with pytest.raises(ValueError, match="method") as info:
     clipped_grad(_loss, l2_clip_norm=1.0, method=method)
@@ -721,7 +732,7 @@ def test_clipped_sum_needs_exactly_one_unit_function(given):
         ({"l2_clip_norm": 1.0, "microbatch_size": 0}, "microbatch_size"),
         ({"l2_clip_norm": 1.0, "microbatch_size": -2}, "microbatch_size"),
         ({"l2_clip_norm": 1.0, "microbatch_size": 2.5}, "microbatch_size"),
-        ({"l2_clip_norm": 1.0, "method": "ghost"}, "method"),
+        ({"l2_clip_norm": 1.0, "method": "Ghost"}, "method"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_them(kwargs, name):

@@ -288,8 +288,10 @@ def test_each_users_contribution_is_at_most_clip(per_user, data):
     (dict(local_steps=2, local_learning_rate=-1.0), "local_learning_rate"),
     (dict(local_steps=2, local_learning_rate=0.1, local_batch_size=0), "local_batch_size"),
     (dict(local_steps=2, local_learning_rate=0.1, l2_clip_norm=0.0), "l2_clip_norm"),
+    (dict(local_steps=2, local_learning_rate=0.1, method="Ghost"),
+     "method must be one of auto, materialize, reweight, ghost; got 'Ghost'"),
     (dict(local_steps=2, local_learning_rate=0.1, method="ghost"),
-     "method must be one of auto, materialize, reweight; got 'ghost'"),
+     "method='ghost' does not apply to DP-FedAvg"),
     (dict(local_steps=2, local_learning_rate=0.1, strategy="auto"), None),
 ])
 def test_bad_arguments(kwargs, match):

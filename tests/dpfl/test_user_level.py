@@ -164,8 +164,8 @@ def test_clip_method_reaches_the_clipping(options):
     private = make_private_user_level(loss_fn, optax.sgd(0.1), clip_method="reweight", **base)
     assert private.clipped_grad.method == "reweight"
   with pytest.raises(ValueError, match="clip_method must be one of auto, materialize, "
-                                       "reweight; got 'ghost'"):
-    make_private_user_level(loss_fn, optax.sgd(0.1), clip_method="ghost", **base)
+                                       "reweight, ghost; got 'Ghost'"):
+    make_private_user_level(loss_fn, optax.sgd(0.1), clip_method="Ghost", **base)
 
 
 def test_example_level_make_private_rejects_user_options():
