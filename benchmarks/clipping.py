@@ -461,10 +461,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.error(f"--gpt2-batch must be >= 1, got {args.gpt2_batch}")
   gpt2 = args.gpt2 or args.gpt2_only
 
+  rounds = [] if args.gpt2_only else [f"{args.rounds} interleaved rounds"]
+  if gpt2:
+    rounds.append(f"gpt2: {args.gpt2_rounds}")
   print(f"jax {jax.__version__} on {jax.devices()[0].platform};"
         f" jax-privacy {'found' if jp_clipping else 'not installed'};"
         f" C={L2_CLIP_NORM}; methods {', '.join(clip_methods())};"
-        f" {args.rounds} interleaved rounds")
+        f" {', '.join(rounds)}")
   results = {}
   if not args.gpt2_only:
     for name, make in MODELS.items():
