@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument(
       "--gpt2-batch", type=int, default=None,
       help=f"GPT-2 batch size (default: the largest power of two <="
-      f" {GPT2_BATCH_CAP} that fits in {GPT2_RAM_FRACTION:.0%} of available RAM)",
+      f" {GPT2_BATCH_CAP} that fits in {round(100 * GPT2_RAM_FRACTION)}%% of available RAM)",
   )
   args = parser.parse_args(argv)
   if args.rounds < 5:
