@@ -65,11 +65,18 @@ _ISOMETRIC = {"reshape", "transpose", "convert_element_type", "squeeze",
               "expand_dims", "copy", "copy_p", "slice", "rev",
               "reduce_precision", "sharding_constraint", "broadcast_in_dim"}
 # Ops that may broadcast a parameter before an elementwise use (linear).
-_LINEAR_SHAPE = _ISOMETRIC | {"broadcast_in_dim"}
+_LINEAR_SHAPE = _ISOMETRIC | {"broadcast_in_dim", "gather", "dynamic_slice",
+                               "pad", "reduce_sum"}
 _ELEMENTWISE = {"add", "add_any", "sub", "mul", "div", "max", "min",
                 "select_n", "neg", "pow", "atan2", "rem"}
 _CONTROL_FLOW = {"scan", "while", "cond", "custom_jvp_call", "custom_vjp_call",
                  "custom_vjp_call_jaxpr", "shard_map", "pmap", "xla_pmap"}
+
+
+# An elementwise-used parameter up to this size (a position table of
+# 1024 x 1024) has its per-unit gradient formed as a matter of course;
+# a larger one is reported as a fallback.
+_SMALL_PER_UNIT = 2**20
 
 
 class GhostFallbackWarning(UserWarning):
@@ -225,19 +232,21 @@ class Analysis:
   leaf_treedef: Any
 
 
-def _chain(graph, producers, start, leaf_id):
-  """The ops from ``leaf_id`` to ``start`` if a single-input chain, else None."""
+def _chain(graph, producers, param_leaves, start, leaf_id):
+  """The ops from ``leaf_id`` to ``start``, when each takes exactly one
+  parameter-dependent input (its others constants); else None."""
   ops = []
   cur = start
   while cur != leaf_id:
     node = producers.get(cur)
-    if node is None:
+    if node is None or len(node.outs) != 1:
       return None
-    var_ins = [i for i in node.ins if not isinstance(i, tuple)]
-    if len(var_ins) != 1 or len(node.outs) != 1:
+    dependent = [i for i in node.ins
+                 if not isinstance(i, tuple) and param_leaves.get(i)]
+    if len(dependent) != 1:
       return None
     ops.append(node)
-    cur = var_ins[0]
+    cur = dependent[0]
   return ops[::-1]
 
 
@@ -357,7 +366,7 @@ def analyze(unit_loss, params, unit_batch, unit_mask) -> Analysis:
       others = sorted(paths[j] for j in site.leaves if j != k)
       fallback[paths[k]] = f"combined with {', '.join(others)} before {site.primitive}"
       continue
-    chain = _chain(graph, producers, node.ins[site.param_pos[0]], leaf_ids[k]) if len(site.param_pos) == 1 else None
+    chain = _chain(graph, producers, param_leaves, node.ins[site.param_pos[0]], leaf_ids[k]) if len(site.param_pos) == 1 else None
     if site.kind in ("dot", "gather", "conv"):
       if chain is not None and all(_isometric(op) for op in chain):
         ghost[k] = (mine[0], chain)
@@ -369,7 +378,7 @@ def analyze(unit_loss, params, unit_batch, unit_mask) -> Analysis:
     generic.append(k)
     if site.kind == "elementwise" and chain is not None and all(
         op.prim.name in _LINEAR_SHAPE for op in chain
-    ):
+    ) and math.prod(graph.avals[leaf_ids[k]].shape) <= _SMALL_PER_UNIT:
       per_unit.append(paths[k])
     elif site.primitive in _CONTROL_FLOW:
       fallback[paths[k]] = f"used inside {site.primitive} (control flow or a custom derivative)"
@@ -405,7 +414,7 @@ def analyze(unit_loss, params, unit_batch, unit_mask) -> Analysis:
 
 def _isometric(node) -> bool:
   name = node.prim.name
-  if name not in _ISOMETRIC:
+  if name not in _ISOMETRIC or len(node.ins) != 1:
     return False
   if name == "broadcast_in_dim":
     return math.prod(node.ins_avals[0].shape) == math.prod(node.avals[0].shape)
