@@ -633,7 +633,7 @@ def test_returned_callable_carries_its_sensitivity():
   assert ClippedGradAux._fields[:2] == ("grad_norms", "values")
 
 
-@pytest.mark.parametrize("method", ["ghost", "Reweight", None, 3])
+@pytest.mark.parametrize("method", ["book-keeping", "Reweight", None, 3])
 def test_bad_method_names_the_argument_and_the_allowed_values(method):
   with pytest.raises(ValueError, match="method") as info:
     clipped_grad(_loss, l2_clip_norm=1.0, method=method)
@@ -721,7 +721,7 @@ def test_clipped_sum_needs_exactly_one_unit_function(given):
         ({"l2_clip_norm": 1.0, "microbatch_size": 0}, "microbatch_size"),
         ({"l2_clip_norm": 1.0, "microbatch_size": -2}, "microbatch_size"),
         ({"l2_clip_norm": 1.0, "microbatch_size": 2.5}, "microbatch_size"),
-        ({"l2_clip_norm": 1.0, "method": "ghost"}, "method"),
+        ({"l2_clip_norm": 1.0, "method": "book-keeping"}, "method"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_them(kwargs, name):

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dpfl
+from dpfl import clipping
 from dpfl.clipping import clipped_grad
 from dpfl.data import UserDataset
 from dpfl.federated import clipped_user_updates
@@ -288,8 +289,8 @@ def test_each_users_contribution_is_at_most_clip(per_user, data):
     (dict(local_steps=2, local_learning_rate=-1.0), "local_learning_rate"),
     (dict(local_steps=2, local_learning_rate=0.1, local_batch_size=0), "local_batch_size"),
     (dict(local_steps=2, local_learning_rate=0.1, l2_clip_norm=0.0), "l2_clip_norm"),
-    (dict(local_steps=2, local_learning_rate=0.1, method="ghost"),
-     "method must be one of auto, materialize, reweight; got 'ghost'"),
+    (dict(local_steps=2, local_learning_rate=0.1, method="book-keeping"),
+     f"method must be one of {', '.join(clipping.METHODS)}; got 'book-keeping'"),
     (dict(local_steps=2, local_learning_rate=0.1, strategy="auto"), None),
 ])
 def test_bad_arguments(kwargs, match):
