@@ -35,7 +35,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dpfl
-from dpfl.clipping import clipped_grad
+from dpfl.clipping import clipped_grad, clipped_sum
+from dpfl.federated import clipped_user_updates
 
 METHODS = ["materialize", "reweight", "ghost"]
 # Beyond the zoo's core comparisons (which reuse one compile per model and
@@ -506,10 +507,12 @@ def _fallback_warnings(fn, params, batch, mask=None):
 @pytest.mark.parametrize("name", list(ZOO))
 def test_zoo_explain_and_fallback_warning(name):
   case, (_, clip) = _case(name), _reference(name)
-  fn = clipped_grad(case.loss_fn, l2_clip_norm=clip, method="ghost")
-  report = fn.explain(case.params, case.batch)
+  report = clipped_grad(case.loss_fn, l2_clip_norm=clip, method="ghost").explain(
+      case.params, case.batch)
   _check_report(report, case.params, case.rules)
   assert issubclass(_ghost().GhostFallbackWarning, UserWarning)
+  # A function of its own: one that explain() already analysed may not warn twice.
+  fn = clipped_grad(case.loss_fn, l2_clip_norm=clip, method="ghost")
   caught = _fallback_warnings(fn, case.params, case.batch)
   if report.fallback:
     assert caught, report.fallback
@@ -714,3 +717,23 @@ def test_make_private_with_ghost_runs_and_equals_materialize():
   # Same keys, same batch, same noise: only the clipped sum's rounding differs
   # (lr 0.5 / batch 8 times a sum of at most 8 terms of norm <= 0.3).
   np.testing.assert_allclose(after["ghost"], after["materialize"], rtol=0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------
+# Ghost needs a loss: an update that is no gradient (DP-FedAvg) is refused.
+
+
+def _not_a_gradient(params, example, example_mask):
+  del example_mask
+  s = jnp.sum(example["x"])
+  return jax.tree.map(lambda p: jnp.sin(s * p), params), s, None
+
+
+def test_ghost_refuses_an_update_that_is_no_gradient():
+  with pytest.raises(ValueError, match="method='ghost'") as info:
+    clipped_sum(l2_clip_norm=1.0, unit_update=_not_a_gradient, method="ghost")
+  assert "materialize" in str(info.value)
+  # θ − θ_u after local steps is not the gradient of a loss either.
+  with pytest.raises(ValueError, match="method='ghost'.*local-step"):
+    clipped_user_updates(_plain_mlp_loss, l2_clip_norm=1.0, local_steps=2,
+                         local_learning_rate=0.1, method="ghost")
