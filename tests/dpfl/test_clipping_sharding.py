@@ -2,7 +2,8 @@
 
 The device count is fixed when JAX starts, so the check runs in a child
 process with ``--xla_force_host_platform_device_count=4``. The reference is
-the same computation on unsharded inputs in that process.
+the same computation on unsharded inputs in that process. The child gets its
+(unit, method, microbatch_size) configurations as JSON in argv.
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 _CHILD = textwrap.dedent(
     """
     import json
+    import sys
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
@@ -38,13 +42,7 @@ _CHILD = textwrap.dedent(
     mesh = jax.make_mesh((4,), ("users",))
     put = lambda t: jax.device_put(t, NamedSharding(mesh, P("users")))
     out = {}
-    # "auto" (the default) picks a method from one unit's shapes: it must not
-    # slice the sharded unit axis to get them.
-    configs = [("user", "materialize", None), ("user", "reweight", 8),
-               ("example", "materialize", 8), ("example", "reweight", None),
-               ("user", "auto", None), ("example", "auto", None),
-               ("user", "auto", 8)]
-    for unit, method, microbatch_size in configs:
+    for unit, method, microbatch_size in json.loads(sys.argv[1]):
       b, m = batch, mask
       if unit == "example":
         b = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), b)
@@ -71,14 +69,26 @@ _CHILD = textwrap.dedent(
 )
 
 
-def test_sharded_unit_axis_matches_single_device():
+# "auto" (the default) picks a method from one unit's shapes: it must not
+# slice the sharded unit axis to get them.
+CONFIGS = [("user", "materialize", None), ("user", "reweight", 8),
+           ("example", "materialize", 8), ("example", "reweight", None),
+           ("user", "auto", None), ("example", "auto", None),
+           ("user", "auto", 8)]
+# Ghost norms are computed from activations and cotangents of the whole
+# (sharded) batch: every config must stay data-parallel and exact.
+GHOST_CONFIGS = [("example", "ghost", None), ("user", "ghost", 8), ("example", "ghost", 8)]
+
+
+@pytest.mark.parametrize("configs", [CONFIGS, GHOST_CONFIGS], ids=["existing", "ghost"])
+def test_sharded_unit_axis_matches_single_device(configs):
   env = dict(os.environ)
   env["XLA_FLAGS"] = (
       env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
   )
   env["JAX_PLATFORMS"] = "cpu"
   proc = subprocess.run(
-      [sys.executable, "-c", _CHILD],
+      [sys.executable, "-c", _CHILD, json.dumps(configs)],
       env=env,
       capture_output=True,
       text=True,
@@ -86,7 +96,7 @@ def test_sharded_unit_axis_matches_single_device():
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = json.loads(proc.stdout.strip().splitlines()[-1])
-  assert len(results) == 7
+  assert len(results) == len(configs)
   for config, r in results.items():
     assert r["norm"] > 0.1, config  # the reference is not trivially zero
     # One device vs four reorders the float32 sum over units: 1e-5 (~84
