@@ -35,9 +35,13 @@ aux)``. The methods differ only in how they get there:
   trajectory) has no weighted loss to back-propagate: ``reweight`` does not
   apply to it.
 
-A future ghost-clipping method slots in as another norm pass for
-``reweight`` (per-layer norms from activations and output gradients, no
-per-unit gradient at all); pass 2 stays as is.
+* ``ghost``: for gradients of a loss only; see :mod:`dpfl.ghost`. One
+  forward pass and one backward pass with respect to the activations record,
+  at every place a parameter meets data, the input and the output
+  cotangent; per-unit norms come from those (Gram forms, no per-unit
+  gradient for dense, attention, embedding and conv layers), and the
+  clipped sum from the same records with cotangents scaled by the clip
+  weights. About the cost of one plain step, whatever the model.
 
 ``auto`` chooses from a static cost model, see :func:`choose_method`.
 """
@@ -293,6 +297,57 @@ def clip_weights(
   return jnp.where(ok, jnp.minimum(1.0, l2_clip_norm / safe_norms), 0.0)
 
 
+def unit_map(
+    fn: Callable[..., Any], xs: tuple, finite: Callable[[Any], jax.Array]
+) -> Any:
+  """``vmap(fn)(*xs)``, recomputed one unit at a time if a unit is non-finite.
+
+  A non-finite unit (NaN/Inf data, an overflowing gradient) is dropped by
+  its weight, but that only bounds the sum if it never changed another
+  unit's result. JAX's batching rules do not promise that: under ``vmap``
+  the kernel gradient of a grouped convolution (``feature_group_count >
+  1``, jax 0.10.2) spreads one unit's NaN to every unit of the batch, so
+  one bad unit would zero its whole chunk, and removing it would change the
+  sum by up to the chunk's size times C. So whenever ``finite(result)``
+  (``[units]`` bool) is not all true, the block is recomputed with
+  ``lax.map``, where each unit is its own computation. Costs nothing
+  otherwise (the other branch of a ``cond``).
+  """
+  out = jax.vmap(fn)(*xs)
+
+  def one_at_a_time():
+    # lax.map scans the unit axis, which must not be sharded over an
+    # Explicit mesh: gather it (this branch only runs when a unit is bad),
+    # then give the results the batched branch's shardings.
+    seq = jax.lax.map(lambda x: fn(*x), jax.tree.map(_unsharded_units, xs))
+    return jax.tree.map(_like, seq, out)
+
+  return jax.lax.cond(jnp.all(finite(out)), lambda: out, one_at_a_time)
+
+
+def _explicit_sharding(x: jax.Array):
+  sharding = jax.typeof(x).sharding
+  mesh = getattr(sharding, "mesh", None)
+  if mesh is None or mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types:
+    return None
+  return sharding
+
+
+def _unsharded_units(x: jax.Array) -> jax.Array:
+  sharding = _explicit_sharding(x)
+  if sharding is None or not sharding.spec or sharding.spec[0] is None:
+    return x
+  spec = jax.sharding.PartitionSpec(None, *sharding.spec[1:])
+  return jax.sharding.reshard(x, jax.sharding.NamedSharding(sharding.mesh, spec))
+
+
+def _like(x: jax.Array, ref: jax.Array) -> jax.Array:
+  sharding = _explicit_sharding(ref)
+  if sharding is None or jax.typeof(x).sharding == sharding:
+    return x
+  return jax.sharding.reshard(x, sharding)
+
+
 def gradient_update(unit_loss: UnitLoss) -> UnitUpdate:
   """The unit update that is the gradient of ``unit_loss``."""
 
@@ -312,7 +367,11 @@ def _materialize_block(
     units: PyTree,
     included: jax.Array,
 ) -> tuple[PyTree, PyTree]:
-  updates, values, aux = jax.vmap(unit_update, (None, 0, 0))(params, *units)
+  updates, values, aux = unit_map(
+      lambda b, m: unit_update(params, b, m),
+      tuple(units),
+      lambda out: jnp.isfinite(per_unit_norms(out[0])),
+  )
   norms = per_unit_norms(updates)
   weights = clip_weights(norms, included, l2_clip_norm)
   finite = jnp.isfinite(norms)
@@ -358,7 +417,10 @@ def _reweight_block(
     return global_norm(grad), value, aux
 
   _, (norms, values, aux) = map_reduce(
-      lambda blk: ((), jax.vmap(stats)(*blk)), units, chunk_size(params, n), ()
+      lambda blk: ((), unit_map(stats, tuple(blk), lambda out: jnp.isfinite(out[0]))),
+      units,
+      chunk_size(params, n),
+      (),
   )
   weights = jax.lax.stop_gradient(clip_weights(norms, included, l2_clip_norm))
 
@@ -427,6 +489,7 @@ def clipped_sum(
           chunk_units=lambda unit_bytes: max(1, chunk_bytes() // unit_bytes),
           clip_weights=clip_weights,
           take_valid_or_donor=_take_valid_or_donor,
+          unit_map=unit_map,
           map_reduce=map_reduce,
           sum_sharding=_replicated_sharding,
       )
@@ -501,11 +564,15 @@ def _node_flops(node) -> float:
   return sum(subs)
 
 
-# FLOPs one byte of memory traffic is worth, for the cost model below: the
-# crossover of reweight (3 more FLOPs per matmul FLOP, 4 bytes per parameter
-# in cache) and materialize (12 bytes per parameter through memory) at the
-# measured 16 matmul FLOPs per parameter.
+# FLOPs one byte of memory traffic is worth, for the cost model below (a
+# CPU streams a few GB/s per core and multiplies tens of GFLOP/s).
 BYTES_COST = 6.0
+# Bytes of traffic per element of a per-unit gradient that is formed and
+# then reduced: written, read for the norm, read again for the weighted
+# sum, plus the allocator's and cache misses' share (calibrated on
+# benchmarks/clipping.py: materialize's extra time over a plain step is
+# about 2x what 12 bytes predicts on the MLP and the transformer).
+GRAD_BYTES = 24.0
 
 
 def method_costs(
@@ -513,8 +580,8 @@ def method_costs(
 ) -> dict[str, float]:
   """Per-unit cost of each method beyond a plain step, in FLOP-equivalents.
 
-  ``materialize`` writes, reads and sums each unit's gradient: ~12 bytes
-  per parameter. ``reweight`` adds a forward+backward pass (~3x the unit's
+  ``materialize`` writes, reads and sums each unit's gradient:
+  ``GRAD_BYTES`` per parameter. ``reweight`` adds a forward+backward pass (~3x the unit's
   matmul FLOPs) and reduces each unit's gradient in cache (~4 bytes per
   parameter); it needs float32+ parameters. ``ghost`` pays the norm
   arithmetic of its sites and the traffic of its records (see
@@ -527,14 +594,14 @@ def method_costs(
   jaxpr = jax.make_jaxpr(unit_loss)(params, unit_batch, unit_mask)
   flops = matmul_flops(jaxpr.jaxpr)
   num = max(1, num_parameters(params))
-  costs = {"materialize": BYTES_COST * 12.0 * num}
+  costs = {"materialize": BYTES_COST * GRAD_BYTES * num}
   if not has_half_precision(params):
     costs["reweight"] = 3.0 * flops + BYTES_COST * 4.0 * num
   try:
     analysis = ghost.analyze(unit_loss, params, unit_batch, unit_mask)
   except ghost.GhostUnsupported:
     return costs
-  costs["ghost"] = ghost.extra_cost(analysis, BYTES_COST, _node_flops)
+  costs["ghost"] = ghost.extra_cost(analysis, BYTES_COST, GRAD_BYTES, _node_flops)
   return costs
 
 

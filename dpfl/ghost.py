@@ -69,6 +69,8 @@ _LINEAR_SHAPE = _ISOMETRIC | {"broadcast_in_dim", "gather", "dynamic_slice",
                                "pad", "reduce_sum"}
 _ELEMENTWISE = {"add", "add_any", "sub", "mul", "div", "max", "min",
                 "select_n", "neg", "pow", "atan2", "rem"}
+_DATA_FREE_VJP = {"add", "add_any", "sub"}
+_LINEAR_IN_DATA = {"mul", "dot_general", "conv_general_dilated"}
 _CONTROL_FLOW = {"scan", "while", "cond", "custom_jvp_call", "custom_vjp_call",
                  "custom_vjp_call_jaxpr", "shard_map", "pmap", "xla_pmap"}
 
@@ -230,6 +232,9 @@ class Analysis:
   report: ClipReport
   out_tree: Any
   leaf_treedef: Any
+  # A data-only grouped convolution: its batching rule mixes units (see
+  # dpfl.clip_methods.unit_map), so the probe pass isolates them.
+  mixing_hazard: bool = False
 
 
 def _chain(graph, producers, param_leaves, start, leaf_id):
@@ -409,6 +414,13 @@ def analyze(unit_loss, params, unit_batch, unit_mask) -> Analysis:
       param_leaves=param_leaves, sites=sites, ghost=ghost,
       generic_leaves=sorted(generic), generic_sites=generic_sites,
       report=report, out_tree=out_shape, leaf_treedef=treedef,
+      mixing_hazard=any(
+          node.prim.name == "conv_general_dilated"
+          and (node.params.get("feature_group_count", 1) > 1
+               or node.params.get("batch_group_count", 1) > 1)
+          and sum(not isinstance(i, tuple) and i in data_ids for i in node.ins) > 1
+          for node in graph.nodes
+      ),
   )
 
 
@@ -628,31 +640,48 @@ def _scaled(w, x):
 
 
 def block(an: Analysis, params, units, included, l2_clip_norm, chunk_units,
-          clip_weights, take_valid_or_donor, map_reduce, sum_sharding):
+          clip_weights, take_valid_or_donor, map_reduce, sum_sharding,
+          unit_map):
   """The clipped sum and per-unit statistics of one block of units."""
   leaves = jax.tree.leaves(params)
   penv = param_values(an, leaves)
   batch, mask = units
   flat_inputs = jax.tree.leaves((batch, mask))
   n = included.shape[0]
+  def zeros(aval):
+    # Broadcast from the unit axis so that the probes are sharded as the
+    # batch is (vmap wants every mapped input sharded alike).
+    z = jnp.zeros_like(included, dtype=aval.dtype)
+    return jax.lax.broadcast_in_dim(z, (n,) + tuple(aval.shape), (0,))
+
   probes = [
-      tuple(jnp.zeros((n,) + an.graph.nodes[site.node_index].avals[p].shape,
-                      an.graph.nodes[site.node_index].avals[p].dtype)
-            for p in site.out_pos)
+      tuple(zeros(an.graph.nodes[site.node_index].avals[p]) for p in site.out_pos)
       for site in an.sites
   ]
 
-  def batched(probes):
-    def one(pr, *inputs):
+  def unit_pass(pr, *inputs):
+    # One unit: its loss and records, and its cotangents at every site
+    # (the gradient of its loss with respect to the probes).
+    def loss_of(pr):
       outs, recs = _unit_forward(an, penv, pr, inputs)
       return outs[0], (outs, recs)
 
-    losses, (outs, recs) = jax.vmap(one)(probes, *flat_inputs)
-    return jnp.sum(losses), (outs, recs)
+    _, pull, (outs, recs) = jax.vjp(loss_of, pr, has_aux=True)
+    (cots,) = pull(jnp.ones((), outs[0].dtype))
+    return outs, recs, cots
 
-  _, pull, (outs, recs) = jax.vjp(batched, probes, has_aux=True)
+  def finite(result):
+    outs, _, cots = result
+    ok = jnp.isfinite(outs[0])
+    for c in jax.tree.leaves(cots):
+      ok = ok & jnp.all(jnp.isfinite(c).reshape(n, -1), axis=1)
+    return ok
+
+  if an.mixing_hazard:
+    outs, recs, cots = unit_map(unit_pass, (probes, *flat_inputs), finite)
+  else:
+    outs, recs, cots = jax.vmap(unit_pass)(probes, *flat_inputs)
   loss0 = outs[0]
-  (cots,) = pull(jnp.ones((), loss0.dtype))
   values = loss0
   aux = jax.tree.unflatten(jax.tree.structure(an.out_tree), outs)[1]
 
@@ -678,7 +707,8 @@ def block(an: Analysis, params, units, included, l2_clip_norm, chunk_units,
         wp = penv[node.ins[1]]
         f = lambda w: _site_apply(an, s, {**penv, node.ins[1]: w}, data)
         return jax.vjp(f, wp)[1](list(cot))[0]
-      grads = jax.vmap(unit_grad)(recs[s], cots[s])
+      grads = unit_map(unit_grad, (recs[s], cots[s]),
+                       lambda x: jnp.isfinite(_sq_sum(x)))
       explicit[k] = grads
       sq = sq + _sq_sum(grads)
 
@@ -703,7 +733,8 @@ def block(an: Analysis, params, units, included, l2_clip_norm, chunk_units,
 
     def norms_fn(blk):
       data, cot = blk
-      grads = jax.vmap(lambda d, c: generic_unit_grads(sub, d, c))(data, cot)
+      grads = unit_map(lambda d, c: generic_unit_grads(sub, d, c), (data, cot),
+                       lambda g: jnp.isfinite(sum(_sq_sum(x) for x in g)))
       return (), sum(_sq_sum(x) for x in grads)
 
     _, gsq = map_reduce(norms_fn, (g_recs, g_cots), chunk, ())
@@ -730,7 +761,12 @@ def block(an: Analysis, params, units, included, l2_clip_norm, chunk_units,
         wsum = wsum.reshape(lay["canon_shape"]).transpose(lay["w_perm"])
     elif site.kind == "dot":
       p = site.param_pos[0]
-      a, g, lay = _canon_dot(node, p, safe(recs[s][0]), cots[s][0])
+      # A unit of weight > 0 has finite records (its norm is finite), so
+      # zeroing the others' (and their cotangents, in _scaled) keeps NaN
+      # out of the contraction in one pass.
+      a = recs[s][0]
+      a = jnp.where(valid.reshape((n,) + (1,) * (a.ndim - 1)), a, jnp.zeros((), a.dtype))
+      a, g, lay = _canon_dot(node, p, a, cots[s][0])
       # Products in float32 (or wider) too: scaling a half-precision
       # cotangent by w_i would round it, and loosen the clip bound by 2^-9.
       wg = _scaled(weights, g)
@@ -740,7 +776,8 @@ def block(an: Analysis, params, units, included, l2_clip_norm, chunk_units,
       wsum = wsum.reshape(lay["canon_shape"]).transpose(lay["w_perm"])
     else:  # gather: scatter-add of scaled cotangents, in float32.
       wp = _f32(penv[node.ins[0]])
-      idx = safe(recs[s])
+      idx = tuple(jnp.where(valid.reshape((n,) + (1,) * (x.ndim - 1)), x, jnp.zeros((), x.dtype))
+                  for x in recs[s])
       wg = [_scaled(weights, c) for c in cots[s]]
 
       def f(w, s=s, idx=idx):
@@ -750,6 +787,21 @@ def block(an: Analysis, params, units, included, l2_clip_norm, chunk_units,
     total[k] = _pullback_isometric(chain, _f32(wsum))
 
   if generic:
+    # The records of units of weight 0 must not put NaN into the batched
+    # VJP: a site whose parameter cotangent ignores the data (a bias add)
+    # needs nothing; one linear in the data gets zeros (a unit of weight
+    # > 0 has finite data there, or its gradient would not be finite);
+    # any other gets a valid unit's data (contributing 0 * finite).
+    def clean(s, r):
+      prim = an.sites[s].primitive
+      if prim in _DATA_FREE_VJP:
+        return r
+      if prim in _LINEAR_IN_DATA:
+        return tuple(jnp.where(valid.reshape((n,) + (1,) * (x.ndim - 1)), x,
+                               jnp.zeros((), x.dtype)) for x in r)
+      return safe(r)
+
+    clean_recs = [clean(s, r) for s, r in zip(gsites, g_recs)]
     wide = all(jnp.finfo(jnp.result_type(x)).bits >= 32 for x in sub) and all(
         jnp.finfo(c.dtype).bits >= 32 for cs in g_cots for c in cs)
     if wide:
@@ -758,8 +810,8 @@ def block(an: Analysis, params, units, included, l2_clip_norm, chunk_units,
         for k, x in zip(generic, sub_leaves):
           full[k] = x
         env = param_values(an, full)
-        return [jax.vmap(lambda d, s=s: _site_apply(an, s, env, d))(safe(r))
-                for s, r in zip(gsites, g_recs)]
+        return [jax.vmap(lambda d, s=s: _site_apply(an, s, env, d))(r)
+                for s, r in zip(gsites, clean_recs)]
       wg = [[_scaled(weights, c).astype(c.dtype) for c in cs] for cs in g_cots]
       sums = jax.vjp(f, sub)[1](wg)[0]
     else:
@@ -770,7 +822,9 @@ def block(an: Analysis, params, units, included, l2_clip_norm, chunk_units,
             (w > 0).reshape((-1,) + (1,) * (x.ndim - 1)), _f32(x), 0.0),
             precision=HIGHEST) for x in grads], ()
       acc0 = [jnp.zeros(jnp.shape(x), _f32(jnp.zeros((), jnp.result_type(x))).dtype) for x in sub]
-      sums, _ = map_reduce(sum_fn, (safe(g_recs), g_cots, weights), chunk, acc0)
+      zeroed = [[jnp.where(valid.reshape((n,) + (1,) * (c.ndim - 1)), c, 0)
+                 for c in cs] for cs in g_cots]
+      sums, _ = map_reduce(sum_fn, (clean_recs, zeroed, weights), chunk, acc0)
     for k, x in zip(generic, sums):
       total[k] = _f32(x)
 
@@ -798,14 +852,15 @@ def warn_fallback(report: ClipReport) -> None:
 # Cost model (used by method="auto").
 
 
-def extra_cost(an: Analysis, bytes_cost: float, subjaxpr_flops: Callable) -> float:
+def extra_cost(an: Analysis, bytes_cost: float, grad_bytes: float,
+               subjaxpr_flops: Callable) -> float:
   """Per-unit cost of ghost clipping beyond a plain forward+backward pass.
 
   In FLOP-equivalents: the norm arithmetic of each site, plus
   ``bytes_cost`` FLOPs per byte of memory traffic for what is written and
-  read again (the recorded activations and cotangents, per-layer
-  gradients formed explicitly, per-unit gradients of the other
-  parameters), plus the recomputation of sites whose per-unit gradient is
+  read again (the recorded activations and cotangents; per-layer
+  gradients formed explicitly and per-unit gradients of the other
+  parameters at ``grad_bytes`` per element, as materialize pays), plus the recomputation of sites whose per-unit gradient is
   formed through JAX's VJP (control flow: ~3x its matmul FLOPs).
   """
   graph = an.graph
@@ -826,16 +881,16 @@ def extra_cost(an: Analysis, bytes_cost: float, subjaxpr_flops: Callable) -> flo
         elif site.form == "gram":
           total += 2 * nb * n * n * (c + f + 1)
         else:
-          total += 2 * nb * n * c * f + bytes_cost * 12 * nb * c * f
+          total += 2 * nb * n * c * f + bytes_cost * grad_bytes * nb * c * f
       elif site.kind == "gather":
         out = size(node.avals[0])
         total += 2 * out * max(1, out // max(1, node.ins_avals[0].shape[-1]))
       else:  # conv: the per-unit kernel gradient is formed
         kernel = size(node.ins_avals[1])
         total += 2 * size(node.avals[0]) * kernel / max(1, node.ins_avals[1].shape[-1])
-        total += bytes_cost * 12 * kernel
+        total += bytes_cost * grad_bytes * kernel
     else:
       total += 3 * subjaxpr_flops(node)
   for k in an.generic_leaves:
-    total += bytes_cost * 12 * size(graph.avals[an.leaf_ids[k]])
+    total += bytes_cost * grad_bytes * size(graph.avals[an.leaf_ids[k]])
   return total
