@@ -216,8 +216,8 @@ def clipped_sum(
     ``value`` (e.g. a loss) and an ``aux`` pytree (or None) reported in the
     statistics; e.g. DP-FedAvg's θ − θ_u after local steps
     (``dpfl.federated.clipped_user_updates``). Only ``"materialize"``
-    applies, and ``"auto"`` picks it: ``"reweight"`` back-propagates the
-    clip-weighted sum of unit losses, and an update that is not the
+    applies, and ``"auto"`` picks it: ``"reweight"`` and ``"ghost"``
+    take the gradient of the clip-weighted sum of unit losses, and an update that is not the
     gradient of a loss has none (``ValueError``).
 
   ``unit_batch`` / ``unit_mask`` are one unit's slice of ``batch`` / ``mask``:
@@ -233,17 +233,17 @@ def clipped_sum(
     depends only on that unit's data (as long as the unit function reads
     only its own unit). Adding or removing one unit therefore changes the
     sum by at most ``l2_clip_norm`` in L2 norm. ``"materialize"`` scales
-    the very vector whose norm it measured; ``"reweight"`` evaluates the
-    same gradient twice, so its bound holds up to float rounding of the
-    order of 1e-6 relative.
+    the very vector whose norm it measured; ``"reweight"`` and ``"ghost"``
+    evaluate the same gradient twice, so their bound holds up to float
+    rounding of the order of 1e-6 relative.
 
   Args:
     l2_clip_norm: clip norm C, a finite number > 0.
     unit: ``"example"`` (batch leaves ``[examples, ...]``) or ``"user"``
       (``[users, examples_per_user, ...]``).
     unit_loss / unit_update: the unit's loss or update (give one).
-    method: ``"auto"``, ``"materialize"`` or ``"reweight"`` (see
-      ``dpfl.clip_methods``); all give the same sum where they apply.
+    method: ``"auto"``, ``"materialize"``, ``"reweight"`` or ``"ghost"``
+      (see ``dpfl.clip_methods``); all give the same sum where they apply.
     microbatch_size: ``None`` or units per sequential block, >= 1.
 
   Returns:
@@ -374,9 +374,10 @@ def clipped_grad(
     adding or removing one unit changes ``clipped_sum`` by at most
     ``l2_clip_norm`` in L2 norm (replacing one unit: ``2 * l2_clip_norm``),
     which is the sensitivity the noise and accounting layers assume. With
-    ``method="reweight"`` the norm and the sum come from two evaluations
-    of the same gradient, so the bound holds up to float rounding of the
-    order of 1e-6 relative; ``"materialize"`` scales the very vector whose
+    ``method="reweight"`` or ``"ghost"`` the norm and the sum come from two
+    evaluations of the same gradient, so the bound holds up to float
+    rounding of the order of 1e-6 relative (ghost's norms and sums are
+    float32 at the highest matmul precision, also for bf16 parameters); ``"materialize"`` scales the very vector whose
     norm it measured. The statistics in ``aux`` are not privatized.
 
   Precision: norms and sums are accumulated in float32 (float64 for float64
@@ -412,11 +413,16 @@ def clipped_grad(
     microbatch_size: ``None`` (all units in one block) or an integer >= 1,
       the number of units (examples or users) per sequential block.
     method: how the clipped sum is computed; all give the same result.
-      ``"materialize"`` forms per-unit gradients (a cache-sized chunk at a
-      time); ``"reweight"`` computes per-unit norms, then one backward pass
-      of the loss weighted by the clip factors (float32+ parameters only);
-      ``"auto"`` (default) picks one from the loss's matmul FLOPs per
-      parameter (see ``dpfl.clip_methods.choose_method``).
+      ``"ghost"`` traces the loss and takes per-unit norms from the inputs
+      and output cotangents at every place a parameter meets data, never
+      forming a unit's gradient for dense, attention, einsum, embedding
+      and conv parameters (see ``dpfl.ghost``; ``fn.explain(params,
+      batch)`` says which parameters fell back to a per-unit gradient, and
+      why); ``"materialize"`` forms per-unit gradients (a cache-sized chunk
+      at a time); ``"reweight"`` computes per-unit norms, then one backward
+      pass of the loss weighted by the clip factors (float32+ parameters
+      only); ``"auto"`` (default) picks the cheapest by a static cost model
+      (``dpfl.clip_methods.method_costs``).
 
   Returns:
     A :class:`ClippedGradFn`; calling it as ``fn(params, batch, mask=None)``
