@@ -226,7 +226,7 @@ class Analysis:
   data_ids: set
   param_leaves: dict  # id -> frozenset of leaves (parameter-derived values)
   sites: list
-  ghost: dict  # leaf -> (site index, chain ops)
+  ghost: dict  # leaf -> [(site index, chain ops)]: one site, or a tied pair
   generic_leaves: list  # leaves whose per-unit gradient is formed
   generic_sites: list  # site indices used by generic leaves
   report: ClipReport
@@ -253,6 +253,53 @@ def _chain(graph, producers, param_leaves, start, leaf_id):
     ops.append(node)
     cur = dependent[0]
   return ops[::-1]
+
+
+def _tied_pair(graph, producers, param_leaves, sites, mine, leaf_id):
+  """[(gather site, chain), (dot site, chain)] for tied embeddings, or None.
+
+  A 2-D table E [V, D] looked up by rows (``E[ids]``) and also used as the
+  output projection (``h @ E.T``, contracting D): the per-unit gradient is
+  G = sum_t e_{id_t} g1_t^T + glog^T h, whose squared norm is the two
+  sites' own plus the cross term 2 sum_{t,s} glog[s, id_t] (g1_t . h_s).
+  """
+  if len(mine) != 2:
+    return None
+  by_kind = {sites[s].kind: s for s in mine}
+  if set(by_kind) != {"gather", "dot"}:
+    return None
+  shape = graph.avals[leaf_id].shape
+  if len(shape) != 2:
+    return None
+  sg, sd = by_kind["gather"], by_kind["dot"]
+  for s in (sg, sd):
+    if len(sites[s].leaves) != 1 or len(sites[s].param_pos) != 1:
+      return None
+  gnode = graph.nodes[sites[sg].node_index]
+  dnode = graph.nodes[sites[sd].node_index]
+  cg = _chain(graph, producers, param_leaves, gnode.ins[0], leaf_id)
+  p = sites[sd].param_pos[0]
+  cd = _chain(graph, producers, param_leaves, dnode.ins[p], leaf_id)
+  if cg is None or cd is None:
+    return None
+  if not all(op.prim.name in ("convert_element_type", "copy", "copy_p")
+             and _isometric(op) for op in cg):
+    return None
+  if tuple(gnode.params["dimension_numbers"].start_index_map) != (0,):
+    return None
+  flips = 0
+  for op in cd:
+    if op.prim.name == "transpose" and tuple(op.params["permutation"]) == (1, 0):
+      flips += 1
+    elif not (op.prim.name in ("convert_element_type", "copy", "copy_p")
+              and _isometric(op)):
+      return None
+  (lc, rc), (lb, rb) = dnode.params["dimension_numbers"]
+  w_c, w_b = (rc, rb) if p == 1 else (lc, lb)
+  d_axis = 1 if flips % 2 == 0 else 0
+  if tuple(w_b) or tuple(w_c) != (d_axis,):
+    return None
+  return [(sg, cg), (sd, cd)]
 
 
 def _simple_gather(node, param_pos) -> bool:
@@ -360,6 +407,10 @@ def analyze(unit_loss, params, unit_batch, unit_mask) -> Analysis:
     if not mine:
       continue
     if len(mine) > 1:
+      pair = _tied_pair(graph, producers, param_leaves, sites, mine, leaf_ids[k])
+      if pair is not None:
+        ghost[k] = pair
+        continue
       prims = ", ".join(sites[s].primitive for s in mine)
       generic.append(k)
       fallback[paths[k]] = f"used at {len(mine)} places ({prims}); the norm of the sum is formed per unit"
@@ -374,7 +425,7 @@ def analyze(unit_loss, params, unit_batch, unit_mask) -> Analysis:
     chain = _chain(graph, producers, param_leaves, node.ins[site.param_pos[0]], leaf_ids[k]) if len(site.param_pos) == 1 else None
     if site.kind in ("dot", "gather", "conv"):
       if chain is not None and all(_isometric(op) for op in chain):
-        ghost[k] = (mine[0], chain)
+        ghost[k] = [(mine[0], chain)]
         continue
       generic.append(k)
       why = "through " + ", ".join(sorted({op.prim.name for op in chain})) if chain else "through a computation of several values"
@@ -396,8 +447,9 @@ def analyze(unit_loss, params, unit_batch, unit_mask) -> Analysis:
   generic_sites = sorted({s for k in generic for s in sites_of[k]})
   for s, site in enumerate(sites):
     site.form = "per_unit"
-  for k, (s, chain) in ghost.items():
-    sites[s].form = _choose_form(graph, sites[s])
+  for k, entries in ghost.items():
+    for s, _ in entries:
+      sites[s].form = _choose_form(graph, sites[s])
   report_sites = []
   for s, site in enumerate(sites):
     for k in sorted(site.leaves):
@@ -519,8 +571,12 @@ def _dot_sq_norms(form, a, g):
   return jnp.sum(jnp.square(grads), axis=(1, 2, 3))
 
 
-def _gather_sq_norms(node, idx, g):
-  """Token-equality Gram: sum_{t,s} [id_t == id_s] (g_t . g_s)."""
+def _gather_canon(node, idx, g):
+  """idx [U, *batch, K], g [U, *out] -> idx [U, L, K], valid [U, L], g [U, L, D].
+
+  L lookups per unit; an out-of-bounds lookup is dropped (fill mode) or
+  clamped (clip mode), as the gather and its transpose do.
+  """
   dn = node.params["dimension_numbers"]
   u = g.shape[0]
   out_nd = g.ndim - 1
@@ -532,18 +588,36 @@ def _gather_sq_norms(node, idx, g):
   idx = idx.reshape(u, nlook, -1)  # index_vector_dim is last
   shape = node.ins_avals[0].shape
   dims = list(dn.start_index_map)
-  mode = node.params["mode"]
   limit = jnp.asarray([shape[d] - 1 for d in dims], idx.dtype)
-  if "FILL" in str(mode):
+  if "FILL" in str(node.params["mode"]):
     valid = jnp.all((idx >= 0) & (idx <= limit), axis=-1)
   else:
     idx = jnp.clip(idx, 0, limit)
     valid = jnp.ones(idx.shape[:2], bool)
+  return idx, valid, g
+
+
+def _gather_sq_norms(node, idx, g):
+  """Token-equality Gram: sum_{t,s} [id_t == id_s] (g_t . g_s)."""
+  idx, valid, g = _gather_canon(node, idx, g)
   same = jnp.all(idx[:, :, None, :] == idx[:, None, :, :], axis=-1)
   same = same & valid[:, :, None] & valid[:, None, :]
   gg = jnp.einsum("bif,bjf->bij", g, g, precision=HIGHEST,
                   preferred_element_type=jnp.float32)
   return jnp.sum(jnp.where(same, gg, 0.0), axis=(1, 2))
+
+
+def _tied_cross(gnode, idx, g1, dnode, p, h, glog):
+  """2 <G_gather, G_dot> = 2 sum_{t,s} glog[s, id_t] (g1_t . h_s) per unit."""
+  idx, valid, g1 = _gather_canon(gnode, idx, g1)
+  a, g, _ = _canon_dot(dnode, p, h, glog)  # [U, 1, N, D], [U, 1, N, V]
+  a, g = a[:, 0], g[:, 0]
+  ids = jnp.broadcast_to(idx[:, None, :, 0], (g.shape[0], g.shape[1], idx.shape[1]))
+  m = jnp.take_along_axis(g, ids, axis=2)  # [U, N (s), L (t)]
+  prod = jnp.einsum("btd,bsd->bst", g1, a, precision=HIGHEST,
+                    preferred_element_type=jnp.float32)
+  cross = jnp.where(valid[:, None, :], _f32(m) * prod, 0.0)
+  return 2.0 * jnp.sum(cross, axis=(1, 2))
 
 
 def _pullback_isometric(chain, ct):
@@ -687,7 +761,9 @@ def block(an: Analysis, params, units, included, l2_clip_norm, chunk_units,
 
   sq = jnp.zeros((n,), jnp.float32)
   explicit = {}
-  for k, (s, chain) in an.ghost.items():
+  ghost_sites = [(k, s, chain) for k, entries in an.ghost.items()
+                 for s, chain in entries]
+  for k, s, chain in ghost_sites:
     site = an.sites[s]
     node = an.graph.nodes[site.node_index]
     if site.kind == "dot":
@@ -696,21 +772,28 @@ def block(an: Analysis, params, units, included, l2_clip_norm, chunk_units,
       if site.form == "explicit":
         grads = jnp.einsum("bkic,bkif->bkcf", a, g, precision=HIGHEST,
                            preferred_element_type=jnp.float32)
-        explicit[k] = grads
+        explicit[s] = grads
         sq = sq + jnp.sum(jnp.square(grads), axis=(1, 2, 3))
       else:
         sq = sq + _dot_sq_norms(site.form, a, g)
     elif site.kind == "gather":
       sq = sq + _gather_sq_norms(node, recs[s][0], cots[s][0])
     else:  # conv: the per-unit kernel gradient (small) is formed.
-      def unit_grad(data, cot, s=s):
+      def unit_grad(data, cot, s=s, node=node):
         wp = penv[node.ins[1]]
         f = lambda w: _site_apply(an, s, {**penv, node.ins[1]: w}, data)
         return jax.vjp(f, wp)[1](list(cot))[0]
       grads = unit_map(unit_grad, (recs[s], cots[s]),
                        lambda x: jnp.isfinite(_sq_sum(x)))
-      explicit[k] = grads
+      explicit[s] = grads
       sq = sq + _sq_sum(grads)
+  for k, entries in an.ghost.items():
+    if len(entries) == 2:  # tied embedding: the two sites' cross term
+      (sg, _), (sd, _) = entries
+      gnode = an.graph.nodes[an.sites[sg].node_index]
+      dnode = an.graph.nodes[an.sites[sd].node_index]
+      sq = sq + _tied_cross(gnode, recs[sg][0], cots[sg][0], dnode,
+                            an.sites[sd].param_pos[0], recs[sd][0], cots[sd][0])
 
   generic = an.generic_leaves
   gsites = an.generic_sites
@@ -748,11 +831,11 @@ def block(an: Analysis, params, units, included, l2_clip_norm, chunk_units,
   safe = lambda t: jax.tree.map(lambda x: take_valid_or_donor(x, valid, donor), t)
 
   total = [None] * len(leaves)
-  for k, (s, chain) in an.ghost.items():
+  for k, s, chain in ghost_sites:
     site = an.sites[s]
     node = an.graph.nodes[site.node_index]
-    if k in explicit:
-      grads = explicit[k]
+    if s in explicit:
+      grads = explicit[s]
       wsum = jnp.einsum("b,b...->...", weights.astype(jnp.float32),
                         jnp.where(valid.reshape((n,) + (1,) * (grads.ndim - 1)), _f32(grads), 0.0),
                         precision=HIGHEST, out_sharding=sum_sharding(grads))
@@ -780,11 +863,12 @@ def block(an: Analysis, params, units, included, l2_clip_norm, chunk_units,
                   for x in recs[s])
       wg = [_scaled(weights, c) for c in cots[s]]
 
-      def f(w, s=s, idx=idx):
+      def f(w, s=s, idx=idx, node=node):
         return jax.vmap(lambda d: _site_apply(an, s, {**penv, node.ins[0]: w}, d))(idx)
 
       wsum = jax.vjp(f, wp)[1](wg)[0]
-    total[k] = _pullback_isometric(chain, _f32(wsum))
+    part = _pullback_isometric(chain, _f32(wsum))
+    total[k] = part if total[k] is None else total[k] + part
 
   if generic:
     # The records of units of weight 0 must not put NaN into the batched
@@ -866,7 +950,14 @@ def extra_cost(an: Analysis, bytes_cost: float, grad_bytes: float,
   graph = an.graph
   total = 0.0
   size = lambda aval: math.prod(aval.shape)
-  ghost_sites = {s: k for k, (s, _) in an.ghost.items()}
+  ghost_sites = {s: k for k, entries in an.ghost.items() for s, _ in entries}
+  for entries in an.ghost.values():
+    if len(entries) == 2:  # tied cross term: an L x N Gram over D
+      gnode = graph.nodes[an.sites[entries[0][0]].node_index]
+      lookups = size(gnode.avals[0]) // max(1, gnode.ins_avals[0].shape[-1])
+      lay = _dot_layout(graph.nodes[an.sites[entries[1][0]].node_index],
+                        an.sites[entries[1][0]].param_pos[0])
+      total += 2 * lookups * lay["n"] * (lay["c"] + 1)
   for s, site in enumerate(an.sites):
     node = graph.nodes[site.node_index]
     traffic = sum(size(node.ins_avals[p]) for p in site.data_pos) + sum(

@@ -256,7 +256,9 @@ def _linen_lm() -> Case:
   # Padded slots: out-of-range token ids, which Embed turns into NaN rows.
   users["tokens"] = jnp.where(mask[..., None], users["tokens"], VOCAB + 3)
   rules = (
-      Rule(r"Embed_0'\]\['embedding", (FALLBACK,)),
+      # Tied input/output embedding: a lookup and a projection, split
+      # exactly (the two sites' Gram terms and their cross term).
+      Rule(r"Embed_0'\]\['embedding", (GHOST,), "gather"),
       # A slice of a parameter added to the activations: an elementwise use.
       Rule(r"pos_embedding", (PER_UNIT, FALLBACK)),
       Rule(r"LayerNorm_\d+'\]\['(scale|bias)", (PER_UNIT,)),
@@ -341,14 +343,17 @@ def _lora_lm() -> Case:
 
 
 def _fallbacks() -> Case:
-  """Parameters ghost cannot split: tied (used twice), inside lax.scan, under exp."""
+  """Parameters ghost cannot split: used by two dense layers, inside lax.scan,
+  under exp; and a tied embedding, which it can."""
   rng = np.random.default_rng(14)
   params = {"emb": _normal(rng, (VOCAB, DIM)), "w_in": _normal(rng, (DIM, DIM), 1 / math.sqrt(DIM)),
             "b_in": _normal(rng, (DIM,), 0.1), "w_rec": _normal(rng, (DIM, DIM), 1 / math.sqrt(DIM)),
-            "log_scale": _normal(rng, (DIM,), 0.3)}
+            "log_scale": _normal(rng, (DIM,), 0.3),
+            "w_shared": _normal(rng, (DIM, DIM), 1 / math.sqrt(DIM))}
 
   def loss_fn(params, batch):
     x = params["emb"][batch["tokens"]] @ params["w_in"] + params["b_in"]
+    x = jnp.tanh(jnp.tanh(x @ params["w_shared"]) @ params["w_shared"])  # shared weight
 
     def step(h, x_t):  # an RNN cell: w_rec is used once per time step
       h = jnp.tanh(h @ params["w_rec"] + x_t)
@@ -359,7 +364,8 @@ def _fallbacks() -> Case:
     hs = jnp.swapaxes(hs, 0, 1) * jnp.exp(params["log_scale"])
     return _lm_loss(hs @ params["emb"].T, batch)
 
-  rules = (Rule(r"\['(emb|w_rec|log_scale)'\]", (FALLBACK,)),
+  rules = (Rule(r"\['(w_shared|w_rec|log_scale)'\]", (FALLBACK,)),
+           Rule(r"\['emb'\]", (GHOST,), "gather"),
            Rule(r"\['w_in'\]", (GHOST,), "dot_general"),
            Rule(r"\['b_in'\]", (PER_UNIT,)))
   return Case(loss_fn, params, _lm_batch(6, seed=15), rules)
@@ -529,9 +535,10 @@ def test_fallback_reasons_and_exactness():
   case, (ref, clip) = _case("fallbacks"), _reference("fallbacks")
   report = clipped_grad(case.loss_fn, l2_clip_norm=clip, method="ghost").explain(
       case.params, case.batch)
-  assert set(report.fallback) == {"['emb']", "['w_rec']", "['log_scale']"}
+  assert set(report.fallback) == {"['w_shared']", "['w_rec']", "['log_scale']"}
   assert "scan" in report.fallback["['w_rec']"]
-  assert len({report.fallback[p] for p in ("['emb']", "['w_rec']", "['log_scale']")}) == 3
+  assert "2 places" in report.fallback["['w_shared']"]
+  assert len({report.fallback[p] for p in ("['w_shared']", "['w_rec']", "['log_scale']")}) == 3
   _check(_compiled("fallbacks", "ghost", clip)(case.params, case.batch,
                                                mask=_ones_mask(case.batch)), ref)
 
@@ -737,3 +744,29 @@ def test_ghost_refuses_an_update_that_is_no_gradient():
   with pytest.raises(ValueError, match="method='ghost'.*local-step"):
     clipped_user_updates(_plain_mlp_loss, l2_clip_norm=1.0, local_steps=2,
                          local_learning_rate=0.1, method="ghost")
+
+
+def test_tied_embedding_in_einsum_form_with_clamped_ids_is_ghost_and_exact():
+  # The output projection written as einsum against E itself (no transpose),
+  # and a lookup in clip mode, where out-of-range ids clamp to the last row:
+  # the token-equality Gram and the cross term must see the clamped ids.
+  rng = np.random.default_rng(21)
+  params = {"E": _normal(rng, (7, 5)), "w": _normal(rng, (5, 5), 0.5)}
+
+  def loss_fn(params, batch):
+    x = jnp.take(params["E"], batch["t"], axis=0, mode="clip")
+    h = jnp.tanh(x @ params["w"])
+    logits = jnp.einsum("btd,vd->btv", h, params["E"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+
+  batch = {"t": jnp.array([[1, 2, 1, 9], [0, 0, 3, 6], [6, 9, 6, 2], [4, 4, 4, 4]]),
+           "y": jnp.array([[1, 2, 3, 4], [0, 0, 0, 0], [6, 5, 4, 3], [4, 4, 4, 4]])}
+  ref = brute_force(loss_fn, params, batch, 1.0)
+  clip = split_clip_norm(ref.norms)
+  ref = brute_force(loss_fn, params, batch, clip)
+  fn = clipped_grad(loss_fn, l2_clip_norm=clip, method="ghost")
+  report = fn.explain(params, batch)
+  assert "['E']" in report.ghost and not report.fallback
+  got, aux = jax.jit(fn)(params, batch)
+  assert_sum_close(got, ref.total, ref.abs_sum)
+  np.testing.assert_allclose(aux.grad_norms, ref.norms, rtol=1e-4)
