@@ -218,14 +218,11 @@ def _unit_sum_sharding(x: jax.Array) -> jax.sharding.NamedSharding | None:
   contraction over a sharded unit axis must name its output sharding: the
   result keeps ``x``'s sharding on the remaining axes, i.e. the parameters'.
   """
-  sharding = jax.typeof(x).sharding
-  mesh = getattr(sharding, "mesh", None)
-  if mesh is None or mesh.empty:
-    return None
-  if jax.sharding.AxisType.Explicit not in mesh.axis_types:
+  sharding = _explicit_sharding(x)
+  if sharding is None:
     return None
   spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec[1:]))
+  return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec[1:]))
 
 
 def _replicated_sharding(x: jax.Array) -> jax.sharding.NamedSharding | None:
@@ -235,13 +232,10 @@ def _replicated_sharding(x: jax.Array) -> jax.sharding.NamedSharding | None:
   axis must name its output sharding; ghost's weight-gradient contractions
   produce parameter-shaped results from differently shaped operands.
   """
-  sharding = jax.typeof(x).sharding
-  mesh = getattr(sharding, "mesh", None)
-  if mesh is None or mesh.empty:
+  sharding = _explicit_sharding(x)
+  if sharding is None:
     return None
-  if jax.sharding.AxisType.Explicit not in mesh.axis_types:
-    return None
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
 
 
 def one_unit(units: PyTree) -> PyTree:
@@ -326,6 +320,7 @@ def unit_map(
 
 
 def _explicit_sharding(x: jax.Array):
+  """``x``'s NamedSharding if its mesh has Explicit axes, else None."""
   sharding = jax.typeof(x).sharding
   mesh = getattr(sharding, "mesh", None)
   if mesh is None or mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types:

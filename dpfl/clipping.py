@@ -276,6 +276,8 @@ def clipped_sum(
         f" {', '.join(METHODS)})."
     )
 
+  choices: dict = {}  # auto's choice per signature of (params, one unit)
+
   def resolve(params, units):
     if unit_update is not None:
       return "materialize"
@@ -284,7 +286,12 @@ def clipped_sum(
       # would fail on a unit axis sharded over an Explicit mesh (a size-1
       # slice of a sharded dim is a ShardingTypeError), so describe it.
       one_batch, one_mask = clip_methods.one_unit(units)
-      return clip_methods.choose_method(unit_loss, params, one_batch, one_mask)
+      leaves, treedef = jax.tree.flatten((params, one_batch, one_mask))
+      key = (treedef, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves))
+      if key not in choices:  # tracing the loss twice per call costs
+        choices[key] = clip_methods.choose_method(  # un-jitted loops
+            unit_loss, params, one_batch, one_mask)
+      return choices[key]
     if method == "reweight" and clip_methods.has_half_precision(params):
       raise ValueError(
           "method='reweight' needs float32 or wider parameters (its sum is"

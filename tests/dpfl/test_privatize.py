@@ -97,8 +97,9 @@ def test_update_is_noisy_sum_over_expected_batch():
   opt_state = private.optimizer.init(params)
   data = _data(n)
   residuals = []
+  clipped_grad = jax.jit(private.clipped_grad)
   for batch, mask in private.batches(data):
-    grads, aux = private.clipped_grad(params, batch, mask=mask)
+    grads, aux = clipped_grad(params, batch, mask=mask)
     updates, opt_state = private.optimizer.update(grads, opt_state, params)
     residuals.append(float(updates["b"]) - int(mask.sum()) / b)
   std = np.std(residuals)
