@@ -63,7 +63,7 @@ _INLINE = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr",
 # with respect to their output equals the norm with respect to their input.
 _ISOMETRIC = {"reshape", "transpose", "convert_element_type", "squeeze",
               "expand_dims", "copy", "copy_p", "slice", "rev",
-              "reduce_precision", "sharding_constraint", "broadcast_in_dim"}
+              "sharding_constraint", "broadcast_in_dim"}
 # Ops that may broadcast a parameter before an elementwise use (linear).
 _LINEAR_SHAPE = _ISOMETRIC | {"broadcast_in_dim", "gather", "dynamic_slice",
                                "pad", "reduce_sum"}
@@ -235,6 +235,11 @@ class Analysis:
   # A data-only grouped convolution: its batching rule mixes units (see
   # dpfl.clip_methods.unit_map), so the probe pass isolates them.
   mixing_hazard: bool = False
+  # A parameter-only op that rounds (reduce_precision, a narrowing cast):
+  # its transpose rounds the cotangent, so a VJP of scaled cotangents is
+  # not the scaled sum of per-unit VJPs; fallback sums are then formed
+  # from per-unit gradients.
+  rounding: bool = False
 
 
 def _chain(graph, producers, param_leaves, start, leaf_id):
@@ -302,8 +307,17 @@ def _tied_pair(graph, producers, param_leaves, sites, mine, leaf_id):
   return [(sg, cg), (sd, cd)]
 
 
+def _gather_mode(node) -> str | None:
+  """The gather's out-of-bounds mode, as its gradient treats it."""
+  mode = str(node.params.get("mode", "")).upper()
+  for name in ("FILL_OR_DROP", "PROMISE_IN_BOUNDS", "CLIP"):
+    if name in mode:
+      return name.lower()
+  return None
+
+
 def _simple_gather(node, param_pos) -> bool:
-  if param_pos != (0,):
+  if param_pos != (0,) or _gather_mode(node) is None:
     return False
   dn = node.params["dimension_numbers"]
   if tuple(dn.operand_batching_dims) or tuple(dn.start_indices_batching_dims):
@@ -401,6 +415,13 @@ def analyze(unit_loss, params, unit_batch, unit_mask) -> Analysis:
   for s, site in enumerate(sites):
     for k in site.leaves:
       sites_of[k].append(s)
+  for k in range(num_leaves):
+    if sites_of[k] and not _is_float(graph.avals[leaf_ids[k]]):
+      raise ValueError(
+          f"parameter {paths[k]} has dtype {graph.avals[leaf_ids[k]].dtype} and the"
+          " loss depends on it: gradients need floating parameters (pass it in the"
+          " batch, or close over it)."
+      )
   ghost, generic, fallback, per_unit = {}, [], {}, []
   for k in range(num_leaves):
     mine = sites_of[k]
@@ -428,8 +449,10 @@ def analyze(unit_loss, params, unit_batch, unit_mask) -> Analysis:
         ghost[k] = [(mine[0], chain)]
         continue
       generic.append(k)
-      why = "through " + ", ".join(sorted({op.prim.name for op in chain})) if chain else "through a computation of several values"
-      fallback[paths[k]] = f"reaches {site.primitive} {why} (not a reshape, transpose, cast or slice)"
+      why = ("through " + ", ".join(sorted({op.prim.name for op in chain if not _isometric(op)}))
+             if chain else "through a computation of several values")
+      fallback[paths[k]] = (f"reaches {site.primitive} {why} (only plain reshapes, transposes,"
+                            " casts and slices keep a gradient's norm)")
       continue
     generic.append(k)
     if site.kind == "elementwise" and chain is not None and all(
@@ -438,6 +461,12 @@ def analyze(unit_loss, params, unit_batch, unit_mask) -> Analysis:
       per_unit.append(paths[k])
     elif site.primitive in _CONTROL_FLOW:
       fallback[paths[k]] = f"used inside {site.primitive} (control flow or a custom derivative)"
+    elif site.kind == "elementwise" and chain is not None and all(
+        op.prim.name in _LINEAR_SHAPE for op in chain):
+      size = math.prod(graph.avals[leaf_ids[k]].shape)
+      fallback[paths[k]] = (
+          f"used elementwise by {site.primitive}: its per-unit gradient"
+          f" ({size} elements) is formed")
     elif site.kind == "elementwise":
       ops = sorted({op.prim.name for op in chain}) if chain else ["several values"]
       fallback[paths[k]] = f"used by {site.primitive} through {', '.join(ops)} (a nonlinear function of the parameter)"
@@ -473,7 +502,21 @@ def analyze(unit_loss, params, unit_batch, unit_mask) -> Analysis:
           and sum(not isinstance(i, tuple) and i in data_ids for i in node.ins) > 1
           for node in graph.nodes
       ),
+      rounding=any(
+          _rounds(node) for node in graph.nodes
+          if not any(not isinstance(i, tuple) and i in data_ids for i in node.ins)
+      ),
   )
+
+
+def _rounds(node) -> bool:
+  if node.prim.name == "reduce_precision":
+    return True
+  if node.prim.name == "convert_element_type":
+    src, dst = node.ins_avals[0], node.avals[0]
+    return (_is_float(src) and _is_float(dst)
+            and jnp.finfo(dst.dtype).bits < jnp.finfo(src.dtype).bits)
+  return False
 
 
 def _isometric(node) -> bool:
@@ -484,6 +527,8 @@ def _isometric(node) -> bool:
     return math.prod(node.ins_avals[0].shape) == math.prod(node.avals[0].shape)
   if name == "convert_element_type":
     return _is_float(node.ins_avals[0]) and _is_float(node.avals[0])
+  if name == "reshape":  # order="F" reshapes permute (dimensions=...)
+    return node.params.get("dimensions") is None
   return True
 
 
@@ -589,11 +634,14 @@ def _gather_canon(node, idx, g):
   shape = node.ins_avals[0].shape
   dims = list(dn.start_index_map)
   limit = jnp.asarray([shape[d] - 1 for d in dims], idx.dtype)
-  if "FILL" in str(node.params["mode"]):
-    valid = jnp.all((idx >= 0) & (idx <= limit), axis=-1)
-  else:
+  if _gather_mode(node) == "clip":
     idx = jnp.clip(idx, 0, limit)
     valid = jnp.ones(idx.shape[:2], bool)
+  else:
+    # fill_or_drop, and promise_in_bounds (``E[ids]``): the forward pass
+    # may read a clamped row, but the gradient (a scatter-add) drops an
+    # out-of-range lookup, so its cotangent is in no unit's gradient.
+    valid = jnp.all((idx >= 0) & (idx <= limit), axis=-1)
   return idx, valid, g
 
 
@@ -887,7 +935,7 @@ def block(an: Analysis, params, units, included, l2_clip_norm, chunk_units,
 
     clean_recs = [clean(s, r) for s, r in zip(gsites, g_recs)]
     wide = all(jnp.finfo(jnp.result_type(x)).bits >= 32 for x in sub) and all(
-        jnp.finfo(c.dtype).bits >= 32 for cs in g_cots for c in cs)
+        jnp.finfo(c.dtype).bits >= 32 for cs in g_cots for c in cs) and not an.rounding
     if wide:
       def f(sub_leaves):
         full = list(leaves)

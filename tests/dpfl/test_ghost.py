@@ -771,3 +771,61 @@ def test_tied_embedding_in_einsum_form_with_clamped_ids_is_ghost_and_exact():
   got, aux = jax.jit(fn)(params, batch)
   assert_sum_close(got, ref.total, ref.abs_sum)
   np.testing.assert_allclose(aux.grad_norms, ref.norms, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------
+# Holes found in review, each against brute force.
+
+
+def test_out_of_range_ids_of_plain_indexing_are_dropped_as_the_gradient_drops_them():
+  # E[ids] gathers in promise_in_bounds mode: the forward pass reads a
+  # clamped row, but the gradient drops an out-of-range lookup. A unit whose
+  # out-of-range lookup would cancel a valid one's must not get a small norm
+  # (it did: contribution 5.0 with C = 1).
+  a = jnp.array([3.0, 4.0])
+  params = {"E": jnp.zeros((3, 2))}
+  batch = {"ids": jnp.array([[2, 7], [1, 2], [-9, 0]]),
+           "y": jnp.stack([jnp.stack([a, -0.9 * a]), jnp.stack([a, a]),
+                           jnp.stack([a, 0.5 * a])])}
+
+  def loss_fn(params, batch):
+    return jnp.sum(params["E"][batch["ids"]] * batch["y"])
+
+  ref = brute_force(loss_fn, params, batch, 1.0)
+  got, aux = jax.jit(clipped_grad(loss_fn, l2_clip_norm=1.0, method="ghost"))(params, batch)
+  np.testing.assert_allclose(aux.grad_norms, ref.norms, rtol=1e-5)
+  assert_sum_close(got, ref.total, ref.abs_sum)
+  one, _ = clipped_grad(loss_fn, l2_clip_norm=1.0, method="ghost")(
+      params, batch, mask=jnp.array([True, False, False]))
+  assert float(jnp.linalg.norm(one["E"])) <= 1.0 + 1e-5
+
+
+def test_fortran_order_reshape_and_rounding_ops_of_a_parameter_are_exact():
+  rng = np.random.default_rng(22)
+  params = {"w": _normal(rng, (2, 3)), "q": _normal(rng, (3, 3))}
+  batch = {"x": _normal(rng, (5, 3)), "y": _normal(rng, (5, 2))}
+
+  def loss_fn(params, batch):
+    w = jnp.reshape(params["w"], (3, 2), order="F")  # a permuting reshape
+    q = jax.lax.reduce_precision(params["q"], exponent_bits=4, mantissa_bits=3)
+    return jnp.mean((jnp.tanh(batch["x"] @ q) @ w - batch["y"]) ** 2)
+
+  ref = brute_force(loss_fn, params, batch, 1.0)
+  clip = split_clip_norm(ref.norms)
+  ref = brute_force(loss_fn, params, batch, clip)
+  fn = clipped_grad(loss_fn, l2_clip_norm=clip, method="ghost")
+  report = fn.explain(params, batch)
+  assert set(report.fallback) == {"['w']", "['q']"}
+  got, aux = jax.jit(fn)(params, batch)
+  np.testing.assert_allclose(aux.grad_norms, ref.norms, rtol=1e-5)
+  assert_sum_close(got, ref.total, ref.abs_sum)
+
+
+def test_integer_parameter_the_loss_depends_on_is_named():
+  params = {"w": jnp.ones((3,)), "step": jnp.array(2, jnp.int32)}
+
+  def loss_fn(params, batch):
+    return jnp.mean(batch["x"] @ params["w"] * params["step"])
+
+  with pytest.raises(ValueError, match=r"parameter \['step'\] has dtype int32"):
+    clipped_grad(loss_fn, l2_clip_norm=1.0, method="ghost")(params, {"x": jnp.ones((2, 3))})
