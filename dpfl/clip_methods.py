@@ -48,6 +48,7 @@ aux)``. The methods differ only in how they get there:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -292,7 +293,11 @@ def clip_weights(
 
 
 def unit_map(
-    fn: Callable[..., Any], xs: tuple, finite: Callable[[Any], jax.Array]
+    fn: Callable[..., Any],
+    xs: tuple,
+    finite: Callable[[Any], jax.Array],
+    *,
+    isolate: bool = True,
 ) -> Any:
   """``vmap(fn)(*xs)``, recomputed one unit at a time if a unit is non-finite.
 
@@ -305,9 +310,13 @@ def unit_map(
   sum by up to the chunk's size times C. So whenever ``finite(result)``
   (``[units]`` bool) is not all true, the block is recomputed with
   ``lax.map``, where each unit is its own computation. Costs nothing
-  otherwise (the other branch of a ``cond``).
+  otherwise (the other branch of a ``cond``), but its compilation: so
+  callers pass ``isolate=False`` when the unit function holds no grouped
+  convolution (``dpfl.ghost.has_grouped_conv``), and get ``vmap`` alone.
   """
   out = jax.vmap(fn)(*xs)
+  if not isolate:
+    return out
 
   def one_at_a_time():
     # lax.map scans the unit axis, which must not be sharded over an
@@ -361,11 +370,13 @@ def _materialize_block(
     params: PyTree,
     units: PyTree,
     included: jax.Array,
+    isolate: bool = True,
 ) -> tuple[PyTree, PyTree]:
   updates, values, aux = unit_map(
       lambda b, m: unit_update(params, b, m),
       tuple(units),
       lambda out: jnp.isfinite(per_unit_norms(out[0])),
+      isolate=isolate,
   )
   norms = per_unit_norms(updates)
   weights = clip_weights(norms, included, l2_clip_norm)
@@ -402,6 +413,7 @@ def _reweight_block(
     params: PyTree,
     units: PyTree,
     included: jax.Array,
+    isolate: bool = True,
 ) -> tuple[PyTree, PyTree]:
   n = _leading(units)
 
@@ -412,7 +424,8 @@ def _reweight_block(
     return global_norm(grad), value, aux
 
   _, (norms, values, aux) = map_reduce(
-      lambda blk: ((), unit_map(stats, tuple(blk), lambda out: jnp.isfinite(out[0]))),
+      lambda blk: ((), unit_map(stats, tuple(blk), lambda out: jnp.isfinite(out[0]),
+                                isolate=isolate)),
       units,
       chunk_size(params, n),
       (),
@@ -492,6 +505,16 @@ def clipped_sum(
     raise ValueError(
         f"method must be 'materialize', 'reweight' or 'ghost', got {method!r}"
     )
+
+  if method != "ghost":
+    # Units need isolating (one at a time when one is non-finite) only if
+    # the unit function holds a grouped convolution; see unit_map.
+    one_batch, one_mask = one_unit(units)
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), params)
+    isolate = ghost.has_grouped_conv(
+        jax.make_jaxpr(unit_fn)(abstract, one_batch, one_mask))
+    block_fn = functools.partial(block_fn, isolate=isolate)
 
   def fn(xs):
     return block_fn(unit_fn, l2_clip_norm, params, *xs)

@@ -232,9 +232,9 @@ class Analysis:
   report: ClipReport
   out_tree: Any
   leaf_treedef: Any
-  # A data-only grouped convolution: its batching rule mixes units (see
-  # dpfl.clip_methods.unit_map), so the probe pass isolates them.
-  mixing_hazard: bool = False
+  # A grouped convolution anywhere: its batching rule mixes units (see
+  # dpfl.clip_methods.unit_map), so per-unit passes isolate them.
+  grouped_conv: bool = False
   # A parameter-only op that rounds (reduce_precision, a narrowing cast):
   # its transpose rounds the cotangent, so a VJP of scaled cotangents is
   # not the scaled sum of per-unit VJPs; fallback sums are then formed
@@ -495,18 +495,41 @@ def analyze(unit_loss, params, unit_batch, unit_mask) -> Analysis:
       param_leaves=param_leaves, sites=sites, ghost=ghost,
       generic_leaves=sorted(generic), generic_sites=generic_sites,
       report=report, out_tree=out_shape, leaf_treedef=treedef,
-      mixing_hazard=any(
-          node.prim.name == "conv_general_dilated"
-          and (node.params.get("feature_group_count", 1) > 1
-               or node.params.get("batch_group_count", 1) > 1)
-          and sum(not isinstance(i, tuple) and i in data_ids for i in node.ins) > 1
-          for node in graph.nodes
-      ),
+      grouped_conv=has_grouped_conv(closed.jaxpr),
       rounding=any(
           _rounds(node) for node in graph.nodes
           if not any(not isinstance(i, tuple) and i in data_ids for i in node.ins)
       ),
   )
+
+
+def has_grouped_conv(jaxpr) -> bool:
+  """Whether a jaxpr (sub-jaxprs included) holds a grouped convolution.
+
+  Under ``vmap``, JAX 0.10.2 batches a grouped convolution's kernel
+  gradient in a way that mixes units (one unit's NaN reaches all), the
+  one such batching rule known to us; ``dpfl.clip_methods.unit_map``
+  isolates units where this returns True.
+  """
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "conv_general_dilated" and (
+        eqn.params.get("feature_group_count", 1) > 1
+        or eqn.params.get("batch_group_count", 1) > 1):
+      return True
+    for value in eqn.params.values():
+      for sub in _subs(value):
+        if has_grouped_conv(sub):
+          return True
+  return False
+
+
+def _subs(value):
+  if isinstance(value, (jex_core.ClosedJaxpr, jex_core.Jaxpr)):
+    yield value
+  elif isinstance(value, (tuple, list)):
+    for v in value:
+      yield from _subs(v)
 
 
 def _rounds(node) -> bool:
@@ -799,10 +822,8 @@ def block(an: Analysis, params, units, included, l2_clip_norm, chunk_units,
       ok = ok & jnp.all(jnp.isfinite(c).reshape(n, -1), axis=1)
     return ok
 
-  if an.mixing_hazard:
-    outs, recs, cots = unit_map(unit_pass, (probes, *flat_inputs), finite)
-  else:
-    outs, recs, cots = jax.vmap(unit_pass)(probes, *flat_inputs)
+  outs, recs, cots = unit_map(unit_pass, (probes, *flat_inputs), finite,
+                              isolate=an.grouped_conv)
   loss0 = outs[0]
   values = loss0
   aux = jax.tree.unflatten(jax.tree.structure(an.out_tree), outs)[1]
@@ -832,7 +853,7 @@ def block(an: Analysis, params, units, included, l2_clip_norm, chunk_units,
         f = lambda w: _site_apply(an, s, {**penv, node.ins[1]: w}, data)
         return jax.vjp(f, wp)[1](list(cot))[0]
       grads = unit_map(unit_grad, (recs[s], cots[s]),
-                       lambda x: jnp.isfinite(_sq_sum(x)))
+                       lambda x: jnp.isfinite(_sq_sum(x)), isolate=an.grouped_conv)
       explicit[s] = grads
       sq = sq + _sq_sum(grads)
   for k, entries in an.ghost.items():
@@ -865,7 +886,8 @@ def block(an: Analysis, params, units, included, l2_clip_norm, chunk_units,
     def norms_fn(blk):
       data, cot = blk
       grads = unit_map(lambda d, c: generic_unit_grads(sub, d, c), (data, cot),
-                       lambda g: jnp.isfinite(sum(_sq_sum(x) for x in g)))
+                       lambda g: jnp.isfinite(sum(_sq_sum(x) for x in g)),
+                       isolate=an.grouped_conv)
       return (), sum(_sq_sum(x) for x in grads)
 
     _, gsq = map_reduce(norms_fn, (g_recs, g_cots), chunk, ())
