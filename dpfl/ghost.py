@@ -231,7 +231,6 @@ class Analysis:
   generic_sites: list  # site indices used by generic leaves
   report: ClipReport
   out_tree: Any
-  leaf_treedef: Any
   # A grouped convolution anywhere: its batching rule mixes units (see
   # dpfl.clip_methods.unit_map), so per-unit passes isolate them.
   grouped_conv: bool = False
@@ -341,7 +340,7 @@ def analyze(unit_loss, params, unit_batch, unit_mask) -> Analysis:
   closed, out_shape = jax.make_jaxpr(unit_loss, return_shape=True)(
       abstract(params), abstract(unit_batch), abstract(unit_mask)
   )
-  leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
+  leaves_with_path, _ = jax.tree_util.tree_flatten_with_path(params)
   paths = [jax.tree_util.keystr(p) for p, _ in leaves_with_path]
   num_leaves = len(paths)
 
@@ -494,7 +493,7 @@ def analyze(unit_loss, params, unit_batch, unit_mask) -> Analysis:
       graph=graph, num_leaves=num_leaves, leaf_ids=leaf_ids, data_ids=data_ids,
       param_leaves=param_leaves, sites=sites, ghost=ghost,
       generic_leaves=sorted(generic), generic_sites=generic_sites,
-      report=report, out_tree=out_shape, leaf_treedef=treedef,
+      report=report, out_tree=out_shape,
       grouped_conv=has_grouped_conv(closed.jaxpr),
       rounding=any(
           _rounds(node) for node in graph.nodes
