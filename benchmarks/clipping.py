@@ -80,7 +80,8 @@ import jax.numpy as jnp
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
-from dpfl.clip_methods import METHODS, choose_method  # noqa: E402
+from dpfl.clip_cost import choose_method  # noqa: E402
+from dpfl.clip_methods import METHODS  # noqa: E402
 from dpfl.clipping import clipped_grad, per_unit_loss  # noqa: E402
 
 sys.path.append(_HERE)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from accounting import validate as check
-from dpfl import clip_methods, ghost
+from dpfl import clip_cost, clip_methods, ghost
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree], Any]
@@ -289,7 +289,7 @@ def clipped_sum(
       leaves, treedef = jax.tree.flatten((params, one_batch, one_mask))
       key = (treedef, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves))
       if key not in choices:  # tracing the loss twice per call costs
-        choices[key] = clip_methods.choose_method(  # un-jitted loops
+        choices[key] = clip_cost.choose_method(  # un-jitted loops
             unit_loss, params, one_batch, one_mask)
       return choices[key]
     if method == "reweight" and clip_methods.has_half_precision(params):
@@ -429,7 +429,7 @@ def clipped_grad(
       at a time); ``"reweight"`` computes per-unit norms, then one backward
       pass of the loss weighted by the clip factors (float32+ parameters
       only); ``"auto"`` (default) picks the cheapest by a static cost model
-      (``dpfl.clip_methods.method_costs``).
+      (``dpfl.clip_cost.method_costs``).
 
   Returns:
     A :class:`ClippedGradFn`; calling it as ``fn(params, batch, mask=None)``

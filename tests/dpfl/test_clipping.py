@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.flatten_util import ravel_pytree
 
-from dpfl import clip_methods
+from dpfl import clip_cost
 from dpfl.clipping import ClippedGradAux, ClippedGradFn, clipped_grad, clipped_sum, per_unit_loss
 
 METHODS = ["materialize", "reweight", "auto"]
@@ -604,12 +604,12 @@ def test_auto_method_follows_the_cost_model():
     return jnp.mean(jnp.tanh(unit_batch["x"] @ p["w1"]) @ p["w2"]), None
 
   one = {"x": jnp.ones((1, 256))}
-  assert clip_methods.choose_method(dense_loss, wide, one, mask) == "ghost"
+  assert clip_cost.choose_method(dense_loss, wide, one, mask) == "ghost"
   # Half precision: never reweight (its sum would accumulate in bf16).
   half = jax.tree.map(lambda p: p.astype(jnp.bfloat16), wide)
-  costs = clip_methods.method_costs(dense_loss, half, one, mask)
+  costs = clip_cost.method_costs(dense_loss, half, one, mask)
   assert "reweight" not in costs
-  assert clip_methods.choose_method(dense_loss, half, one, mask) == "ghost"
+  assert clip_cost.choose_method(dense_loss, half, one, mask) == "ghost"
 
   def sequence_loss(p, unit_batch, unit_mask):  # 64 tokens through 5 -> 4 -> 2
     tokens = unit_batch["x"]
@@ -617,7 +617,7 @@ def test_auto_method_follows_the_cost_model():
 
   # Narrow layers reused by many tokens: a per-unit gradient is tiny and the
   # token Gram matrices (or per-layer gradients) cost more.
-  seq = clip_methods.choose_method(
+  seq = clip_cost.choose_method(
       sequence_loss, _params(), {"x": jnp.ones((64, 5))}, mask
   )
   assert seq == "materialize"
@@ -629,7 +629,7 @@ def test_auto_method_follows_the_cost_model():
     return jnp.mean(h), None
 
   layers = {"layers": jnp.ones((4, 256, 256))}
-  assert clip_methods.choose_method(
+  assert clip_cost.choose_method(
       scanned_loss, layers, {"x": jnp.ones((1, 256))}, mask
   ) != "ghost"
 
