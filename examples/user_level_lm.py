@@ -70,20 +70,39 @@ def windows(path: pathlib.Path) -> np.ndarray:
   return data[:n * (SEQ_LEN + 1)].reshape(n, SEQ_LEN + 1)
 
 
-def load_users(max_users: int | None, examples_per_user: int):
-  """(train, eval) ``UserDataset``s: one user per module, every 8th held out."""
+def module_windows(max_users: int | None = None) -> list[tuple[str, np.ndarray]]:
+  """``(name, windows)`` of every stdlib module, sorted by path.
+
+  ``max_users``: a deterministic, evenly spread subset of that many modules.
+  """
   paths = stdlib_modules()
-  if max_users is not None:  # a deterministic, evenly spread subset
+  if max_users is not None:
     paths = [paths[i] for i in np.linspace(0, len(paths) - 1, max_users).astype(int)]
   root = pathlib.Path(sysconfig.get_paths()["stdlib"])
-  split = {"train": {}, "eval": {}}
-  for i, path in enumerate(paths):
-    name = str(path.relative_to(root))
-    split["eval" if i % 8 == 7 else "train"][name] = {"tokens": windows(path)}
+  return [(str(path.relative_to(root)), windows(path)) for path in paths]
+
+
+def is_held_out(index: int) -> bool:
+  """Every 8th module in sorted order (index 7, 15, ...) is a held-out user."""
+  return index % 8 == 7
+
+
+def user_datasets(split: dict[str, dict[str, np.ndarray]], examples_per_user: int,
+                  seed: int) -> UserDataset:
+  """A ``UserDataset`` of {module name: windows}, each capped at a seeded random subset."""
   # Modules shorter than one window have zero examples: dropped and counted.
-  return tuple(UserDataset.from_dict(split[s], examples_per_user=examples_per_user,
-                                     selection="random", seed=seed)
-               for s, seed in (("train", 0), ("eval", 1)))
+  return UserDataset.from_dict({name: {"tokens": w} for name, w in split.items()},
+                               examples_per_user=examples_per_user, selection="random",
+                               seed=seed)
+
+
+def load_users(max_users: int | None, examples_per_user: int):
+  """(train, eval) ``UserDataset``s: one user per module, every 8th held out."""
+  split = {"train": {}, "eval": {}}
+  for i, (name, w) in enumerate(module_windows(max_users)):
+    split["eval" if is_held_out(i) else "train"][name] = w
+  return (user_datasets(split["train"], examples_per_user, seed=0),
+          user_datasets(split["eval"], examples_per_user, seed=1))
 
 
 class _Block(nn.Module):
