@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -112,6 +113,8 @@ def test_clipped_user_contribution_is_over_the_adapters_only(example, tiny):
   assert norm == pytest.approx(clip, rel=1e-4)
 
 
+# ~25 s of CPU (three compiles: pre-training, evaluation, the ULS step): slow.
+@pytest.mark.slow
 def test_json_keys_at_a_tiny_size(example, capsys):
   result = example.main(["--max-users", "24", "--rounds", "2", "--users-per-round", "4",
                          "--examples-per-user", "2", "--pretrain-steps", "2", "--d-model",
@@ -134,7 +137,7 @@ def test_json_keys_at_a_tiny_size(example, capsys):
 def test_quick_run_improves_on_the_base_within_the_budget():
   done = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--seed", "0", "--json"],
                         capture_output=True, text=True, timeout=900, check=True,
-                        env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+                        env={**os.environ, "PYTHONPATH": str(ROOT)})
   result = json.loads(done.stdout.strip().splitlines()[-1])
   assert result["method"] == "lora"
   assert 7.0 < result["epsilon"] <= 8.0
