@@ -56,7 +56,9 @@ import dpfl
 from accounting import validate as check
 
 # The corpus and the model are user_level_lm.py's (a sibling script, not a package).
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+_HERE = str(pathlib.Path(__file__).resolve().parent)
+if _HERE not in sys.path:
+  sys.path.insert(0, _HERE)
 import user_level_lm as corpus  # noqa: E402
 
 PUBLIC_RESIDUE = 3  # modules with sorted index ≡ 3 (mod 8) are the public corpus
@@ -96,8 +98,9 @@ def init_lora(key: jax.Array, params, *, rank: int) -> dict[str, dict[str, jax.A
   """
   rank = check.positive_int("rank", rank)
   flat = traverse_util.flatten_dict(params)
+  targets = lora_targets(params)
   adapters = {}
-  for path, k in zip(lora_targets(params), jax.random.split(key, len(lora_targets(params)))):
+  for path, k in zip(targets, jax.random.split(key, len(targets))):
     shape = flat[path].shape
     cut = _fan_in_axes(path)
     fan_in, fan_out = math.prod(shape[:cut]), math.prod(shape[cut:])
@@ -182,6 +185,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                       "(default: OS entropy)")
   p.add_argument("--json", action="store_true")
   args = p.parse_args(argv)
+  try:  # the example's own sizes; make_private checks the privacy arguments
+    for name in ("rank", "rounds", "users_per_round", "local_steps", "examples_per_user",
+                 "d_model", "num_layers"):
+      check.positive_int(name, getattr(args, name))
+    check.integer("pretrain_steps", args.pretrain_steps, low=0)
+    check.positive("alpha", args.alpha)
+  except ValueError as error:
+    p.error(str(error))
   if args.quick:
     args.rounds = min(args.rounds, 30)
     args.users_per_round = min(args.users_per_round, 16)

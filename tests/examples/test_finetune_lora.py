@@ -113,6 +113,15 @@ def test_clipped_user_contribution_is_over_the_adapters_only(example, tiny):
   assert norm == pytest.approx(clip, rel=1e-4)
 
 
+@pytest.mark.parametrize("flag,value", [("--rank", "0"), ("--alpha", "-1"),
+                                        ("--pretrain-steps", "-1"), ("--local-steps", "0")])
+def test_bad_sizes_exit_2_naming_the_argument(example, flag, value, capsys):
+  with pytest.raises(SystemExit) as exit_:
+    example.parse_args([flag, value])
+  assert exit_.value.code == 2
+  assert flag[2:].replace("-", "_") in capsys.readouterr().err
+
+
 # ~25 s of CPU (three compiles: pre-training, evaluation, the ULS step): slow.
 @pytest.mark.slow
 def test_json_keys_at_a_tiny_size(example, capsys):
