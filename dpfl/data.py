@@ -10,7 +10,9 @@ A ``UserDataset`` holds the capped data as numpy arrays of shape
 ``[num_users, examples_per_user, ...]`` with a bool ``mask`` of shape
 ``[num_users, examples_per_user]`` (True: a real example; False: padding).
 Build one from arrays plus a user-id column (``UserDataset.from_arrays``) or
-from a mapping user -> arrays (``UserDataset.from_dict``).
+from a mapping user -> arrays (``UserDataset.from_dict``); for data larger
+than memory, ``UserDataset.from_parquet`` keeps the examples in Parquet files
+and reads only each batch's rows (``dpfl.parquet_data``).
 
 Which examples a capped user keeps (``selection``):
 
@@ -39,7 +41,9 @@ compute.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import numbers
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -140,6 +144,51 @@ def _group_ids(ids: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
   rank = np.empty(len(unique), dtype=np.int64)
   rank[order] = np.arange(len(unique))
   return _object_array([unique[i] for i in order]), rank[inverse]
+
+
+def _kept_rows(inverse: np.ndarray, num_users: int, k: int,
+               rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """``(rows, user, slot)`` of the kept examples: user-major, input order within a user."""
+  n = inverse.shape[0]
+  # Order examples by user; within a user by input position ("first") or by
+  # a random key ("random"); the first k of each user are kept.
+  within = np.arange(n) if rng is None else rng.random(n)
+  order = np.lexsort((within, inverse))
+  counts = np.bincount(inverse, minlength=num_users)
+  starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+  rank = np.arange(n) - starts[inverse[order]]
+  keep = order[rank < k]
+  keep = keep[np.lexsort((keep, inverse[keep]))]  # kept ones back in input order per user
+  user = inverse[keep]
+  kept_counts = np.minimum(counts, k)
+  slot = np.arange(keep.size) - np.concatenate([[0], np.cumsum(kept_counts)[:-1]])[user]
+  return keep, user, slot
+
+
+def cap_users(user_ids: Any, *, examples_per_user: int, selection: str = "first",
+              seed: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The users of an id column and the rows each keeps, as ``from_arrays`` chooses them.
+
+  Args:
+    user_ids: ``[n]`` the user of each row (see ``UserDataset.from_arrays``).
+    examples_per_user, selection, seed: as in ``UserDataset.from_arrays``.
+
+  Returns:
+    ``(ids, rows, counts)``: ``ids [U]`` the users in ``UserDataset`` row
+    order; ``rows`` the kept rows (indices into ``user_ids``), user-major and
+    in input order within a user (the order of ``UserDataset.examples``);
+    ``counts [U]`` kept rows per user (1..k).
+  """
+  k = _check_examples_per_user(examples_per_user)
+  if selection not in SELECTIONS:
+    raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+  ids = _id_array(user_ids, "user_ids")
+  if ids.shape[0] == 0:
+    raise ValueError("user_ids must hold at least one id, got an empty dataset")
+  unique, inverse = _group_ids(ids, "user_ids")
+  rng = _rng.numpy_generator(seed) if selection == "random" else None
+  rows, user, _ = _kept_rows(inverse, unique.shape[0], k, rng)
+  return unique, rows, np.bincount(user, minlength=unique.shape[0])
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -284,18 +333,7 @@ class UserDataset:
   def _build(cls, data, inverse: np.ndarray, ids: np.ndarray, k: int,
              rng: np.random.Generator | None, dropped_users: int) -> "UserDataset":
     n, num_users = inverse.shape[0], ids.shape[0]
-    # Order examples by user; within a user by input position ("first") or by
-    # a random key ("random"); the first k of each user are kept.
-    within = np.arange(n) if rng is None else rng.random(n)
-    order = np.lexsort((within, inverse))
-    counts = np.bincount(inverse, minlength=num_users)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    rank = np.arange(n) - starts[inverse[order]]
-    keep = order[rank < k]
-    keep = keep[np.lexsort((keep, inverse[keep]))]  # kept ones back in input order per user
-    user = inverse[keep]
-    kept_counts = np.minimum(counts, k)
-    slot = np.arange(keep.size) - np.concatenate([[0], np.cumsum(kept_counts)[:-1]])[user]
+    keep, user, slot = _kept_rows(inverse, num_users, k, rng)
     mask = np.zeros((num_users, k), bool)
     mask[user, slot] = True
 
@@ -308,6 +346,32 @@ class UserDataset:
     return cls(data=jax.tree.map(pad, data), mask=mask, user_ids=ids, examples_per_user=k,
                num_dropped_users=int(dropped_users),
                num_dropped_examples=int(n - keep.size))
+
+  @classmethod
+  def from_parquet(cls, path: str | os.PathLike, *, user_id_column: str,
+                   examples_per_user: int, columns: Sequence[str] | None = None,
+                   selection: str = "first", seed: int | None = None) -> "UserDataset":
+    """Users' examples in Parquet files, read from disk a batch at a time.
+
+    See ``dpfl.parquet_data.ParquetUserDataset`` (needs pyarrow: ``pip install
+    'dpfl[parquet]'``). Users, caps and batches equal those of ``from_arrays``
+    on the same rows (in file order) with the same ``selection`` and ``seed``.
+
+    Args:
+      path: a Parquet file, or a directory of them (``*.parquet``, read in
+        sorted path order).
+      user_id_column: the column holding each row's user id.
+      examples_per_user: the cap k >= 1.
+      columns: the data columns (default: every column but the user id).
+      selection, seed: as in ``from_arrays``.
+
+    Returns:
+      A ``ParquetUserDataset`` (a ``UserDataset`` whose data stay on disk).
+    """
+    from dpfl import parquet_data  # deferred: pyarrow is an optional extra
+    return parquet_data.ParquetUserDataset.open(
+        path, user_id_column=user_id_column, examples_per_user=examples_per_user,
+        columns=columns, selection=selection, seed=seed)
 
   # --- access -----------------------------------------------------------------
 
@@ -329,17 +393,52 @@ class UserDataset:
     Slots where ``mask`` (``[B]``, e.g. ``Batch.mask``) is False are padding
     users: their example mask is all False, so ``dpfl.clipped_grad(...,
     unit="user")`` gives them zero weight.
+
+    Args:
+      indices: ``[B]`` user rows (``Batch.indices``).
+      mask: ``[B]`` bool, False for padding slots (``Batch.mask``).
+
+    Returns:
+      ``(batch, example_mask)``: ``data``'s pytree with leaves ``[B, k, ...]``
+      (padding slots hold user 0's), and bool ``[B, k]``.
     """
+    safe, mask = self._checked_indices(indices, mask, self.num_users)
+    batch = jax.tree.map(lambda x: x[safe], self.data)
+    return batch, self.mask[safe] & mask[:, None]
+
+  def gather_examples(self, indices: np.ndarray, mask: np.ndarray) -> tuple[PyTree, np.ndarray]:
+    """An ELS batch: kept examples by flat index (``examples()`` order) as ``([B, ...], mask)``.
+
+    Slots where ``mask`` is False hold a copy of example 0 (as
+    ``dpfl.sampling.gather`` fills them) and must be masked out.
+
+    Args:
+      indices: ``[B]`` indices in ``[0, num_examples)`` (``Batch.indices``).
+      mask: ``[B]`` bool, False for padding slots (``Batch.mask``).
+
+    Returns:
+      ``(batch, mask)``: ``data``'s pytree with leaves ``[B, ...]``, and ``mask``.
+    """
+    safe, mask = self._checked_indices(indices, mask, self.num_examples)
+    user, slot = self._example_positions
+    return jax.tree.map(lambda x: x[user[safe], slot[safe]], self.data), mask
+
+  @functools.cached_property
+  def _example_positions(self) -> tuple[np.ndarray, np.ndarray]:
+    return np.nonzero(self.mask)
+
+  @staticmethod
+  def _checked_indices(indices, mask, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(indices with 0 where mask is False, mask)`` after checking them against ``size``."""
     indices, mask = np.asarray(indices), np.asarray(mask, bool)
     if indices.ndim != 1 or mask.shape != indices.shape:
       raise ValueError(f"indices and mask must be 1-D of one shape, got {indices.shape} and "
                        f"{mask.shape}")
     real = indices[mask]
-    if real.size and (real.min() < 0 or real.max() >= self.num_users):
-      raise ValueError(f"indices must lie in [0, {self.num_users}) where mask is True")
-    safe = np.where(mask, indices, 0)
-    batch = jax.tree.map(lambda x: x[safe], self.data)
-    return batch, self.mask[safe] & mask[:, None]
+    if real.size and (real.min() < 0 or real.max() >= size):
+      raise ValueError(f"indices must lie in [0, {size}) where mask is True, got values in "
+                       f"[{real.min()}, {real.max()}]")
+    return np.where(mask, indices, 0), mask
 
   def examples(self) -> tuple[PyTree, np.ndarray]:
     """The kept examples flattened for ELS: ``(data [num_examples, ...], user_index)``.

@@ -44,7 +44,9 @@ mesh over all devices of all hosts (``user_mesh()`` uses ``jax.devices()``,
 which is global after initialisation) and make the user batch a global
 array: ``shard_users`` uses ``jax.make_array_from_callback``, so each process
 only materialises the rows of its own devices, provided every process holds
-the same dataset and draws the same sample. Same sample and same noise on
+the same dataset and draws the same sample (``PrivateTraining.batches``
+gathers only those rows, ``local_slots``: a ``UserDataset.from_parquet`` on
+each process reads only its own users' rows from disk). Same sample and same noise on
 every process means one shared secret: draw it on process 0 and broadcast it
 with ``shared_secret_seed()`` (``jax.experimental.multihost_utils``), then pass
 it as the sampler ``seed`` and the noise ``key``. The cross-host reduction of
@@ -242,6 +244,32 @@ def shard_users(tree: PyTree, mesh: jax.sharding.Mesh, *,
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
   return jax.tree.map(put, tree)
+
+
+def local_slots(size: int, mesh: jax.sharding.Mesh, *, axis_name: str | None = None,
+                devices: Any = None) -> np.ndarray:
+  """bool ``[size]``: the slots of a leading axis that ``shard_users`` places on ``devices``.
+
+  ``shard_users`` reads, on each process, only the rows its own devices hold;
+  gathering just these slots (``UserDataset.gather_users(indices, mask &
+  local_slots(...))``) makes each process read only its share of a batch.
+
+  Args:
+    size: the leading (user or example) size of the batch.
+    mesh, axis_name: as for ``shard_users``.
+    devices: the devices whose slots to mark (default: this process's).
+  """
+  axis_name = mesh.axis_names[0] if axis_name is None else axis_name
+  sharding = NamedSharding(mesh, PartitionSpec(axis_name))
+  if devices is None:
+    indices = sharding.addressable_devices_indices_map((size,)).values()
+  else:
+    placed = sharding.devices_indices_map((size,))
+    indices = [placed[device] for device in devices]
+  out = np.zeros(size, bool)
+  for index in indices:
+    out[index] = True
+  return out
 
 
 def shared_secret_seed() -> int:

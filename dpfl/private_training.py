@@ -39,7 +39,7 @@ from accounting.journal import RunJournal, key_digest
 from accounting.plan import PrivacyPlan
 from dpfl import _rng, noise, sampling
 from dpfl.data import UserDataset
-from dpfl.federated import shard_users
+from dpfl.federated import local_slots, shard_users
 
 DEFAULT_KEEP = 3
 
@@ -253,8 +253,8 @@ class PrivateTraining:
 
     return checked
 
-  def _check_dataset(self, dataset) -> Any:
-    """The dataset's gatherable form, after checking it is the one the run was planned for."""
+  def _check_dataset(self, dataset) -> None:
+    """Checks that ``dataset`` is the one the run was planned for."""
     planned = self.plan.sampling.population_size
     if self.plan.privacy_unit == "example":
       size = sampling.num_examples(dataset)
@@ -262,7 +262,7 @@ class PrivateTraining:
         raise ValueError(f"dataset has {size} examples but the run was planned (and is "
                          f"accounted) for dataset_size={planned}; pass the dataset the "
                          "sampling rate was computed for, or make_private again with its size")
-      return None
+      return
     if not isinstance(dataset, UserDataset):
       raise ValueError(f"dataset must be a dpfl.data.UserDataset, got {type(dataset).__name__}")
     k = self.plan.sampling.examples_per_user
@@ -275,15 +275,16 @@ class PrivateTraining:
       what = "num_users" if unit == "user" else "num_examples"
       raise ValueError(f"dataset.{what} ({size}) must equal dataset_size ({planned}) the run "
                        "was planned for")
-    return dataset.examples()[0] if unit == "example" else None
 
-  def _gather(self, dataset, flat, draw) -> tuple[Any, Any]:
+  def _gather(self, dataset, draw) -> tuple[Any, Any]:
     if self.plan.privacy_unit == "example":
       out = sampling.gather(dataset, draw.indices, draw.mask), draw.mask
-    elif flat is None:
-      out = dataset.gather_users(draw.indices, draw.mask)
     else:
-      out = sampling.gather(flat, draw.indices, draw.mask), draw.mask
+      # Under a mesh each process reads only the slots its own devices hold
+      # (shard_users reads no others): an on-disk dataset reads only its rows.
+      mask = draw.mask if self.mesh is None else draw.mask & local_slots(draw.mask.size, self.mesh)
+      gather = dataset.gather_users if self.sampling_unit == "user" else dataset.gather_examples
+      out = gather(draw.indices, mask)
     return out if self.mesh is None else shard_users(out, self.mesh)
 
   def batches(self, dataset: Any, state: PrivateState | None = None,
@@ -306,7 +307,7 @@ class PrivateTraining:
       BudgetExhaustedError: no step remains (e.g. iterating a finished run
         again), raised at the first ``next``.
     """
-    flat = self._check_dataset(dataset)
+    self._check_dataset(dataset)
     requested = None if num_steps is None else check.positive_int("num_steps", num_steps)
     if state is None:
       seed, position = self.sampler.seed, self.journal.steps
@@ -322,7 +323,7 @@ class PrivateTraining:
       draw = self.sampler.draw(seed, position)
       position += 1
       handed += 1
-      yield self._gather(dataset, flat, draw)
+      yield self._gather(dataset, draw)
 
   # --- checkpoints ----------------------------------------------------------------------
 
