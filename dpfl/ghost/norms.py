@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpfl import explicit_sharding
+
 if TYPE_CHECKING:
   from dpfl.ghost.trace import Analysis
 
@@ -91,7 +93,9 @@ def _f32(x):
 
 def _sq_sum(x):
   x = _f32(x)
-  return jnp.sum(jnp.square(x).reshape(x.shape[0], -1), axis=1)
+  # Over the non-unit axes, not a reshape to [units, -1], which would
+  # gather an axis sharded over an Explicit mesh.
+  return jnp.sum(jnp.square(x), axis=tuple(range(1, x.ndim)))
 
 
 def _dot_sq_norms(form, a, g):
@@ -100,10 +104,15 @@ def _dot_sq_norms(form, a, g):
     sg = jnp.sum(jnp.square(_f32(g)), axis=(2, 3))
     return jnp.sum(sa * sg, axis=1)
   if form == "gram":
+    # A feature axis sharded over a mesh (a model-sharded layer) is summed
+    # over devices: the [units, k, i, j] Gram keeps the unit and k axes'
+    # sharding, its token axes are whole.
     ga = jnp.einsum("bkic,bkjc->bkij", a, a, precision=HIGHEST,
-                    preferred_element_type=jnp.float32)
+                    preferred_element_type=jnp.float32,
+                    out_sharding=explicit_sharding.of_dims(a, (0, 1, None, None)))
     gg = jnp.einsum("bkif,bkjf->bkij", g, g, precision=HIGHEST,
-                    preferred_element_type=jnp.float32)
+                    preferred_element_type=jnp.float32,
+                    out_sharding=explicit_sharding.of_dims(g, (0, 1, None, None)))
     return jnp.sum(ga * gg, axis=(1, 2, 3))
   grads = jnp.einsum("bkic,bkif->bkcf", a, g, precision=HIGHEST,
                      preferred_element_type=jnp.float32)
