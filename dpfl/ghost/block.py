@@ -11,8 +11,7 @@ import jax.numpy as jnp
 
 from dpfl import explicit_sharding
 from dpfl.ghost.norms import (
-    HIGHEST, _canon_dot, _dot_layout, _dot_sq_norms, _f32,
-    _gather_sq_norms,
+    HIGHEST, _canon_dot, _dot_layout, _dot_sq_norms, _f32, _gather_sq_norms,
     _pullback_isometric, _sq_sum, _tied_cross)
 from dpfl.ghost.trace import (
     _DATA_FREE_VJP, _LINEAR_IN_DATA, Analysis, ClipReport, GhostFallbackWarning, _bind)
@@ -317,7 +316,8 @@ def block(an: Analysis, params, units, included, l2_clip_norm, chunk_units,
         grads = jax.vmap(lambda d, c: generic_unit_grads(sub, d, c))(data, cot)
         return [jnp.einsum("b,b...->...", w, jnp.where(
             (w > 0).reshape((-1,) + (1,) * (x.ndim - 1)), _f32(x), 0.0),
-            precision=HIGHEST) for x in grads], ()
+            precision=HIGHEST,
+            out_sharding=explicit_sharding.of_dims(x, range(1, x.ndim))) for x in grads], ()
       acc0 = [jnp.zeros_like(x, _f32(jnp.zeros((), jnp.result_type(x))).dtype) for x in sub]
       zeroed = [[jnp.where(valid.reshape((n,) + (1,) * (c.ndim - 1)), c, 0)
                  for c in cs] for cs in g_cots]
