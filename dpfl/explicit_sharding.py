@@ -12,6 +12,7 @@ itself, from the step's ``in_shardings`` / ``out_shardings``.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable
 
 import jax
@@ -59,3 +60,56 @@ def units_unsharded(x: jax.Array) -> jax.Array:
     return x
   spec = jax.sharding.PartitionSpec(None, *sharding.spec[1:])
   return jax.sharding.reshard(x, jax.sharding.NamedSharding(sharding.mesh, spec))
+
+
+def _groups(old: tuple[int, ...], new: tuple[int, ...]) -> list:
+  """A reshape as pairs (old axes, new axes): the shortest runs of
+  consecutive axes with equal sizes (products)."""
+  out, i, j = [], 0, 0
+  while i < len(old) or j < len(new):
+    gi, gj, pi, pj = [], [], 1, 1
+    if i < len(old):
+      gi, pi, i = [i], old[i], i + 1
+    if j < len(new):
+      gj, pj, j = [j], new[j], j + 1
+    while pi != pj:
+      if pi < pj:
+        gi.append(i)
+        pi, i = pi * old[i], i + 1
+      else:
+        gj.append(j)
+        pj, j = pj * new[j], j + 1
+    out.append((gi, gj))
+  return out
+
+
+def reshape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """``x.reshape(shape)``, keeping an Explicit sharding where a reshape can.
+
+  A run of axes merged into one keeps the sharding of its major axis when
+  the others are unsharded; an axis split into several gives its sharding to
+  the major one when that divides evenly; anything else becomes unsharded
+  (gathered: correct, and not on the clipping methods' paths, whose merged
+  axes are a layer's token or feature axes next to an unsharded one).
+  """
+  shape = tuple(int(d) for d in shape)
+  sharding = of(x)
+  if sharding is None or tuple(x.shape) == shape:
+    return x.reshape(shape)
+  spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
+  mesh_sizes = dict(zip(sharding.mesh.axis_names, sharding.mesh.axis_sizes))
+  out = [None] * len(shape)
+  for gi, gj in _groups(tuple(x.shape), shape):
+    if not gi or not gj:
+      continue
+    # Size-1 axes do not count as major: (1, n) -> (n,) is no merge.
+    gi = [a for a in gi if x.shape[a] != 1] or gi
+    gj = [a for a in gj if shape[a] != 1] or gj
+    major = spec[gi[0]]
+    if major is None or any(spec[a] is not None for a in gi[1:]):
+      continue
+    names = (major,) if isinstance(major, str) else tuple(major)
+    if shape[gj[0]] % math.prod(mesh_sizes[n] for n in names) == 0:
+      out[gj[0]] = major
+  return jax.lax.reshape(x, shape, out_sharding=jax.sharding.NamedSharding(
+      sharding.mesh, jax.sharding.PartitionSpec(*out)))

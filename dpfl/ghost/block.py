@@ -153,7 +153,7 @@ def block(an: Analysis, params, units, included, l2_clip_norm, chunk_units,
     outs, _, cots = result
     ok = jnp.isfinite(outs[0])
     for c in jax.tree.leaves(cots):
-      ok = ok & jnp.all(jnp.isfinite(c).reshape(n, -1), axis=1)
+      ok = ok & jnp.all(jnp.isfinite(c), axis=tuple(range(1, c.ndim)))
     return ok
 
   outs, recs, cots = unit_map(unit_pass, (probes, *flat_inputs), finite,
@@ -251,7 +251,7 @@ def block(an: Analysis, params, units, included, l2_clip_norm, chunk_units,
                         out_sharding=explicit_sharding.of_dims(grads, range(1, grads.ndim)))
       if site.kind == "dot":
         lay = _dot_layout(node, site.param_pos[0])
-        wsum = wsum.reshape(lay["canon_shape"]).transpose(lay["w_perm"])
+        wsum = explicit_sharding.reshape(wsum, lay["canon_shape"]).transpose(lay["w_perm"])
     elif site.kind == "dot":
       p = site.param_pos[0]
       # A unit of weight > 0 has finite records (its norm is finite), so
@@ -266,7 +266,7 @@ def block(an: Analysis, params, units, included, l2_clip_norm, chunk_units,
       wsum = jnp.einsum("bkic,bkif->kcf", _f32(a), wg, precision=HIGHEST,
                         preferred_element_type=jnp.float32,
                         out_sharding=_kcf_sharding(a, g))
-      wsum = wsum.reshape(lay["canon_shape"]).transpose(lay["w_perm"])
+      wsum = explicit_sharding.reshape(wsum, lay["canon_shape"]).transpose(lay["w_perm"])
     else:  # gather: scatter-add of scaled cotangents, in float32.
       wp = _f32(penv[node.ins[0]])
       idx = tuple(jnp.where(valid.reshape((n,) + (1,) * (x.ndim - 1)), x, jnp.zeros((), x.dtype))

@@ -80,10 +80,12 @@ def _canon_dot(node, p, a, g):
   """a [U, *a_shape], g [U, *out] -> [U, nb, N, C], [U, nb, N, F]."""
   lay = _dot_layout(node, p)
   u = a.shape[0]
-  a = jnp.transpose(a, [0] + [d + 1 for d in lay["a_perm"]]).reshape(
-      u, lay["nb"], lay["n"], lay["c"])
-  g = jnp.transpose(g, [0] + [d + 1 for d in lay["g_perm"]]).reshape(
-      u, lay["nb"], lay["n"], lay["f"])
+  # explicit_sharding.reshape: under an Explicit mesh the unit axis stays
+  # sharded as the batch is, and a feature axis as the parameter is.
+  a = explicit_sharding.reshape(jnp.transpose(a, [0] + [d + 1 for d in lay["a_perm"]]),
+                                (u, lay["nb"], lay["n"], lay["c"]))
+  g = explicit_sharding.reshape(jnp.transpose(g, [0] + [d + 1 for d in lay["g_perm"]]),
+                                (u, lay["nb"], lay["n"], lay["f"]))
   return a, g, lay
 
 
@@ -132,8 +134,9 @@ def _gather_canon(node, idx, g):
   batch_axes = [d for d in range(out_nd) if d not in offset]
   g = jnp.transpose(g, [0] + [d + 1 for d in batch_axes + offset])
   nlook = math.prod(g.shape[1:1 + len(batch_axes)])
-  g = g.reshape(u, nlook, -1)
-  idx = idx.reshape(u, nlook, -1)  # index_vector_dim is last
+  g = explicit_sharding.reshape(g, (u, nlook, g.size // max(1, u * nlook)))
+  idx = explicit_sharding.reshape(  # index_vector_dim is last
+      idx, (u, nlook, idx.size // max(1, u * nlook)))
   shape = node.ins_avals[0].shape
   dims = list(dn.start_index_map)
   limit = jnp.asarray([shape[d] - 1 for d in dims], idx.dtype)
@@ -191,7 +194,7 @@ def _pullback_isometric(chain, ct):
     elif name == "rev":
       ct = jax.lax.rev(ct, node.params["dimensions"])
     else:  # reshape, squeeze, expand_dims, size-preserving broadcast, casts
-      ct = ct.reshape(in_shape)
+      ct = explicit_sharding.reshape(ct, in_shape)
   return ct
 
 
