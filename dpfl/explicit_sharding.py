@@ -94,7 +94,7 @@ def reshape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   """
   shape = tuple(int(d) for d in shape)
   sharding = of(x)
-  if sharding is None or tuple(x.shape) == shape:
+  if sharding is None or tuple(x.shape) == shape or 0 in shape:
     return x.reshape(shape)
   spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
   mesh_sizes = dict(zip(sharding.mesh.axis_names, sharding.mesh.axis_sizes))
