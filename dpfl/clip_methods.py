@@ -55,7 +55,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from dpfl import ghost
+from dpfl import explicit_sharding, ghost
 
 PyTree = Any
 # unit_loss(params, unit_batch, unit_mask) -> (loss scalar, aux).
@@ -86,8 +86,10 @@ def accumulation_dtype(dtype: jnp.dtype) -> jnp.dtype:
 
 
 def zeros_accumulator(params: PyTree) -> PyTree:
+  # zeros_like keeps a parameter's (Explicit) sharding, so that a scan over
+  # microbatches carries the sum sharded as the parameters are.
   return jax.tree.map(
-      lambda p: jnp.zeros(jnp.shape(p), accumulation_dtype(jnp.result_type(p))),
+      lambda p: jnp.zeros_like(p, accumulation_dtype(jnp.result_type(p))),
       params,
   )
 
@@ -183,12 +185,14 @@ def map_reduce(
 def per_unit_norms(grads: PyTree) -> jax.Array:
   """Global L2 norm of each unit's gradient (leading axis), in float32+."""
   leaves = jax.tree.leaves(grads)
+  # A reduction over the non-unit axes, not a reshape to [units, -1]: a
+  # parameter axis sharded over a mesh stays sharded, each device sums its
+  # shard and one all-reduce of [units] squared norms adds them up (a reshape
+  # would merge a sharded axis, i.e. gather the per-unit gradients).
   sq = [
       jnp.sum(
-          jnp.square(g.astype(accumulation_dtype(g.dtype))).reshape(
-              g.shape[0], -1
-          ),
-          axis=1,
+          jnp.square(g.astype(accumulation_dtype(g.dtype))),
+          axis=tuple(range(1, g.ndim)),
       )
       for g in leaves
   ]
@@ -203,33 +207,6 @@ def global_norm(tree: PyTree) -> jax.Array:
 
 def _expand(v: jax.Array, like: jax.Array) -> jax.Array:
   return v.reshape(v.shape + (1,) * (like.ndim - v.ndim))
-
-
-def _unit_sum_sharding(x: jax.Array) -> jax.sharding.NamedSharding | None:
-  """Sharding of ``x`` summed over its leading (unit) axis.
-
-  Under explicitly sharded mesh axes (``jax.make_mesh``'s default), a
-  contraction over a sharded unit axis must name its output sharding: the
-  result keeps ``x``'s sharding on the remaining axes, i.e. the parameters'.
-  """
-  sharding = _explicit_sharding(x)
-  if sharding is None:
-    return None
-  spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
-  return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec[1:]))
-
-
-def _replicated_sharding(x: jax.Array) -> jax.sharding.NamedSharding | None:
-  """Replicated output sharding for a contraction over ``x``'s unit axis.
-
-  Under explicitly sharded mesh axes a contraction over the sharded unit
-  axis must name its output sharding; ghost's weight-gradient contractions
-  produce parameter-shaped results from differently shaped operands.
-  """
-  sharding = _explicit_sharding(x)
-  if sharding is None:
-    return None
-  return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
 
 
 def one_unit(units: PyTree) -> PyTree:
@@ -315,34 +292,10 @@ def unit_map(
     # lax.map scans the unit axis, which must not be sharded over an
     # Explicit mesh: gather it (this branch only runs when a unit is bad),
     # then give the results the batched branch's shardings.
-    seq = jax.lax.map(lambda x: fn(*x), jax.tree.map(_unsharded_units, xs))
-    return jax.tree.map(_like, seq, out)
+    seq = jax.lax.map(lambda x: fn(*x), jax.tree.map(explicit_sharding.units_unsharded, xs))
+    return jax.tree.map(explicit_sharding.like, seq, out)
 
   return jax.lax.cond(jnp.all(finite(out)), lambda: out, one_at_a_time)
-
-
-def _explicit_sharding(x: jax.Array):
-  """``x``'s NamedSharding if its mesh has Explicit axes, else None."""
-  sharding = jax.typeof(x).sharding
-  mesh = getattr(sharding, "mesh", None)
-  if mesh is None or mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types:
-    return None
-  return sharding
-
-
-def _unsharded_units(x: jax.Array) -> jax.Array:
-  sharding = _explicit_sharding(x)
-  if sharding is None or not sharding.spec or sharding.spec[0] is None:
-    return x
-  spec = jax.sharding.PartitionSpec(None, *sharding.spec[1:])
-  return jax.sharding.reshard(x, jax.sharding.NamedSharding(sharding.mesh, spec))
-
-
-def _like(x: jax.Array, ref: jax.Array) -> jax.Array:
-  sharding = _explicit_sharding(ref)
-  if sharding is None or jax.typeof(x).sharding == sharding:
-    return x
-  return jax.sharding.reshard(x, sharding)
 
 
 def gradient_update(unit_loss: UnitLoss) -> UnitUpdate:
@@ -385,7 +338,9 @@ def _materialize_block(
           "b,b...->...",
           weights.astype(g.dtype),
           g,
-          out_sharding=_unit_sum_sharding(g),
+          # Under an Explicit mesh a contraction over the sharded unit
+          # axis names its output: the parameters' sharding, g's other axes.
+          out_sharding=explicit_sharding.of_dims(g, range(1, g.ndim)),
       )
 
     return jax.tree.map(leaf, updates)
@@ -492,7 +447,6 @@ def clipped_sum(
           take_valid_or_donor=_take_valid_or_donor,
           unit_map=unit_map,
           map_reduce=map_reduce,
-          sum_sharding=_replicated_sharding,
       )
   else:
     raise ValueError(

@@ -405,7 +405,18 @@ def clipped_grad(
   Sharding: the unit axis of ``batch`` and ``mask`` may be sharded over
   devices (``jax.sharding``; with explicit mesh axes, call under
   ``jax.set_mesh`` as for any gradient of a sharded batch). The sum is
-  reduced across devices by XLA; no batch-sized all-gather.
+  reduced across devices by XLA; no batch-sized all-gather. The parameters
+  may be sharded too, e.g. over the ``"model"`` axis of a ``(data, model)``
+  mesh with the batch over ``"data"`` (FSDP), with every method: each
+  device computes the squared norms of its shard of every unit's gradient,
+  and one all-reduce of those ``[units]`` squared norms over the parameter
+  axis gives the full norms, so a unit is clipped by its whole gradient's
+  norm and contributes at most ``l2_clip_norm`` however its gradient is
+  spread over shards; no parameter or per-unit gradient is gathered, and
+  the sum comes back sharded as the parameters are. On Explicit mesh axes
+  the parameters' types carry their shardings and the methods follow them;
+  on Auto axes XLA propagates them, so give your step's ``jax.jit`` the
+  parameters' ``in_shardings`` / ``out_shardings`` as for any FSDP step.
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> loss`` (or ``(loss, aux)`` when

@@ -33,9 +33,14 @@ per-user parameters and optimizer states) of only one chunk are live.
 
 Sharding over devices. Put the user axis of the batch and mask on a mesh
 (``user_mesh`` / ``shard_users`` here, or your own ``NamedSharding(mesh,
-P("users"))``); parameters stay replicated. Each device then trains its
-users locally and XLA reduces the clipped sum across devices: the result
-equals the single-device one up to float summation order.
+P("users"))``). Each device then trains its users locally and XLA reduces
+the clipped sum across devices: the result equals the single-device one up
+to float summation order. The parameters may stay replicated, or be sharded
+over a second mesh axis (``(data, model)``, users over ``"data"``): then
+every user's local steps run on sharded parameters, the norm of each
+θ − θ_u is summed across parameter shards (one all-reduce of ``[users]``
+squared norms) before clipping, and the sum comes back sharded as the
+parameters are (see ``dpfl.clipped_grad``'s "Sharding").
 
 Across hosts. Every process runs the same program after
 ``jax.distributed.initialize()`` (coordinator address, number of processes

@@ -9,6 +9,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 
+from dpfl import explicit_sharding
 from dpfl.ghost.norms import (
     HIGHEST, _canon_dot, _dot_layout, _dot_sq_norms, _f32, _gather_sq_norms,
     _pullback_isometric, _sq_sum, _tied_cross)
@@ -78,6 +79,35 @@ def _site_apply(an, s, penv, data):
   return [outs[p] for p in site.out_pos]
 
 
+def _probe_sharding(units_zero, aval):
+  """[units, *aval.shape]: the unit axis as ``units_zero``'s, the rest as aval's."""
+  unit = explicit_sharding.of(units_zero)
+  if unit is None:
+    return None
+  spec = tuple(getattr(getattr(aval, "sharding", None), "spec", ()) or ())
+  spec = spec + (None,) * (len(aval.shape) - len(spec))
+  head = tuple(unit.spec)[:1] or (None,)
+  return jax.sharding.NamedSharding(unit.mesh, jax.sharding.PartitionSpec(*head, *spec))
+
+
+def _kcf_sharding(a, g):
+  """Sharding of einsum("bkic,bkif->kcf", a, g): k, c as a's, f as g's.
+
+  The unit axis b is contracted (summed over devices): naming the output
+  sharding keeps the parameter's own sharding (c from the layer input, f
+  from the output cotangent) instead of a replicated, parameter-sized sum.
+  """
+  sa, sg = explicit_sharding.of_dims(a, (1, 2, 3)), explicit_sharding.of_dims(g, (1, 2, 3))
+  if sa is None:
+    return None
+  ka, _, ca = sa.spec
+  kg, _, fg = sg.spec
+  used = {ax for s in (ka, ca) for ax in ((s,) if isinstance(s, str) else (s or ()))}
+  f = fg if not ({fg} & used) else None
+  return jax.sharding.NamedSharding(
+      sa.mesh, jax.sharding.PartitionSpec(ka if ka is not None else kg, ca, f))
+
+
 def _scaled(w, x):
   """w (per unit) * x, where w == 0 gives exact 0 (x may be NaN)."""
   wx = _f32(x) * w.reshape(w.shape + (1,) * (x.ndim - 1)).astype(_f32(x).dtype)
@@ -85,7 +115,7 @@ def _scaled(w, x):
 
 
 def block(an: Analysis, params, units, included, l2_clip_norm, chunk_units,
-          clip_weights, take_valid_or_donor, map_reduce, sum_sharding,
+          clip_weights, take_valid_or_donor, map_reduce,
           unit_map):
   """The clipped sum and per-unit statistics of one block of units."""
   leaves = jax.tree.leaves(params)
@@ -95,9 +125,13 @@ def block(an: Analysis, params, units, included, l2_clip_norm, chunk_units,
   n = included.shape[0]
   def zeros(aval):
     # Broadcast from the unit axis so that the probes are sharded as the
-    # batch is (vmap wants every mapped input sharded alike).
+    # batch is (vmap wants every mapped input sharded alike), and, under an
+    # Explicit mesh, as the site output is on its other axes (a layer
+    # whose weight is sharded over "model" has a model-sharded output):
+    # its cotangent then stays sharded, never gathered.
     z = jnp.zeros_like(included, dtype=aval.dtype)
-    return jax.lax.broadcast_in_dim(z, (n,) + tuple(aval.shape), (0,))
+    return jax.lax.broadcast_in_dim(z, (n,) + tuple(aval.shape), (0,),
+                                    out_sharding=_probe_sharding(z, aval))
 
   probes = [
       tuple(zeros(an.graph.nodes[site.node_index].avals[p]) for p in site.out_pos)
@@ -119,7 +153,7 @@ def block(an: Analysis, params, units, included, l2_clip_norm, chunk_units,
     outs, _, cots = result
     ok = jnp.isfinite(outs[0])
     for c in jax.tree.leaves(cots):
-      ok = ok & jnp.all(jnp.isfinite(c).reshape(n, -1), axis=1)
+      ok = ok & jnp.all(jnp.isfinite(c), axis=tuple(range(1, c.ndim)))
     return ok
 
   outs, recs, cots = unit_map(unit_pass, (probes, *flat_inputs), finite,
@@ -174,7 +208,12 @@ def block(an: Analysis, params, units, included, l2_clip_norm, chunk_units,
         full[k] = x
       env = param_values(an, full)
       return [_site_apply(an, s, env, d) for s, d in zip(gsites, data)]
-    return jax.vjp(f, sub_leaves)[1]([list(c) for c in cot])[0]
+    outs, pull = jax.vjp(f, sub_leaves)
+    # Under an Explicit mesh a site output may be sharded over a parameter
+    # axis (a bias add on a model-sharded activation) while its recorded
+    # cotangent is not: give the cotangent the output's type.
+    return pull([[explicit_sharding.like(c, o) for c, o in zip(cs, os)]
+                 for cs, os in zip(cot, outs)])[0]
 
   sub = [leaves[k] for k in generic]
   g_recs = [recs[s] for s in gsites]
@@ -208,10 +247,11 @@ def block(an: Analysis, params, units, included, l2_clip_norm, chunk_units,
       grads = explicit[s]
       wsum = jnp.einsum("b,b...->...", weights.astype(jnp.float32),
                         jnp.where(valid.reshape((n,) + (1,) * (grads.ndim - 1)), _f32(grads), 0.0),
-                        precision=HIGHEST, out_sharding=sum_sharding(grads))
+                        precision=HIGHEST,
+                        out_sharding=explicit_sharding.of_dims(grads, range(1, grads.ndim)))
       if site.kind == "dot":
         lay = _dot_layout(node, site.param_pos[0])
-        wsum = wsum.reshape(lay["canon_shape"]).transpose(lay["w_perm"])
+        wsum = explicit_sharding.reshape(wsum, lay["canon_shape"]).transpose(lay["w_perm"])
     elif site.kind == "dot":
       p = site.param_pos[0]
       # A unit of weight > 0 has finite records (its norm is finite), so
@@ -225,8 +265,8 @@ def block(an: Analysis, params, units, included, l2_clip_norm, chunk_units,
       wg = _scaled(weights, g)
       wsum = jnp.einsum("bkic,bkif->kcf", _f32(a), wg, precision=HIGHEST,
                         preferred_element_type=jnp.float32,
-                        out_sharding=sum_sharding(a))
-      wsum = wsum.reshape(lay["canon_shape"]).transpose(lay["w_perm"])
+                        out_sharding=_kcf_sharding(a, g))
+      wsum = explicit_sharding.reshape(wsum, lay["canon_shape"]).transpose(lay["w_perm"])
     else:  # gather: scatter-add of scaled cotangents, in float32.
       wp = _f32(penv[node.ins[0]])
       idx = tuple(jnp.where(valid.reshape((n,) + (1,) * (x.ndim - 1)), x, jnp.zeros((), x.dtype))
@@ -267,15 +307,18 @@ def block(an: Analysis, params, units, included, l2_clip_norm, chunk_units,
         return [jax.vmap(lambda d, s=s: _site_apply(an, s, env, d))(r)
                 for s, r in zip(gsites, clean_recs)]
       wg = [[_scaled(weights, c).astype(c.dtype) for c in cs] for cs in g_cots]
-      sums = jax.vjp(f, sub)[1](wg)[0]
+      outs, pull = jax.vjp(f, sub)
+      sums = pull([[explicit_sharding.like(c, o) for c, o in zip(cs, os)]
+                   for cs, os in zip(wg, outs)])[0]
     else:
       def sum_fn(blk):
         data, cot, w = blk
         grads = jax.vmap(lambda d, c: generic_unit_grads(sub, d, c))(data, cot)
         return [jnp.einsum("b,b...->...", w, jnp.where(
             (w > 0).reshape((-1,) + (1,) * (x.ndim - 1)), _f32(x), 0.0),
-            precision=HIGHEST) for x in grads], ()
-      acc0 = [jnp.zeros(jnp.shape(x), _f32(jnp.zeros((), jnp.result_type(x))).dtype) for x in sub]
+            precision=HIGHEST,
+            out_sharding=explicit_sharding.of_dims(x, range(1, x.ndim))) for x in grads], ()
+      acc0 = [jnp.zeros_like(x, _f32(jnp.zeros((), jnp.result_type(x))).dtype) for x in sub]
       zeroed = [[jnp.where(valid.reshape((n,) + (1,) * (c.ndim - 1)), c, 0)
                  for c in cs] for cs in g_cots]
       sums, _ = map_reduce(sum_fn, (clean_recs, zeroed, weights), chunk, acc0)
@@ -283,8 +326,8 @@ def block(an: Analysis, params, units, included, l2_clip_norm, chunk_units,
       total[k] = _f32(x)
 
   total = [
-      jnp.zeros(jnp.shape(x), _f32(jnp.zeros((), jnp.result_type(x))).dtype)
-      if t is None else jnp.where(any_valid, t, 0.0)
+      jnp.zeros_like(x, _f32(jnp.zeros((), jnp.result_type(x))).dtype)
+      if t is None else explicit_sharding.like(jnp.where(any_valid, t, 0.0), x)
       for x, t in zip(leaves, total)
   ]
   summed = jax.tree.unflatten(jax.tree.structure(params), total)

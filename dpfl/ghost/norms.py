@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpfl import explicit_sharding
+
 if TYPE_CHECKING:
   from dpfl.ghost.trace import Analysis
 
@@ -78,10 +80,12 @@ def _canon_dot(node, p, a, g):
   """a [U, *a_shape], g [U, *out] -> [U, nb, N, C], [U, nb, N, F]."""
   lay = _dot_layout(node, p)
   u = a.shape[0]
-  a = jnp.transpose(a, [0] + [d + 1 for d in lay["a_perm"]]).reshape(
-      u, lay["nb"], lay["n"], lay["c"])
-  g = jnp.transpose(g, [0] + [d + 1 for d in lay["g_perm"]]).reshape(
-      u, lay["nb"], lay["n"], lay["f"])
+  # explicit_sharding.reshape: under an Explicit mesh the unit axis stays
+  # sharded as the batch is, and a feature axis as the parameter is.
+  a = explicit_sharding.reshape(jnp.transpose(a, [0] + [d + 1 for d in lay["a_perm"]]),
+                                (u, lay["nb"], lay["n"], lay["c"]))
+  g = explicit_sharding.reshape(jnp.transpose(g, [0] + [d + 1 for d in lay["g_perm"]]),
+                                (u, lay["nb"], lay["n"], lay["f"]))
   return a, g, lay
 
 
@@ -91,7 +95,9 @@ def _f32(x):
 
 def _sq_sum(x):
   x = _f32(x)
-  return jnp.sum(jnp.square(x).reshape(x.shape[0], -1), axis=1)
+  # Over the non-unit axes, not a reshape to [units, -1], which would
+  # gather an axis sharded over an Explicit mesh.
+  return jnp.sum(jnp.square(x), axis=tuple(range(1, x.ndim)))
 
 
 def _dot_sq_norms(form, a, g):
@@ -100,10 +106,15 @@ def _dot_sq_norms(form, a, g):
     sg = jnp.sum(jnp.square(_f32(g)), axis=(2, 3))
     return jnp.sum(sa * sg, axis=1)
   if form == "gram":
+    # A feature axis sharded over a mesh (a model-sharded layer) is summed
+    # over devices: the [units, k, i, j] Gram keeps the unit and k axes'
+    # sharding, its token axes are whole.
     ga = jnp.einsum("bkic,bkjc->bkij", a, a, precision=HIGHEST,
-                    preferred_element_type=jnp.float32)
+                    preferred_element_type=jnp.float32,
+                    out_sharding=explicit_sharding.of_dims(a, (0, 1, None, None)))
     gg = jnp.einsum("bkif,bkjf->bkij", g, g, precision=HIGHEST,
-                    preferred_element_type=jnp.float32)
+                    preferred_element_type=jnp.float32,
+                    out_sharding=explicit_sharding.of_dims(g, (0, 1, None, None)))
     return jnp.sum(ga * gg, axis=(1, 2, 3))
   grads = jnp.einsum("bkic,bkif->bkcf", a, g, precision=HIGHEST,
                      preferred_element_type=jnp.float32)
@@ -123,8 +134,9 @@ def _gather_canon(node, idx, g):
   batch_axes = [d for d in range(out_nd) if d not in offset]
   g = jnp.transpose(g, [0] + [d + 1 for d in batch_axes + offset])
   nlook = math.prod(g.shape[1:1 + len(batch_axes)])
-  g = g.reshape(u, nlook, -1)
-  idx = idx.reshape(u, nlook, -1)  # index_vector_dim is last
+  g = explicit_sharding.reshape(g, (u, nlook, g.size // max(1, u * nlook)))
+  idx = explicit_sharding.reshape(  # index_vector_dim is last
+      idx, (u, nlook, idx.size // max(1, u * nlook)))
   shape = node.ins_avals[0].shape
   dims = list(dn.start_index_map)
   limit = jnp.asarray([shape[d] - 1 for d in dims], idx.dtype)
@@ -182,7 +194,7 @@ def _pullback_isometric(chain, ct):
     elif name == "rev":
       ct = jax.lax.rev(ct, node.params["dimensions"])
     else:  # reshape, squeeze, expand_dims, size-preserving broadcast, casts
-      ct = ct.reshape(in_shape)
+      ct = explicit_sharding.reshape(ct, in_shape)
   return ct
 
 

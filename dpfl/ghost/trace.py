@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jex_core
 
+from dpfl import explicit_sharding
 from dpfl.ghost.norms import _choose_form, _gather_mode
 
 PyTree = Any
@@ -286,7 +287,8 @@ def _simple_gather(node, param_pos) -> bool:
 def analyze(unit_loss, params, unit_batch, unit_mask) -> Analysis:
   """Traces ``unit_loss(params, unit_batch, unit_mask)`` and finds its sites."""
   abstract = lambda t: jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), t
+      lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x),
+                                     sharding=explicit_sharding.of(x)), t
   )
   closed, out_shape = jax.make_jaxpr(unit_loss, return_shape=True)(
       abstract(params), abstract(unit_batch), abstract(unit_mask)
