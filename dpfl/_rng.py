@@ -13,6 +13,7 @@ checkpointer can save.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import numbers
@@ -23,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import io_callback
 import numpy as np
+
+from dpfl import _sharding
 
 
 def _key_data_shape() -> tuple[int, ...]:
@@ -268,7 +271,7 @@ def _fused_normal_applies(shape, dtype) -> bool:
           and jax.config.jax_threefry_partitionable)
 
 
-def normal(leaf_key, shape, dtype) -> jax.Array:
+def normal(leaf_key, shape, dtype, sharding=None) -> jax.Array:
   """Standard normal draws, bit for bit ``jax.random.normal(leaf_key, shape, dtype)``.
 
   ``jax.random.normal(leaf_key, shape, dtype)``. For float32 under the default
@@ -276,17 +279,57 @@ def normal(leaf_key, shape, dtype) -> jax.Array:
   counter ``i`` (the row-major index, as ``iota_2x32_shape``) hashed with the
   key, ``bits = hi ^ lo``, then ``normal``'s uniform-to-Gaussian map.
   Used by every dpfl noise transform; tests check the equality for several shapes.
+
+  Args:
+    leaf_key: a typed key.
+    shape, dtype: of the draw.
+    sharding: None, or the ``NamedSharding`` of the leaf the noise is for:
+      the counters are made with it, so every device hashes only its own
+      shard's counters (the draw is elementwise) and no device holds the
+      whole draw; the values are those of the unsharded draw.
   """
   if not _fused_normal_applies(shape, dtype):
-    return jax.random.normal(leaf_key, shape, dtype)
+    if sharding is None:
+      return jax.random.normal(leaf_key, shape, dtype)
+    return _sharded_library_normal(leaf_key, tuple(shape), jnp.dtype(dtype), sharding)
+  if sharding is None:
+    return _fused_normal(leaf_key, tuple(shape), None)
+  return _sharded_fused_normal(leaf_key, tuple(shape), sharding)
+
+
+def _fused_normal(leaf_key, shape, sharding) -> jax.Array:
   key = jax.random.key_data(leaf_key)
-  index = jnp.zeros(shape, jnp.uint32)
+  explicit = sharding is not None and _sharding.is_explicit(sharding)
+
+  def iota(dim):
+    if explicit:  # the counters' type is sharded: each device makes its own
+      return jax.lax.broadcasted_iota(jnp.uint32, shape, dim, out_sharding=sharding)
+    return _sharding.constrain(jax.lax.broadcasted_iota(jnp.uint32, shape, dim), sharding)
+
+  index = None
   stride = 1
   for dim in reversed(range(len(shape))):  # elementwise, so sharding-friendly
-    index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, dim) * np.uint32(stride)
+    term = iota(dim) * np.uint32(stride)
+    index = term if index is None else index + term
     stride *= shape[dim]
-  hi, lo = _threefry2x32(key[0], key[1], jnp.zeros(shape, jnp.uint32), index)
+  if index is None:  # a scalar leaf
+    index = jnp.zeros(shape, jnp.uint32)
+  index = _sharding.constrain(index, sharding) if sharding is not None else index
+  hi, lo = _threefry2x32(key[0], key[1], jnp.zeros_like(index), index)
   float_bits = ((hi ^ lo) >> np.uint32(9)) | np.uint32(0x3F800000)
   floats = jax.lax.bitcast_convert_type(float_bits, jnp.float32) - np.float32(1)
   uniform = jax.lax.max(_UNIFORM_LOW, floats * _UNIFORM_SPAN + _UNIFORM_LOW)
-  return _SQRT2 * jax.lax.erf_inv(uniform)
+  out = _SQRT2 * jax.lax.erf_inv(uniform)
+  return out if sharding is None else _sharding.constrain(out, sharding)
+
+
+# Jitted when sharded, so that an eager call (outside any jit) also draws
+# shard by shard instead of making the whole counter array on one device.
+_sharded_fused_normal = jax.jit(_fused_normal, static_argnums=(1, 2))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _sharded_library_normal(leaf_key, shape, dtype, sharding) -> jax.Array:
+  # Other dtypes / PRNG impls: jax.random.normal, its output laid out like the
+  # leaf (partitionable threefry draws shard-locally; others may not).
+  return _sharding.constrain(jax.random.normal(leaf_key, shape, dtype), sharding)
