@@ -46,12 +46,14 @@ def _replica_probe(tree) -> jax.Array:
   rule) instead of calling it once and broadcasting one key to every replica.
   A full reduction rather than a slice, so sharded leaves need no reshape.
   """
+  leaves = jax.tree.leaves(tree)
+
   def probe(leaf):
     leaf = jnp.asarray(leaf)
     if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
       leaf = jax.random.key_data(leaf)
     return jnp.any(leaf != 0)
-  return jnp.stack([probe(leaf) for leaf in jax.tree.leaves(tree)] or [jnp.bool_(False)])
+  return jnp.stack([probe(leaf) for leaf in leaves] or [jnp.bool_(False)])
 
 
 def fresh_key_data(like=None) -> jax.Array:
@@ -74,7 +76,17 @@ def fresh_key_data(like=None) -> jax.Array:
   out = jax.ShapeDtypeStruct(shape, jnp.uint32)
   if like is None:
     return io_callback(lambda: _urandom_words(shape), out, ordered=False)
-  return io_callback(lambda _: _urandom_words(shape), out, _replica_probe(like), ordered=False)
+  return _fresh_like(like)
+
+
+@jax.jit
+def _fresh_like(like) -> jax.Array:
+  # Jitted: an eager callback whose operands lie on a mesh returns a
+  # single-device array that later ops on that mesh reject (JAX 0.10).
+  shape = _key_data_shape()
+  out = jax.ShapeDtypeStruct(shape, jnp.uint32)
+  data = io_callback(lambda _: _urandom_words(shape), out, _replica_probe(like), ordered=False)
+  return data ^ np.uint32(0)  # an op of the mesh: its result is laid out on it
 
 
 def init_keys(key, *, name: str = "key"):
@@ -109,6 +121,7 @@ def init_keys(key, *, name: str = "key"):
     # Wraps after 2^32 inits of one transform: far beyond any real use.
     return np.uint32(next(counter) % 2**32)
 
+  @jax.jit  # as ``_fresh_like``: params placed on a mesh need the callback jitted
   def draw(params) -> jax.Array:
     index = io_callback(next_index, jax.ShapeDtypeStruct((), jnp.uint32),
                         _replica_probe(params), ordered=False)
@@ -288,13 +301,19 @@ def normal(leaf_key, shape, dtype, sharding=None) -> jax.Array:
       shard's counters (the draw is elementwise) and no device holds the
       whole draw; the values are those of the unsharded draw.
   """
-  if not _fused_normal_applies(shape, dtype):
-    if sharding is None:
-      return jax.random.normal(leaf_key, shape, dtype)
-    return _sharded_library_normal(leaf_key, tuple(shape), jnp.dtype(dtype), sharding)
+  fused = _fused_normal_applies(shape, dtype)
   if sharding is None:
-    return _fused_normal(leaf_key, tuple(shape), None)
-  return _sharded_fused_normal(leaf_key, tuple(shape), sharding)
+    return _fused_normal(leaf_key, tuple(shape), None) if fused else jax.random.normal(
+        leaf_key, shape, dtype)
+  args = (leaf_key, tuple(shape), sharding) if fused else (leaf_key, tuple(shape),
+                                                           jnp.dtype(dtype), sharding)
+  draw = _sharded_fused_normal if fused else _sharded_library_normal
+  if (not isinstance(leaf_key, jax.core.Tracer) and _sharding.is_explicit(sharding)
+      and isinstance(sharding.mesh, jax.sharding.Mesh)):
+    # An eager draw for a leaf on an Explicit mesh: jit needs the mesh as context.
+    with jax.set_mesh(sharding.mesh):
+      return draw(*args)
+  return draw(*args)
 
 
 def _fused_normal(leaf_key, shape, sharding) -> jax.Array:

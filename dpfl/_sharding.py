@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+from jax.experimental.shard_alike import shard_alike
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 
@@ -130,3 +131,17 @@ def zeros(shape, dtype, sharding: NamedSharding | None) -> jax.Array:
   if is_explicit(sharding):
     return jax.numpy.zeros(shape, dtype, out_sharding=sharding)
   return jax.numpy.zeros(shape, dtype, device=sharding)
+
+
+def alike(x: jax.Array, like: Any) -> jax.Array:
+  """``x``, laid out as ``like`` is inside ``jit`` under ``Auto`` axes (else unchanged).
+
+  A traced array under ``Auto`` axes knows no sharding of its own, but the
+  compiler gives ``like`` one (propagated from the jit's inputs): tie ``x``'s
+  to it (``shard_alike``) so e.g. a noise draw is made shard by shard wherever
+  its gradient lives.
+  """
+  if (isinstance(x, jax.core.Tracer) and isinstance(like, jax.core.Tracer)
+      and leaf_sharding(like) is None and jax.numpy.shape(x) == jax.numpy.shape(like)):
+    return shard_alike(x, like)[0]
+  return x

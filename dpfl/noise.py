@@ -252,7 +252,8 @@ def normal_leaves(step_key: jax.Array, leaves: Sequence[Any]) -> list[jax.Array]
       sharding: the same values, never whole on one device.
   """
   leaf_keys = jax.random.split(step_key, max(len(leaves), 1))
-  return [_rng.normal(k, jnp.shape(leaf), noise_dtype(leaf), _sharding.leaf_sharding(leaf))
+  return [_sharding.alike(_rng.normal(k, jnp.shape(leaf), noise_dtype(leaf),
+                                      _sharding.leaf_sharding(leaf)), leaf)
           for k, leaf in zip(leaf_keys, leaves)]
 
 
