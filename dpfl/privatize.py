@@ -301,7 +301,7 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
   num_steps = planning.run_length(provisional, num_steps=num_steps, epochs=epochs)
   if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
     raise ValueError(f"mesh must be a jax.sharding.Mesh (first axis: the data axis batches "
-                     f"are sharded over) or None, got {type(mesh).__name__}")
+                     f"are sharded over) or None, got {type(mesh).__name__} {mesh!r}")
   # Batches are split over the first (data) axis: pad them to a multiple of it.
   multiple_of = 1 if mesh is None else int(mesh.shape[mesh.axis_names[0]])
   sampler = _build_sampler(scheme, privacy_unit=privacy_unit, sampling_unit=sampling_unit,

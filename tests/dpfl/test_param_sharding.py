@@ -93,6 +93,10 @@ _CHILD = textwrap.dedent(
       state = private.init(params if mesh is None else place(params, mesh))
       step = private.make_step()
       for b, m in private.batches(data, state):
+        if mesh is not None:  # split over the data axis, replicated over "model"
+          batch_leaf = jax.tree.leaves(b)[0]
+          assert batch_leaf.sharding.is_equivalent_to(NamedSharding(mesh, P("data")),
+                                                      batch_leaf.ndim), batch_leaf.sharding
         state, _ = step(state, b, m)
       return private, state
 
@@ -271,7 +275,7 @@ def _loss(params, batch):
 
 @pytest.mark.parametrize("mesh", ["data", 4, object()])
 def test_mesh_must_be_a_jax_mesh(mesh):
-  with pytest.raises(ValueError, match=r"mesh must be a jax\\.sharding\\.Mesh.*got"):
+  with pytest.raises(ValueError, match=r"mesh must be a jax\.sharding\.Mesh.*got"):
     dpfl.make_private(_loss, optax.sgd(0.1), l2_clip_norm=1.0, dataset_size=10, batch_size=2,
                       num_steps=1, noise_multiplier=1.0, delta=1e-5, mesh=mesh)
 
