@@ -118,14 +118,17 @@ _CHILD = textwrap.dedent(
           bad.append(f"{name}: {leaf.sharding}")
       return bad
 
+    def buffers_of(state):
+      buffers = state.opt_state[0].buffers
+      return flat(buffers).tolist() if buffers else []
+
     for config, kind in which["runs"]:
       mesh = mesh_of(kind)
       ref_private, ref = run(None, config)
       got_private, got = run(mesh, config)
       out["runs"][f"{config}/{kind}"] = {
           "ref": flat(ref.params).tolist(), "got": flat(got.params).tolist(),
-          "ref_buffers": flat(ref.opt_state[0].buffers).tolist() if ref.opt_state[0].buffers else [],
-          "got_buffers": flat(got.opt_state[0].buffers).tolist() if got.opt_state[0].buffers else [],
+          "ref_buffers": buffers_of(ref), "got_buffers": buffers_of(got),
           "epsilon": [ref_private.epsilon(), got_private.epsilon()],
           "plans": [ref_private.plan.to_dict(), got_private.plan.to_dict()],
           "misplaced": misplaced(got, mesh), "steps": int(got.step)}
@@ -160,10 +163,10 @@ _CHILD = textwrap.dedent(
       mesh = mesh_of(kind)
       for name, tx in (("dp-sgd", noise.gaussian_noise(noise_multiplier=1.0, l2_clip_norm=1.0,
                                                          expected_batch_size=1.0, key=0)),
-                       ("blt", mf.blt_noise(buffer_decay=[0.9, 0.5],
-                                                 output_scale=[0.3, 0.1], num_steps=8, sensitivity=1.0,
-                                                 noise_multiplier=1.0, l2_clip_norm=1.0,
-                                                 expected_batch_size=1.0, key=0))):
+                       ("blt", mf.blt_noise(buffer_decay=[0.9, 0.5], output_scale=[0.3, 0.1],
+                                            num_steps=8, sensitivity=1.0, noise_multiplier=1.0,
+                                            l2_clip_norm=1.0, expected_batch_size=1.0,
+                                            key=0))):
         for layout in ("sharded", "replicated"):
           sharding = NamedSharding(mesh, P("data", "model") if layout == "sharded" else P())
           leaf = jax.ShapeDtypeStruct(huge.shape, huge.dtype, sharding=sharding)
