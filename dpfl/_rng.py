@@ -13,6 +13,7 @@ checkpointer can save.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import numbers
@@ -23,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import io_callback
 import numpy as np
+
+from dpfl import _sharding
 
 
 def _key_data_shape() -> tuple[int, ...]:
@@ -43,12 +46,14 @@ def _replica_probe(tree) -> jax.Array:
   rule) instead of calling it once and broadcasting one key to every replica.
   A full reduction rather than a slice, so sharded leaves need no reshape.
   """
+  leaves = jax.tree.leaves(tree)
+
   def probe(leaf):
     leaf = jnp.asarray(leaf)
     if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
       leaf = jax.random.key_data(leaf)
     return jnp.any(leaf != 0)
-  return jnp.stack([probe(leaf) for leaf in jax.tree.leaves(tree)] or [jnp.bool_(False)])
+  return jnp.stack([probe(leaf) for leaf in leaves] or [jnp.bool_(False)])
 
 
 def fresh_key_data(like=None) -> jax.Array:
@@ -71,7 +76,17 @@ def fresh_key_data(like=None) -> jax.Array:
   out = jax.ShapeDtypeStruct(shape, jnp.uint32)
   if like is None:
     return io_callback(lambda: _urandom_words(shape), out, ordered=False)
-  return io_callback(lambda _: _urandom_words(shape), out, _replica_probe(like), ordered=False)
+  return _fresh_like(like)
+
+
+@jax.jit
+def _fresh_like(like) -> jax.Array:
+  # Jitted: an eager callback whose operands lie on a mesh returns a
+  # single-device array that later ops on that mesh reject (JAX 0.10).
+  shape = _key_data_shape()
+  out = jax.ShapeDtypeStruct(shape, jnp.uint32)
+  data = io_callback(lambda _: _urandom_words(shape), out, _replica_probe(like), ordered=False)
+  return data ^ np.uint32(0)  # an op of the mesh: its result is laid out on it
 
 
 def init_keys(key, *, name: str = "key"):
@@ -106,6 +121,7 @@ def init_keys(key, *, name: str = "key"):
     # Wraps after 2^32 inits of one transform: far beyond any real use.
     return np.uint32(next(counter) % 2**32)
 
+  @jax.jit  # as ``_fresh_like``: params placed on a mesh need the callback jitted
   def draw(params) -> jax.Array:
     index = io_callback(next_index, jax.ShapeDtypeStruct((), jnp.uint32),
                         _replica_probe(params), ordered=False)
@@ -268,7 +284,7 @@ def _fused_normal_applies(shape, dtype) -> bool:
           and jax.config.jax_threefry_partitionable)
 
 
-def normal(leaf_key, shape, dtype) -> jax.Array:
+def normal(leaf_key, shape, dtype, sharding=None) -> jax.Array:
   """Standard normal draws, bit for bit ``jax.random.normal(leaf_key, shape, dtype)``.
 
   ``jax.random.normal(leaf_key, shape, dtype)``. For float32 under the default
@@ -276,17 +292,63 @@ def normal(leaf_key, shape, dtype) -> jax.Array:
   counter ``i`` (the row-major index, as ``iota_2x32_shape``) hashed with the
   key, ``bits = hi ^ lo``, then ``normal``'s uniform-to-Gaussian map.
   Used by every dpfl noise transform; tests check the equality for several shapes.
+
+  Args:
+    leaf_key: a typed key.
+    shape, dtype: of the draw.
+    sharding: None, or the ``NamedSharding`` of the leaf the noise is for:
+      the counters are made with it, so every device hashes only its own
+      shard's counters (the draw is elementwise) and no device holds the
+      whole draw; the values are those of the unsharded draw.
   """
-  if not _fused_normal_applies(shape, dtype):
-    return jax.random.normal(leaf_key, shape, dtype)
+  fused = _fused_normal_applies(shape, dtype)
+  if sharding is None:
+    return _fused_normal(leaf_key, tuple(shape), None) if fused else jax.random.normal(
+        leaf_key, shape, dtype)
+  args = (leaf_key, tuple(shape), sharding) if fused else (leaf_key, tuple(shape),
+                                                           jnp.dtype(dtype), sharding)
+  draw = _sharded_fused_normal if fused else _sharded_library_normal
+  if (not isinstance(leaf_key, jax.core.Tracer) and _sharding.is_explicit(sharding)
+      and isinstance(sharding.mesh, jax.sharding.Mesh)):
+    # An eager draw for a leaf on an Explicit mesh: jit needs the mesh as context.
+    with jax.set_mesh(sharding.mesh):
+      return draw(*args)
+  return draw(*args)
+
+
+def _fused_normal(leaf_key, shape, sharding) -> jax.Array:
   key = jax.random.key_data(leaf_key)
-  index = jnp.zeros(shape, jnp.uint32)
+  explicit = sharding is not None and _sharding.is_explicit(sharding)
+
+  def iota(dim):
+    if explicit:  # the counters' type is sharded: each device makes its own
+      return jax.lax.broadcasted_iota(jnp.uint32, shape, dim, out_sharding=sharding)
+    return _sharding.constrain(jax.lax.broadcasted_iota(jnp.uint32, shape, dim), sharding)
+
+  index = None
   stride = 1
   for dim in reversed(range(len(shape))):  # elementwise, so sharding-friendly
-    index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, dim) * np.uint32(stride)
+    term = iota(dim) * np.uint32(stride)
+    index = term if index is None else index + term
     stride *= shape[dim]
-  hi, lo = _threefry2x32(key[0], key[1], jnp.zeros(shape, jnp.uint32), index)
+  if index is None:  # a scalar leaf
+    index = jnp.zeros(shape, jnp.uint32)
+  index = _sharding.constrain(index, sharding) if sharding is not None else index
+  hi, lo = _threefry2x32(key[0], key[1], jnp.zeros_like(index), index)
   float_bits = ((hi ^ lo) >> np.uint32(9)) | np.uint32(0x3F800000)
   floats = jax.lax.bitcast_convert_type(float_bits, jnp.float32) - np.float32(1)
   uniform = jax.lax.max(_UNIFORM_LOW, floats * _UNIFORM_SPAN + _UNIFORM_LOW)
-  return _SQRT2 * jax.lax.erf_inv(uniform)
+  out = _SQRT2 * jax.lax.erf_inv(uniform)
+  return out if sharding is None else _sharding.constrain(out, sharding)
+
+
+# Jitted when sharded, so that an eager call (outside any jit) also draws
+# shard by shard instead of making the whole counter array on one device.
+_sharded_fused_normal = jax.jit(_fused_normal, static_argnums=(1, 2))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _sharded_library_normal(leaf_key, shape, dtype, sharding) -> jax.Array:
+  # Other dtypes / PRNG impls: jax.random.normal, its output laid out like the
+  # leaf (partitionable threefry draws shard-locally; others may not).
+  return _sharding.constrain(jax.random.normal(leaf_key, shape, dtype), sharding)

@@ -75,7 +75,7 @@ import numpy as np
 import optax
 
 from accounting import validate as check
-from dpfl import _rng
+from dpfl import _rng, _sharding
 
 # Folded into re-seeded keys: reseeding with key 0 (all-zero key data, the
 # identity of the XOR mix) must still move off the checkpointed key.
@@ -247,9 +247,13 @@ def normal_leaves(step_key: jax.Array, leaves: Sequence[Any]) -> list[jax.Array]
   Args:
     step_key: a typed key (``jax.random.wrap_key_data(raw)`` for raw data).
     leaves: arrays (or anything with ``shape`` and ``dtype``), one per leaf.
+      A leaf whose sharding is known (a placed array, or a traced one under
+      ``Explicit`` mesh axes) gets its noise drawn shard by shard with that
+      sharding: the same values, never whole on one device.
   """
   leaf_keys = jax.random.split(step_key, max(len(leaves), 1))
-  return [_rng.normal(k, jnp.shape(leaf), noise_dtype(leaf))
+  return [_sharding.alike(_rng.normal(k, jnp.shape(leaf), noise_dtype(leaf),
+                                      _sharding.leaf_sharding(leaf)), leaf)
           for k, leaf in zip(leaf_keys, leaves)]
 
 
@@ -328,7 +332,8 @@ def privatizer(strategy: NoiseStrategy = IDENTITY, *, noise_multiplier: float,
 
   def init_fn(params):
     key_data = draw_key(params)
-    zeros = lambda p: jnp.zeros(jnp.shape(p), noise_dtype(p))
+    # Model-sized buffers are sharded like their parameter (when it is placed).
+    zeros = lambda p: _sharding.zeros(jnp.shape(p), noise_dtype(p), _sharding.leaf_sharding(p))
     buffers = tuple(jax.tree.map(zeros, params) for _ in range(num_buffers))
     step_keys = None
     if store_step_keys:

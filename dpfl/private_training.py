@@ -37,7 +37,7 @@ import accounting
 from accounting import validate as check
 from accounting.journal import RunJournal, key_digest
 from accounting.plan import PrivacyPlan
-from dpfl import _rng, noise, sampling
+from dpfl import _rng, _sharding, noise, sampling
 from dpfl.data import UserDataset
 from dpfl.federated import local_slots, shard_users
 
@@ -211,14 +211,28 @@ class PrivateTraining:
       raise ValueError(
           f"checkpoint_dir {self.resume_from!r} already holds a run: continue it with "
           "private.restore(checkpoint_dir, params), or give a new directory")
-    state = PrivateState(params=params, opt_state=self.optimizer.init(params),
-                         sampler_seed=jnp.asarray(self.sampler.seed, jnp.uint32),
-                         step=jnp.zeros((), jnp.int32))
+    state = self._initial_state(params)
     if self.checkpoint_dir is not None:
       # The step-0 checkpoint: a crash before the first save can then resume
       # (correlated noise needs the state its released steps started from).
       self.save(self.checkpoint_dir, state)
     return state
+
+  def _initial_state(self, params) -> PrivateState:
+    seed = jnp.asarray(self.sampler.seed, jnp.uint32)
+
+    def initial(params):
+      return PrivateState(params=params, opt_state=self.optimizer.init(params),
+                          sampler_seed=seed, step=jnp.zeros((), jnp.int32))
+
+    mesh = _sharding.params_mesh(params)
+    if mesh is None:
+      return initial(params)
+    # Placed params: every state leaf is made where it lives (optimizer
+    # moments and MF buffers sharded like their parameter, keys and counts
+    # replicated), never whole on one device first.
+    shardings = _sharding.follow_params(jax.eval_shape(initial, params), params, mesh)
+    return jax.jit(initial, out_shardings=shardings)(params)
 
   def make_step(self, *, jit: bool = True, donate: bool = False) -> Callable[..., Any]:
     """A train step ``(state, batch, mask) -> (state, aux)``.
@@ -232,12 +246,20 @@ class PrivateTraining:
         for the new one (use the returned state). Recommended for DP-FTRL,
         whose noise state holds model-sized buffers.
     """
+    # The shardings of the first state stepped (None for leaves not placed
+    # on a mesh): the clipped sum is laid out like the params, so the noise
+    # added to it is drawn shard by shard, and every new state keeps them.
+    layout: dict = {}
+
     def step(state: PrivateState, batch, mask):
+      shardings = layout["state"]
       grads, aux = self.clipped_grad(state.params, batch, mask=mask)
+      grads = _sharding.constrain_tree(grads, shardings.params)
       updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
-      return PrivateState(params=params, opt_state=opt_state, sampler_seed=state.sampler_seed,
-                          step=state.step + 1), aux
+      new = PrivateState(params=params, opt_state=opt_state, sampler_seed=state.sampler_seed,
+                         step=state.step + 1)
+      return _sharding.constrain_tree(new, shardings), aux
 
     if not jit and donate:
       raise ValueError("donate=True needs jit=True (donation is a jax.jit feature)")
@@ -246,6 +268,8 @@ class PrivateTraining:
 
     def checked(state, batch, mask):
       self._check_next_step()
+      if "state" not in layout:
+        layout["state"] = _sharding.tree_shardings(state)
       if explicit:
         with jax.set_mesh(self.mesh):
           return run(state, batch, mask)

@@ -99,18 +99,21 @@ def _build_sampler(scheme: str, *, privacy_unit: str, sampling_unit: str, datase
                        f"amplified banded MF ({bands} bands), got {batch_size!r}")
     return sampling.CyclicPoissonSampler(dataset_size, num_groups=bands,
                                          sampling_prob=batch_size / group,
-                                         max_batch_size=max_batch_size, seed=seed)
+                                         max_batch_size=max_batch_size,
+                                         multiple_of=multiple_of, seed=seed)
   if scheme == "shuffle":
     if max_batch_size is not None:
       raise ValueError("max_batch_size applies to sampling_scheme='poisson' only")
-    return sampling.ShuffledSampler(dataset_size, batch_size=batch_size, seed=seed)
+    return sampling.ShuffledSampler(dataset_size, batch_size=batch_size,
+                                    multiple_of=multiple_of, seed=seed)
   q = batch_size / dataset_size
   if privacy_unit == "example":
     # dp-accounting's RDP back end has no event for truncated Poisson sampling,
     # and untruncated-Poisson ε is not an upper bound for truncated batches; so
     # under RDP a rare oversized draw gets a longer padded shape instead.
     return sampling.PoissonSampler(dataset_size, sampling_prob=q, max_batch_size=max_batch_size,
-                                   truncate=accountant == "pld", seed=seed)
+                                   truncate=accountant == "pld", multiple_of=multiple_of,
+                                   seed=seed)
   if sampling_unit == "user":
     return sampling.UserSampler(dataset_size, sampling_prob=q, max_batch_size=max_batch_size,
                                 multiple_of=multiple_of, seed=seed)
@@ -208,7 +211,14 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
     dataset: user level: the ``dpfl.UserDataset`` (fixes ``dataset_size``).
     local_steps, local_learning_rate, local_optimizer, local_batch_size: ULS
       with local steps (DP-FedAvg): see ``dpfl.federated.clipped_user_updates``.
-    mesh: user level: a mesh whose first axis batches are sharded over.
+    mesh: a ``jax.sharding.Mesh`` whose first axis is the data axis: every
+      batch is sharded over it (padded to a multiple of its size) and
+      replicated over the others. The other axes (e.g. ``"model"`` of a
+      ``(data, model)`` mesh) are for the parameters: place your params with
+      ``NamedSharding``s on this mesh before ``init``; the optimizer state,
+      MF noise buffers and noise draws follow each leaf's sharding, and the
+      step keeps them (noise is drawn shard-locally, never whole on one
+      device). Auto and Explicit axis types both work.
     strategy, strategy_options: DP-FTRL's matrix factorization (a name from
       ``dpfl.ftrl.STRATEGIES`` or a ``dpfl.mf`` strategy) and its options
       (``buffers``, ``bands``, ``objective``, ``momentum``); see ``dpfl.ftrl``.
@@ -245,7 +255,7 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
                local_batch_size=local_batch_size)
   if privacy_unit == "example":
     user_only = dict(examples_per_user=examples_per_user, dataset=dataset,
-                     local_steps=local_steps, mesh=mesh, **local)
+                     local_steps=local_steps, **local)
     given = sorted(name for name, value in user_only.items() if value is not None)
     if given:
       raise ValueError(f"{', '.join(given)} apply to privacy_unit='user' only (user-level DP)")
@@ -289,6 +299,10 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
                                       sampling_prob=batch_size / dataset_size)
   planning.check_noise_or_target(noise_multiplier, target_epsilon)  # before any strategy is built
   num_steps = planning.run_length(provisional, num_steps=num_steps, epochs=epochs)
+  if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
+    raise ValueError(f"mesh must be a jax.sharding.Mesh (first axis: the data axis batches "
+                     f"are sharded over) or None, got {type(mesh).__name__} {mesh!r}")
+  # Batches are split over the first (data) axis: pad them to a multiple of it.
   multiple_of = 1 if mesh is None else int(mesh.shape[mesh.axis_names[0]])
   sampler = _build_sampler(scheme, privacy_unit=privacy_unit, sampling_unit=sampling_unit,
                            dataset_size=dataset_size, batch_size=batch_size,

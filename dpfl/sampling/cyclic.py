@@ -128,16 +128,20 @@ class CyclicPoissonSampler(PoissonRateSampler):
       <= 1e-9 per step).
     seed: None (OS entropy), an int in [0, 2**128) or a ``uint32[4]`` array.
     unit: ``"example"`` (default) or ``"user"``, reported by ``describe()``.
+    multiple_of: rounds ``max_batch_size`` up to a multiple of this (e.g. the
+      number of devices the unit axis is sharded over).
   """
 
   def __init__(self, dataset_size: int, *, num_groups: int, sampling_prob: float,
-               max_batch_size: int | None = None, seed=None, unit: str = "example"):
+               max_batch_size: int | None = None, seed=None, unit: str = "example",
+               multiple_of: int = 1):
     dataset_size = check.positive_int("dataset_size", dataset_size)
     self._groups = check_at_most_dataset_size("num_groups", num_groups, dataset_size)
     self._unit = check.choice("unit", unit, UNITS)
     self._group_size = dataset_size // self._groups
     super().__init__(dataset_size, sampling_prob=sampling_prob,
-                     max_batch_size=max_batch_size, candidates=self._group_size, seed=seed)
+                     max_batch_size=max_batch_size, candidates=self._group_size,
+                     multiple_of=multiple_of, seed=seed)
     self._order = _FixedOrder(dataset_size, DOMAIN_CYCLIC_POISSON_ORDER)
 
   @property

@@ -48,16 +48,20 @@ class PoissonSampler(PoissonRateSampler):
     seed: None (OS entropy: the private default), an int in [0, 2**128) or a
       ``uint32[4]`` array for reproducible runs; never use a fixed seed for a
       real private run.
+    multiple_of: rounds ``max_batch_size`` up to a multiple of this (e.g. the
+      number of devices the example axis is sharded over); the rounded size
+      is the one truncation and ``describe()`` use.
   """
 
   def __init__(self, dataset_size: int, *, sampling_prob: float,
-               max_batch_size: int | None = None, truncate: bool = True, seed=None):
+               max_batch_size: int | None = None, truncate: bool = True, seed=None,
+               multiple_of: int = 1):
     dataset_size = check.positive_int("dataset_size", dataset_size)
     if not isinstance(truncate, bool):
       raise ValueError(f"truncate must be True or False, got {truncate!r}")
     self._truncate = truncate
     super().__init__(dataset_size, sampling_prob=sampling_prob, max_batch_size=max_batch_size,
-                     seed=seed)
+                     multiple_of=multiple_of, seed=seed)
 
   @property
   def dataset_size(self) -> int:

@@ -26,15 +26,17 @@ class ShuffledSampler(FixedSizeSampler):
     batch_size: examples per batch, in [1, N].
     seed: None (OS entropy, the private default), an int in [0, 2**128) or a
       ``uint32[4]`` array.
+    multiple_of: pads each batch (mask False) to a multiple of this, e.g. the
+      number of devices the example axis is sharded over.
   """
 
-  def __init__(self, dataset_size: int, *, batch_size: int, seed=None):
-    super().__init__(dataset_size, batch_size=batch_size, seed=seed)
+  def __init__(self, dataset_size: int, *, batch_size: int, seed=None, multiple_of: int = 1):
+    super().__init__(dataset_size, batch_size=batch_size, multiple_of=multiple_of, seed=seed)
     self._cached: tuple[bytes, int, np.ndarray] | None = None  # (seed, epoch, permutation)
 
   def describe(self) -> dict:
     return {"scheme": "shuffle", "unit": "example", "population_size": self._dataset_size,
-            "batch_size": self._batch_size, "max_batch_size": self._batch_size}
+            "batch_size": self._batch_size, "max_batch_size": self._length}
 
   def _permutation(self, seed: np.ndarray, epoch: int) -> np.ndarray:
     # One epoch cached: a loop draws the steps of an epoch in a row.
@@ -47,8 +49,9 @@ class ShuffledSampler(FixedSizeSampler):
   def _draw(self, seed: np.ndarray, step: int) -> tuple[Batch, bool]:
     epoch, position = divmod(step, self.steps_per_epoch)
     start = position * self._batch_size
-    indices = self._permutation(seed, epoch)[start:start + self._batch_size].copy()
-    return Batch(indices=indices, mask=np.ones(self._batch_size, bool)), False
+    indices = np.zeros(self._length, self._dtype)
+    indices[:self._batch_size] = self._permutation(seed, epoch)[start:start + self._batch_size]
+    return Batch(indices=indices, mask=np.arange(self._length) < self._batch_size), False
 
   def __repr__(self) -> str:
     return f"ShuffledSampler(dataset_size={self._dataset_size}, batch_size={self._batch_size})"
