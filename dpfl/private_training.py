@@ -385,7 +385,9 @@ class PrivateTraining:
     Args:
       directory: the checkpoint directory (``save``'s).
       params: parameters with the shapes of the saved ones (e.g. the model's
-        initial parameters): the template the checkpoint is read into.
+        initial parameters), placed as the run goes on: the checkpoint is
+        read into their shardings, whatever mesh or number of processes
+        wrote it.
       key: None (OS entropy), or an explicit noise key (see above).
     """
     import orbax.checkpoint as ocp
