@@ -23,6 +23,7 @@ import secrets
 import jax
 import jax.numpy as jnp
 from jax.experimental import io_callback
+from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 
 from dpfl import _sharding
@@ -56,6 +57,33 @@ def _replica_probe(tree) -> jax.Array:
   return jnp.stack([probe(leaf) for leaf in leaves] or [jnp.bool_(False)])
 
 
+def _on_mesh_of(draw, like):
+  """``draw(like)``, replicated over the mesh ``like`` is sharded on when called eagerly.
+
+  A host callback run eagerly on mesh-sharded arrays returns an array on one
+  device (``{maximal device=0}``) that later eager ops cannot combine with
+  the mesh, and that in a multi-process run only process 0 holds. Compiled
+  with a replicated output sharding instead, the callback runs once, on the
+  first device, and every device of every process receives its result: all
+  processes hold the same key (process 0's draw), as one multi-process run
+  must. Under a trace (``like`` abstract) or without a mesh: ``draw(like)``.
+  """
+  leaves = jax.tree.leaves(like)
+  if not any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+    for leaf in leaves:
+      sharding = getattr(leaf, "sharding", None)
+      if isinstance(sharding, NamedSharding):
+        replicated = NamedSharding(sharding.mesh, PartitionSpec())
+        return jax.jit(draw, out_shardings=replicated)(like)
+  return draw(like)
+
+
+def _fresh_key_data_like(like) -> jax.Array:
+  shape = _key_data_shape()
+  return io_callback(lambda _: _urandom_words(shape), jax.ShapeDtypeStruct(shape, jnp.uint32),
+                     _replica_probe(like), ordered=False)
+
+
 def fresh_key_data(like=None) -> jax.Array:
   """Raw key data filled with OS entropy (every bit pattern is a valid key).
 
@@ -72,21 +100,11 @@ def fresh_key_data(like=None) -> jax.Array:
       ``jax.vmap`` over it, every replica draws its own key. Without it a
       vmapped draw happens once and every replica shares the key.
   """
-  shape = _key_data_shape()
-  out = jax.ShapeDtypeStruct(shape, jnp.uint32)
   if like is None:
-    return io_callback(lambda: _urandom_words(shape), out, ordered=False)
-  return _fresh_like(like)
-
-
-@jax.jit
-def _fresh_like(like) -> jax.Array:
-  # Jitted: an eager callback whose operands lie on a mesh returns a
-  # single-device array that later ops on that mesh reject (JAX 0.10).
-  shape = _key_data_shape()
-  out = jax.ShapeDtypeStruct(shape, jnp.uint32)
-  data = io_callback(lambda _: _urandom_words(shape), out, _replica_probe(like), ordered=False)
-  return data ^ np.uint32(0)  # an op of the mesh: its result is laid out on it
+    shape = _key_data_shape()
+    return io_callback(lambda: _urandom_words(shape), jax.ShapeDtypeStruct(shape, jnp.uint32),
+                       ordered=False)
+  return _on_mesh_of(_fresh_key_data_like, like)
 
 
 def init_keys(key, *, name: str = "key"):
@@ -121,13 +139,15 @@ def init_keys(key, *, name: str = "key"):
     # Wraps after 2^32 inits of one transform: far beyond any real use.
     return np.uint32(next(counter) % 2**32)
 
-  @jax.jit  # as ``_fresh_like``: params placed on a mesh need the callback jitted
-  def draw(params) -> jax.Array:
+  def draw_index(params) -> jax.Array:
     index = io_callback(next_index, jax.ShapeDtypeStruct((), jnp.uint32),
                         _replica_probe(params), ordered=False)
     first = jnp.asarray(base)
     folded = jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(first), index))
     return jnp.where(index == 0, first, folded)
+
+  def draw(params) -> jax.Array:
+    return _on_mesh_of(draw_index, params)
 
   return draw
 

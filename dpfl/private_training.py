@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.experimental import io_callback
+from jax.sharding import NamedSharding, PartitionSpec
 
 import accounting
 from accounting import validate as check
@@ -390,7 +391,7 @@ class PrivateTraining:
       # The same step again (e.g. a second init): the newest state of that
       # step is the one whose noise key the run goes on with.
       manager.delete(step)
-    manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    manager.save(step, args=ocp.args.StandardSave(global_arrays(state, self.mesh)), force=True)
     manager.wait_until_finished()
 
   def restore(self, directory: str | os.PathLike, params, *, key: Any = None) -> PrivateState:
@@ -409,12 +410,16 @@ class PrivateTraining:
     Args:
       directory: the checkpoint directory (``save``'s).
       params: parameters with the shapes of the saved ones (e.g. the model's
-        initial parameters): the template the checkpoint is read into.
+        initial parameters), placed as the run goes on: the checkpoint is
+        read into their shardings, whatever mesh or number of processes
+        wrote it.
       key: None (OS entropy), or an explicit noise key (see above).
     """
     import orbax.checkpoint as ocp
     directory = os.fspath(directory)
     journal = RunJournal.load(directory)
+    if jax.process_index() != 0:
+      journal.directory = None  # one writer (process 0), from the first write on
     journal.sync_steps = self.journal.sync_steps
     if journal.plan != self.plan:
       raise ValueError(f"directory {directory!r} holds a checkpoint of a different plan: "
@@ -423,9 +428,6 @@ class PrivateTraining:
     manager = self._manager(directory)
     latest = manager.latest_step()
     seed = jnp.asarray(self.sampler.seed, jnp.uint32)
-    template = jax.eval_shape(
-        lambda p: PrivateState(params=p, opt_state=self.optimizer.init(p), sampler_seed=seed,
-                               step=jnp.zeros((), jnp.int32)), params)
     if latest is None:
       # No checkpoint yet: correlated noise cannot be continued without the
       # state its released steps left behind (``init`` saves one at step 0
@@ -440,6 +442,7 @@ class PrivateTraining:
       state = PrivateState(params=params, opt_state=self.optimizer.init(params),
                            sampler_seed=seed, step=jnp.zeros((), jnp.int32))
     else:
+      template = self._template(params, seed)
       state = manager.restore(latest, args=ocp.args.StandardRestore(template))
     saved = int(jax.device_get(state.step))
     if saved > journal.steps:
@@ -458,8 +461,6 @@ class PrivateTraining:
             "release that noise again. Pass None (fresh OS entropy) or a new key")
       journal.note_resume_key(key_digest(np.asarray(new_key).ravel()))
     opt_state = (noise_state._replace(key=new_key),) + tuple(state.opt_state[1:])
-    if jax.process_index() != 0:
-      journal.directory = None  # one writer (process 0)
     self.journal = journal
     self.checkpoint_dir = directory
     self.resume_from = None
@@ -475,6 +476,30 @@ class PrivateTraining:
       # continue correlated noise.
       self.save(directory, restored)
     return restored
+
+  def _template(self, params, seed) -> PrivateState:
+    """The state ``init(params)`` makes, as shapes with shardings: what a checkpoint is read into.
+
+    The parameters keep the shardings they are given (the checkpoint may come
+    from another mesh or process count: orbax reshards); the other leaves take
+    those the compiled ``init`` computation gives them (optimizer state
+    follows the parameters it mirrors; counters and keys are replicated).
+    """
+    def build(p):
+      return PrivateState(params=p, opt_state=self.optimizer.init(p), sampler_seed=seed,
+                          step=jnp.zeros((), jnp.int32))
+
+    shapes = jax.eval_shape(build, params)
+    if not any(isinstance(getattr(leaf, "sharding", None), NamedSharding)
+               for leaf in jax.tree.leaves(params)):
+      return shapes  # unsharded parameters: orbax places the leaves itself
+    shardings = jax.jit(build).lower(params).compile().output_shardings
+    shardings = shardings._replace(params=jax.tree.map(
+        lambda given, compiled: given.sharding if isinstance(given, jax.Array) else compiled,
+        params, shardings.params))
+    return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                                                 sharding=sharding),
+                        shapes, shardings)
 
   def _roll_forward(self, noise_state, params, num_steps: int):
     """The noise state ``num_steps`` steps on: the noise drawn, never released.
@@ -497,6 +522,32 @@ class PrivateTraining:
     ``save`` / ``restore`` do this for you. See ``dpfl.noise.reseed``.
     """
     return noise.reseed(opt_state, key=key)
+
+
+def global_arrays(tree, mesh=None):
+  """``tree`` with its process-local arrays made global: replicated over the run's mesh.
+
+  In a multi-process run, state built eagerly (e.g. an optimizer's step
+  count) lives on each process's own device; orbax saves only global arrays.
+  Every process runs the same program, so those values agree and the array
+  is one replicated global array. The mesh is ``mesh``, else the mesh of the
+  first leaf sharded on one; on one process (or with no mesh) ``tree`` as is.
+  """
+  leaves = jax.tree.leaves(tree)
+  if mesh is None:
+    mesh = next((leaf.sharding.mesh for leaf in leaves
+                 if isinstance(getattr(leaf, "sharding", None), NamedSharding)), None)
+  if jax.process_count() == 1 or mesh is None:
+    return tree
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def put(leaf):
+    if not isinstance(leaf, jax.Array) or not leaf.is_fully_addressable:
+      return leaf
+    host = np.asarray(leaf)
+    return jax.make_array_from_callback(host.shape, replicated, lambda index: host[index])
+
+  return jax.tree.map(put, tree)
 
 
 def plan_difference(saved: PrivacyPlan, new: PrivacyPlan) -> str:

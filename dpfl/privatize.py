@@ -347,11 +347,23 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
   if checkpoint_dir is not None:
     checkpoint_dir = os.fspath(checkpoint_dir)
     private.checkpoint_dir = checkpoint_dir
-    if os.path.exists(os.path.join(checkpoint_dir, RUN_FILE)):
+    if _on_process_0(os.path.exists(os.path.join(checkpoint_dir, RUN_FILE))):
       private.resume_from = checkpoint_dir  # init refuses; restore continues it
     elif jax.process_index() == 0:  # one writer: every process records the same steps
       journal.attach(checkpoint_dir)
   return private
+
+
+def _on_process_0(flag: bool) -> bool:
+  """Process 0's ``flag``, on every process: one decision for all of a multi-process run.
+
+  Process 0 writes the run's files, so another process that looked later
+  could see them and decide otherwise.
+  """
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+  return bool(multihost_utils.broadcast_one_to_all(np.bool_(flag)))
 
 
 def make_private_user_level(loss_fn: Callable[..., Any],
