@@ -262,13 +262,8 @@ def test_sharded_params_runs_noise_and_memory():
 def test_sharded_params_every_path_on_both_mesh_types():
   configs = ["dp-sgd poisson", "dp-ftrl blt", "dp-ftrl banded", "els", "uls", "uls local steps"]
   runs = [[c, kind] for c in configs for kind in ("auto", "explicit")]
-  # Not yet: ULS with local steps under Explicit axes stops in the clipping
-  # back-end (clip_methods.per_unit_norms reshapes a [units, 5, 8@model]
-  # gradient, which Explicit sharding types refuse); that fix belongs to the
-  # clipping part of issue 14. Add it back here once it lands.
-  runs.remove(["uls local steps", "explicit"])
   out = _child({"runs": runs, "draws": [], "memory": []})
-  assert len(out["runs"]) == 11
+  assert len(out["runs"]) == 12
   _check_runs(out["runs"])
 
 
