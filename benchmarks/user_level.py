@@ -70,8 +70,13 @@ def _burst(fn, *args, calls: int) -> float:
   return statistics.median(_time_once(fn, *args) for _ in range(calls))
 
 
-def child(num_devices: int, users: int, examples_per_user: int, rounds: int) -> dict:
-  """Times both steps on ``num_devices`` devices (this process's JAX)."""
+def child(num_devices: int, users: int, examples_per_user: int, rounds: int, *,
+          model_kwargs: dict | None = None) -> dict:
+  """Times both steps on ``num_devices`` devices (this process's JAX).
+
+  ``model_kwargs`` go to ``make_transformer`` (``benchmarks/accelerator.py
+  --quick`` shrinks the model; this script never passes them).
+  """
   import jax
   import optax
 
@@ -82,7 +87,7 @@ def child(num_devices: int, users: int, examples_per_user: int, rounds: int) -> 
   from _models import make_transformer
 
   assert jax.device_count() == num_devices, jax.devices()
-  params, flat, loss_fn = make_transformer(users * examples_per_user)
+  params, flat, loss_fn = make_transformer(users * examples_per_user, **(model_kwargs or {}))
   # Users are consecutive runs of examples: the same examples in both steps.
   grouped = jax.tree.map(lambda x: x.reshape((users, examples_per_user) + x.shape[1:]), flat)
   mask = jax.numpy.ones((users, examples_per_user), bool)
