@@ -20,7 +20,9 @@ sizes differ), each baseline in the same process and run:
   parameters.
 * ``tokens`` (``benchmarks/scaling_study.py``'s ``measure_speed``): tokens/s
   of ``make_private``'s DP-SGD step against the plain optax step, same model
-  and batch (256 sequences of 64 tokens), for the ``dpfl.scaling`` models.
+  and batch (256 sequences of 64 tokens; the one-pass ``jax.grad`` step
+  too, as ``naive_plain_tokens_per_second``), for the ``dpfl.scaling``
+  models from ``s200k`` to ``s20m``, largest first.
 
 Time budget: ``--budget-s`` (default 420 s, so the run stays under 8 minutes
 with interpreter start-up and a slow first compile) is shared among the
@@ -114,7 +116,8 @@ def _sizes(quick: bool) -> dict:
         uls=dict(users=4, examples_per_user=2, rounds=5),
         uls_model=dict(seq_len=16, d_model=32, num_heads=2),
         noise_params=100_000, noise_repeats=5,
-        token_models=("s50k",), token_batch=16, token_repeats=5, item_need_s=2.0)
+        token_models=("s50k",), token_batch=16, token_repeats=5, token_naive=False,
+        item_need_s=2.0)
   return dict(
       clip_models=dict(clipping.MODELS),
       clip_rounds=7,
@@ -126,7 +129,9 @@ def _sizes(quick: bool) -> dict:
       # which a CPU measures as well, are the ones skipped.
       token_models=tuple(n for n in reversed(scaling_study.models.model_names())
                          if scaling_study.models.params_count(n) >= 200_000),
-      token_batch=256, token_repeats=7, item_need_s=15.0)
+      # naive: the one-pass jax.grad step as well (the sweep's plain step
+      # accumulates over blocks of <= 32 sequences, which suits a CPU).
+      token_batch=256, token_repeats=7, token_naive=True, item_need_s=15.0)
 
 
 def device_info() -> dict:
@@ -241,10 +246,10 @@ def section_tokens(section: Section, sizes: dict) -> dict:
     if section.room_for(model, sizes["item_need_s"]):
       res = scaling_study.measure_speed(model, sizes["token_batch"], seq_len=64,
                                         repeats=sizes["token_repeats"], corpus=corpus,
-                                        naive=False)
+                                        naive=sizes["token_naive"])
       rows[model] = _round({k: res[k] for k in (
           "params", "batch_size", "max_batch_size", "dp_tokens_per_second",
-          "plain_tokens_per_second", "dp_slowdown")}, 2)
+          "plain_tokens_per_second", "naive_plain_tokens_per_second", "dp_slowdown")}, 2)
   return {"models": rows}
 
 
