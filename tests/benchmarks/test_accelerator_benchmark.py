@@ -58,6 +58,17 @@ def test_a_section_past_its_deadline_records_what_it_skipped():
   assert result["wall_s"] < 30
 
 
+def test_a_failing_section_is_reported_and_the_others_still_run(monkeypatch):
+  def fail(section, sizes):
+    raise RuntimeError("out of memory")
+  monkeypatch.setitem(bench.SECTIONS, "uls", fail)
+  monkeypatch.setitem(bench.SECTIONS, "noise", lambda section, sizes: {"ratio": 1.5, "params": 10})
+  result = bench.run(quick=True, budget_s=600, only=("uls", "noise"))
+  uls, noise = result["sections"]["uls"], result["sections"]["noise"]
+  assert uls["complete"] is False and uls["skipped"] == ["error: RuntimeError: out of memory"]
+  assert noise["complete"] is True and noise["ratio"] == 1.5
+
+
 def test_quick_noise_section_smoke():
   result = bench.run(quick=True, budget_s=600, only=("noise",))
   assert TOP_KEYS <= set(result) and set(result["sections"]) == {"noise"}
@@ -86,6 +97,7 @@ def test_quick_run_prints_one_json_line_with_every_section(capsys):
   last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert last == json.loads(json.dumps(result, default=float))
   assert TOP_KEYS <= set(last) and last["quick"] is True
+  assert last["budget_s"] == bench.QUICK_BUDGET_S
   sections = last["sections"]
   assert list(sections) == list(bench.SECTIONS)
   for name, section in sections.items():
