@@ -291,15 +291,16 @@ def _summary_line(name: str, s: dict) -> str:
   tail = f" ({s['wall_s']:.1f} s{'' if s['complete'] else ', skipped ' + ', '.join(s['skipped'])})"
   if name == "clipping":
     parts = [f"{m} " + " ".join(f"{k} {v:.2f}x" for k, v in r["ratio"].items() if v is not None)
-             for m, r in s["models"].items()]
+             for m, r in s.get("models", {}).items()]
     return "; ".join(parts) + tail
   if name == "uls" and "uls_ratio" in s:
     return f"ULS/plain {s['uls_ratio']:.2f}x" + tail
   if name == "noise" and "ratio" in s:
     return f"BLT/iid {s['ratio']:.2f}x at {s['params']:,} parameters" + tail
   if name == "tokens":
-    return "; ".join(f"{m} DP {r['dp_tokens_per_second']:,.0f} vs {r['plain_tokens_per_second']:,.0f}"
-                     f" tok/s" for m, r in s["models"].items()) + tail
+    return "; ".join(f"{m} DP {r['dp_tokens_per_second']:,.0f} vs "
+                     f"{r['plain_tokens_per_second']:,.0f} tok/s"
+                     for m, r in s.get("models", {}).items()) + tail
   return tail.strip()
 
 
