@@ -391,7 +391,8 @@ def main(argv=None) -> dict:
     notes.append(f"fit/planner unavailable ({err}): only measured results are reported")
     fit = law_plots = None
   if fit is not None:
-    description = ("benchmarks/scaling_study.py --preset " + args.preset
+    description = ("benchmarks/scaling_study.py"
+                   + ("" if args.preset == "full" else " --preset " + args.preset)
                    + (" --quick" if args.quick else ""))
     law = fit.fit_law(rows, description=description, source=results_path)
     fit.save_law(law, os.path.join(out, "law.json"))
