@@ -167,11 +167,14 @@ def _alternate(steps: dict, params, repeats: int) -> dict:
   return {name: statistics.median(t) for name, t in times.items()}
 
 
-def bench_streaming(quick: bool, repeats: int = 7, jax_privacy: bool = True) -> dict:
+def bench_streaming(quick: bool, repeats: int = 7, jax_privacy: bool = True,
+                    num_params: int | None = None) -> dict:
   """Seconds per step: iid noise vs streaming BLT noise (4 buffers).
 
   Args:
     quick: 1M parameters instead of 10M.
+    num_params: overrides ``quick``'s size (a multiple of 10,000, >= 100,000;
+      ``benchmarks/accelerator.py`` runs 100M on one GPU).
     repeats: timed steps of each (>= 5), after one warm-up step.
     jax_privacy: also time jax-privacy's iid and BLT privatizers (in a child
       process; skipped when it is not installed).
@@ -188,7 +191,10 @@ def bench_streaming(quick: bool, repeats: int = 7, jax_privacy: bool = True) -> 
     drawn with ``jax.random.normal`` (the same bits, unfused); ``jax_privacy``
     is ``{"iid_seconds", "blt_seconds", "ratio"}`` of its privatizers, or None.
   """
-  num_params = 1_000_000 if quick else 10_000_000
+  if num_params is None:
+    num_params = 1_000_000 if quick else 10_000_000
+  elif num_params < 100_000 or num_params % 10_000:
+    raise ValueError(f"num_params must be a multiple of 10000 and >= 100000, got {num_params}")
   params = _params(num_params)
   shared = dict(l2_clip_norm=1.0, expected_batch_size=1024.0, key=0)
   iid = noise.gaussian_noise(noise_multiplier=1.1, **shared)

@@ -22,14 +22,24 @@ The full study takes about an hour on 2 CPU cores; ``--quick`` (CI) takes a
 few minutes and only checks that the pipeline works: its grid is too small
 for its verdicts to mean much.
 
+``--preset accelerator``: 18 runs of models up to 19M parameters and up to
+2000 steps (``ACCELERATOR``), sized by a cost model (``estimate_seconds``:
+an assumed 100 TFLOP/s sustained on one H100, DP-SGD at 2x the FLOPs of a
+plain step, per-step and per-run floors) to finish in <= 8 minutes on one
+H100; at this scale finding (b) is testable, where the CPU study could not
+show it. Its report adds the estimate and the device the run used. With
+``--quick`` it runs a CPU-sized copy of the same grid (``tiny``).
+
 Prints a table and, as the last line, one JSON object.
-Usage: python benchmarks/scaling_study.py [--quick] [--out DIR] [--no-progress]
+Usage: python benchmarks/scaling_study.py [--preset {full,accelerator}] [--quick]
+[--out DIR] [--no-progress]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -87,11 +97,118 @@ QUICK = dict(
     computes=np.geomspace(3e9, 3e11, 5), epsilons=[1, 4, 16])
 
 
+# Accelerator (one H100, <= 8 minutes by the cost model of
+# ``estimate_seconds``): the study at the scale where McKenna et al.'s
+# finding (b) can show. Models of 1M, 5M and 19M parameters; 64-byte
+# sequences from every window of every stdlib file (~447K training
+# sequences, so the largest run sees each about once: the models learn the
+# language, not the rows). Non-private at batch 64 and 256 for 2000 steps:
+# their eval curves are the measured non-private frontier over compute.
+# Private at batch 256 for 500 steps and batch 1024 for 125 (the same
+# compute: the fit sees a 4x larger batch at matched cost), each at σ/B =
+# 2^-11 and 2^-7. With this corpus (q = B / 447K) the σ grid puts the
+# configurations the planner weighs at ε = 1 .. 16 between σ/B = 2^-11.6
+# (batch 1024, ε = 16) and 2^-6.9 (batch 64, ε = 1), so the fitted law
+# covers the small batches the private optimum could choose, not only the
+# large ones. One learning rate per model, smaller for larger models.
+ACCEL_MODELS = {"s1m": 3e-3, "s5m": 2e-3, "s20m": 1e-3}
+ACCEL_RATIOS = (2.0 ** -11, 2.0 ** -7)
+ACCELERATOR = dict(
+    runs=[(m, b, 0.0, lr, 2000) for m, lr in ACCEL_MODELS.items() for b in (64, 256)]
+    + [(m, b, r, lr, steps) for m, lr in ACCEL_MODELS.items()
+       for b, steps in ((256, 500), (1024, 125)) for r in ACCEL_RATIOS],
+    steps=2000,
+    common=dict(seq_len=64, eval_every=50, warmup_steps=25, eval_examples=512, delta=1e-6,
+                seed=0, examples_per_user=100_000),
+    speed=dict(models=["s5m", "s20m"], batch_size=256, repeats=7, naive=True),
+    computes=np.geomspace(1e14, 2e15, 6), epsilons=[0.5, 1, 2, 4, 8, 16])
+
+# The cost model of ``estimate_seconds``: an H100 (SXM, 80 GB) runs these
+# float32 models' matmuls as TF32 (JAX's default precision on GPUs), whose
+# dense peak is ~495 TFLOP/s; at 16-64K tokens per step and d_model <= 512,
+# with LayerNorm, softmax, GELU and Adam memory-bound, we assume 100 TFLOP/s
+# sustained on the 6·N·B·seq training FLOPs (~20% of peak). DP-SGD costs
+# 2x the FLOPs of a plain step (per-example norms, then the clipped sum:
+# benchmarks/accelerator.py's tokens section measures the real figure). No
+# step is faster than its launch-and-host floor (5 ms plain, 10 ms private:
+# Poisson sampling and the padded batch are built on the host). Each run
+# also pays a fixed overhead (compiling the train and eval steps, and for a
+# private run the ε of its ledger) and its evaluations; the speed comparison
+# and the fit, plan and report a fixed time each.
+H100_FLOPS_PER_SECOND = 100e12
+DP_FLOPS_FACTOR = 2.0
+STEP_FLOOR_SECONDS = {False: 0.005, True: 0.010}
+RUN_OVERHEAD_SECONDS = {False: 8.0, True: 12.0}
+EVAL_CHUNK_FLOOR_SECONDS = 0.005
+SPEED_SECONDS_PER_MODEL = 20.0
+ANALYSIS_SECONDS = 30.0
+ACCELERATOR_LIMITS = dict(max_params=20_000_000, max_steps=2000, max_seconds=480.0)
+
+
+def run_steps(spec: dict, run: tuple) -> int:
+  """A run's steps: its fifth entry where given, else the spec's ``steps``."""
+  return run[4] if len(run) > 4 else spec["steps"]
+
+
+def steps_text(spec: dict) -> str:
+  """"200 steps each", or "125-2000 steps" when runs differ."""
+  steps = sorted({run_steps(spec, run) for run in spec["runs"]})
+  return f"{steps[0]} steps each" if len(steps) == 1 else f"{steps[0]}-{steps[-1]} steps"
+
+
 def study_configs(spec: dict) -> list[sweep.RunConfig]:
-  """The study's runs: (model, batch size, σ/B, learning rate) at the spec's steps."""
-  return [sweep.RunConfig(model=model, batch_size=batch, noise_multiplier=ratio * batch,
-                          steps=spec["steps"], learning_rate=lr, **spec["common"])
-          for model, batch, ratio, lr in spec["runs"]]
+  """The study's runs: (model, batch size, σ/B, learning rate[, steps])."""
+  return [sweep.RunConfig(model=run[0], batch_size=run[1], noise_multiplier=run[2] * run[1],
+                          steps=run_steps(spec, run), learning_rate=run[3], **spec["common"])
+          for run in spec["runs"]]
+
+
+def estimate_seconds(spec: dict, *, flops_per_second: float = H100_FLOPS_PER_SECOND) -> dict:
+  """Estimated wall time of a preset on one H100, by the cost model above.
+
+  Returns ``{"runs": [seconds per run], "sweep", "speed", "analysis",
+  "total"}`` (seconds) and the assumptions used.
+  """
+  per_run = []
+  for c in study_configs(spec):
+    n = models.params_count(c.model)
+    flops = models.training_flops(params=n, num_steps=c.steps, batch_size=c.batch_size,
+                                  seq_len=c.seq_len)
+    train = max(c.steps * STEP_FLOOR_SECONDS[c.private],
+                flops * (DP_FLOPS_FACTOR if c.private else 1.0) / flops_per_second)
+    evals = math.ceil(c.steps / c.eval_every) + 1  # every eval_every steps, the last, and 0
+    chunks = evals * math.ceil(c.eval_examples / sweep.EVAL_CHUNK)
+    eval_s = max(chunks * EVAL_CHUNK_FLOOR_SECONDS,
+                 evals * 2.0 * n * c.eval_examples * c.seq_len / flops_per_second)
+    per_run.append(RUN_OVERHEAD_SECONDS[c.private] + train + eval_s)
+  speed = SPEED_SECONDS_PER_MODEL * len(spec["speed"]["models"])
+  total = sum(per_run) + speed + ANALYSIS_SECONDS
+  return {"runs": per_run, "sweep": sum(per_run), "speed": speed,
+          "analysis": ANALYSIS_SECONDS, "total": total,
+          "assumptions": {"flops_per_second": flops_per_second,
+                          "dp_flops_factor": DP_FLOPS_FACTOR,
+                          "step_floor_seconds": dict(STEP_FLOOR_SECONDS),
+                          "run_overhead_seconds": dict(RUN_OVERHEAD_SECONDS)}}
+
+
+def tiny(spec: dict) -> dict:
+  """A CPU-sized copy of a preset (``--quick`` with ``--preset accelerator``).
+
+  Same structure (non-private and private runs, two batches per kind, the
+  same σ/B, per-run steps in the same proportions), with the three smallest
+  models, batches / 16, steps / 50 (at least 3) and a small eval: a check
+  that the preset's pipeline runs, not evidence.
+  """
+  names = sorted({run[0] for run in spec["runs"]}, key=models.params_count)
+  small = dict(zip(names, models.model_names()))
+  runs = [(small[run[0]], max(run[1] // 16, 2), run[2], run[3],
+           max(round(run_steps(spec, run) / 50), 3)) for run in spec["runs"]]
+  return dict(spec, runs=runs, steps=max(round(spec["steps"] / 50), 3),
+              common=dict(spec["common"], eval_every=5, warmup_steps=2, eval_examples=64,
+                          examples_per_user=32),
+              speed=dict(models=[small[m] for m in spec["speed"]["models"]][:1], batch_size=16,
+                         repeats=5, naive=False),
+              computes=np.geomspace(1e9, 1e11, 4), epsilons=[1, 4, 16])
 
 
 def study_sigma_grid(spec: dict, out: str, quick: bool):
@@ -111,6 +228,38 @@ def study_sigma_grid(spec: dict, out: str, quick: bool):
                                validation_points=0, progress=False)
   sigma_grid.save_grid(grid, path)
   return path, f"σ grid: none shipped; built one for this study ({grid['build']['seconds']} s)"
+
+
+PRESETS = {"full": FULL, "accelerator": ACCELERATOR}
+
+
+def preset_spec(preset: str, quick: bool) -> dict:
+  """The grid of ``--preset`` (``--quick``: QUICK for full, ``tiny`` for the others)."""
+  if preset not in PRESETS:
+    raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+  if not quick:
+    return PRESETS[preset]
+  return QUICK if preset == "full" else tiny(PRESETS[preset])
+
+
+def device_kind() -> str:
+  import jax
+  return jax.devices()[0].device_kind
+
+
+def accelerator_notes(spec: dict, *, quick: bool) -> list[str]:
+  """The report's account of the accelerator preset: its cost estimate and the device."""
+  full = estimate_seconds(ACCELERATOR)
+  notes = [f"accelerator preset: {len(ACCELERATOR['runs'])} runs, estimated "
+           f"{full['total'] / 60:.1f} min on one H100 ({full['sweep']:.0f} s sweep) at an "
+           f"assumed {H100_FLOPS_PER_SECOND / 1e12:.0f} TFLOP/s sustained, DP-SGD at "
+           f"{DP_FLOPS_FACTOR:g}x the FLOPs of a plain step; this run: {device_kind()}"]
+  if quick:
+    notes.append("--quick: a CPU-sized copy of the accelerator grid (models "
+                 + ", ".join(sorted({r[0] for r in spec["runs"]}, key=models.params_count))
+                 + f", at most {max(run_steps(spec, r) for r in spec['runs'])} steps); the "
+                 "verdicts above test the pipeline, not the paper")
+  return notes
 
 
 # --- speed: DP step vs plain step, same model and batch ---------------------------------
@@ -191,14 +340,19 @@ def measure_speed(model: str, batch_size: int, *, seq_len: int, repeats: int,
 
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-  parser.add_argument("--quick", action="store_true", help="minutes-long pipeline check (CI)")
+  parser.add_argument("--preset", choices=tuple(PRESETS), default="full",
+                      help="the grid: full (CPU, ~1.5 h) or accelerator (one H100, <= 8 min)")
+  parser.add_argument("--quick", action="store_true",
+                      help="minutes-long pipeline check (CI): a small copy of the preset")
   parser.add_argument("--out", default=None,
-                      help="output folder (default: benchmarks/out/scaling_study[_quick])")
+                      help="output folder (default: benchmarks/out/scaling_study[_PRESET]"
+                      "[_quick])")
   parser.add_argument("--skip-speed", action="store_true", help="skip the speed comparison")
   parser.add_argument("--no-progress", action="store_true", help="no progress bars")
   args = parser.parse_args(argv)
-  spec = QUICK if args.quick else FULL
-  out = args.out or os.path.join(_HERE, "out", "scaling_study" + ("_quick" if args.quick else ""))
+  spec = preset_spec(args.preset, args.quick)
+  suffix = ("" if args.preset == "full" else "_" + args.preset) + ("_quick" if args.quick else "")
+  out = args.out or os.path.join(_HERE, "out", "scaling_study" + suffix)
   os.makedirs(out, exist_ok=True)
   start = time.perf_counter()
   notes = []
@@ -237,7 +391,9 @@ def main(argv=None) -> dict:
     notes.append(f"fit/planner unavailable ({err}): only measured results are reported")
     fit = law_plots = None
   if fit is not None:
-    description = "benchmarks/scaling_study.py" + (" --quick" if args.quick else "")
+    description = ("benchmarks/scaling_study.py"
+                   + ("" if args.preset == "full" else " --preset " + args.preset)
+                   + (" --quick" if args.quick else ""))
     law = fit.fit_law(rows, description=description, source=results_path)
     fit.save_law(law, os.path.join(out, "law.json"))
     plots.append(("fitted law: loss vs noise-batch ratio", law_plots.plot_loss_vs_ratio(
@@ -262,25 +418,29 @@ def main(argv=None) -> dict:
   findings["smaller"] = report_lib.finding_smaller_models_larger_batches(optima, frontier,
                                                                         computes)
   findings["epsilon"] = report_lib.finding_diminishing_epsilon(optima, computes)
-  if args.quick:
+  if args.preset == "accelerator":
+    notes.extend(accelerator_notes(spec, quick=args.quick))
+  if args.quick and args.preset == "full":
     notes.append("--quick: 30 steps, two small models, few runs; the verdicts above test the "
                  "pipeline, not the paper")
   seconds = time.perf_counter() - start
   report = os.path.join(out, "REPORT.md")
   intro = (f"{len(rows)} runs on the Python-stdlib corpus ({users} training sequences of "
            f"{corpus.seq_len} tokens from {len(corpus.train_users)} files; eval on "
-           f"{len(corpus.eval_users)} held-out files), {spec['steps']} steps each, "
+           f"{len(corpus.eval_users)} held-out files), {steps_text(spec)}, "
            "example-level DP-SGD via `dpfl.make_private` (Poisson sampling, C = 1, Adam), "
            f"δ = {delta:g}. Wall time {seconds / 60:.1f} min ({sweep_seconds / 60:.1f} min "
            f"sweep, {len(summary.trained)} runs trained now). Losses are nats per token "
            "(uniform over bytes: 5.55).")
-  title = "DP scaling study" + (" (quick: pipeline check, not evidence)" if args.quick else "")
+  title = ("DP scaling study" + (" (accelerator preset)" if args.preset == "accelerator" else "")
+           + (" (quick: pipeline check, not evidence)" if args.quick else ""))
   report_lib.write_report(report, title=title, intro=intro, rows=rows, findings=findings,
                           computes=computes, any_batch=any_batch, shipped=shipped,
                           shipped_epsilon=shipped_epsilon, speed=speed, plots=plots,
                           notes=notes)
   summary_out = {
-      "benchmark": "scaling_study", "quick": args.quick, "runs": len(rows),
+      "benchmark": "scaling_study", "preset": args.preset, "quick": args.quick,
+      "device_kind": device_kind(), "runs": len(rows),
       "trained": len(summary.trained), "seconds": round(seconds, 1),
       "sweep_seconds": round(sweep_seconds, 1), "report": report,
       "findings": {"noise_batch_ratio_drives_utility": findings["ratio"]["holds"],

@@ -91,8 +91,12 @@ def _burst(fn, *args, calls: int) -> float:
 
 
 def child(num_devices: int, users: int, examples_per_user: int, rounds: int,
-          quick: bool = False) -> dict:
-  """Times both steps on ``num_devices`` devices (this process's JAX)."""
+          quick: bool = False, *, model_kwargs: dict | None = None) -> dict:
+  """Times both steps on ``num_devices`` devices (this process's JAX).
+
+  ``quick`` shrinks the model (``--quick``); ``model_kwargs``, if given, go to
+  ``make_transformer`` instead (``benchmarks/accelerator.py`` picks its sizes).
+  """
   import jax
   import optax
 
@@ -104,7 +108,8 @@ def child(num_devices: int, users: int, examples_per_user: int, rounds: int,
 
   assert jax.device_count() == num_devices, jax.devices()
   size = dict(d_model=64, seq_len=16) if quick else {}
-  params, flat, loss_fn = make_transformer(users * examples_per_user, **size)
+  params, flat, loss_fn = make_transformer(users * examples_per_user,
+                                           **(size if model_kwargs is None else model_kwargs))
   # Users are consecutive runs of examples: the same examples in both steps.
   grouped = jax.tree.map(lambda x: x.reshape((users, examples_per_user) + x.shape[1:]), flat)
   mask = jax.numpy.ones((users, examples_per_user), bool)

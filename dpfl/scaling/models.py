@@ -1,7 +1,8 @@
 """A named family of small decoder-only transformers for scaling-law studies.
 
-Sizes run from ~50K to ~5M parameters (``"s50k"`` ... ``"s5m"``), small
-enough that a DP-SGD sweep over several of them fits on a laptop CPU. All
+Sizes run from ~50K to ~20M parameters (``"s50k"`` ... ``"s20m"``); up to
+``"s5m"`` a DP-SGD sweep over several of them fits on a laptop CPU, the two
+largest are for one GPU. All
 share one architecture, so the only thing that changes along the family is
 width and depth, as in the scaling-law literature (Kaplan et al. 2020;
 McKenna et al. 2025, arXiv 2501.18914):
@@ -74,6 +75,9 @@ MODELS: dict[str, ModelConfig] = {c.name: c for c in (
     ModelConfig("s1m", d_model=128, num_layers=5, num_heads=4),
     ModelConfig("s2m", d_model=200, num_layers=4, num_heads=8),
     ModelConfig("s5m", d_model=256, num_layers=6, num_heads=8),
+    # One-GPU sizes (benchmarks/scaling_study.py --preset accelerator).
+    ModelConfig("s10m", d_model=384, num_layers=6, num_heads=6),
+    ModelConfig("s20m", d_model=512, num_layers=6, num_heads=8),
 )}
 
 

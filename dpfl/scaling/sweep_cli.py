@@ -62,7 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--results", required=True, metavar="FILE",
                  help="JSON-lines results file to append to (resumed if it exists)")
   p.add_argument("--models", type=_csv(str), default=["s50k"], metavar="M,...",
-                 help="model sizes: s50k, s100k, s200k, s500k, s1m, s2m, s5m (default: s50k)")
+                 help="model sizes: s50k, s100k, s200k, s500k, s1m, s2m, s5m, s10m, s20m "
+                 "(default: s50k)")
   p.add_argument("--batch-sizes", type=_csv(int), default=[256],
                  metavar="B,...", help="expected batch sizes (default: 256)")
   noise = p.add_mutually_exclusive_group()

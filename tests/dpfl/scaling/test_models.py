@@ -26,9 +26,9 @@ def _closed_form_count(cfg: models.ModelConfig) -> int:
   return cfg.vocab_size * d + cfg.num_layers * block + 2 * d
 
 
-def test_family_spans_50k_to_5m_and_counts_increase():
+def test_family_spans_50k_to_20m_and_counts_increase():
   names = list(models.MODELS)
-  assert names[0] == "s50k" and names[-1] == "s5m" and len(names) >= 5
+  assert names[0] == "s50k" and names[-1] == "s20m" and len(names) >= 5
   counts = [models.params_count(n) for n in names]
   assert counts == sorted(counts) and len(set(counts)) == len(counts)
   assert models.model_names() == tuple(names)
