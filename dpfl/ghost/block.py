@@ -11,10 +11,10 @@ import jax.numpy as jnp
 
 from dpfl import explicit_sharding
 from dpfl.ghost.norms import (
-    HIGHEST, _canon_dot, _dot_layout, _dot_sq_norms, _f32, _gather_sq_norms,
-    _pullback_isometric, _sq_sum, _tied_cross)
+    HIGHEST, canon_dot, dot_layout, dot_sq_norms, f32, gather_sq_norms,
+    pullback_isometric, sq_sum, tied_cross)
 from dpfl.ghost.trace import (
-    _DATA_FREE_VJP, _LINEAR_IN_DATA, Analysis, ClipReport, GhostFallbackWarning, _bind)
+    DATA_FREE_VJP, LINEAR_IN_DATA, Analysis, ClipReport, GhostFallbackWarning, bind_node)
 
 # ---------------------------------------------------------------------------
 # Evaluation.
@@ -34,7 +34,7 @@ def param_values(an: Analysis, leaves: list) -> dict:
       continue
     if all(o not in an.param_leaves for o in node.outs):
       continue
-    outs = _bind(node, [_read(env, i) for i in node.ins])
+    outs = bind_node(node, [_read(env, i) for i in node.ins])
     for o, v in zip(node.outs, outs):
       env[o] = v
   return env
@@ -51,7 +51,7 @@ def _unit_forward(an: Analysis, penv, probes, unit_inputs):
     if not any(not isinstance(i, tuple) and i in an.data_ids for i in node.ins):
       continue
     vals = [_read(env, i) for i in node.ins]
-    outs = _bind(node, vals)
+    outs = bind_node(node, vals)
     s = site_at.get(n)
     if s is not None:
       site = an.sites[s]
@@ -75,7 +75,7 @@ def _site_apply(an, s, penv, data):
       vals.append(next(it))
     else:
       vals.append(_read(penv, i))
-  outs = _bind(node, vals)
+  outs = bind_node(node, vals)
   return [outs[p] for p in site.out_pos]
 
 
@@ -110,7 +110,7 @@ def _kcf_sharding(a, g):
 
 def _scaled(w, x):
   """w (per unit) * x, where w == 0 gives exact 0 (x may be NaN)."""
-  wx = _f32(x) * w.reshape(w.shape + (1,) * (x.ndim - 1)).astype(_f32(x).dtype)
+  wx = f32(x) * w.reshape(w.shape + (1,) * (x.ndim - 1)).astype(f32(x).dtype)
   return jnp.where(w.reshape(w.shape + (1,) * (x.ndim - 1)) > 0, wx, 0.0)
 
 
@@ -171,31 +171,31 @@ def block(an: Analysis, params, units, included, l2_clip_norm, chunk_units,
     node = an.graph.nodes[site.node_index]
     if site.kind == "dot":
       p = site.param_pos[0]
-      a, g, _ = _canon_dot(node, p, recs[s][0], cots[s][0])
+      a, g, _ = canon_dot(node, p, recs[s][0], cots[s][0])
       if site.form == "explicit":
         grads = jnp.einsum("bkic,bkif->bkcf", a, g, precision=HIGHEST,
                            preferred_element_type=jnp.float32)
         explicit[s] = grads
         sq = sq + jnp.sum(jnp.square(grads), axis=(1, 2, 3))
       else:
-        sq = sq + _dot_sq_norms(site.form, a, g)
+        sq = sq + dot_sq_norms(site.form, a, g)
     elif site.kind == "gather":
-      sq = sq + _gather_sq_norms(node, recs[s][0], cots[s][0])
+      sq = sq + gather_sq_norms(node, recs[s][0], cots[s][0])
     else:  # conv: the per-unit kernel gradient (small) is formed.
       def unit_grad(data, cot, s=s, node=node):
         wp = penv[node.ins[1]]
         f = lambda w: _site_apply(an, s, {**penv, node.ins[1]: w}, data)
         return jax.vjp(f, wp)[1](list(cot))[0]
       grads = unit_map(unit_grad, (recs[s], cots[s]),
-                       lambda x: jnp.isfinite(_sq_sum(x)), isolate=an.grouped_conv)
+                       lambda x: jnp.isfinite(sq_sum(x)), isolate=an.grouped_conv)
       explicit[s] = grads
-      sq = sq + _sq_sum(grads)
+      sq = sq + sq_sum(grads)
   for k, entries in an.ghost.items():
     if len(entries) == 2:  # tied embedding: the two sites' cross term
       (sg, _), (sd, _) = entries
       gnode = an.graph.nodes[an.sites[sg].node_index]
       dnode = an.graph.nodes[an.sites[sd].node_index]
-      sq = sq + _tied_cross(gnode, recs[sg][0], cots[sg][0], dnode,
+      sq = sq + tied_cross(gnode, recs[sg][0], cots[sg][0], dnode,
                             an.sites[sd].param_pos[0], recs[sd][0], cots[sd][0])
 
   generic = an.generic_leaves
@@ -225,9 +225,9 @@ def block(an: Analysis, params, units, included, l2_clip_norm, chunk_units,
     def norms_fn(blk):
       data, cot = blk
       grads = unit_map(lambda d, c: generic_unit_grads(sub, d, c), (data, cot),
-                       lambda g: jnp.isfinite(sum(_sq_sum(x) for x in g)),
+                       lambda g: jnp.isfinite(sum(sq_sum(x) for x in g)),
                        isolate=an.grouped_conv)
-      return (), sum(_sq_sum(x) for x in grads)
+      return (), sum(sq_sum(x) for x in grads)
 
     _, gsq = map_reduce(norms_fn, (g_recs, g_cots), chunk, ())
     sq = sq + gsq
@@ -246,11 +246,11 @@ def block(an: Analysis, params, units, included, l2_clip_norm, chunk_units,
     if s in explicit:
       grads = explicit[s]
       wsum = jnp.einsum("b,b...->...", weights.astype(jnp.float32),
-                        jnp.where(valid.reshape((n,) + (1,) * (grads.ndim - 1)), _f32(grads), 0.0),
+                        jnp.where(valid.reshape((n,) + (1,) * (grads.ndim - 1)), f32(grads), 0.0),
                         precision=HIGHEST,
                         out_sharding=explicit_sharding.of_dims(grads, range(1, grads.ndim)))
       if site.kind == "dot":
-        lay = _dot_layout(node, site.param_pos[0])
+        lay = dot_layout(node, site.param_pos[0])
         wsum = explicit_sharding.reshape(wsum, lay["canon_shape"]).transpose(lay["w_perm"])
     elif site.kind == "dot":
       p = site.param_pos[0]
@@ -259,16 +259,16 @@ def block(an: Analysis, params, units, included, l2_clip_norm, chunk_units,
       # out of the contraction in one pass.
       a = recs[s][0]
       a = jnp.where(valid.reshape((n,) + (1,) * (a.ndim - 1)), a, jnp.zeros((), a.dtype))
-      a, g, lay = _canon_dot(node, p, a, cots[s][0])
+      a, g, lay = canon_dot(node, p, a, cots[s][0])
       # Products in float32 (or wider) too: scaling a half-precision
       # cotangent by w_i would round it, and loosen the clip bound by 2^-9.
       wg = _scaled(weights, g)
-      wsum = jnp.einsum("bkic,bkif->kcf", _f32(a), wg, precision=HIGHEST,
+      wsum = jnp.einsum("bkic,bkif->kcf", f32(a), wg, precision=HIGHEST,
                         preferred_element_type=jnp.float32,
                         out_sharding=_kcf_sharding(a, g))
       wsum = explicit_sharding.reshape(wsum, lay["canon_shape"]).transpose(lay["w_perm"])
     else:  # gather: scatter-add of scaled cotangents, in float32.
-      wp = _f32(penv[node.ins[0]])
+      wp = f32(penv[node.ins[0]])
       idx = tuple(jnp.where(valid.reshape((n,) + (1,) * (x.ndim - 1)), x, jnp.zeros((), x.dtype))
                   for x in recs[s])
       wg = [_scaled(weights, c) for c in cots[s]]
@@ -277,7 +277,7 @@ def block(an: Analysis, params, units, included, l2_clip_norm, chunk_units,
         return jax.vmap(lambda d: _site_apply(an, s, {**penv, node.ins[0]: w}, d))(idx)
 
       wsum = jax.vjp(f, wp)[1](wg)[0]
-    part = _pullback_isometric(chain, _f32(wsum))
+    part = pullback_isometric(chain, f32(wsum))
     total[k] = part if total[k] is None else total[k] + part
 
   if generic:
@@ -288,9 +288,9 @@ def block(an: Analysis, params, units, included, l2_clip_norm, chunk_units,
     # any other gets a valid unit's data (contributing 0 * finite).
     def clean(s, r):
       prim = an.sites[s].primitive
-      if prim in _DATA_FREE_VJP:
+      if prim in DATA_FREE_VJP:
         return r
-      if prim in _LINEAR_IN_DATA:
+      if prim in LINEAR_IN_DATA:
         return tuple(jnp.where(valid.reshape((n,) + (1,) * (x.ndim - 1)), x,
                                jnp.zeros((), x.dtype)) for x in r)
       return safe(r)
@@ -315,18 +315,18 @@ def block(an: Analysis, params, units, included, l2_clip_norm, chunk_units,
         data, cot, w = blk
         grads = jax.vmap(lambda d, c: generic_unit_grads(sub, d, c))(data, cot)
         return [jnp.einsum("b,b...->...", w, jnp.where(
-            (w > 0).reshape((-1,) + (1,) * (x.ndim - 1)), _f32(x), 0.0),
+            (w > 0).reshape((-1,) + (1,) * (x.ndim - 1)), f32(x), 0.0),
             precision=HIGHEST,
             out_sharding=explicit_sharding.of_dims(x, range(1, x.ndim))) for x in grads], ()
-      acc0 = [jnp.zeros_like(x, _f32(jnp.zeros((), jnp.result_type(x))).dtype) for x in sub]
+      acc0 = [jnp.zeros_like(x, f32(jnp.zeros((), jnp.result_type(x))).dtype) for x in sub]
       zeroed = [[jnp.where(valid.reshape((n,) + (1,) * (c.ndim - 1)), c, 0)
                  for c in cs] for cs in g_cots]
       sums, _ = map_reduce(sum_fn, (clean_recs, zeroed, weights), chunk, acc0)
     for k, x in zip(generic, sums):
-      total[k] = _f32(x)
+      total[k] = f32(x)
 
   total = [
-      jnp.zeros_like(x, _f32(jnp.zeros((), jnp.result_type(x))).dtype)
+      jnp.zeros_like(x, f32(jnp.zeros((), jnp.result_type(x))).dtype)
       if t is None else explicit_sharding.like(jnp.where(any_valid, t, 0.0), x)
       for x, t in zip(leaves, total)
   ]

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def _gather_mode(node) -> str | None:
+def gather_mode(node) -> str | None:
   """The gather's out-of-bounds mode, as its gradient treats it."""
   mode = str(node.params.get("mode", "")).upper()
   for name in ("FILL_OR_DROP", "PROMISE_IN_BOUNDS", "CLIP"):
@@ -32,7 +32,7 @@ def _gather_mode(node) -> str | None:
 # dot_general in canonical form: A [nb, N, C], g [nb, N, F].
 
 
-def _dot_layout(node, p):
+def dot_layout(node, p):
   """Axis bookkeeping for a dot_general whose operand ``p`` is the parameter."""
   (lc, rc), (lb, rb) = node.params["dimension_numbers"]
   lhs, rhs = node.ins_avals[0].shape, node.ins_avals[1].shape
@@ -64,10 +64,10 @@ def _dot_layout(node, p):
               w_perm=w_perm, canon_shape=canon_shape)
 
 
-def _choose_form(graph, site) -> str:
+def choose_form(graph, site) -> str:
   node = graph.nodes[site.node_index]
   if site.kind == "dot":
-    lay = _dot_layout(node, site.param_pos[0])
+    lay = dot_layout(node, site.param_pos[0])
     if lay["n"] == 1:
       return "outer"
     return "gram" if lay["n"] * (lay["c"] + lay["f"]) <= lay["c"] * lay["f"] else "explicit"
@@ -76,9 +76,9 @@ def _choose_form(graph, site) -> str:
   return "explicit"
 
 
-def _canon_dot(node, p, a, g):
+def canon_dot(node, p, a, g):
   """a [U, *a_shape], g [U, *out] -> [U, nb, N, C], [U, nb, N, F]."""
-  lay = _dot_layout(node, p)
+  lay = dot_layout(node, p)
   u = a.shape[0]
   # explicit_sharding.reshape: under an Explicit mesh the unit axis stays
   # sharded as the batch is, and a feature axis as the parameter is.
@@ -89,21 +89,21 @@ def _canon_dot(node, p, a, g):
   return a, g, lay
 
 
-def _f32(x):
+def f32(x):
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-def _sq_sum(x):
-  x = _f32(x)
+def sq_sum(x):
+  x = f32(x)
   # Over the non-unit axes, not a reshape to [units, -1], which would
   # gather an axis sharded over an Explicit mesh.
   return jnp.sum(jnp.square(x), axis=tuple(range(1, x.ndim)))
 
 
-def _dot_sq_norms(form, a, g):
+def dot_sq_norms(form, a, g):
   if form == "outer":  # one token: ||a g^T||^2 = ||a||^2 ||g||^2
-    sa = jnp.sum(jnp.square(_f32(a)), axis=(2, 3))
-    sg = jnp.sum(jnp.square(_f32(g)), axis=(2, 3))
+    sa = jnp.sum(jnp.square(f32(a)), axis=(2, 3))
+    sg = jnp.sum(jnp.square(f32(g)), axis=(2, 3))
     return jnp.sum(sa * sg, axis=1)
   if form == "gram":
     # A feature axis sharded over a mesh (a model-sharded layer) is summed
@@ -140,7 +140,7 @@ def _gather_canon(node, idx, g):
   shape = node.ins_avals[0].shape
   dims = list(dn.start_index_map)
   limit = jnp.asarray([shape[d] - 1 for d in dims], idx.dtype)
-  if _gather_mode(node) == "clip":
+  if gather_mode(node) == "clip":
     idx = jnp.clip(idx, 0, limit)
     valid = jnp.ones(idx.shape[:2], bool)
   else:
@@ -151,7 +151,7 @@ def _gather_canon(node, idx, g):
   return idx, valid, g
 
 
-def _gather_sq_norms(node, idx, g):
+def gather_sq_norms(node, idx, g):
   """Token-equality Gram: sum_{t,s} [id_t == id_s] (g_t . g_s)."""
   idx, valid, g = _gather_canon(node, idx, g)
   same = jnp.all(idx[:, :, None, :] == idx[:, None, :, :], axis=-1)
@@ -161,20 +161,20 @@ def _gather_sq_norms(node, idx, g):
   return jnp.sum(jnp.where(same, gg, 0.0), axis=(1, 2))
 
 
-def _tied_cross(gnode, idx, g1, dnode, p, h, glog):
+def tied_cross(gnode, idx, g1, dnode, p, h, glog):
   """2 <G_gather, G_dot> = 2 sum_{t,s} glog[s, id_t] (g1_t . h_s) per unit."""
   idx, valid, g1 = _gather_canon(gnode, idx, g1)
-  a, g, _ = _canon_dot(dnode, p, h, glog)  # [U, 1, N, D], [U, 1, N, V]
+  a, g, _ = canon_dot(dnode, p, h, glog)  # [U, 1, N, D], [U, 1, N, V]
   a, g = a[:, 0], g[:, 0]
   ids = jnp.broadcast_to(idx[:, None, :, 0], (g.shape[0], g.shape[1], idx.shape[1]))
   m = jnp.take_along_axis(g, ids, axis=2)  # [U, N (s), L (t)]
   prod = jnp.einsum("btd,bsd->bst", g1, a, precision=HIGHEST,
                     preferred_element_type=jnp.float32)
-  cross = jnp.where(valid[:, None, :], _f32(m) * prod, 0.0)
+  cross = jnp.where(valid[:, None, :], f32(m) * prod, 0.0)
   return 2.0 * jnp.sum(cross, axis=(1, 2))
 
 
-def _pullback_isometric(chain, ct):
+def pullback_isometric(chain, ct):
   """The transpose of a chain of isometric ops, applied to ``ct`` (float32)."""
   for node in reversed(chain):
     name = node.prim.name
@@ -221,7 +221,7 @@ def extra_cost(an: Analysis, bytes_cost: float, grad_bytes: float,
     if len(entries) == 2:  # tied cross term: an L x N Gram over D
       gnode = graph.nodes[an.sites[entries[0][0]].node_index]
       lookups = size(gnode.avals[0]) // max(1, gnode.ins_avals[0].shape[-1])
-      lay = _dot_layout(graph.nodes[an.sites[entries[1][0]].node_index],
+      lay = dot_layout(graph.nodes[an.sites[entries[1][0]].node_index],
                         an.sites[entries[1][0]].param_pos[0])
       total += 2 * lookups * lay["n"] * (lay["c"] + 1)
   for s, site in enumerate(an.sites):
@@ -231,7 +231,7 @@ def extra_cost(an: Analysis, bytes_cost: float, grad_bytes: float,
     total += bytes_cost * 4 * 2 * traffic
     if s in ghost_sites:
       if site.kind == "dot":
-        lay = _dot_layout(node, site.param_pos[0])
+        lay = dot_layout(node, site.param_pos[0])
         nb, n, c, f = lay["nb"], lay["n"], lay["c"], lay["f"]
         if site.form == "outer":
           total += 2 * nb * (c + f)

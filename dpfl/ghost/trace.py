@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax.extend import core as jex_core
 
 from dpfl import explicit_sharding
-from dpfl.ghost.norms import _choose_form, _gather_mode
+from dpfl.ghost.norms import choose_form, gather_mode
 
 PyTree = Any
 
@@ -30,8 +30,8 @@ _LINEAR_SHAPE = _ISOMETRIC | {"broadcast_in_dim", "gather", "dynamic_slice",
                                "pad", "reduce_sum"}
 _ELEMENTWISE = {"add", "add_any", "sub", "mul", "div", "max", "min",
                 "select_n", "neg", "pow", "atan2", "rem"}
-_DATA_FREE_VJP = {"add", "add_any", "sub"}
-_LINEAR_IN_DATA = {"mul", "dot_general", "conv_general_dilated"}
+DATA_FREE_VJP = {"add", "add_any", "sub"}
+LINEAR_IN_DATA = {"mul", "dot_general", "conv_general_dilated"}
 _CONTROL_FLOW = {"scan", "while", "cond", "custom_jvp_call", "custom_vjp_call",
                  "custom_vjp_call_jaxpr", "shard_map", "pmap", "xla_pmap"}
 
@@ -154,7 +154,7 @@ def _flatten(closed, in_ids, graph):
   return [ref(v) for v in jaxpr.outvars]
 
 
-def _bind(node: _Node, vals: list) -> list:
+def bind_node(node: _Node, vals: list) -> list:
   out = node.prim.bind(*vals, **node.prim.get_bind_params(node.params))
   return list(out) if node.prim.multiple_results else [out]
 
@@ -268,7 +268,7 @@ def _tied_pair(graph, producers, param_leaves, sites, mine, leaf_id):
 
 
 def _simple_gather(node, param_pos) -> bool:
-  if param_pos != (0,) or _gather_mode(node) is None:
+  if param_pos != (0,) or gather_mode(node) is None:
     return False
   dn = node.params["dimension_numbers"]
   if tuple(dn.operand_batching_dims) or tuple(dn.start_indices_batching_dims):
@@ -430,7 +430,7 @@ def analyze(unit_loss, params, unit_batch, unit_mask) -> Analysis:
     site.form = "per_unit"
   for k, entries in ghost.items():
     for s, _ in entries:
-      sites[s].form = _choose_form(graph, sites[s])
+      sites[s].form = choose_form(graph, sites[s])
   report_sites = []
   for s, site in enumerate(sites):
     for k in sorted(site.leaves):
