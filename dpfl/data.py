@@ -191,6 +191,17 @@ def cap_users(user_ids: Any, *, examples_per_user: int, selection: str = "first"
   return unique, rows, np.bincount(user, minlength=unique.shape[0])
 
 
+def user_indices(indices: Any, num_users: int) -> np.ndarray:
+  """``indices`` of users, checked (a non-empty 1-D integer array in [-num_users,
+  num_users)) and with negative ones wrapped, as ``UserDataset.subset`` takes them."""
+  idx = np.asarray(indices)
+  if idx.ndim != 1 or idx.size == 0 or not np.issubdtype(idx.dtype, np.integer):
+    raise ValueError(f"indices must be a non-empty 1-D integer array, got {indices!r}")
+  if idx.min() < -num_users or idx.max() >= num_users:
+    raise ValueError(f"indices must lie in [0, {num_users}), got [{idx.min()}, {idx.max()}]")
+  return idx % num_users
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class UserDataset:
   """Users' examples, capped at ``examples_per_user`` and padded to a static shape.
@@ -377,12 +388,7 @@ class UserDataset:
 
   def subset(self, indices: Any) -> "UserDataset":
     """The users at ``indices`` (e.g. a held-out split), same cap."""
-    idx = np.asarray(indices)
-    if idx.ndim != 1 or idx.size == 0 or not np.issubdtype(idx.dtype, np.integer):
-      raise ValueError(f"indices must be a non-empty 1-D integer array, got {indices!r}")
-    if idx.min() < -self.num_users or idx.max() >= self.num_users:
-      raise ValueError(f"indices must lie in [0, {self.num_users}), got "
-                       f"[{idx.min()}, {idx.max()}]")
+    idx = user_indices(indices, self.num_users)
     return dataclasses.replace(self, data=jax.tree.map(lambda x: x[idx], self.data),
                                mask=self.mask[idx], user_ids=self.user_ids[idx],
                                num_dropped_users=0, num_dropped_examples=0)

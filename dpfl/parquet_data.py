@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from accounting import validate as check
-from dpfl.data import SELECTIONS, UserDataset, cap_users
+from dpfl.data import SELECTIONS, UserDataset, cap_users, user_indices
 
 PyTree = Any
 DEFAULT_ROWS_PER_GROUP = 4096
@@ -298,13 +298,7 @@ class ParquetUserDataset(UserDataset):
 
   def subset(self, indices: Any) -> "ParquetUserDataset":
     """The users at ``indices`` (e.g. a held-out split), same cap and files; no I/O."""
-    idx = np.asarray(indices)
-    if idx.ndim != 1 or idx.size == 0 or not np.issubdtype(idx.dtype, np.integer):
-      raise ValueError(f"indices must be a non-empty 1-D integer array, got {indices!r}")
-    if idx.min() < -self.num_users or idx.max() >= self.num_users:
-      raise ValueError(f"indices must lie in [0, {self.num_users}), got "
-                       f"[{idx.min()}, {idx.max()}]")
-    idx = idx % self.num_users
+    idx = user_indices(indices, self.num_users)
     rows = np.concatenate([self._rows[self._offsets[u]:self._offsets[u + 1]] for u in idx])
     return ParquetUserDataset(
         files=self.files, user_id_column=self.user_id_column, columns=self.columns,
