@@ -29,10 +29,12 @@ def _spec_axes(spec: PartitionSpec) -> set:
 
 
 def is_explicit(sharding: NamedSharding) -> bool:
-  """Whether ``sharding`` splits over any ``Explicit`` mesh axis (its arrays' types say so)."""
-  mesh = sharding.mesh
-  types = dict(zip(mesh.axis_names, mesh.axis_types))
-  return any(types.get(axis) == AxisType.Explicit for axis in _spec_axes(sharding.spec))
+  """Whether ``sharding``'s mesh has ``Explicit`` axes (its arrays' types carry it).
+
+  True for a replicated ``P()`` on such a mesh too: there a
+  ``with_sharding_constraint`` only asserts, and ``reshard`` is what lays out.
+  """
+  return AxisType.Explicit in tuple(sharding.mesh.axis_types)
 
 
 def leaf_sharding(x: Any) -> NamedSharding | None:
@@ -97,10 +99,12 @@ def follow_params(state_shapes: Any, params: Any, mesh: jax.sharding.Mesh) -> An
   """A ``NamedSharding`` for every leaf of an optimizer state, following the params'.
 
   Optimizer states hold copies of the parameter tree as subtrees (optax's
-  moments ``mu['w']``, dpfl's MF buffers): a state leaf whose key path ends
-  with a parameter's path and has its shape takes that parameter's sharding
-  (the longest such path). Every other leaf (keys, counts, stored step keys,
-  scalars) is replicated on ``mesh``.
+  moments ``mu``, dpfl's MF buffers): a state subtree with the params' tree
+  structure and their shapes takes the params' shardings, leaf by leaf.
+  Leaves in no such subtree (a masked or partial copy) take the sharding of
+  the parameter whose key path their own ends with, if they are floating
+  point with its shape; every other leaf (keys, counts, the sampler seed,
+  scalars, factored statistics) is replicated on ``mesh``.
 
   Args:
     state_shapes: the state's leaves (arrays or ``jax.ShapeDtypeStruct``s).
@@ -108,20 +112,76 @@ def follow_params(state_shapes: Any, params: Any, mesh: jax.sharding.Mesh) -> An
     mesh: the parameters' mesh.
   """
   replicated = NamedSharding(mesh, PartitionSpec())
-  by_path = []
-  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    sharding = leaf_sharding(leaf)
-    by_path.append((tuple(path), tuple(jax.numpy.shape(leaf)), sharding or replicated))
-  by_path.sort(key=lambda item: -len(item[0]))
+  params_def = jax.tree.structure(params)
+  param_leaves = params_def.flatten_up_to(params)
+  param_shardings = [leaf_sharding(leaf) or replicated for leaf in param_leaves]
+  param_shapes = [tuple(jax.numpy.shape(leaf)) for leaf in param_leaves]
 
-  def pick(path, leaf):
-    path, shape = tuple(path), tuple(jax.numpy.shape(leaf))
-    for param_path, param_shape, sharding in by_path:
-      if shape == param_shape and path[len(path) - len(param_path):] == param_path:
-        return sharding
+  def floating(leaf) -> bool:
+    return jax.numpy.issubdtype(getattr(leaf, "dtype", None) or jax.numpy.result_type(leaf),
+                                jax.numpy.floating)
+
+  def params_like(node) -> bool:
+    if jax.tree.structure(node) != params_def:
+      return False
+    leaves = params_def.flatten_up_to(node)
+    return all(floating(leaf) and tuple(jax.numpy.shape(leaf)) == shape
+               for leaf, shape in zip(leaves, param_shapes))
+
+  by_path = sorted(
+      ((tuple(path), shape, sharding) for (path, _), shape, sharding in zip(
+          jax.tree_util.tree_flatten_with_path(params)[0], param_shapes, param_shardings)),
+      key=lambda item: -len(item[0]))
+
+  def pick(path, node):
+    if params_like(node):
+      return jax.tree.unflatten(params_def, param_shardings)
+    path, shape = tuple(path), tuple(jax.numpy.shape(node))
+    if floating(node):
+      for param_path, param_shape, sharding in by_path:
+        if param_path and shape == param_shape and path[len(path) - len(param_path):] == param_path:
+          return sharding
     return replicated
 
-  return jax.tree_util.tree_map_with_path(pick, state_shapes)
+  return jax.tree_util.tree_map_with_path(pick, state_shapes, is_leaf=params_like)
+
+
+def unit_axes(x: Any) -> set:
+  """The Explicit mesh axes ``x``'s leading (unit) axis is split over (empty: none known)."""
+  sharding = leaf_sharding(x)
+  if sharding is None or not is_explicit(sharding) or not len(sharding.spec):
+    return set()
+  return _spec_axes(PartitionSpec(sharding.spec[0]))
+
+
+def refuse_params_on(params: Any, axes: set) -> None:
+  """Refuses parameters split over any of the Explicit mesh ``axes`` the units are split over.
+
+  Per-unit gradients are laid out ``[units@data, *param]``: a parameter
+  axis also on ``data`` would name one mesh axis twice, which Explicit
+  sharding types refuse deep inside the clipping. (Auto axes work: XLA
+  re-lays such parameters out itself.)
+  """
+  if not axes:
+    return
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    sharding = leaf_sharding(leaf)
+    if sharding is None or not is_explicit(sharding):
+      continue
+    shared = sorted(axes & _spec_axes(sharding.spec))
+    if shared:
+      raise ValueError(
+          f"params{jax.tree_util.keystr(path)} is sharded over the mesh axis {shared[0]!r} "
+          f"({sharding.spec}) that the batch's unit axis is split over; on an Explicit mesh "
+          "parameters may be split over the other axes only (e.g. a 'model' axis of a "
+          "(data, model) mesh). Shard it over another axis, or use Auto axis types")
+
+
+def check_data_axis_free(params: Any, mesh: jax.sharding.Mesh) -> None:
+  """``refuse_params_on`` the mesh's first (data) axis, when that axis is Explicit."""
+  data = mesh.axis_names[0]
+  if dict(zip(mesh.axis_names, mesh.axis_types)).get(data) == AxisType.Explicit:
+    refuse_params_on(params, {data})
 
 
 def zeros(shape, dtype, sharding: NamedSharding | None) -> jax.Array:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from accounting import validate as check
-from dpfl import clip_cost, clip_methods, ghost
+from dpfl import _sharding, clip_cost, clip_methods, ghost
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree], Any]
@@ -311,6 +311,8 @@ def clipped_sum(
   def fun(params, batch, *, mask=None):
     shape = _batch_shape(batch, unit)
     mask = _check_mask(mask, shape, unit)
+    _sharding.refuse_params_on(params, set().union(
+        *map(_sharding.unit_axes, jax.tree.leaves((batch, mask)))))
     units = (batch, mask)
     included = mask if unit == "example" else jnp.any(mask, axis=1)
     chosen = resolve(params, units)

@@ -229,6 +229,7 @@ class PrivateTraining:
     mesh = _sharding.params_mesh(params)
     if mesh is None:
       return initial(params)
+    _sharding.check_data_axis_free(params, self.mesh or mesh)
     # Placed params: every state leaf is made where it lives (optimizer
     # moments and MF buffers sharded like their parameter, keys and counts
     # replicated), never whole on one device first.
@@ -270,6 +271,8 @@ class PrivateTraining:
     def checked(state, batch, mask):
       self._check_next_step()
       if "state" not in layout:
+        if self.mesh is not None:
+          _sharding.check_data_axis_free(state.params, self.mesh)
         layout["state"] = _sharding.tree_shardings(state)
       if explicit:
         with jax.set_mesh(self.mesh):
@@ -439,8 +442,7 @@ class PrivateTraining:
             "continue as one matrix mechanism. Plan a new run (pass "
             "ledger=accounting.Ledger.load(<directory>/ledger.json) to compose it after "
             "these steps)")
-      state = PrivateState(params=params, opt_state=self.optimizer.init(params),
-                           sampler_seed=seed, step=jnp.zeros((), jnp.int32))
+      state = self._initial_state(params)
     else:
       template = self._template(params, seed)
       state = manager.restore(latest, args=ocp.args.StandardRestore(template))
@@ -490,13 +492,13 @@ class PrivateTraining:
                           step=jnp.zeros((), jnp.int32))
 
     shapes = jax.eval_shape(build, params)
-    if not any(isinstance(getattr(leaf, "sharding", None), NamedSharding)
-               for leaf in jax.tree.leaves(params)):
+    mesh = _sharding.params_mesh(params)
+    if mesh is None:
       return shapes  # unsharded parameters: orbax places the leaves itself
-    shardings = jax.jit(build).lower(params).compile().output_shardings
-    shardings = shardings._replace(params=jax.tree.map(
-        lambda given, compiled: given.sharding if isinstance(given, jax.Array) else compiled,
-        params, shardings.params))
+    # As ``init`` lays the state out: optimizer moments and MF buffers like
+    # their parameter, keys and counters replicated (a compiled init's own
+    # output shardings would replicate model-sized leaves on an Auto mesh).
+    shardings = _sharding.follow_params(shapes, params, mesh)
     return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype,
                                                                  sharding=sharding),
                         shapes, shardings)

@@ -41,7 +41,7 @@ from dpfl import _rng, ftrl, noise, sampling
 from dpfl.clipping import METHODS as CLIP_METHODS
 from dpfl.clipping import clipped_grad as make_clipped_grad
 from dpfl.data import UserDataset
-from dpfl.federated import clipped_user_updates
+from dpfl.federated import clipped_user_updates, shared_secret_seed
 # The run object lives in its own module; its names are re-exported here.
 from dpfl.private_training import PrivateState, PrivateTraining, recorded_noise  # noqa: F401
 
@@ -203,6 +203,9 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
     accountant: ``"pld"`` or ``"rdp"`` (ELS and truncated Poisson: PLD only).
     key: noise PRNG key (default: OS entropy; an int keeps all its bits).
     seed: sampling seed (default: OS entropy; an int keeps up to 128 bits).
+      In a multi-process run both defaults are one secret drawn on process 0
+      and broadcast (``dpfl.shared_secret_seed``), so every process draws the
+      same sample and the same noise.
     ledger: an earlier ledger this run extends (its entries are composed
       before this run's; calibration covers the whole).
     privacy_unit: ``"example"`` or ``"user"``.
@@ -304,6 +307,14 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
                      f"are sharded over) or None, got {type(mesh).__name__} {mesh!r}")
   # Batches are split over the first (data) axis: pad them to a multiple of it.
   multiple_of = 1 if mesh is None else int(mesh.shape[mesh.axis_names[0]])
+  if jax.process_count() > 1:
+    # One run over several processes: every process must draw the same
+    # sample and the same noise. OS entropy drawn on each process would give
+    # each its own — one global batch made of different samples (a unit
+    # could sit in it twice: sensitivity 2C, not the C accounted) — so the
+    # defaults become one secret drawn on process 0 and broadcast.
+    seed = shared_secret_seed() if seed is None else seed
+    key = shared_secret_seed() if key is None else key
   sampler = _build_sampler(scheme, privacy_unit=privacy_unit, sampling_unit=sampling_unit,
                            dataset_size=dataset_size, batch_size=batch_size,
                            num_steps=num_steps, max_batch_size=max_batch_size,

@@ -143,6 +143,14 @@ def mark(name):
 def main():
   mark("imported")
   out = {"secrets": [str(dpfl.shared_secret_seed()), str(dpfl.shared_secret_seed())]}
+  # Default seed and key (OS entropy): one secret for the whole run, or each
+  # process would sample its own batch (a unit twice in the global batch).
+  defaults = dpfl.make_private(
+      loss, optax.sgd(0.5), privacy_unit="user", dataset=dataset, batch_size=8,
+      l2_clip_norm=0.5, num_steps=PLANNED, noise_multiplier=1.0, delta=1e-5, mesh=mesh)
+  out["default_seed"] = [int(w) for w in defaults.sampler.seed]
+  out["default_key"] = [int(w) for w in np.asarray(
+      jax.device_get(defaults.init(placed()).opt_state[0].key)).ravel()]
   own = os.path.join(WORKDIR, NAME)
   for_self, for_other = own + "-self", own + "-other"
 

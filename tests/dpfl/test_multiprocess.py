@@ -105,6 +105,9 @@ def test_two_processes_equal_one(tmp_path):
   # shared_secret_seed: one value on both processes, another in another launch
   # and on another call.
   assert two0["secrets"] == two1["secrets"]
+  # make_private's default seed and key are one secret too (one sample, one noise).
+  assert two0["default_seed"] == two1["default_seed"] != one["default_seed"]
+  assert two0["default_key"] == two1["default_key"] != one["default_key"]
   assert len({*two0["secrets"], *one["secrets"]}) == 4
 
   # One writer: process 0 attaches and writes the ledger, process 1 never does.

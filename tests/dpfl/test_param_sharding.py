@@ -307,3 +307,90 @@ def test_example_level_samplers_pad_to_the_data_axis():
   cyclic = sampling.CyclicPoissonSampler(100, num_groups=2, sampling_prob=0.1,
                                          max_batch_size=7, multiple_of=2, seed=0)
   assert cyclic.max_batch_size == 8
+
+
+# --- following the params: one process, a (1, 1) mesh (the specs are what is checked) ---
+
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E402
+
+from dpfl import _sharding  # noqa: E402
+
+
+def _mesh(kind=AxisType.Auto):
+  return jax.make_mesh((1, 1), ("data", "model"), axis_types=(kind, kind))
+
+
+def _specs(tree):
+  return jax.tree.map(lambda s: tuple(s.spec), tree,
+                      is_leaf=lambda s: isinstance(s, NamedSharding))
+
+
+def test_follow_params_matches_whole_param_subtrees_before_path_suffixes():
+  mesh = _mesh()
+  x = jax.device_put(jnp.ones((4, 8)), NamedSharding(mesh, P("model", None)))
+  y = jax.device_put(jnp.ones((4, 8)), NamedSharding(mesh, P(None, "model")))
+  params = {"m": {"w": x}, "w": y}
+  # A user optimizer keeping its moment as {"m": params-like}: the moment of
+  # params["w"] sits at ['m']['w'], the path of params["m"]["w"] too.
+  state = {"m": jax.tree.map(jnp.zeros_like, params), "count": jnp.zeros((), jnp.int32)}
+  got = _specs(_sharding.follow_params(state, params, mesh))
+  assert got == {"m": {"m": {"w": ("model", None)}, "w": (None, "model")}, "count": ()}
+
+
+def test_follow_params_never_gives_a_bare_params_sharding_to_keys_or_counters():
+  mesh = _mesh()
+  params = jax.device_put(jnp.ones((4,)), NamedSharding(mesh, P("model")))
+  state = (jnp.zeros((4,), jnp.uint32), jnp.zeros((4,)), jnp.zeros((), jnp.int32))
+  assert _specs(_sharding.follow_params(state, params, mesh)) == ((), ("model",), ())
+
+
+@pytest.mark.parametrize("kind", [AxisType.Auto, AxisType.Explicit])
+def test_factored_optimizer_state_steps_on_both_mesh_types(kind):
+  # Adafactor's factored statistics are not params-shaped: replicated, and on
+  # an Explicit mesh laid out by reshard (with_sharding_constraint only asserts).
+  mesh = _mesh(kind)
+  params = {"w": jax.device_put(jnp.ones((4, 8)), NamedSharding(mesh, P(None, "model")))}
+  data = {"x": np.linspace(-1, 1, 32, dtype=np.float32)[:, None]}
+  private = dpfl.make_private(
+      lambda p, b: jnp.mean(jnp.tanh(b["x"] * jnp.sum(p["w"])) ** 2),
+      optax.adafactor(0.01, min_dim_size_to_factor=2), l2_clip_norm=1.0, dataset_size=32,
+      batch_size=4, num_steps=2, noise_multiplier=0.5, delta=1e-5, sampling_scheme="shuffle",
+      mesh=mesh, key=1, seed=2)
+  state, step = private.init(params), private.make_step()
+  for batch, mask in private.batches(data, state):
+    state, _ = step(state, batch, mask)
+  assert int(state.step) == 2 and state.params["w"].sharding.spec == P(None, "model")
+
+
+def test_restore_lays_the_state_out_as_init_does(tmp_path):
+  mesh = _mesh()
+  put = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))
+  params = {"w": put(jnp.ones((4, 8)), P(None, "model")), "v": put(jnp.ones((8,)), P("model"))}
+  make = lambda: dpfl.make_private(
+      _loss, optax.adam(0.01), l2_clip_norm=1.0, dataset_size=32, batch_size=4, num_steps=4,
+      noise_multiplier=0.5, delta=1e-5, strategy="blt", strategy_options={"buffers": 2},
+      mesh=mesh, key=1, seed=2, checkpoint_dir=tmp_path)
+  first = make()
+  state = first.init(params)
+  restored = make().restore(tmp_path, params)
+  want = {"w": (None, "model"), "v": ("model",)}
+  for tree in (state.opt_state[0].buffers[0], restored.opt_state[0].buffers[0],
+               restored.opt_state[1][0].mu):
+    assert {k: tuple(v.sharding.spec) for k, v in tree.items()} == want
+
+
+@pytest.mark.parametrize("where", ["make_private", "clipped_grad"])
+def test_params_split_over_the_data_axis_are_refused_on_an_explicit_mesh(where):
+  mesh = _mesh(AxisType.Explicit)
+  params = {"r": jax.device_put(jnp.ones(6), NamedSharding(mesh, P("data")))}
+  loss = lambda p, b: jnp.mean((b["x"] * jnp.sum(p["r"])) ** 2)
+  with pytest.raises(ValueError, match=r"params\['r'\] is sharded over the mesh axis 'data'"):
+    if where == "make_private":
+      dpfl.make_private(loss, optax.sgd(0.1), l2_clip_norm=1.0, dataset_size=8, batch_size=2,
+                        num_steps=1, noise_multiplier=1.0, delta=1e-5, mesh=mesh).init(params)
+    else:
+      batch = jax.device_put(({"x": jnp.ones(8)}, jnp.ones(8, bool)),
+                             NamedSharding(mesh, P("data")))
+      with jax.sharding.use_mesh(mesh) if hasattr(jax.sharding, "use_mesh") else jax.set_mesh(mesh):
+        jax.jit(lambda p, b, m: dpfl.clipped_grad(loss, l2_clip_norm=1.0)(p, b, mask=m))(
+            params, *batch)
