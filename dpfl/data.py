@@ -370,7 +370,8 @@ class UserDataset:
 
     Args:
       path: a Parquet file, or a directory of them (``*.parquet``, read in
-        sorted path order).
+        sorted path order; paths with a component starting with ``_`` or
+        ``.``, such as Spark's ``_temporary/``, are skipped).
       user_id_column: the column holding each row's user id.
       examples_per_user: the cap k >= 1.
       columns: the data columns (default: every column but the user id).

@@ -11,6 +11,20 @@ of the sampled users (ULS, ``gather_users``) or the sampled examples (ELS,
 ``take`` of those rows. Batches equal those of ``UserDataset.from_arrays`` on
 the same rows in file order.
 
+Checks at open, from the files' metadata (reading no data where it
+suffices): every file holds the id and data columns, each with the first
+file's type (a list's size included; dictionary encoding, 64-bit offsets and
+list field names aside), so a batch's dtypes and shapes never depend on which
+users were sampled and id 1 and id "1" never split one person into two
+users; and no data column holds a null, from each row group's statistics
+(``null_count``). Where those cannot tell (a file written without
+statistics, or a variable-length list column, whose count includes empty
+lists) that row group's column is read once at open, one row group at a
+time. The id column is read whole anyway (nulls refused). In a directory,
+``*.parquet`` files under a path component starting with ``_`` or ``.``
+(Spark's ``_temporary/``, hidden staging folders) are skipped, as
+``pyarrow.dataset`` skips them.
+
 Memory: the index holds the user ids and one int64 per kept example (plus
 the id column while it is built, once); a batch needs the batch itself plus
 one row group of the data columns. The data set's size never enters. Write
@@ -63,10 +77,14 @@ def _parquet_files(path: str | os.PathLike) -> list[str]:
   if root.is_file():
     return [str(root)]
   if root.is_dir():
-    files = sorted(str(p) for p in root.rglob("*.parquet") if p.is_file())
+    # As pyarrow.dataset: a path component starting with "_" or "." (Spark's
+    # _temporary/, hidden staging folders) is not data.
+    files = sorted(str(p) for p in root.rglob("*.parquet") if p.is_file() and not any(
+        part.startswith(("_", ".")) for part in p.relative_to(root).parts))
     if files:
       return files
-    raise ValueError(f"path {os.fspath(path)!r} is a directory without *.parquet files")
+    raise ValueError(f"path {os.fspath(path)!r} is a directory without *.parquet files "
+                     "(paths with a component starting with '_' or '.' are skipped)")
   raise ValueError(f"path must be a Parquet file or a directory of them, got "
                    f"{os.fspath(path)!r}, which does not exist")
 
@@ -100,6 +118,86 @@ def _to_numpy(column, name: str) -> np.ndarray:
     raise ValueError(f"column {name!r} has type {column.type}; data columns must hold "
                      "numbers or booleans (or fixed-length lists of them)")
   return column.to_numpy(zero_copy_only=False).reshape((rows, *dims))
+
+
+def _type_key(t) -> str:
+  """What a type reads as: dictionary encoding, 64-bit offsets, list field names aside."""
+  pa, _ = _pyarrow()
+  if pa.types.is_dictionary(t):
+    return _type_key(t.value_type)
+  if pa.types.is_fixed_size_list(t):
+    return f"fixed_size_list<{_type_key(t.value_type)}>[{t.list_size}]"
+  if pa.types.is_list(t) or pa.types.is_large_list(t):
+    return f"list<{_type_key(t.value_type)}>"
+  if pa.types.is_large_string(t):
+    return "string"
+  if pa.types.is_large_binary(t):
+    return "binary"
+  return str(t)
+
+
+def _check_schema(handle, name: str, first: dict[str, Any] | None,
+                  used: Sequence[str]) -> dict[str, Any]:
+  """The used columns' types in one file (metadata only), refused if unlike the first file's."""
+  schema = handle.schema_arrow
+  missing = [c for c in used if c not in schema.names]
+  if missing:
+    raise ValueError(f"columns {missing} are missing from {name!r}; it has "
+                     f"{sorted(schema.names)}")
+  types = {c: schema.field(c).type for c in used}
+  for c, t in (first or {}).items():
+    if _type_key(types[c]) != _type_key(t[1]):
+      raise ValueError(f"column {c!r} has type {types[c]} in {name!r} but {t[1]} in "
+                       f"{t[0]!r}; every file must give a column one type (cast them)")
+  return {c: (name, t) for c, t in types.items()}
+
+
+def _nulls(column) -> int:
+  """Null values of a (nested list) column, at every nesting level."""
+  pa, _ = _pyarrow()
+  if isinstance(column, pa.ChunkedArray):
+    return sum(_nulls(chunk) for chunk in column.chunks)
+  count = column.null_count
+  while pa.types.is_fixed_size_list(column.type) or pa.types.is_list(column.type) \
+      or pa.types.is_large_list(column.type):
+    column = column.flatten()  # drops null lists' slots; counted above
+    count += column.null_count
+  return count
+
+
+def _check_no_nulls(handle, name: str, columns: Sequence[str]) -> None:
+  """Refuses a null in the data ``columns`` of one file, from its metadata where it can.
+
+  Per row group and Parquet leaf column: a required leaf (max definition
+  level 0) holds no nulls; a leaf whose statistics count 0 nulls holds none;
+  a flat column whose statistics count nulls holds them. Otherwise (no
+  statistics, or a list column whose count also includes empty lists) that
+  row group's column is read once and checked.
+  """
+  metadata, schema = handle.metadata, handle.schema
+  # A leaf wrongly given to a column (names with dots) costs at most a read.
+  paths = [schema.column(i).path for i in range(metadata.num_columns)]
+  leaves = {c: [i for i, p in enumerate(paths) if p == c or p.startswith(c + ".")]
+            for c in columns}
+  for g in range(metadata.num_row_groups):
+    group = metadata.row_group(g)
+    for c in columns:
+      read = False
+      for i in leaves[c]:
+        if schema.column(i).max_definition_level == 0:
+          continue
+        stats = group.column(i).statistics
+        if stats is not None and stats.has_null_count and stats.null_count == 0:
+          continue
+        if stats is not None and stats.has_null_count and schema.column(i).path == c:
+          raise ValueError(f"column {c!r} holds {stats.null_count} nulls in {name!r} (row "
+                           f"group {g}); every row needs a value")
+        read = True
+      if read:
+        nulls = _nulls(handle.read_row_group(g, columns=[c], use_threads=False).column(0))
+        if nulls:
+          raise ValueError(f"column {c!r} holds {nulls} nulls in {name!r} (row group {g}); "
+                           "every row needs a value")
 
 
 class ParquetUserDataset(UserDataset):
@@ -146,6 +244,8 @@ class ParquetUserDataset(UserDataset):
            seed: int | None = None) -> "ParquetUserDataset":
     """Indexes the Parquet file(s) at ``path``, reading only the user-id column.
 
+    First checks the files' metadata (types, nulls: see the module docstring).
+
     Args:
       path, user_id_column, examples_per_user, columns, selection, seed: as
         in ``UserDataset.from_parquet``.
@@ -155,8 +255,10 @@ class ParquetUserDataset(UserDataset):
       columns' types).
 
     Raises:
-      ValueError: no such file, a missing column, a null user id, an empty
-        data set, or the ``from_arrays`` argument errors.
+      ValueError: no such file, a missing column, a column whose type differs
+        between files (naming both files and types), a null user id or data
+        value (naming the file, column and row group), an empty data set, or
+        the ``from_arrays`` argument errors.
     """
     _, pq = _pyarrow()
     k = check.positive_int("examples_per_user", examples_per_user)
@@ -176,13 +278,14 @@ class ParquetUserDataset(UserDataset):
     if not columns:
       raise ValueError(f"the files hold no data column besides {user_id_column!r}")
     ids, group_starts, group_file, group_index = [], [0], [], []
+    first = None
+    for name in files:  # metadata only (but see _check_no_nulls), before the ids are read
+      handle = pq.ParquetFile(name)
+      types = _check_schema(handle, name, first, [user_id_column, *columns])
+      first = first or types
+      _check_no_nulls(handle, name, columns)
     for f, name in enumerate(files):
       handle = pq.ParquetFile(name)
-      have = set(handle.schema_arrow.names)
-      missing = [c for c in [user_id_column, *columns] if c not in have]
-      if missing:
-        raise ValueError(f"columns {missing} are missing from {name!r}; it has "
-                         f"{sorted(have)}")
       for g in range(handle.metadata.num_row_groups):
         column = handle.read_row_group(g, columns=[user_id_column]).column(0)
         if column.null_count:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -186,6 +187,102 @@ def test_bad_input_names_the_argument(tmp_path, case, match):
   with pytest.raises(ValueError, match=match):
     # Opening reads the ids and one row; a ragged row shows when it is read.
     UserDataset.from_parquet(path, **kwargs).examples()
+
+
+def _pair(tmp_path, first, second):
+  """Two files (a.parquet, b.parquet) of two rows each: a table's columns from dicts."""
+  for name, columns in (("a.parquet", first), ("b.parquet", second)):
+    pq.write_table(pa.table(columns), tmp_path / name)
+  return tmp_path
+
+
+_FLOATS2 = pa.list_(pa.float64(), 2)
+
+
+@pytest.mark.parametrize("column, second, types", [
+    # Read per batch, the second file's values were cast to the first's dtype
+    # (0.5 -> 0) when a batch mixed both, and kept their own otherwise.
+    ("x", {"uid": [3, 4], "x": pa.array([0.5, 2.75])}, ("double", "int64")),
+    # Batch shapes depended on which users were sampled.
+    ("x", {"uid": [3, 4], "x": pa.array([[1, 2, 3]] * 2, pa.list_(pa.int64(), 3))},
+     ("fixed_size_list<element: int64>[3]", "fixed_size_list<element: int64>[2]")),
+    # Id 1 and id "1" were two users: one person, two privacy units.
+    ("uid", {"uid": ["1", "4"], "x": pa.array([5, 6])}, ("string", "int64")),
+])
+def test_files_must_agree_on_column_types(tmp_path, column, second, types):
+  first = {"uid": [1, 2], "x": pa.array([1, 2], pa.int64())}
+  if "fixed" in types[0]:
+    first["x"] = pa.array([[1, 2], [3, 4]], pa.list_(pa.int64(), 2))
+  path = _pair(tmp_path, first, second)
+  message = (f"column '{column}' has type {types[0]} in '{path / 'b.parquet'}' but "
+             f"{types[1]} in '{path / 'a.parquet'}'")
+  with pytest.raises(ValueError, match=re.escape(message)):
+    UserDataset.from_parquet(path, user_id_column="uid", examples_per_user=1)
+
+
+def test_types_that_read_alike_are_one_type(tmp_path):
+  # Dictionary-encoded and plain strings give the same ids; large and plain
+  # lists the same values: neither is a mismatch.
+  first = {"uid": pa.array(["a", "b"]).dictionary_encode(),
+           "x": pa.array([[1.0], [2.0]], pa.list_(pa.float64()))}
+  second = {"uid": pa.array(["a", "c"], pa.large_string()),
+            "x": pa.array([[3.0], [4.0]], pa.large_list(pa.float64()))}
+  disk = UserDataset.from_parquet(_pair(tmp_path, first, second), user_id_column="uid",
+                                  examples_per_user=2)
+  np.testing.assert_array_equal(disk.user_ids, ["a", "b", "c"])
+  np.testing.assert_array_equal(disk.counts, [2, 1, 1])
+
+
+def test_a_directory_scan_skips_underscore_and_dot_paths(tmp_path):
+  root = tmp_path / "_out"  # the given directory's own name does not count
+  data, users = {"x": np.arange(4.0)}, np.array([1, 2, 2, 3])
+  for part in ("part-0.parquet", "_temporary/0/part-0.parquet", ".staging/part-0.parquet",
+               "sub/.part-1.parquet", "sub/_part-2.parquet", "sub/part-3.parquet"):
+    (root / part).parent.mkdir(parents=True, exist_ok=True)
+    write_parquet(root / part, data, users)
+  disk = UserDataset.from_parquet(root, user_id_column="user_id", examples_per_user=4)
+  assert disk.files == (str(root / "part-0.parquet"), str(root / "sub/part-3.parquet"))
+  assert disk.num_examples == 8
+  (root / "part-0.parquet").unlink()
+  (root / "sub/part-3.parquet").unlink()
+  with pytest.raises(ValueError, match="skipped"):
+    UserDataset.from_parquet(root, user_id_column="user_id", examples_per_user=4)
+
+
+@pytest.mark.parametrize("case", ["flat", "null list", "null in a list", "no statistics"])
+def test_a_null_in_a_data_column_is_refused_at_open(tmp_path, case):
+  # Before, it showed only when a batch read its row: mid-run, after the
+  # step's privacy cost was spent. The null is in the last row group.
+  x, kwargs = pa.array([1.0, 2.0, 3.0, None]), {}
+  if case == "null list":
+    x = pa.array([[1.0, 2.0]] * 3 + [None], _FLOATS2)
+  elif case == "null in a list":
+    x = pa.array([[1.0, 2.0]] * 3 + [[4.0, None]], _FLOATS2)
+  elif case == "no statistics":
+    kwargs["write_statistics"] = False
+  pq.write_table(pa.table({"uid": [0, 1, 2, 3], "x": x, "ok": [1, 2, 3, 4]}),
+                 tmp_path / "d.parquet", row_group_size=2, **kwargs)
+  message = f"column 'x' holds 1 nulls in '{tmp_path / 'd.parquet'}' (row group 1)"
+  with pytest.raises(ValueError, match=re.escape(message)):
+    UserDataset.from_parquet(tmp_path, user_id_column="uid", examples_per_user=1)
+  # A column not used is not checked.
+  UserDataset.from_parquet(tmp_path, user_id_column="uid", examples_per_user=1,
+                           columns=["ok"])
+
+
+def test_the_null_check_reads_no_data_when_statistics_suffice(tmp_path, monkeypatch):
+  columns = {"uid": [0, 1, 2, 3], "x": pa.array([[1.0, 2.0]] * 4, _FLOATS2),
+             # Statistics count empty lists as nulls: such a column is read once.
+             "e": pa.array([[]] * 4, pa.list_(pa.float64()))}
+  pq.write_table(pa.table(columns), tmp_path / "d.parquet", row_group_size=2)
+  reads = []
+  original = pq.ParquetFile.read_row_group
+  monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, g, columns=None, **kw: (
+      reads.append(tuple(columns)), original(self, g, columns=columns, **kw))[1])
+  disk = UserDataset.from_parquet(tmp_path, user_id_column="uid", examples_per_user=1)
+  # Per row group: "e" (checked), the ids; then one row of the data (the padding filler).
+  assert reads == [("e",), ("e",), ("uid",), ("uid",), ("x", "e")]
+  assert disk.gather_users(np.arange(2), np.ones(2, bool))[0]["e"].shape == (2, 1, 0)
 
 
 # --- multi-device: each process gathers only its own slots --------------------------------
