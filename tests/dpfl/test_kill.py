@@ -46,7 +46,11 @@ def _released(log_path):
     return [line.strip() for line in f if len(line.strip()) == 64]
 
 
-@pytest.mark.parametrize("config", ["example", "uls", "blt"])
+# The default suite kills the DP-FTRL run (its resume also rolls correlated
+# noise buffers forward: the path with the most to get wrong); the DP-SGD and
+# ULS runs, which share every other line of the harness, are slow (~35 s each).
+@pytest.mark.parametrize("config", [pytest.param("example", marks=pytest.mark.slow),
+                                    pytest.param("uls", marks=pytest.mark.slow), "blt"])
 def test_killed_runs_resume_to_the_plan_without_reusing_noise(config, tmp_path):
   rng = np.random.default_rng(zlib.crc32(config.encode()))
   directory, log_path = tmp_path / "run", tmp_path / "released.log"
