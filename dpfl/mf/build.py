@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from dpfl.mf import banded, blt, dense, strategies
+from dpfl.mf import banded, blt, dense, online_tree, strategies
 from dpfl.mf._checks import DEFAULT_OBJECTIVE
 
-NAMES = ("identity", "tree", "sqrt", "banded", "blt", "dense")
+NAMES = ("identity", "tree", "online-tree", "sqrt", "banded", "blt", "dense")
 
 
 def build(name: str, num_steps: int, *, participation=None, workload=None,
           objective: str | None = None, bands: int | None = None,
-          buffers: int | None = None):
+          buffers: int | None = None, honaker: bool = True,
+          restart_every: int | None = None):
   """The named strategy for ``num_steps``, built or (banded / blt / dense) optimized.
 
   Args:
@@ -22,6 +23,8 @@ def build(name: str, num_steps: int, *, participation=None, workload=None,
       ``DEFAULT_OBJECTIVE[name]`` (max for blt, mean for banded and dense).
     bands: banded only (required).
     buffers: blt only (required).
+    honaker: online-tree only: the Honaker decoder (default) or the plain one.
+    restart_every: online-tree only: None or a new tree every that many steps.
   """
   common = dict(participation=participation, workload=workload)
   if objective is None:
@@ -30,6 +33,9 @@ def build(name: str, num_steps: int, *, participation=None, workload=None,
     return strategies.identity(num_steps, **common)
   if name == "tree":
     return strategies.tree(num_steps, **common)
+  if name == "online-tree":
+    return online_tree.online_tree(num_steps, honaker=honaker, restart_every=restart_every,
+                                   **common)
   if name == "sqrt":
     return strategies.sqrt_toeplitz(num_steps, **common)
   if name == "banded":

@@ -1,7 +1,8 @@
 """The logic of ``dpfl mf``: build or optimize a strategy and report its numbers.
 
-  dpfl mf --strategy identity|tree|sqrt|banded|blt|dense --steps N
+  dpfl mf --strategy identity|tree|online-tree|sqrt|banded|blt|dense --steps N
           [--participations K | --min-sep B] [--bands M] [--buffers M]
+          [--decoder honaker|plain] [--restart]
           [--objective max|mean] [--json]
           [--noise-multiplier S | --target-epsilon E] [--delta D]
 
@@ -34,7 +35,8 @@ import re
 import time
 from typing import Any
 
-STRATEGIES = ("identity", "tree", "sqrt", "banded", "blt", "dense")
+STRATEGIES = ("identity", "tree", "online-tree", "sqrt", "banded", "blt", "dense")
+DECODERS = ("honaker", "plain")
 OBJECTIVES = ("max", "mean")
 # As dpfl.mf._checks.DEFAULT_OBJECTIVE (a test checks); not imported from
 # there, which would load numpy for `dpfl mf --help`.
@@ -54,13 +56,16 @@ EXAMPLES = """\
 examples:
   dpfl mf --strategy blt --steps 1024 --participations 4 --buffers 3 --json
   dpfl mf --strategy blt --steps 1024 --participations 4 --target-epsilon 8 --delta 1e-6
-  dpfl mf --strategy banded --steps 512 --min-sep 128 --noise-multiplier 2 --delta 1e-6"""
+  dpfl mf --strategy banded --steps 512 --min-sep 128 --noise-multiplier 2 --delta 1e-6
+  dpfl mf --strategy online-tree --steps 1024 --participations 4 --restart --json"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   """Adds the ``dpfl mf`` flags to ``parser``."""
   parser.add_argument("--strategy", required=True, choices=STRATEGIES,
-                      help="identity (DP-SGD), tree (binary tree, Honaker estimator), sqrt "
+                      help="identity (DP-SGD), tree (binary tree padded to 2^L leaves, "
+                           "Honaker estimator), online-tree (DP-FTRL's online tree, no "
+                           "padding), sqrt "
                            "(square-root Toeplitz), banded, blt (buffered linear Toeplitz) "
                            "or dense; the last three are optimized")
   parser.add_argument("--steps", type=int, required=True, metavar="N",
@@ -81,6 +86,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            f"(default min({DEFAULT_MAX_BANDS}, b))")
   parser.add_argument("--buffers", type=int, metavar="M",
                       help=f"blt only: number of buffers, >= 1 (default {DEFAULT_BUFFERS})")
+  parser.add_argument("--decoder", choices=DECODERS,
+                      help="online-tree only: honaker (least-squares estimate from all "
+                           "nodes; default, as TF Privacy) or plain (sum of the binary "
+                           "decomposition's nodes)")
+  parser.add_argument("--restart", action="store_true", default=None,
+                      help="online-tree only: a new tree every b = N / K steps "
+                           "(DP-FTRL-TreeRestart, one tree per epoch)")
   parser.add_argument("--objective", choices=OBJECTIVES,
                       help="loss the optimized strategies minimize (default: max for blt, "
                            "mean for banded and dense, as jax-privacy's optimizers)")
@@ -138,6 +150,12 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     raise ValueError(f"--bands applies only to --strategy banded, not {strategy}")
   if buffers is not None and strategy != "blt":
     raise ValueError(f"--buffers applies only to --strategy blt, not {strategy}")
+  decoder, restart = getattr(args, "decoder", None), getattr(args, "restart", None)
+  for flag, value in (("--decoder", decoder), ("--restart", restart)):
+    if value is not None and strategy != "online-tree":
+      raise ValueError(f"{flag} applies only to --strategy online-tree, not {strategy}")
+  if decoder is not None and decoder not in DECODERS:
+    raise ValueError(f"--decoder must be one of {', '.join(DECODERS)}; got {decoder!r}")
   if strategy == "banded":
     bands = min(DEFAULT_MAX_BANDS, b) if bands is None else bands
     bands = check.integer("--bands", bands, low=1, high=b)
@@ -147,6 +165,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     buffers = check.integer("--buffers", buffers, low=1, high=MAX_BUFFERS)
   settings = {"strategy": strategy, "steps": n, "epochs": k, "min_sep": b, "bands": bands,
               "buffers": buffers, "objective": objective}
+  if strategy == "online-tree":
+    settings.update(decoder=decoder or "honaker", restart=bool(restart))
   privacy = _privacy_settings(args)
   return {**settings, **privacy} if privacy else settings
 
@@ -183,8 +203,8 @@ def _plan(settings: dict[str, Any], strategy):
   """
   from accounting import plan as planning
   n, k, b = settings["steps"], settings["epochs"], settings["min_sep"]
-  options = {name: settings[name] for name in ("objective", "bands", "buffers")
-             if settings[name] is not None}
+  options = {name: settings[name] for name in ("objective", "bands", "buffers", "decoder",
+                                               "restart") if settings.get(name) is not None}
   noise = planning.NoisePlan(strategy=settings["strategy"], planned_steps=n,
                              sensitivity=strategy.sensitivity, max_participations=k,
                              min_separation=b, options=options)
@@ -210,7 +230,15 @@ def build(settings: dict[str, Any]):
   return build_strategy(settings["strategy"], settings["steps"],
                         participation=(settings["epochs"], settings["min_sep"]),
                         objective=settings["objective"], bands=settings["bands"],
-                        buffers=settings["buffers"])
+                        buffers=settings["buffers"], **_online_tree_options(settings))
+
+
+def _online_tree_options(settings: dict[str, Any]) -> dict[str, Any]:
+  """``honaker`` and ``restart_every`` (one tree per epoch of b steps) for the online tree."""
+  if settings["strategy"] != "online-tree":
+    return {}
+  return {"honaker": settings["decoder"] == "honaker",
+          "restart_every": settings["min_sep"] if settings["restart"] else None}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -247,6 +275,9 @@ def format_table(result: dict[str, Any]) -> str:
     rows.append(("bands", result["bands"]))
   if result.get("buffers") is not None:
     rows.append(("buffers", result["buffers"]))
+  if result.get("decoder") is not None:
+    rows.append(("decoder", result["decoder"]))
+    rows.append(("restart", f"every {result['min_sep']} steps" if result["restart"] else "no"))
   sens = f"{result['sensitivity']:.6g}"
   if not result.get("sensitivity_exact", True):
     sens += " (upper bound)"
