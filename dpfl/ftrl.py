@@ -40,7 +40,7 @@ from accounting import plan as accounting_plan
 from accounting import validate as check
 
 from dpfl.mf.build import NAMES as STRATEGIES
-OPTIONS = ("buffers", "bands", "objective", "momentum")
+OPTIONS = ("buffers", "bands", "objective", "momentum", "decoder", "restart")
 DEFAULT_BUFFERS = 4
 DEFAULT_BANDS = 16
 
@@ -104,7 +104,11 @@ def fingerprint(strategy) -> str:
 
 
 def check_options(options: dict | None) -> dict:
-  """Validates ``strategy_options`` (buffers, bands, objective, momentum)."""
+  """Validates ``strategy_options`` (buffers, bands, objective, momentum; decoder, restart).
+
+  ``decoder`` (``"honaker"``, the default, or ``"plain"``) and ``restart``
+  (bool: a new tree every epoch of ``b`` steps) apply to ``"online-tree"``.
+  """
   if options is None:
     return {}
   if not isinstance(options, dict):
@@ -120,6 +124,12 @@ def check_options(options: dict | None) -> dict:
   if out.get("objective", "mean") not in ("mean", "max"):
     raise ValueError(f"strategy_options['objective'] must be 'mean' or 'max', got "
                      f"{out['objective']!r}")
+  if out.get("decoder", "honaker") not in ("honaker", "plain"):
+    raise ValueError(f"strategy_options['decoder'] must be 'honaker' or 'plain', got "
+                     f"{out['decoder']!r}")
+  if not isinstance(out.get("restart", False), (bool, np.bool_)):
+    raise ValueError(f"strategy_options['restart'] must be True or False, got "
+                     f"{out['restart']!r}")
   if "momentum" in out:
     out["momentum"] = check.real("strategy_options['momentum']", out["momentum"], low=0,
                                  high=1, high_open=True)
@@ -176,6 +186,10 @@ def build_strategy(name: str, *, planned_steps: int, participation: tuple[int, i
   from dpfl.mf.build import build
   from dpfl.mf.workload import Workload
   momentum = float(options.get("momentum", 0.0))
+  tree_options = [name for name in ("decoder", "restart") if name in options]
+  if tree_options and name != "online-tree":
+    raise ValueError(f"strategy_options {tree_options} apply only to strategy='online-tree', "
+                     f"not {name!r}")
   bands = None
   if name == "banded":
     k, b = participation
@@ -185,7 +199,9 @@ def build_strategy(name: str, *, planned_steps: int, participation: tuple[int, i
   return build(name, planned_steps, participation=participation,
                workload=Workload(planned_steps, momentum=momentum) if momentum else None,
                objective=options.get("objective", "mean"), bands=bands,
-               buffers=int(options.get("buffers", DEFAULT_BUFFERS)))
+               buffers=int(options.get("buffers", DEFAULT_BUFFERS)),
+               honaker=options.get("decoder", "honaker") == "honaker",
+               restart_every=participation[1] if options.get("restart") else None)
 
 
 def plan(strategy, options: dict, *, sampling: accounting_plan.SamplingPlan,

@@ -56,8 +56,7 @@ EXAMPLES = """\
 examples:
   dpfl mf --strategy blt --steps 1024 --participations 4 --buffers 3 --json
   dpfl mf --strategy blt --steps 1024 --participations 4 --target-epsilon 8 --delta 1e-6
-  dpfl mf --strategy banded --steps 512 --min-sep 128 --noise-multiplier 2 --delta 1e-6
-  dpfl mf --strategy online-tree --steps 1024 --participations 4 --restart --json"""
+  dpfl mf --strategy banded --steps 512 --min-sep 128 --noise-multiplier 2 --delta 1e-6"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -233,3 +233,62 @@ def test_cli_bad_combinations_exit_2(argv, flag, capsys):
   assert console.main(["mf", *argv]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and flag in err[0]
+
+
+# --- make_private --------------------------------------------------------------------------
+
+
+def _make_private(**kwargs):
+  import jax.numpy as jnp
+  import optax
+
+  import dpfl
+
+  def loss_fn(params, batch):
+    x, y = batch
+    return jnp.mean((x @ params - y) ** 2)
+
+  base = dict(l2_clip_norm=1.0, dataset_size=60, batch_size=10, delta=1e-5, num_steps=18,
+              noise_multiplier=1.0, key=0, seed=0)
+  return dpfl.make_private(loss_fn, optax.sgd(0.1), **{**base, **kwargs}), loss_fn
+
+
+def test_make_private_trains_with_the_online_tree_and_accounts_its_sensitivity():
+  import jax.numpy as jnp
+
+  import accounting
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(60, 3)).astype(np.float32)
+  y = (x @ np.arange(3, dtype=np.float32)).astype(np.float32)
+  # 6 batches per epoch, 3 epochs: (k, b) = (3, 6); a new tree per epoch.
+  pt, _ = _make_private(strategy="online-tree",
+                        strategy_options={"restart": True, "decoder": "plain"})
+  assert pt.ftrl.participation == (3, 6)
+  strategy = pt.ftrl.strategy
+  assert isinstance(strategy, mf.OnlineTreeStrategy)
+  assert strategy.restart_every == 6 and not strategy.honaker
+  # TF Privacy's compute_rdp_tree_restart: (floor(log2 6) + 1) per epoch.
+  assert pt.ftrl.noise_sensitivity ** 2 == pytest.approx(3 * 3)
+  state = pt.init(jnp.zeros(3))
+  step = pt.make_step()
+  for batch, mask in pt.batches((x, y), state):
+    state, _ = step(state, batch, mask)
+  assert int(state.step) == 18 and np.all(np.isfinite(np.asarray(state.params)))
+  (entry,) = pt.ledger.entries
+  assert isinstance(entry, accounting.MatrixMechanism)
+  assert entry.sensitivity == pytest.approx(3.0)
+  # Without restarts, one tree of 18 leaves under (3, 6)-participation.
+  single, _ = _make_private(strategy="online-tree")
+  assert single.ftrl.noise_sensitivity ** 2 == pytest.approx(_tree_sens_squared(18, 3, 6))
+  assert single.ftrl.strategy.honaker and single.ftrl.strategy.restart_every is None
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(strategy="blt", strategy_options={"restart": True}), "online-tree"),
+    (dict(strategy="tree", strategy_options={"decoder": "plain"}), "online-tree"),
+    (dict(strategy="online-tree", strategy_options={"decoder": "fast"}), "decoder"),
+    (dict(strategy="online-tree", strategy_options={"restart": "yes"}), "restart"),
+])
+def test_make_private_bad_online_tree_options(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    _make_private(**kwargs)
