@@ -25,8 +25,10 @@ from all nodes (Honaker 2015), noise covariance ``A X^{-1} A^T``, released
 causally through the square lower-triangular ``C`` with ``C^T C = X``
 (``dpfl.mf.strategies.TreeStrategy`` explains why this is the same mechanism
 up to post-processing). It never does worse than the plain decoder and is
-strictly better from ``n = 2`` on; TF Privacy's ``EfficientTreeAggregator``
-uses only each node's subtree, so its variance lies between the two.
+strictly better on average from ``n = 2`` on (Gauss-Markov: no linear
+unbiased estimate from the same nodes has less variance, so TF Privacy's
+online ``EfficientTreeAggregator``, which refines each node from its own
+subtree only, cannot beat it either).
 ``honaker=False``: the plain decoder (sum of the decomposition's nodes), noise
 covariance ``S = B_tree B_tree^T``; ``C = L^{-1} A`` with ``L L^T = S``
 (``L`` lower triangular) streams exactly that noise. Its sensitivity is
