@@ -119,6 +119,10 @@ def test_default_bands_are_make_privates():
                 "--noise-multiplier", "1", "--delta", "1e-5")
   assert result["bands"] == ftrl.bands_for({}, limit=30, why="") == 16
   assert (result["epochs"], result["planned_steps"]) == (2, 32)
+  parser = argparse.ArgumentParser()
+  cli.add_arguments(parser)  # --help states the default without importing dpfl.ftrl
+  help_text = " ".join(parser.format_help().split())
+  assert f"min({ftrl.DEFAULT_BANDS}, T), as make_private" in help_text
 
 
 def test_console_json_has_dpfl_mfs_keys(capsys):
