@@ -76,7 +76,8 @@ class SamplingPlan:
     scheme: one of ``SCHEMES``.
     unit: the sampling unit, ``"example"`` or ``"user"``.
     population_size: N, the number of sampling units (None when only the
-      rate is known, e.g. ``dpfl epsilon --sampling-prob``).
+      rate is known, e.g. ``dpfl epsilon --sampling-prob`` or ``dpfl mf
+      --sampling cyclic-poisson --sampling-prob``).
     sampling_prob: q (Poisson schemes; for ``cyclic_poisson`` the rate within
       the active group).
     batch_size: the fixed batch (shuffle, cyclic) or the expected one.
@@ -109,7 +110,8 @@ class SamplingPlan:
              "truncated_poisson": ("sampling_prob", "population_size", "max_batch_size"),
              "shuffle": ("population_size", "batch_size"),
              "cyclic": ("population_size", "batch_size"),
-             "cyclic_poisson": ("population_size", "sampling_prob", "num_groups")}[self.scheme]
+             # ε needs only the rate and the groups (the run's N is for the batches).
+             "cyclic_poisson": ("sampling_prob", "num_groups")}[self.scheme]
     for name in needs:
       if getattr(self, name) is None:
         raise ValueError(f"{name} is required for sampling scheme {self.scheme!r}")
@@ -117,7 +119,8 @@ class SamplingPlan:
         and self.scheme in ("shuffle", "cyclic") and self.batch_size > self.population_size):
       raise ValueError(f"batch_size must be in [1, population_size={self.population_size}], "
                        f"got {self.batch_size}")
-    if self.scheme == "cyclic_poisson" and self.num_groups > self.population_size:
+    if (self.scheme == "cyclic_poisson" and self.population_size is not None
+        and self.num_groups > self.population_size):
       raise ValueError(f"num_groups must be <= population_size ({self.population_size}), "
                        f"got {self.num_groups}")
 
@@ -135,10 +138,10 @@ class SamplingPlan:
     """The public normaliser of the noisy sum."""
     if self.scheme in ("shuffle", "cyclic"):
       return float(self.batch_size)
-    if self.scheme == "cyclic_poisson":
-      return self.sampling_prob * (self.population_size // self.num_groups)
     if self.population_size is None:
       raise ValueError("population_size is needed for the expected batch size")
+    if self.scheme == "cyclic_poisson":
+      return self.sampling_prob * (self.population_size // self.num_groups)
     return self.sampling_prob * self.population_size
 
   def participation(self, num_steps: int) -> tuple[int, int]:

@@ -168,6 +168,30 @@ def amplified_bands(strategy, options: dict, num_steps: int) -> int:
   return int(strategy.num_bands)
 
 
+def cyclic_poisson_rate(*, dataset_size: int, batch_size: int, bands: int) -> float:
+  """The rate ``q = batch_size / (dataset_size // bands)`` of amplified banded MF.
+
+  ``dpfl.sampling.CyclicPoissonSampler`` splits the ``dataset_size`` examples
+  once into ``bands`` groups of ``dataset_size // bands`` (the remainder never
+  takes part) and samples the active group at rate ``q``, so a step's
+  expected batch is ``batch_size``. The one place ``make_private`` and ``dpfl
+  mf --sampling cyclic-poisson`` turn a batch size into that rate.
+  """
+  dataset_size = check.positive_int("dataset_size", dataset_size)
+  bands = check.positive_int("bands", bands)
+  if bands > dataset_size:
+    raise ValueError(f"bands must be in [1, dataset_size = {dataset_size}] for amplified "
+                     f"banded MF (each band is a group of at least one example), got {bands}")
+  group = dataset_size // bands
+  try:
+    batch_size = check.integer("batch_size", batch_size, low=1, high=group)
+  except ValueError:
+    raise ValueError(f"batch_size must be in [1, dataset_size // bands = {group}] (amplified "
+                     f"banded MF: {bands} groups of {group} examples), got {batch_size!r}"
+                     ) from None
+  return batch_size / group
+
+
 def bands_for(options: dict, *, limit: int, why: str) -> int:
   """The bands of a banded strategy: ``options['bands']``, else ``min(DEFAULT_BANDS, limit)``.
 

@@ -93,12 +93,10 @@ def _build_sampler(scheme: str, *, privacy_unit: str, sampling_unit: str, datase
                                   multiple_of=multiple_of, seed=seed)
   if scheme == "cyclic_poisson":
     bands = ftrl.amplified_bands(strategy, strategy_options, num_steps)
-    group = dataset_size // bands
-    if bands > dataset_size or not batch_size <= group:
-      raise ValueError(f"batch_size must be in [1, dataset_size // bands = {group}] for "
-                       f"amplified banded MF ({bands} bands), got {batch_size!r}")
+    rate = ftrl.cyclic_poisson_rate(dataset_size=dataset_size, batch_size=batch_size,
+                                    bands=bands)
     return sampling.CyclicPoissonSampler(dataset_size, num_groups=bands,
-                                         sampling_prob=batch_size / group,
+                                         sampling_prob=rate,
                                          max_batch_size=max_batch_size,
                                          multiple_of=multiple_of, seed=seed)
   if scheme == "shuffle":

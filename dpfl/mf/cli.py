@@ -5,6 +5,9 @@
           [--decoder honaker|plain] [--restart]
           [--objective max|mean] [--json]
           [--noise-multiplier S | --target-epsilon E] [--delta D]
+  dpfl mf --strategy banded --bands M --sampling cyclic-poisson
+          (--sampling-prob Q | --dataset-size N --batch-size B) --steps T
+          (--noise-multiplier S | --target-epsilon E) --delta D [--json]
 
 ``--participations K`` is ``k = K`` participations of each unit in the
 ``N``-step run, with separation ``b = N / K``; ``--min-sep B`` gives ``b``
@@ -23,6 +26,10 @@ run (one Gaussian mechanism with noise multiplier ``S`` relative to
 ``noise_multiplier * sensitivity``, the per-step noise in clip norms, and
 ``plan`` the run's ``accounting.plan.PrivacyPlan`` (``to_dict()``), whose
 mechanism gives ``epsilon``.
+
+``--sampling cyclic-poisson`` is amplified banded MF (``make_private(...,
+strategy="banded", sampling_scheme="poisson")``): see
+``dpfl.mf.amplified_cli``.
 
 This module imports only the standard library; numpy and scipy load when
 ``run`` builds a strategy (no strategy here needs JAX).
@@ -55,8 +62,9 @@ _FLAG_OF = {"num_steps": "--steps", "num_participations": "--participations",
 EXAMPLES = """\
 examples:
   dpfl mf --strategy blt --steps 1024 --participations 4 --buffers 3 --json
-  dpfl mf --strategy blt --steps 1024 --participations 4 --target-epsilon 8 --delta 1e-6
-  dpfl mf --strategy banded --steps 512 --min-sep 128 --noise-multiplier 2 --delta 1e-6"""
+  dpfl mf --strategy banded --steps 512 --min-sep 128 --noise-multiplier 2 --delta 1e-6
+  dpfl mf --strategy banded --bands 4 --sampling cyclic-poisson --dataset-size 60000 \\
+          --batch-size 256 --steps 2000 --target-epsilon 8 --delta 1e-6"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,7 +90,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                   "(k = N / B)")
   parser.add_argument("--bands", type=int, metavar="M",
                       help=f"banded only: nonzero diagonals, in [1, b] "
-                           f"(default min({DEFAULT_MAX_BANDS}, b))")
+                           f"(default min({DEFAULT_MAX_BANDS}, b)); with --sampling "
+                           f"cyclic-poisson the groups, in [1, min(T, N)] (default "
+                           f"min(16, T), as make_private)")
   parser.add_argument("--buffers", type=int, metavar="M",
                       help=f"blt only: number of buffers, >= 1 (default {DEFAULT_BUFFERS})")
   parser.add_argument("--decoder", choices=DECODERS,
@@ -107,6 +117,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="> 0: also report the smallest noise multiplier meeting it")
   privacy.add_argument("--delta", type=float, metavar="D",
                        help="δ in (0, 1), for --noise-multiplier or --target-epsilon")
+  _amplified().add_arguments(parser)
+
+
+def _amplified():
+  """``dpfl.mf.amplified_cli`` (deferred: this module loads only the standard library)."""
+  from dpfl.mf import amplified_cli
+  return amplified_cli
 
 
 def _flagged(message: str) -> str:
@@ -246,6 +263,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   Raises:
     ValueError: on bad flags, with a message naming the flag.
   """
+  if _amplified().requested(args):  # --sampling cyclic-poisson: amplified banded MF
+    return _amplified().run(args, privacy=_privacy_settings(args))
   settings = _settings(args)
   try:
     start = time.perf_counter()
@@ -263,6 +282,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def format_table(result: dict[str, Any]) -> str:
   """The human-readable report of ``run``'s result."""
+  if result.get("sampling") == "cyclic-poisson":
+    return _amplified().format_table(result)
   k = result["epochs"]
   participation = ("single participation" if k == 1 else
                    f"{k} participations, min separation {result['min_sep']}")
