@@ -127,3 +127,64 @@ def test_toeplitz_and_banded_rules_match_dense(n, b):
   s = mf.ToeplitzStrategy(num_steps=n, participation=p, workload=None,
                           coefs=np.concatenate([[1.0], rng.normal(size=b - 2)]))
   assert s.sensitivity ** 2 == pytest.approx(fixed_epoch_brute(s.matrix, b), rel=1e-12)
+
+
+# --- dense strategy optimized for fixed-epoch order -------------------------------
+
+from dpfl.mf import dense_fixed_epoch  # noqa: E402
+from dpfl.mf.workload import as_workload  # noqa: E402
+from mf_reference import dense_losses, prefix_matrix  # noqa: E402
+
+
+@pytest.mark.parametrize("n,b,objective", [(12, 4, "mean"), (10, 4, "mean"), (12, 3, "max")])
+def test_dense_fixed_epoch_is_exact_and_beats_min_separation(n, b, objective):
+  p = mf.fixed_epoch(n, min_separation=b)
+  s = mf.optimize_dense(n, participation=p, objective=objective)
+  C = s.matrix
+  assert np.allclose(np.triu(C, 1), 0)
+  # Sensitivity 1 by brute force over the b patterns, exact for vectors: the
+  # pattern pairs are orthogonal.
+  assert fixed_epoch_brute(C, b) == pytest.approx(1.0, rel=1e-9)
+  assert fixed_epoch_brute(C, b, absolute=True) == pytest.approx(1.0, rel=1e-9)
+  assert s.sensitivity == pytest.approx(1.0, rel=1e-9) and s.sensitivity_exact
+  max_loss, mean_loss = dense_losses(C, prefix_matrix(n), 1.0)
+  assert s.max_loss == pytest.approx(max_loss, rel=1e-8)
+  assert s.mean_loss == pytest.approx(mean_loss, rel=1e-8)
+  # The b-banded min-separation optimum is feasible here: never worse than it.
+  if n % b == 0:
+    minsep = mf.optimize_dense(n, participation=(n // b, b), objective=objective)
+    assert s.loss(objective) <= minsep.loss(objective) * (1 + 1e-9)
+
+
+def test_dense_fixed_epoch_with_one_epoch_meets_the_certified_single_optimum():
+  # b = n: the parametrization is the whole single-participation problem, whose
+  # dual value (optimize_dense's lower_bound) certifies the optimum.
+  n = 24
+  single = mf.optimize_dense(n, objective="mean", rel_gap=1e-8, max_iterations=200)
+  C, _ = dense_fixed_epoch.optimize(as_workload(n, None), mf.FixedEpoch(1, n), "mean")
+  mean_loss = dense_losses(C, prefix_matrix(n), np.linalg.norm(C, axis=0).max())[1]
+  assert mean_loss == pytest.approx(single.info["lower_bound"], rel=1e-6)
+  assert mean_loss >= single.info["lower_bound"] * (1 - 1e-9)
+
+
+def test_dense_fixed_epoch_gradient_matches_finite_differences():
+  n, b = 9, 3
+  rng = np.random.default_rng(1)
+  for objective in ("mean", "max"):
+    loss = dense_fixed_epoch._FixedEpochLoss(as_workload(n, None), b, objective)
+    C = np.tril(rng.uniform(0.1, 1, (n, n))) + 2 * np.eye(n)
+    X = np.where(loss.free | loss.free.T, C.T @ C, 0.0) + 5 * np.eye(n)
+    params = loss.pack(X)
+    _, grad = loss(params)
+    direction = rng.normal(size=params.shape)
+    eps = 1e-6
+    numeric = (loss(params + eps * direction)[0] - loss(params - eps * direction)[0]) / (2 * eps)
+    assert grad @ direction == pytest.approx(numeric, rel=1e-5, abs=1e-9)
+
+
+@pytest.mark.slow
+def test_dense_fixed_epoch_target_256_steps_4_epochs():
+  # Issue 15's target: jax-privacy's dense.optimize(256, epochs=4) reaches 27.16.
+  s = mf.optimize_dense(256, participation=mf.FixedEpoch(4, 64), objective="mean")
+  assert s.sensitivity_exact and s.sensitivity == pytest.approx(1.0, rel=1e-9)
+  assert s.mean_loss <= 27.165
