@@ -88,7 +88,8 @@ class FixedEpoch(Participation):
             f"(at most {self.num_participations} participations)")
 
 
-KINDS = ("min-sep", "fixed-epoch")
+# The same names as the accounting records (``accounting.matrix.PARTICIPATIONS``).
+KINDS = (Participation.kind, FixedEpoch.kind)
 
 
 def fixed_epoch(num_steps: int, *, num_participations: int | None = None,
