@@ -122,9 +122,9 @@ def fixed_epoch(num_steps: int, *, num_participations: int | None = None,
   b = -(-n // k)
   if -(-n // b) != k:
     raise ValueError(
-        f"num_participations={k} is not the participation count of any fixed-epoch order "
-        f"of num_steps={n} steps (epochs of b = ceil(n / k) = {b} steps give "
-        f"{-(-n // b)}); give min_separation (the steps per epoch) instead")
+        f"num_participations={k} is not the most participations of any fixed-epoch order "
+        f"of num_steps={n} steps (a period of b = ceil(n / k) = {b} steps gives "
+        f"{-(-n // b)}); give min_separation (the period b) instead")
   return FixedEpoch(k, b)
 
 
