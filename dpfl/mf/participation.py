@@ -67,7 +67,10 @@ class FixedEpoch(Participation):
   kind = "fixed-epoch"
 
   def __eq__(self, other):
-    return isinstance(other, FixedEpoch) and tuple.__eq__(self, other)
+    # A plain (k, b) pair compares by value; a min-separation Participation never equals.
+    if isinstance(other, Participation) and not isinstance(other, FixedEpoch):
+      return False
+    return tuple.__eq__(self, other)
 
   def __ne__(self, other):
     return not self == other
