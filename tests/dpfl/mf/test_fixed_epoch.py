@@ -188,3 +188,35 @@ def test_dense_fixed_epoch_target_256_steps_4_epochs():
   s = mf.optimize_dense(256, participation=mf.FixedEpoch(4, 64), objective="mean")
   assert s.sensitivity_exact and s.sensitivity == pytest.approx(1.0, rel=1e-9)
   assert s.mean_loss <= 27.165
+
+
+def test_strategies_keep_the_kind_and_report_it():
+  s = mf.sqrt_toeplitz(12, participation=mf.FixedEpoch(3, 4))
+  assert isinstance(s.participation, mf.FixedEpoch)
+  assert s.summary()["participation"] == "fixed-epoch"
+  assert mf.sqrt_toeplitz(12, participation=(3, 4)).summary()["participation"] == "min-sep"
+
+
+def test_dense_fixed_epoch_optimum_is_stationary_for_the_non_negative_relaxation():
+  # Allowing X >= 0 on pattern pairs (sensitivity u_r^T X u_r, still exact) cannot
+  # help at the optimum: raising any such entry from 0 raises the normalized loss.
+  import scipy.linalg as sla
+  n, b = 16, 4
+  s = mf.optimize_dense(n, participation=mf.FixedEpoch(4, b), objective="mean")
+  X = s.matrix.T @ s.matrix
+  A = prefix_matrix(n)
+
+  def mean_loss(X):
+    d = [X[r::b, r::b].sum() for r in range(b)]
+    scale = np.sqrt(np.array(d)[np.arange(n) % b])
+    Z = sla.solve_triangular(sla.cholesky(X / np.outer(scale, scale), lower=True), A.T,
+                             lower=True)
+    return np.mean(np.sum(Z * Z, axis=0))
+
+  base = mean_loss(X)
+  assert base == pytest.approx(s.mean_loss, rel=1e-9)
+  for i in range(n):
+    for j in range(i + b, n, b):
+      E = np.zeros((n, n))
+      E[i, j] = E[j, i] = 1e-6
+      assert mean_loss(X + E) > base
