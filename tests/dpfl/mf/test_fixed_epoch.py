@@ -220,3 +220,26 @@ def test_dense_fixed_epoch_optimum_is_stationary_for_the_non_negative_relaxation
       E = np.zeros((n, n))
       E[i, j] = E[j, i] = 1e-6
       assert mean_loss(X + E) > base
+
+
+@pytest.mark.parametrize("n,b", [(14, 4), (12, 4)])
+def test_blt_and_banded_optimize_under_fixed_epoch(n, b):
+  p = mf.fixed_epoch(n, min_separation=b)
+  blt = mf.optimize_blt(n, buffers=2, participation=p, objective="mean")
+  assert blt.sensitivity_exact
+  assert blt.sensitivity ** 2 == pytest.approx(fixed_epoch_brute(blt.matrix, b), rel=1e-9)
+  banded = mf.optimize_banded(n, bands=min(3, b), participation=p)
+  assert banded.sensitivity ** 2 == pytest.approx(fixed_epoch_brute(banded.matrix, b), rel=1e-9)
+  # The BLT optimizer's own sensitivity (with its gradient) is the exact one.
+  from dpfl.mf import blt as blt_lib
+  from dpfl.mf import toeplitz
+  loss = blt_lib._BltLoss(p, as_workload(n, None), "mean")
+  c = blt.toeplitz_coefs()
+  value, grad = loss.sens_and_grad(c)
+  assert value == pytest.approx(blt.sensitivity ** 2, rel=1e-12)
+  direction = np.random.default_rng(0).normal(size=n)
+  eps = 1e-7
+  numeric = (loss.sens_and_grad(c + eps * direction)[0]
+             - loss.sens_and_grad(c - eps * direction)[0]) / (2 * eps)
+  assert grad @ direction == pytest.approx(numeric, rel=1e-6)
+  assert toeplitz.pattern_column_sum(c, p, n).shape == (n,)
