@@ -75,8 +75,8 @@ class FixedEpoch(Participation):
   def __ne__(self, other):
     return not self == other
 
-  def __hash__(self):
-    return hash((self.kind, tuple(self)))
+  # Equal to the plain pair, so hashed as it (a == b must imply equal hashes).
+  __hash__ = tuple.__hash__
 
   def patterns(self, num_steps: int) -> list:
     """The ``b`` patterns ``[r, r + b, ...]`` (steps below ``num_steps``)."""
