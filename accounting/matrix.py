@@ -49,6 +49,11 @@ from typing import ClassVar
 from accounting import validate as check
 from accounting.mechanisms import Mechanism, poisson_gaussian_event, register
 
+# The participation patterns a matrix mechanism's sensitivity can be computed for:
+# every set of steps at most k, any two at least b apart ("min-sep"), or the b
+# fixed sets r, r + b, r + 2b, ... of one order repeated every epoch ("fixed-epoch").
+PARTICIPATIONS = ("min-sep", "fixed-epoch")
+
 
 @register
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +65,12 @@ class MatrixMechanism(Mechanism):
   N(0, 1)), where ``G[t]`` sums the step-``t`` gradients of the examples that
   took part, each clipped to L2 norm ``C_clip``, and every example takes part
   in at most ``max_participations`` steps, any two at least
-  ``min_separation`` apart. ``sensitivity`` is ``sens(C)``, the largest
+  ``min_separation`` apart (``participation="min-sep"``, the default), or,
+  with ``participation="fixed-epoch"``, one fixed order repeated every
+  epoch of ``b = min_separation`` steps: example ``r`` takes part exactly at
+  steps ``r, r + b, r + 2b, ...`` (then ``max_participations`` is
+  ``ceil(planned_steps / b)``; Choquette-Choo et al. 2023, arXiv 2211.06530).
+  ``sensitivity`` is ``sens(C)``, the largest
   ``||C u||`` over those participation patterns ``u`` (in units of
   ``C_clip``), so one example moves ``C G`` by at most
   ``sensitivity * C_clip``: a single Gaussian mechanism with noise multiplier
@@ -86,6 +96,7 @@ class MatrixMechanism(Mechanism):
   max_participations: int = 1
   min_separation: int | None = None
   num_steps: int | None = None
+  participation: str = "min-sep"
 
   def __post_init__(self):
     object.__setattr__(self, "noise_multiplier",
@@ -109,6 +120,11 @@ class MatrixMechanism(Mechanism):
       raise ValueError(
           f"max_participations={k} participations at least min_separation={b} steps "
           f"apart do not fit in planned_steps={n} (need (k - 1) * b <= n - 1)")
+    check.choice("participation", self.participation, PARTICIPATIONS)
+    if self.participation == "fixed-epoch" and k > 1 and k != -(-n // b):
+      raise ValueError(
+          f"max_participations must be ceil(planned_steps / min_separation) = {-(-n // b)} "
+          f"under fixed-epoch participation (planned_steps={n}, min_separation={b}), got {k}")
     steps = n if self.num_steps is None else check.positive_int("num_steps", self.num_steps)
     if steps > n:
       raise ValueError(

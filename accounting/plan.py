@@ -181,6 +181,9 @@ class NoisePlan:
       amplified banded MF; 1 for independent noise.
     max_participations, min_separation: the participation C's sensitivity
       was computed for.
+    participation: which patterns: ``"min-sep"`` (every b-separated set) or
+      ``"fixed-epoch"`` (one order repeated every b steps;
+      ``accounting.matrix.PARTICIPATIONS``).
     amplified: amplified banded MF (cyclic Poisson sampling).
     options: the options the strategy was built with (for the reader and for
       rebuilding it), e.g. ``{"buffers": 4}``.
@@ -196,11 +199,13 @@ class NoisePlan:
   amplified: bool = False
   options: tuple = ()
   fingerprint: str | None = None
+  participation: str = "min-sep"
 
   def __post_init__(self):
     if not isinstance(self.strategy, str) or not self.strategy:
       raise ValueError(f"noise strategy must be a non-empty string, got {self.strategy!r}")
     object.__setattr__(self, "sensitivity", check.positive("sensitivity", self.sensitivity))
+    check.choice("participation", self.participation, matrix.PARTICIPATIONS)
     if isinstance(self.options, dict):
       object.__setattr__(self, "options", tuple(sorted(self.options.items())))
     if self.planned_steps is not None:
@@ -366,7 +371,7 @@ def _mechanism(plan: PrivacyPlan, sigma: float, steps: int) -> mech.Mechanism:
     return cls(noise_multiplier=sigma, sensitivity=noise.sensitivity,
                planned_steps=noise.planned_steps, strategy=noise.strategy,
                max_participations=k, min_separation=noise.min_separation if k > 1 else None,
-               num_steps=steps)
+               num_steps=steps, participation=noise.participation)
   if s.scheme == "shuffle":
     return mech.ShuffledDpSgd(noise_multiplier=sigma, dataset_size=s.population_size,
                               batch_size=s.batch_size, num_steps=steps)

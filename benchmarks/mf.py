@@ -13,6 +13,9 @@ computation), so "loss" columns compare like with like:
   dense    dense, single participation, mean loss (``dense.optimize(n)``)
   banded   32-band general banded, single participation, mean loss
            (``banded.optimize(n, bands=32)``)
+  fixed-epoch rows (issue 15): dense, banded (32 bands) and BLT (3 buffers)
+           at n = 256 .. 2048, k = 4, mean loss, under fixed-epoch order
+           (dense: jax-privacy's ``dense.optimize(n, epochs=4)``)
 
 Timing. dpfl: one warm-up, then the median of ``--repeats`` runs. jax-privacy:
 ``--jp-repeats`` runs (default 1; each call jit-compiles its own closures, so
@@ -87,18 +90,42 @@ def _cases(quick: bool) -> list[dict]:
       {"name": "blt", "n": 1024, "buffers": 3, "k": 4, "objective": "mean"},
       {"name": "dense", "n": 1024, "k": 1, "objective": "mean"},
       {"name": "banded", "n": 2048, "bands": 32, "k": 1, "objective": "mean"},
+      *_fixed_epoch_cases(),
   ]
+
+
+def _fixed_epoch_cases() -> list[dict]:
+  """Issue 15: fixed-epoch order (what cyclic training has), k = 4, n = 256 .. 2048.
+
+  jax-privacy's counterparts: ``dense.optimize(n, epochs=k)`` (optimized for
+  the fixed-epoch pattern), and its banded / BLT optimizers, whose strategies
+  (column-normalized bands <= b; non-negative Toeplitz) have the same
+  sensitivity under fixed-epoch as under min-separation.
+  """
+  fixed = {"k": 4, "objective": "mean", "participation": "fixed-epoch"}
+  return ([{"name": "dense", "n": n, **fixed} for n in (256, 512, 1024)]
+          + [{"name": "banded", "n": n, "bands": 32, **fixed} for n in (256, 512, 1024, 2048)]
+          + [{"name": "blt", "n": n, "buffers": 3, **fixed} for n in (256, 512, 1024, 2048)])
+
+
+def _participation(case: dict):
+  n, k = case["n"], case["k"]
+  if case.get("participation") == "fixed-epoch":
+    return mf.FixedEpoch(k, n // k)
+  return (k, n // k)
 
 
 def _label(case: dict) -> str:
   extra = (f", {case['buffers']} buffers" if "buffers" in case else
            f", {case['bands']} bands" if "bands" in case else "")
   part = "single" if case["k"] == 1 else f"k={case['k']}"
+  if case.get("participation") == "fixed-epoch":
+    part += " fixed-epoch"
   return f"{case['name']} n={case['n']}{extra}, {part}, {case['objective']}"
 
 
 def _dpfl_fn(case: dict):
-  n, p = case["n"], (case["k"], case["n"] // case["k"])
+  n, p = case["n"], _participation(case)
   objective = case["objective"]
   if case["name"] == "blt":
     return lambda: mf.optimize_blt(n, buffers=case["buffers"], participation=p,
@@ -112,7 +139,7 @@ def _jp_fn(jpmf, case: dict):
   """A jax-privacy call for the case, and how to turn its result into a dpfl strategy."""
   import jax.numpy as jnp
   n, k = case["n"], case["k"]
-  p = (k, n // k)
+  p = _participation(case)
   if case["name"] == "blt":
     def run():
       return jpmf.buffered_toeplitz.optimize(
@@ -126,6 +153,8 @@ def _jp_fn(jpmf, case: dict):
     return run, convert
   if case["name"] == "dense":
     def run():
+      if case.get("participation") == "fixed-epoch":
+        return jpmf.dense.optimize(n, epochs=k, reduction_fn=jnp.mean)
       return jpmf.dense.optimize(n, reduction_fn=jnp.mean)
 
     def convert(C):

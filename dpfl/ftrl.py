@@ -14,10 +14,15 @@ al. 2021, arXiv 2103.00039; Choquette-Choo et al. 2023, arXiv 2211.06530 and
   strategy: ``CyclicPoissonSampler`` (amplified banded MF, ``b`` = bands).
 * **Strategy.** A name is built for ``n' = k * b`` planned steps (whole
   epochs; a run of ``n <= n'`` steps is a prefix, i.e. post-processing) under
-  ``(k, b)``-participation and the chosen workload (prefix sums, or the
+  fixed-epoch participation with period ``b`` (``dpfl.mf.FixedEpoch``: the
+  cyclic order is a function of the sampler seed, which the run's state
+  carries through save and restore, so unit ``r`` takes part at exactly
+  ``r, r + b, ...`` for the whole run) and the chosen workload (prefix sums, or the
   momentum workload with ``momentum=beta``), optimized where the strategy is
   (banded / blt / dense, ``objective``). A ``dpfl.mf`` strategy object may
-  be passed instead; it must be for ``n'`` steps with a separation ``<= b``.
+  be passed instead; it must be for ``n'`` steps, with min-separation
+  ``<= b`` or fixed-epoch period ``b``. The ``NoisePlan`` (and so the
+  ledger's ``MatrixMechanism``) records which pattern was assumed.
 * **Noise and accounting.** ``dpfl.mf.matrix_noise`` streams ``C^{-1} z``
   scaled by ``noise_multiplier * l2_clip_norm * sens``. Cyclic: ``sens`` is
   ``sens(C)`` under ``(k, b)`` and the run is ``accounting.MatrixMechanism``
@@ -241,14 +246,16 @@ def plan(strategy, options: dict, *, sampling: accounting_plan.SamplingPlan,
     sensitivity = float(max(strategy.column_norms()))
   else:
     if isinstance(strategy, str):
-      strategy = build_strategy(strategy, planned_steps=planned, participation=(k, b),
-                                options=options)
+      from dpfl.mf.participation import FixedEpoch
+      strategy = build_strategy(strategy, planned_steps=planned,
+                                participation=FixedEpoch(k, b), options=options)
     _check_given(strategy, planned, b)
     sensitivity = float(strategy.sensitivity)
+  kind = "min-sep" if sampling.scheme == "cyclic_poisson" else strategy.participation.kind
   noise = accounting_plan.NoisePlan(
       strategy=strategy.name or "custom", planned_steps=planned, sensitivity=sensitivity,
       max_participations=k, min_separation=b, amplified=sampling.scheme == "cyclic_poisson",
-      options=dict(options), fingerprint=fingerprint(strategy))
+      options=dict(options), fingerprint=fingerprint(strategy), participation=kind)
   return FtrlPlan(strategy=strategy, noise=noise)
 
 
@@ -260,6 +267,11 @@ def _check_given(strategy, planned: int, b: int, amplified: bool = False) -> Non
   if amplified:
     return  # the amplified account uses column norms, whatever C was optimized for
   _, b_s = strategy.participation
+  if strategy.participation.kind == "fixed-epoch" and b_s != b:
+    raise ValueError(
+        f"strategy's sensitivity is for a fixed-epoch order of period {b_s}, but this run's "
+        f"units take part every {b} steps: build it with participation="
+        f"dpfl.mf.FixedEpoch({planned // b}, {b})")
   if b_s > b:  # a b-separated pattern is b_s-separated only if b >= b_s
     raise ValueError(
         f"strategy's sensitivity is for participations {b_s} steps apart, but this run's "

@@ -6,7 +6,7 @@ from dpfl.mf.build import build
 from dpfl.mf.dense import DenseStrategy, optimize_dense
 from dpfl.mf.online_tree import (OnlineTreeStrategy, online_tree, online_tree_gram,
                                   online_tree_matrix)
-from dpfl.mf.participation import Participation, participation
+from dpfl.mf.participation import FixedEpoch, Participation, fixed_epoch, participation
 from dpfl.mf.sensitivity import brute_force_sensitivity, matrix_sensitivity
 from dpfl.mf.strategies import (IdentityStrategy, SqrtToeplitzStrategy, Strategy,
                                 ToeplitzStrategy, TreeStrategy, identity, sqrt_toeplitz, tree,
@@ -16,8 +16,8 @@ from dpfl.mf.workload import Workload
 __all__ = [
     "CorrelatedNoiseState", "banded_noise", "banded_strategy", "blt_noise", "blt_strategy",
     "dense_noise", "dense_strategy", "identity_noise", "matrix_noise", "noise_strategy",
-    "BandedStrategy", "BltStrategy", "DenseStrategy", "IdentityStrategy", "OnlineTreeStrategy",
-    "Participation",
+    "BandedStrategy", "BltStrategy", "DenseStrategy", "FixedEpoch", "IdentityStrategy",
+    "OnlineTreeStrategy", "Participation", "fixed_epoch",
     "SqrtToeplitzStrategy", "Strategy", "ToeplitzStrategy", "TreeStrategy", "Workload",
     "brute_force_sensitivity", "build", "identity", "matrix_sensitivity", "online_tree",
     "online_tree_gram", "online_tree_matrix", "optimize_banded",

@@ -43,7 +43,7 @@ _FLAG_OF = {"dataset_size": "--dataset-size", "batch_size": "--batch-size",
             "target_epsilon": "--target-epsilon", "delta": "--delta"}
 # Flags of the cyclic (k, b)-participation form that cyclic Poisson sampling fixes itself.
 _CYCLIC_ONLY = (("epochs", "--participations"), ("min_sep", "--min-sep"),
-                ("buffers", "--buffers"))
+                ("buffers", "--buffers"), ("participation", "--participation"))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

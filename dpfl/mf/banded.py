@@ -122,7 +122,10 @@ class BandedStrategy(_strategies.Strategy):
   def _sensitivity_squared(self) -> tuple[float, bool]:
     k, b = self.participation
     if k == 1 or self.num_bands <= b:
-      return float(_sens.max_pattern_sum(np.square(self.column_norms()), self.participation)), True
+      norms2 = np.square(self.column_norms())
+      if self.participation.kind == "fixed-epoch":
+        return float(_sens.fixed_epoch_pattern_sums(norms2, b).max()), True
+      return float(_sens.max_pattern_sum(norms2, self.participation)), True
     return super()._sensitivity_squared()
 
   def row_errors(self) -> np.ndarray:

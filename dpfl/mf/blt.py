@@ -206,10 +206,9 @@ class _BltLoss:
     if self.participation.is_single:
       return float(c @ c), 2 * c
     # Interlaced => c positive, decreasing: the worst pattern is 0, b, 2b, ...
-    k, b = self.participation
+    # (Also the worst fixed-epoch pattern, for any Toeplitz C: toeplitz.sensitivity_squared.)
     v = _toeplitz.pattern_column_sum(c, self.participation, self.n)
-    grad = 2 * np.cumsum(v.reshape(k, b)[::-1], axis=0)[::-1].reshape(-1)
-    return float(v @ v), grad
+    return float(v @ v), _toeplitz.pattern_column_sum_grad(v, self.participation)
 
   def __call__(self, z: np.ndarray) -> tuple[float, np.ndarray]:
     from scipy import signal, special

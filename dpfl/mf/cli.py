@@ -1,8 +1,8 @@
 """The logic of ``dpfl mf``: build or optimize a strategy and report its numbers.
 
   dpfl mf --strategy identity|tree|online-tree|sqrt|banded|blt|dense --steps N
-          [--participations K | --min-sep B] [--bands M] [--buffers M]
-          [--decoder honaker|plain] [--restart]
+          [--participations K | --min-sep B] [--participation min-sep|fixed-epoch]
+          [--bands M] [--buffers M] [--decoder honaker|plain] [--restart]
           [--objective max|mean] [--json]
           [--noise-multiplier S | --target-epsilon E] [--delta D]
   dpfl mf --strategy banded --bands M --sampling cyclic-poisson
@@ -14,7 +14,13 @@
 (then ``k = N / B``); neither is single participation. ``--epochs`` is the
 deprecated name of ``--participations`` (renamed because ``dpfl epsilon
 --epochs`` means passes over a data set, which sets the steps; here the
-steps are given and K only says how often a unit takes part). ``run`` returns a dict with ``sensitivity``, ``max_loss``,
+steps are given and K only says how often a unit takes part).
+``--participation fixed-epoch`` (default ``min-sep``) computes the
+sensitivity, losses and ε for one fixed order repeated every ``b`` steps
+(unit ``r`` at ``r, r + b, ...``: what cyclic training does) instead of every
+b-separated set; there ``b`` need not divide ``N`` (``--min-sep B``: any
+``B``, ``k = ceil(N / B)``; ``--participations K``: ``b = ceil(N / K)``,
+which must give ``K``). ``run`` returns a dict with ``sensitivity``, ``max_loss``,
 ``mean_loss`` and ``seconds`` (wall time to build or optimize the strategy)
 plus the settings used; bad flags raise ``ValueError`` naming the flag.
 
@@ -45,6 +51,8 @@ from typing import Any
 STRATEGIES = ("identity", "tree", "online-tree", "sqrt", "banded", "blt", "dense")
 DECODERS = ("honaker", "plain")
 OBJECTIVES = ("max", "mean")
+# As accounting.matrix.PARTICIPATIONS (a test checks); not imported (numpy).
+PARTICIPATIONS = ("min-sep", "fixed-epoch")
 # As dpfl.mf._checks.DEFAULT_OBJECTIVE (a test checks); not imported from
 # there, which would load numpy for `dpfl mf --help`.
 DEFAULT_OBJECTIVE = {"banded": "mean", "blt": "max", "dense": "mean"}
@@ -62,7 +70,7 @@ _FLAG_OF = {"num_steps": "--steps", "num_participations": "--participations",
 EXAMPLES = """\
 examples:
   dpfl mf --strategy blt --steps 1024 --participations 4 --buffers 3 --json
-  dpfl mf --strategy banded --steps 512 --min-sep 128 --noise-multiplier 2 --delta 1e-6
+  dpfl mf --strategy dense --steps 256 --participations 4 --participation fixed-epoch --json
   dpfl mf --strategy banded --bands 4 --sampling cyclic-poisson --dataset-size 60000 \\
           --batch-size 256 --steps 2000 --target-epsilon 8 --delta 1e-6"""
 
@@ -88,6 +96,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   participation.add_argument("--min-sep", type=int, metavar="B",
                              help="minimum separation b between a unit's participations "
                                   "(k = N / B)")
+  participation.add_argument("--participation", choices=PARTICIPATIONS, dest="participation",
+                             help="min-sep (default): any steps b apart; fixed-epoch: one "
+                                  "order repeated every b steps, unit r at r, r + b, ... "
+                                  "(cyclic training; b need not divide N)")
   parser.add_argument("--bands", type=int, metavar="M",
                       help=f"banded only: nonzero diagonals, in [1, b] "
                            f"(default min({DEFAULT_MAX_BANDS}, b)); with --sampling "
@@ -148,6 +160,13 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     raise ValueError(f"--objective must be one of {', '.join(OBJECTIVES)}; got {objective!r}")
   n = _positive("--steps", getattr(args, "steps", None))
   epochs, min_sep = getattr(args, "epochs", None), getattr(args, "min_sep", None)
+  kind = getattr(args, "participation", None) or "min-sep"
+  if kind not in PARTICIPATIONS:
+    raise ValueError(f"--participation must be one of {', '.join(PARTICIPATIONS)}; "
+                     f"got {kind!r}")
+  if kind == "fixed-epoch":
+    fixed = _fixed_epoch_counts(n, epochs, min_sep)
+    epochs = min_sep = None  # checked there; the min-sep divisibility rules do not apply
   if epochs is not None:
     epochs = _positive("--participations", epochs)
     if epochs > n or n % epochs:
@@ -161,6 +180,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         f"--participations * --min-sep must equal --steps={n}, got {epochs} * {min_sep}")
   k = epochs if epochs is not None else (n // min_sep if min_sep is not None else 1)
   b = n // k
+  if kind == "fixed-epoch":
+    k, b = fixed
   bands, buffers = getattr(args, "bands", None), getattr(args, "buffers", None)
   if bands is not None and strategy != "banded":
     raise ValueError(f"--bands applies only to --strategy banded, not {strategy}")
@@ -180,11 +201,33 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     buffers = DEFAULT_BUFFERS if buffers is None else buffers
     buffers = check.integer("--buffers", buffers, low=1, high=MAX_BUFFERS)
   settings = {"strategy": strategy, "steps": n, "epochs": k, "min_sep": b, "bands": bands,
-              "buffers": buffers, "objective": objective}
+              "buffers": buffers, "objective": objective, "participation": kind}
   if strategy == "online-tree":
     settings.update(decoder=decoder or "honaker", restart=bool(restart))
   privacy = _privacy_settings(args)
   return {**settings, **privacy} if privacy else settings
+
+
+def _fixed_epoch_counts(n: int, epochs, min_sep) -> tuple[int, int]:
+  """``(k, b)`` of a fixed-epoch order of ``n`` steps (``dpfl.mf.fixed_epoch``'s rules)."""
+  from dpfl.mf.participation import fixed_epoch  # deferred: numpy
+  if epochs is not None:
+    epochs = _positive("--participations", epochs)
+  if min_sep is not None:
+    min_sep = _positive("--min-sep", min_sep)
+  try:
+    return tuple(fixed_epoch(n, num_participations=epochs, min_separation=min_sep))
+  except ValueError as err:
+    raise ValueError(_flagged(str(err)) + " (--participation fixed-epoch)") from None
+
+
+def _participation_arg(settings: dict[str, Any]):
+  """What ``dpfl.mf`` takes: a ``(k, b)`` pair (min-sep) or a ``FixedEpoch``."""
+  pair = (settings["epochs"], settings["min_sep"])
+  if settings.get("participation", "min-sep") == "fixed-epoch":
+    from dpfl.mf.participation import FixedEpoch
+    return FixedEpoch(*pair)
+  return pair
 
 
 def _privacy_settings(args: argparse.Namespace) -> dict[str, float]:
@@ -223,7 +266,8 @@ def _plan(settings: dict[str, Any], strategy):
                                                "restart") if settings.get(name) is not None}
   noise = planning.NoisePlan(strategy=settings["strategy"], planned_steps=n,
                              sensitivity=strategy.sensitivity, max_participations=k,
-                             min_separation=b, options=options)
+                             min_separation=b, options=options,
+                             participation=settings.get("participation", "min-sep"))
   sampling = planning.SamplingPlan(scheme="cyclic", unit="example", population_size=b,
                                    batch_size=1)
   # The clip norm does not enter ε (the noise is relative to it): 1 stands for C.
@@ -244,7 +288,7 @@ def build(settings: dict[str, Any]):
   """The strategy for validated ``settings`` (the keys ``_settings`` returns)."""
   from dpfl.mf.build import build as build_strategy
   return build_strategy(settings["strategy"], settings["steps"],
-                        participation=(settings["epochs"], settings["min_sep"]),
+                        participation=_participation_arg(settings),
                         objective=settings["objective"], bands=settings["bands"],
                         buffers=settings["buffers"], **_online_tree_options(settings))
 
@@ -287,6 +331,9 @@ def format_table(result: dict[str, Any]) -> str:
   k = result["epochs"]
   participation = ("single participation" if k == 1 else
                    f"{k} participations, min separation {result['min_sep']}")
+  if k > 1 and result.get("participation") == "fixed-epoch":
+    participation = (f"fixed-epoch order, {result['min_sep']} steps per epoch "
+                     f"(at most {k} participations)")
   lines = [f"dpfl mf: {result['strategy']} strategy, {result['steps']} steps, {participation}"]
   rows = []
   if result["strategy"] in ("banded", "blt", "dense"):

@@ -30,6 +30,10 @@ lower-triangular factor ``b``-banded (Cholesky keeps the band). The optimum
 under this structure (the min-separation analogue of the multi-epoch
 orthogonality constraints of Choquette-Choo et al. 2023, arXiv 2211.06530)
 is the ``b``-banded general strategy, optimized by ``banded.optimize_banded``.
+
+Multiple participations, fixed-epoch order: only pairs in one of the ``b``
+patterns ``r, r + b, ...`` must be orthogonal, a much weaker constraint;
+``dense_fixed_epoch`` optimizes over it (Choquette-Choo et al. 2023).
 """
 
 from __future__ import annotations
@@ -138,6 +142,7 @@ def optimize_dense(num_steps: int, *, participation=None, objective: str = "mean
     participation: None (single), a ``Participation`` or ``(k, b)``; with
       ``k > 1`` the optimum is ``b``-banded (module docstring) and this
       returns ``banded.optimize_banded(..., bands=b)`` as a ``DenseStrategy``.
+      A ``FixedEpoch`` with ``k > 1``: ``dense_fixed_epoch.optimize``.
     objective: ``"max"`` or ``"mean"``.
     workload: None (prefix sums) or a ``Workload``.
     rel_gap: stop when the loss is certified within this relative gap of the
@@ -159,6 +164,11 @@ def optimize_dense(num_steps: int, *, participation=None, objective: str = "mean
   if not _toeplitz.fits_dense(n):
     raise ValueError(f"num_steps must be small enough for n x n matrices, got {n}")
   start = time.perf_counter()
+  if not participation.is_single and participation.kind == "fixed-epoch":
+    from dpfl.mf import dense_fixed_epoch
+    C, info = dense_fixed_epoch.optimize(workload, participation, objective)
+    return DenseStrategy(num_steps=n, participation=participation, workload=workload,
+                         objective=objective, values=C, info=info)
   if not participation.is_single:
     from dpfl.mf import banded
     inner = banded.optimize_banded(n, bands=participation.min_separation,

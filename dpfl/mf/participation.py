@@ -10,7 +10,15 @@ the case ``k = 1, b = n``: one step, any step.
 
 Every pattern of a fixed-epoch-order schedule (step ``r``, ``r + b``, ...) and
 of cyclic Poisson sampling with ``b`` groups is a b-min-separated pattern, so a
-sensitivity computed here also bounds those schedules.
+sensitivity computed for min-separation also bounds those schedules.
+
+Fixed-epoch order (``FixedEpoch``; Choquette-Choo et al. 2023, arXiv
+2211.06530, the "(k, b)-participation" of its Sec. 2 with a fixed order) is
+the stricter pattern cyclic training really has: one fixed order repeated
+every epoch of ``b`` steps, so unit ``r`` takes part exactly at steps
+``r, r + b, r + 2b, ... < n``. There are only ``b`` patterns; with ``b`` not
+dividing ``n`` they have ``ceil(n / b)`` or ``floor(n / b)`` steps, and
+``num_participations`` is ``ceil(n / b)``.
 """
 
 from __future__ import annotations
@@ -32,6 +40,9 @@ class Participation(NamedTuple):
   num_participations: int
   min_separation: int
 
+  # Which patterns: every b-min-separated set ("min-sep") or the b fixed ones.
+  kind = "min-sep"
+
   @property
   def is_single(self) -> bool:
     return self.num_participations == 1
@@ -41,6 +52,83 @@ class Participation(NamedTuple):
       return "single participation"
     return (f"{self.num_participations} participations, "
             f"min separation {self.min_separation}")
+
+
+class FixedEpoch(Participation):
+  """Fixed-epoch order: unit ``r`` takes part exactly at ``r, r + b, r + 2b, ... < n``.
+
+  ``min_separation`` is ``b``, the steps of one epoch (the period of the
+  order); ``num_participations`` is ``ceil(n / b)``, the most steps a unit
+  takes part in. Not equal to a ``Participation`` with the same numbers
+  (fewer patterns: its sensitivity can be lower).
+  """
+
+  __slots__ = ()
+  kind = "fixed-epoch"
+
+  def __eq__(self, other):
+    # A plain (k, b) pair compares by value; a min-separation Participation never equals.
+    if isinstance(other, Participation) and not isinstance(other, FixedEpoch):
+      return False
+    return tuple.__eq__(self, other)
+
+  def __ne__(self, other):
+    return not self == other
+
+  # Equal to the plain pair, so hashed as it (a == b must imply equal hashes).
+  __hash__ = tuple.__hash__
+
+  def patterns(self, num_steps: int) -> list:
+    """The ``b`` patterns ``[r, r + b, ...]`` (steps below ``num_steps``)."""
+    import numpy as np
+    b = self.min_separation
+    return [np.arange(r, num_steps, b) for r in range(min(b, num_steps))]
+
+  def describe(self) -> str:
+    if self.is_single:
+      return "single participation"
+    return (f"fixed-epoch order, {self.min_separation} steps per epoch "
+            f"(at most {self.num_participations} participations)")
+
+
+# The same names as the accounting records (``accounting.matrix.PARTICIPATIONS``).
+KINDS = (Participation.kind, FixedEpoch.kind)
+
+
+def fixed_epoch(num_steps: int, *, num_participations: int | None = None,
+                min_separation: int | None = None) -> FixedEpoch:
+  """Builds and checks a fixed-epoch pattern for ``num_steps``.
+
+  Give ``min_separation`` (``b``, the steps per epoch, any value in
+  ``[1, n]``; then ``k = ceil(n / b)``) or ``num_participations`` (``k``;
+  then ``b = ceil(n / k)``, which must give exactly ``k`` participations),
+  or both (then ``k`` must be ``ceil(n / b)``), or neither (single
+  participation: ``b = n``).
+
+  Raises:
+    ValueError: if no fixed-epoch order of ``n`` steps has these numbers.
+  """
+  n = check.integer("num_steps", num_steps)
+  if num_participations is None and min_separation is None:
+    return FixedEpoch(1, n)
+  if min_separation is not None:
+    b = check.integer("min_separation", min_separation, high=n)
+    k = -(-n // b)
+    if num_participations is not None:
+      given = check.integer("num_participations", num_participations, high=n)
+      if given != k:
+        raise ValueError(
+            f"num_participations must be ceil(num_steps / min_separation) = {k} under "
+            f"fixed-epoch order (num_steps={n}, min_separation={b}), got {given}")
+    return FixedEpoch(k, b)
+  k = check.integer("num_participations", num_participations, high=n)
+  b = -(-n // k)
+  if -(-n // b) != k:
+    raise ValueError(
+        f"num_participations={k} is not the most participations of any fixed-epoch order "
+        f"of num_steps={n} steps (a period of b = ceil(n / k) = {b} steps gives "
+        f"{-(-n // b)}); give min_separation (the period b) instead")
+  return FixedEpoch(k, b)
 
 
 def participation(num_steps: int, *, num_participations: int | None = None,
@@ -79,9 +167,15 @@ def participation(num_steps: int, *, num_participations: int | None = None,
 
 
 def as_participation(num_steps: int, value) -> Participation:
-  """Accepts None (single), a ``Participation`` or a ``(k, b)`` pair."""
+  """Accepts None (single), a ``Participation`` / ``FixedEpoch`` or a ``(k, b)`` pair.
+
+  A plain pair is min-separation; a ``FixedEpoch`` stays fixed-epoch.
+  """
   if value is None:
     return participation(num_steps)
+  if isinstance(value, FixedEpoch):
+    return fixed_epoch(num_steps, num_participations=value.num_participations,
+                       min_separation=value.min_separation)
   try:
     k, b = value
   except (TypeError, ValueError):

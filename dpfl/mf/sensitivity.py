@@ -25,6 +25,15 @@ Exact methods, fastest first:
 * otherwise: every pattern enumerated (when there are few enough), else the
   row-wise dynamic-program upper bound of arXiv 2306.08153, Alg. 4, reported
   as not exact unless a pattern attains it.
+
+Fixed-epoch order (``participation.FixedEpoch``) has only the ``b`` patterns
+``r, r + b, ...``, so every one is evaluated: ``sum_{i,j in pi} |X_ij|``,
+``O(n^2)`` from ``X``. It is exact (for vector contributions) when ``X`` is
+non-negative on the pairs that share a pattern (then it is ``||C u_r||^2``;
+orthogonal columns are the special case), and a valid upper bound otherwise.
+For scalar contributions ``max_r ||C u_r||^2`` would always be exact; for
+vectors with mixed-sign ``X`` it is not (the contributions can turn to align
+with the negative entries), which is why the absolute values are used.
 """
 
 from __future__ import annotations
@@ -58,6 +67,40 @@ def max_pattern_sum(values: np.ndarray, participation: Participation) -> float:
     f[..., :n] = values + f[..., b:b + n]
     f = np.maximum.accumulate(f[..., ::-1], axis=-1)[..., ::-1]
   return f[..., 0]
+
+
+def fixed_epoch_pattern_sums(values: np.ndarray, period: int) -> np.ndarray:
+  """``sum_{i in pi_r} values[i]`` for each fixed-epoch pattern ``r = 0 .. b - 1``.
+
+  Row-wise on a 2-D array (last axis = steps); ``n`` need not be a multiple of ``b``.
+  """
+  values = np.asarray(values, dtype=float)
+  n = values.shape[-1]
+  k = -(-n // period)
+  padded = np.zeros(values.shape[:-1] + (k * period,))
+  padded[..., :n] = values
+  return padded.reshape(values.shape[:-1] + (k, period)).sum(axis=-2)[..., :min(period, n)]
+
+
+def fixed_epoch_gram_sensitivity_squared(gram: np.ndarray, period: int) -> tuple[float, bool]:
+  """Squared sensitivity under fixed-epoch order with ``b = period``, and whether exact.
+
+  ``max_r sum_{i, j in pi_r} |X_ij|``: exact when no entry shared by a
+  pattern is negative (module docstring), else a valid upper bound.
+  """
+  X = np.asarray(gram, dtype=float)
+  n = X.shape[0]
+  b = min(period, n)
+  k = -(-n // b)
+  padded = np.zeros((k * b, k * b))
+  padded[:n, :n] = X
+  blocks = padded.reshape(k, b, k, b)
+  # blocks[i, r, j, r] = X[i b + r, j b + r]: the entries pattern r shares.
+  shared = np.einsum("irjr->rij", blocks)
+  scale = _ZERO_RTOL * max(float(np.abs(X).max()), 1.0)
+  off = ~np.eye(k, dtype=bool)
+  exact = bool(np.all(shared[:, off] >= -scale)) if k > 1 else True
+  return float(np.abs(shared).sum(axis=(1, 2)).max()), exact
 
 
 def count_patterns(num_steps: int, participation: Participation) -> int:
@@ -103,6 +146,8 @@ def gram_sensitivity_squared(gram: np.ndarray, participation: Participation, *,
   diag = np.diag(X)
   if participation.is_single:
     return float(diag.max()), True
+  if participation.kind == "fixed-epoch":
+    return fixed_epoch_gram_sensitivity_squared(X, participation.min_separation)
   scale = _ZERO_RTOL * max(float(np.abs(X).max()), 1.0)
   shared = _pattern_mask(n, participation)
   if np.all(np.abs(X[shared]) <= scale):
@@ -138,7 +183,8 @@ def matrix_sensitivity(matrix: np.ndarray, participation: Participation) -> floa
 def brute_force_sensitivity(matrix: np.ndarray, participation: Participation) -> float:
   """``max_u ||C u||_2`` over every 0/1 vector ``u`` that respects the pattern.
 
-  Enumerates all ``2^n`` vectors: for tests and small ``n`` (at most 20).
+  Enumerates all ``2^n`` vectors (fixed-epoch: its ``b`` patterns): for
+  tests and small ``n`` (at most 20).
   """
   C = np.asarray(matrix, dtype=float)
   n = C.shape[1]
@@ -146,6 +192,8 @@ def brute_force_sensitivity(matrix: np.ndarray, participation: Participation) ->
     raise ValueError(f"brute_force_sensitivity needs at most 20 steps, got {n}")
   k, b = participation
   best = 0.0
+  if participation.kind == "fixed-epoch":
+    return max(float(np.linalg.norm(C[:, r::b].sum(axis=1))) for r in range(min(b, n)))
   for bits in itertools.product((0, 1), repeat=n):
     steps = [i for i, bit in enumerate(bits) if bit]
     if len(steps) > k or any(j - i < b for i, j in zip(steps, steps[1:])):

@@ -41,7 +41,8 @@ class Strategy:
 
   Attributes:
     num_steps: ``n``.
-    participation: ``(k, b)`` the sensitivity is computed under.
+    participation: ``(k, b)`` the sensitivity is computed under: a
+      min-separation ``Participation`` (a plain pair) or a ``FixedEpoch``.
     workload: ``A`` the losses are computed for.
     objective: ``"max"`` / ``"mean"`` it was optimized for (None: not optimized).
     info: optimizer diagnostics (iterations, convergence), for reporting.
@@ -129,6 +130,7 @@ class Strategy:
     """The numbers the ``dpfl mf`` command prints, JSON-ready."""
     k, b = self.participation
     return {"strategy": self.name, "steps": self.num_steps, "epochs": k, "min_sep": b,
+            "participation": self.participation.kind,
             "sensitivity": self.sensitivity, "sensitivity_exact": self.sensitivity_exact,
             "max_loss": self.max_loss, "mean_loss": self.mean_loss}
 

@@ -94,12 +94,23 @@ def is_nonneg_nonincreasing(coefs: np.ndarray) -> bool:
 
 def pattern_column_sum(coefs: np.ndarray, participation: Participation,
                        num_steps: int) -> np.ndarray:
-  """``C u`` for ``u`` = steps ``0, b, 2b, ..`` (``k`` of them)."""
-  k, b = participation
-  col = np.zeros(num_steps)
+  """``C u`` for ``u`` = steps ``0, b, 2b, .. < n`` (``b`` need not divide ``n``)."""
+  _, b = participation
+  k = -(-num_steps // b)
+  col = np.zeros(k * b)
   coefs = np.asarray(coefs, dtype=float)[:num_steps]
   col[:len(coefs)] = coefs
-  return np.cumsum(col.reshape(k, b), axis=0).reshape(-1)
+  return np.cumsum(col.reshape(k, b), axis=0).reshape(-1)[:num_steps]
+
+
+def pattern_column_sum_grad(v: np.ndarray, participation: Participation) -> np.ndarray:
+  """Gradient of ``||v||^2`` in ``coefs`` for ``v = pattern_column_sum(coefs, ...)``."""
+  _, b = participation
+  n = len(v)
+  k = -(-n // b)
+  padded = np.zeros(k * b)
+  padded[:n] = v
+  return 2 * np.cumsum(padded.reshape(k, b)[::-1], axis=0)[::-1].reshape(-1)[:n]
 
 
 def sensitivity_squared(coefs: np.ndarray, participation: Participation,
@@ -112,6 +123,11 @@ def sensitivity_squared(coefs: np.ndarray, participation: Participation,
     orthogonal and the first ``k`` full columns fit, so ``sens^2 = k ||c||^2``.
   * Non-negative, non-increasing coefficients: the worst pattern is
     ``0, b, 2b, ...`` (arXiv 2405.13763, Thm. 2), ``||C u||^2``.
+  * Fixed-epoch order: ``C u_r`` is ``C u_0`` shifted down by ``r`` and
+    truncated (Toeplitz), so ``u_0 = 0, b, 2b, ...`` is the worst of the ``b``
+    patterns for any coefficients; exact for vector contributions when the
+    coefficients are non-negative (``X >= 0``), and with fewer than ``b`` of
+    them (orthogonal columns of a pattern) ``max_r sum ||c_i||^2``.
 
   None means: compute it from the dense matrix (``sensitivity``).
   """
@@ -119,6 +135,17 @@ def sensitivity_squared(coefs: np.ndarray, participation: Participation,
   if participation.is_single:
     return float(coefs @ coefs)
   k, b = participation
+  if participation.kind == "fixed-epoch":
+    nonzero = np.flatnonzero(coefs)
+    if len(nonzero) and nonzero[-1] < b:
+      from dpfl.mf.sensitivity import fixed_epoch_pattern_sums
+      # ||c_i||^2 of column i: the first n - i coefficients.
+      norms2 = np.cumsum(np.square(np.pad(coefs, (0, num_steps - len(coefs)))))[::-1]
+      return float(fixed_epoch_pattern_sums(norms2, b).max())
+    if np.all(coefs >= 0):
+      v = pattern_column_sum(coefs, participation, num_steps)
+      return float(v @ v)
+    return None
   nonzero = np.flatnonzero(coefs)
   if len(nonzero) and nonzero[-1] < b:
     return float(k * (coefs @ coefs))
