@@ -148,7 +148,9 @@ def _settings(args: argparse.Namespace, privacy: dict) -> dict[str, Any]:
   k = math.ceil(steps / bands)
   return {"strategy": "banded", "steps": steps, "epochs": k, "min_sep": bands,
           "bands": bands, "buffers": None, "objective": objective,
-          "sampling": "cyclic-poisson", "sampling_prob": q, "dataset_size": n,
+          # Each example at most once per M-step group, M steps apart: the
+          # min-separation pattern the amplified analysis takes (as dpfl.ftrl).
+          "participation": "min-sep", "sampling": "cyclic-poisson", "sampling_prob": q, "dataset_size": n,
           "batch_size": batch, "planned_steps": k * bands, **privacy}
 
 
