@@ -50,7 +50,7 @@ from dpfl.mf import toeplitz as _toeplitz
 from dpfl.mf.participation import Participation, as_participation
 from dpfl.mf.workload import Workload, as_workload
 
-_MAX_OBJECTIVE_P = 32.0
+MAX_OBJECTIVE_P = 32.0
 
 
 def check_bands(bands, num_steps: int, participation: Participation) -> int:
@@ -213,8 +213,8 @@ class _GeneralLoss:
     # p-norm of the row errors, a smooth stand-in for their max:
     # d ||e||_p / d e_i = (e_i / ||e||_p)^(p - 1).
     top = errors.max()
-    norm = top * float(np.sum((errors / top) ** _MAX_OBJECTIVE_P)) ** (1 / _MAX_OBJECTIVE_P)
-    return (errors / norm) ** (_MAX_OBJECTIVE_P - 1), False
+    norm = top * float(np.sum((errors / top) ** MAX_OBJECTIVE_P)) ** (1 / MAX_OBJECTIVE_P)
+    return (errors / norm) ** (MAX_OBJECTIVE_P - 1), False
 
   def __call__(self, params: np.ndarray) -> tuple[float, np.ndarray]:
     raw = self.unpack(params)

@@ -59,7 +59,7 @@ class _FixedEpochLoss:
   def _weights(self, errors: np.ndarray) -> np.ndarray:
     if self.objective == "mean":
       return np.full(self.n, 1.0 / self.n)
-    from dpfl.mf.banded import _MAX_OBJECTIVE_P as p
+    from dpfl.mf.banded import MAX_OBJECTIVE_P as p
     top = errors.max()
     norm = top * float(np.sum((errors / top) ** p)) ** (1 / p)
     return (errors / norm) ** (p - 1)

@@ -55,7 +55,7 @@ import numpy as np
 from dpfl.mf import losses as _losses
 from dpfl.mf import sensitivity as _sens
 from dpfl.mf import toeplitz as _toeplitz
-from dpfl.mf.strategies import Strategy, _check_steps
+from dpfl.mf.strategies import Strategy, check_steps
 
 
 def _levels(num_steps: int) -> int:
@@ -70,7 +70,7 @@ def online_tree_matrix(num_steps: int) -> np.ndarray:
   that completes the node (its last leaf), then by level (leaves first): the
   order the online tree releases them. ``T`` has ``2 n - popcount(n)`` rows.
   """
-  n = _check_steps(num_steps)
+  n = check_steps(num_steps)
   nodes = []  # (last leaf, level, first leaf)
   for level in range(_levels(n)):
     size = 1 << level
@@ -84,7 +84,7 @@ def online_tree_matrix(num_steps: int) -> np.ndarray:
 
 def online_tree_gram(num_steps: int) -> np.ndarray:
   """``X = T^T T``: ``X_ij`` = complete nodes covering both leaves ``i`` and ``j``."""
-  n = _check_steps(num_steps)
+  n = check_steps(num_steps)
   steps = np.arange(n)
   X = np.zeros((n, n))
   for level in range(_levels(n)):
@@ -100,7 +100,7 @@ def prefix_decoder(num_steps: int) -> np.ndarray:
   Row ``t`` picks the nodes of the binary decomposition of ``t + 1``: the
   complete subtrees ``[0, 2^a)``, ``[2^a, 2^a + 2^b)``, ... (``a > b > ...``).
   """
-  n = _check_steps(num_steps)
+  n = check_steps(num_steps)
   T = online_tree_matrix(n)
   first = np.argmax(T > 0, axis=1)
   size = T.sum(axis=1).astype(int)
@@ -201,7 +201,7 @@ def online_tree(num_steps: int, *, participation=None, workload=None, honaker: b
       ``[1, n]`` (DP-FTRL-TreeRestart; use the epoch length).
   """
   from accounting import validate as check
-  n = _check_steps(num_steps)
+  n = check_steps(num_steps)
   if not _toeplitz.fits_dense(n):
     raise ValueError(
         f"num_steps must be <= 8192 for the online-tree strategy (dense n x n Gram), got {n}")

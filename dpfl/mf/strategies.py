@@ -262,7 +262,7 @@ class TreeStrategy(Strategy):
 
 def identity(num_steps: int, *, participation=None, workload=None) -> IdentityStrategy:
   """DP-SGD's ``C = I``: ``sens^2 = k``; on prefix sums ``max_loss = k n``."""
-  return IdentityStrategy(num_steps=_check_steps(num_steps), participation=participation,
+  return IdentityStrategy(num_steps=check_steps(num_steps), participation=participation,
                           workload=workload)
 
 
@@ -272,7 +272,7 @@ def tree(num_steps: int, *, participation=None, workload=None) -> TreeStrategy:
   Its losses and sensitivity come from the dense ``n x n`` Gram matrix, so
   ``num_steps`` is limited to 8192.
   """
-  n = _check_steps(num_steps)
+  n = check_steps(num_steps)
   if not _toeplitz.fits_dense(n):
     raise ValueError(f"num_steps must be <= 8192 for the tree strategy (dense n x n Gram), got {n}")
   return TreeStrategy(num_steps=n, participation=participation, workload=workload)
@@ -280,11 +280,11 @@ def tree(num_steps: int, *, participation=None, workload=None) -> TreeStrategy:
 
 def sqrt_toeplitz(num_steps: int, *, participation=None, workload=None) -> SqrtToeplitzStrategy:
   """The square-root Toeplitz factorization ``C = A^{1/2}`` of prefix sums."""
-  n = _check_steps(num_steps)
+  n = check_steps(num_steps)
   return SqrtToeplitzStrategy(num_steps=n, participation=participation, workload=workload,
                               coefs=_toeplitz.sqrt_coefs(n))
 
 
-def _check_steps(num_steps) -> int:
+def check_steps(num_steps) -> int:
   from dpfl.mf import _checks
   return _checks.integer("num_steps", num_steps)
