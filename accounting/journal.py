@@ -75,7 +75,7 @@ class RunJournal:
 
   @property
   def limit(self) -> int:
-    """The steps the run may take: planned, plus explicit extensions."""
+    """How many steps the run may take, the planned ones plus explicit extensions."""
     return self.plan.num_steps + self.extra_steps
 
   @property

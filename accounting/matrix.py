@@ -203,7 +203,7 @@ class AmplifiedBandedMatrixMechanism(Mechanism):
 
   @property
   def participations(self) -> int:
-    """Most steps any single example can be sampled in: ``ceil(num_steps / num_bands)``."""
+    """The most steps any single example can be sampled in, ``ceil(num_steps / num_bands)``."""
     return math.ceil(self.num_steps / self.num_bands)
 
   def dp_event(self):

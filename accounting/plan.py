@@ -126,7 +126,7 @@ class SamplingPlan:
 
   @property
   def steps_per_epoch(self) -> int | None:
-    """Steps of one pass: ``N // B`` (shuffle, cyclic), the groups (cyclic Poisson)."""
+    """The steps of one pass, ``N // B`` (shuffle, cyclic) or the groups (cyclic Poisson)."""
     if self.scheme in ("shuffle", "cyclic"):
       return self.population_size // self.batch_size
     if self.scheme == "cyclic_poisson":
@@ -179,8 +179,10 @@ class NoisePlan:
     sensitivity: what the noise is scaled by, in units of the clip norm:
       ``sens(C)`` under the participation, or the largest column norm for
       amplified banded MF; 1 for independent noise.
-    max_participations, min_separation: the participation C's sensitivity
-      was computed for.
+    max_participations: the participations per unit C's sensitivity was
+      computed for.
+    min_separation: the least separation of two participations C's
+      sensitivity was computed for.
     participation: which patterns: ``"min-sep"`` (every b-separated set) or
       ``"fixed-epoch"`` (one order repeated every b steps;
       ``accounting.matrix.PARTICIPATIONS``).
@@ -290,7 +292,7 @@ class PrivacyPlan:
 
   @property
   def noise_stddev(self) -> float:
-    """Standard deviation of the noise on the clipped sum: σ · C · sensitivity."""
+    """The standard deviation of the noise on the clipped sum, σ · C · sensitivity."""
     return self.noise_multiplier * self.l2_clip_norm * self.noise.sensitivity
 
   # --- serialisation --------------------------------------------------------

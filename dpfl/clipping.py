@@ -40,7 +40,7 @@ class ClippedGradAux(NamedTuple):
 
   Attributes:
     grad_norms: ``[units]`` float32 L2 norm of each unit's gradient (or
-      update, for :func:`clipped_sum` of a ``unit_update``) before clipping (``[users]`` for ``unit="user"``); 0 for masked units, and
+      update, for ``clipped_sum`` of a ``unit_update``) before clipping (``[users]`` for ``unit="user"``); 0 for masked units, and
       ``inf``/``nan`` for non-finite units.
     values: ``[units]`` float32 loss of each unit (an example's loss, or a
       user's mean loss over their unmasked examples); 0 for masked units.

@@ -154,7 +154,7 @@ class PrivateTraining:
 
   @property
   def ledger(self) -> accounting.Ledger:
-    """The ledger: earlier runs' entries and this run's recorded steps (a copy)."""
+    """A copy of the ledger, with earlier runs' entries and this run's recorded steps."""
     return self.journal.ledger
 
   @property
