@@ -359,7 +359,19 @@ def epsilon_and_discretization(mechanism: Mechanism, *, delta: float,
                                accountant: Accountant = "pld",
                                discretization: float | str | None = None,
                                rtol: float = AUTO_RTOL) -> tuple[float, float | None]:
-  """(ε, the PLD Δ actually used; None for RDP). See ``epsilon``."""
+  """(ε, the PLD Δ actually used; None for RDP). See ``epsilon``.
+
+  Args:
+    mechanism: what was run (``accounting.mechanisms``).
+    delta: target δ in (0, 1).
+    accountant: ``"pld"`` (tight; default) or ``"rdp"``.
+    discretization: PLD grid Δ (see ``epsilon``).
+    rtol: relative accuracy of the ``"auto"`` grid rule.
+
+  Returns:
+    ``(epsilon, discretization)``: ``epsilon(mechanism, delta=delta, ...)``
+    and the PLD grid Δ it was computed on (None for RDP).
+  """
   check_mechanism(mechanism)
   delta = check.open_unit("delta", delta)
   check.choice("accountant", accountant, ACCOUNTANTS)
@@ -454,7 +466,18 @@ def _as_sequence(name: str, values) -> tuple:
 
 def delta(mechanism: Mechanism, *, epsilon: float, accountant: Accountant = "pld",
           discretization: float | str | None = None, rtol: float = AUTO_RTOL) -> float:
-  """The smallest δ for which ``mechanism`` is (ε, δ)-DP (an upper bound)."""
+  """The smallest δ for which ``mechanism`` is (ε, δ)-DP (an upper bound).
+
+  Args:
+    mechanism: what was run (``accounting.mechanisms``).
+    epsilon: ε ≥ 0.
+    accountant: ``"pld"`` (tight; default) or ``"rdp"``.
+    discretization: PLD grid Δ (see ``epsilon``).
+    rtol: relative accuracy of the ``"auto"`` grid rule.
+
+  Returns:
+    δ such that the mechanism is (ε, δ)-DP for its privacy unit.
+  """
   check_mechanism(mechanism)
   epsilon = check.non_negative("epsilon", epsilon)
   check.choice("accountant", accountant, ACCOUNTANTS)

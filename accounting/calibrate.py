@@ -35,7 +35,16 @@ _MAX_NOISE = 1e6
 
 @dataclasses.dataclass(frozen=True)
 class Calibration:
-  """A calibrated parameter, the mechanism it gives and the ε it achieves."""
+  """A calibrated parameter, the mechanism it gives and the ε it achieves.
+
+  Attributes:
+    value: the calibrated parameter (σ, steps, q or batch size).
+    epsilon: the ε the calibrated mechanism achieves, at most the target.
+    delta: the δ it was calibrated at.
+    mechanism: the mechanism with the calibrated value.
+    accountant: ``"pld"`` or ``"rdp"``.
+    discretization: the PLD grid Δ of the final check (None for RDP).
+  """
 
   value: float
   epsilon: float
@@ -246,7 +255,19 @@ def _calibrate_int(make_mechanism: Callable[[int], Mechanism], *, name: str,
 def calibrate_num_steps(make_mechanism: Callable[[int], Mechanism], *,
                         target_epsilon: float, delta: float, accountant: str = "pld",
                         discretization=None, max_steps: int = 10**8) -> Calibration:
-  """The largest number of steps whose mechanism meets (ε, δ)."""
+  """The largest number of steps whose mechanism meets (ε, δ).
+
+  Args:
+    make_mechanism: steps T -> mechanism description (all else fixed).
+    target_epsilon: ε budget, > 0.
+    delta: δ in (0, 1).
+    accountant: ``"pld"`` or ``"rdp"``.
+    discretization: final PLD grid (see ``calibrate_noise_multiplier``).
+    max_steps: the largest T searched.
+
+  Returns:
+    ``Calibration`` with ``value`` = T and the ε it achieves (≤ the target).
+  """
   max_steps = check.integer("max_steps", max_steps, low=1, high=check.MAX_STEPS)
   return _calibrate_int(make_mechanism, name="num_steps", upper=max_steps,
                         target_epsilon=target_epsilon, delta=delta,
@@ -256,7 +277,19 @@ def calibrate_num_steps(make_mechanism: Callable[[int], Mechanism], *,
 def calibrate_batch_size(make_mechanism: Callable[[int], Mechanism], *, dataset_size: int,
                          target_epsilon: float, delta: float, accountant: str = "pld",
                          discretization=None) -> Calibration:
-  """The largest (expected) batch size, q = B / dataset_size, that meets (ε, δ)."""
+  """The largest (expected) batch size, q = B / dataset_size, that meets (ε, δ).
+
+  Args:
+    make_mechanism: batch size B -> mechanism description (all else fixed).
+    dataset_size: N; the sampling probability is q = B / N.
+    target_epsilon: ε budget, > 0.
+    delta: δ in (0, 1).
+    accountant: ``"pld"`` or ``"rdp"``.
+    discretization: final PLD grid (see ``calibrate_noise_multiplier``).
+
+  Returns:
+    ``Calibration`` with ``value`` = B and the ε it achieves (≤ the target).
+  """
   dataset_size = check.positive_int("dataset_size", dataset_size)
   return _calibrate_int(make_mechanism, name="batch_size", upper=dataset_size,
                         target_epsilon=target_epsilon, delta=delta,
@@ -269,6 +302,17 @@ def calibrate_sampling_prob(make_mechanism: Callable[[float], Mechanism], *,
   """The largest sampling probability q in (0, 1] whose mechanism meets (ε, δ).
 
   ε increases with q, so this is the noise search run on 1/q.
+
+  Args:
+    make_mechanism: q -> mechanism description (all else fixed).
+    target_epsilon: ε budget, > 0.
+    delta: δ in (0, 1).
+    accountant: ``"pld"`` or ``"rdp"``.
+    discretization: final PLD grid (see ``calibrate_noise_multiplier``).
+    rtol: relative width of the final bracket on 1/q.
+
+  Returns:
+    ``Calibration`` with ``value`` = q and the ε it achieves (≤ the target).
   """
   def from_inverse(inv_q: float) -> Mechanism:
     return make_mechanism(min(1.0, 1.0 / inv_q))

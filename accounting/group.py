@@ -16,7 +16,17 @@ from accounting.mechanisms import Mechanism
 
 
 def group_privacy(*, epsilon: float, delta: float, group_size: int) -> tuple[float, float]:
-  """(ε_k, δ_k) for groups of ``group_size`` from an (ε, δ) guarantee."""
+  """(ε_k, δ_k) for groups of ``group_size`` from an (ε, δ) guarantee.
+
+  Args:
+    epsilon: the per-example ε.
+    delta: the per-example δ.
+    group_size: k, the examples per group (user).
+
+  Returns:
+    ``(ε_k, δ_k) = (k·ε, δ·(e^{kε} − 1)/(e^ε − 1))``, the guarantee for a
+    group of k examples.
+  """
   epsilon = check.non_negative("epsilon", epsilon)
   delta = check.open_unit("delta", delta)
   k = check.positive_int("group_size", group_size)
@@ -43,6 +53,9 @@ def group_privacy_epsilon(mechanism: Mechanism, *, group_size: int, delta: float
     accountant: back end for the example-level δ(ε).
     discretization: the PLD grid Δ of the whole search (None or ``"auto"``:
       the accountant's default for the mechanism; see ``accounting.delta``).
+
+  Returns:
+    The user-level ε at ``delta`` (``inf`` where no ε certifies it).
   """
   accountants.check_mechanism(mechanism)
   if mechanism.privacy_unit != "example":

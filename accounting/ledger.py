@@ -32,7 +32,12 @@ _UNITS = ("example", "user")
 
 
 class Ledger:
-  """Append-only record of mechanisms; ε is always recomputed from it."""
+  """Append-only record of mechanisms; ε is always recomputed from it.
+
+  Args:
+    entries: mechanisms already run (e.g. earlier runs on the same data), in
+      the order they ran.
+  """
 
   def __init__(self, entries: Iterable[mech.Mechanism] = ()):
     self._entries: list[mech.Mechanism] = []

@@ -86,6 +86,23 @@ class MatrixMechanism(Mechanism):
   is (a prefix is post-processing of the whole). See the module docstring.
 
   DpEvent: ``Gaussian(noise_multiplier)`` (not composed per step).
+
+  Attributes:
+    noise_multiplier: σ, the Gaussian's noise multiplier (in units of
+      ``sensitivity * C_clip``).
+    sensitivity: sens(C) under the participation, in units of the clip norm
+      (recorded; it does not enter ε).
+    planned_steps: n, the size of C.
+    strategy: the name of C, for the reader.
+    max_participations: k, the most steps (rounds) a unit takes part in.
+    min_separation: b, the least separation of two participations.
+    num_steps: the steps run so far (default ``planned_steps``).
+    participation: ``"min-sep"`` or ``"fixed-epoch"``.
+
+  Privacy guarantee:
+    (ε, δ)-DP for adding or removing one example, with ε =
+    ``accounting.epsilon(self, delta=δ)``: that of one Gaussian mechanism with
+    noise multiplier σ, for the whole planned run (every prefix included).
   """
 
   kind: ClassVar[str] = "matrix_mechanism"
@@ -155,6 +172,23 @@ class UserMatrixMechanism(MatrixMechanism):
   with noise multiplier ``noise_multiplier`` for adding or removing a user.
 
   DpEvent: ``Gaussian(noise_multiplier)``.
+
+  Attributes:
+    noise_multiplier: σ, the Gaussian's noise multiplier (in units of
+      ``sensitivity * C_clip``).
+    sensitivity: sens(C) under the participation, in units of the clip norm
+      (recorded; it does not enter ε).
+    planned_steps: n, the size of C.
+    strategy: the name of C, for the reader.
+    max_participations: k, the most steps (rounds) a unit takes part in.
+    min_separation: b, the least separation of two participations.
+    num_steps: the steps run so far (default ``planned_steps``).
+    participation: ``"min-sep"`` or ``"fixed-epoch"``.
+
+  Privacy guarantee:
+    (ε, δ)-DP for adding or removing one *user*, with ε =
+    ``accounting.epsilon(self, delta=δ)``: that of one Gaussian mechanism with
+    noise multiplier σ, for the whole planned run (every prefix included).
   """
 
   kind: ClassVar[str] = "user_matrix_mechanism"
@@ -185,6 +219,17 @@ class AmplifiedBandedMatrixMechanism(Mechanism):
 
   DpEvent: ``SelfComposed(PoissonSampled(q, Gaussian(noise_multiplier)),
   ceil(num_steps / num_bands))``.
+
+  Attributes:
+    noise_multiplier: σ, the noise standard deviation in units of the clip norm.
+    sampling_prob: q, the Poisson rate within the step's group.
+    num_steps: T, the steps run.
+    num_bands: b, the bands of C and the number of groups.
+
+  Privacy guarantee:
+    (ε, δ)-DP for adding or removing one example, with ε =
+    ``accounting.epsilon(self, delta=δ)``: DP-SGD's with rate q and noise
+    multiplier σ over ``ceil(num_steps / num_bands)`` steps.
   """
 
   kind: ClassVar[str] = "amplified_banded_matrix_mechanism"

@@ -96,7 +96,14 @@ class Mechanism:
 
 
 def from_dict(data: dict[str, Any]) -> Mechanism:
-  """Rebuilds a mechanism written by ``Mechanism.to_dict``."""
+  """Rebuilds a mechanism written by ``Mechanism.to_dict``.
+
+  Args:
+    data: a mechanism's ``to_dict()`` (its ``kind`` and fields).
+
+  Returns:
+    The mechanism, equal to the one that wrote ``data``.
+  """
   if not isinstance(data, dict) or "type" not in data:
     raise ValueError(f"mechanism must be a dict with a 'type' key, got {data!r}")
   kind = data["type"]
@@ -129,6 +136,15 @@ class PoissonDpSgd(Mechanism):
   composed adaptively.
 
   DpEvent: ``SelfComposed(PoissonSampled(q, Gaussian(noise_multiplier)), T)``.
+
+  Attributes:
+    noise_multiplier: σ, the noise standard deviation in units of the clip norm.
+    sampling_prob: q in (0, 1], each example's probability of taking part in a step.
+    num_steps: T, the steps run.
+
+  Privacy guarantee:
+    (ε, δ)-DP for adding or removing one example, with ε =
+    ``accounting.epsilon(self, delta=δ)`` (PLD by default, an upper bound).
   """
 
   kind: ClassVar[str] = "poisson_dp_sgd"
@@ -161,6 +177,15 @@ class UlsDpSgd(PoissonDpSgd):
   this is DP-SGD over users.
 
   DpEvent: ``SelfComposed(PoissonSampled(q_user, Gaussian(noise_multiplier)), T)``.
+
+  Attributes:
+    noise_multiplier: σ, the noise standard deviation in units of the clip norm.
+    sampling_prob: q in (0, 1], each user's probability of taking part in a step.
+    num_steps: T, the steps (rounds) run.
+
+  Privacy guarantee:
+    (ε, δ)-DP for adding or removing one *user* (all of their examples), with
+    ε = ``accounting.epsilon(self, delta=δ)``.
   """
 
   kind: ClassVar[str] = "uls_dp_sgd"
@@ -186,6 +211,16 @@ class ElsDpSgd(Mechanism):
 
   DpEvent: ``SelfComposed(MixtureOfGaussians(s, [0..k], Binom(k, q)), T)``;
   dp-accounting supports it with the PLD accountant only.
+
+  Attributes:
+    noise_multiplier: σ, the noise standard deviation in units of the clip norm.
+    sampling_prob: q in (0, 1], each example's probability of taking part in a step.
+    num_steps: T, the steps run.
+    examples_per_user: k, the most examples any user holds (the cap).
+
+  Privacy guarantee:
+    (ε, δ)-DP for adding or removing one *user* holding at most k examples,
+    with ε = ``accounting.epsilon(self, delta=δ)`` (PLD only).
   """
 
   kind: ClassVar[str] = "els_dp_sgd"
@@ -269,6 +304,17 @@ class ShuffledDpSgd(Mechanism):
   C; its ε coincides with add/remove-one for the Gaussian mechanism.
 
   DpEvent: ``SelfComposed(Gaussian(noise_multiplier), participations)``.
+
+  Attributes:
+    noise_multiplier: σ, the noise standard deviation in units of the clip norm.
+    dataset_size: N, the examples shuffled each epoch.
+    batch_size: B, the fixed size of every batch.
+    num_steps: T, the steps run.
+
+  Privacy guarantee:
+    (ε, δ)-DP for replacing one example by one that contributes nothing
+    (zero-out), with ε = ``accounting.epsilon(self, delta=δ)``: no
+    amplification by shuffling is claimed.
   """
 
   kind: ClassVar[str] = "shuffled_dp_sgd"
@@ -313,6 +359,17 @@ class TruncatedPoissonDpSgd(Mechanism):
   ``TruncatedSubsampledGaussianDpEvent`` (arXiv 2508.15089; PLD only).
 
   DpEvent: ``SelfComposed(TruncatedSubsampledGaussian(N, q, B_max, s), T)``.
+
+  Attributes:
+    noise_multiplier: σ, the noise standard deviation in units of the clip norm.
+    sampling_prob: q in (0, 1], the Poisson rate before truncation.
+    dataset_size: N, the examples sampled from.
+    max_batch_size: B_max, the most examples a step keeps.
+    num_steps: T, the steps run.
+
+  Privacy guarantee:
+    (ε, δ)-DP for adding or removing one example, with ε =
+    ``accounting.epsilon(self, delta=δ)`` (PLD only), truncation included.
   """
 
   kind: ClassVar[str] = "truncated_poisson_dp_sgd"
@@ -353,6 +410,14 @@ class Composed(Mechanism):
   protect the same privacy unit; their ε is not comparable otherwise.
 
   DpEvent: ``Composed([phase.dp_event() for phase in phases])``.
+
+  Attributes:
+    phases: the mechanisms run one after another, all of one privacy unit.
+
+  Privacy guarantee:
+    (ε, δ)-DP for the phases' common privacy unit, with ε =
+    ``accounting.epsilon(self, delta=δ)`` of the composition (never less than
+    any phase's own ε).
   """
 
   kind: ClassVar[str] = "composed"
@@ -413,6 +478,15 @@ def sampling_from_epochs(*, dataset_size: int, batch_size: int, epochs: float,
   ``N // B`` full batches (the remainder is dropped, as ``ShuffledDpSgd`` and
   dpfl's ``ShuffledSampler`` do), so T = ceil(epochs * (N // B)); counting
   ceil(N / B) per epoch would add a participation per epoch that never ran.
+
+  Args:
+    dataset_size: N, examples (or users) in the data.
+    batch_size: B, the (expected) batch size.
+    epochs: passes over the data, > 0.
+    scheme: ``"poisson"`` or ``"shuffle"``.
+
+  Returns:
+    ``(sampling_prob, num_steps)``.
   """
   dataset_size = check.positive_int("dataset_size", dataset_size)
   batch_size = check.positive_int("batch_size", batch_size)
