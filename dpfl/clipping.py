@@ -75,6 +75,14 @@ class ClippedGradFn:
   removing one ``unit`` (replacing one unit: twice that). ``method`` is the
   clipping method asked for (``"auto"`` resolves per call, from the
   parameters' shapes and dtypes).
+
+  Args:
+    fun: the per-call implementation, ``fun(params, batch, mask) -> (clipped_sum, aux)``.
+    l2_clip_norm: C, the clip norm (the sum's sensitivity per unit).
+    unit: ``"example"`` or ``"user"``, the privacy unit clipped.
+    method: the clipping method asked for (``"auto"``, ``"materialize"``,
+      ``"reweight"``, ``"ghost"``).
+    explainer: optional, reports per-parameter ghost fallbacks (``explain``).
   """
 
   fun: Callable[..., tuple[PyTree, ClippedGradAux]]
@@ -226,7 +234,7 @@ def clipped_sum(
   ...]`` and a ``[examples_per_user]`` mask. A unit function is called under
   ``vmap`` over units, also for masked units, whose results are dropped.
 
-  Formal guarantee:
+  Privacy guarantee:
     Every unit's contribution to the sum has L2 norm <= ``l2_clip_norm``.
     Masked units (all examples masked, for users) and units whose update
     is not finite contribute exactly zero, and a unit's contribution
@@ -375,7 +383,7 @@ def clipped_grad(
     ``sum_k m_uk loss_fn(params, x_uk) / sum_k m_uk``. A user with no
     unmasked example contributes zero and is not counted.
 
-  Formal guarantee:
+  Privacy guarantee:
     Every unit's contribution to ``clipped_sum`` has L2 norm
     <= ``l2_clip_norm``. Masked (padding) units and units whose gradient is
     not finite (NaN/Inf anywhere, or an overflowing norm) contribute exactly

@@ -122,7 +122,7 @@ def clipped_user_updates(loss_fn, *, l2_clip_norm: float, local_steps: int,
   the norm taken over the whole parameter pytree. ``θ − θ_u`` is the
   negative model delta (see the module docstring for the sign convention).
 
-  Formal guarantee: each user's contribution has L2 norm <= ``l2_clip_norm``
+  Privacy guarantee: each user's contribution has L2 norm <= ``l2_clip_norm``
   (the very vector whose norm is measured is scaled) and depends only on that
   user's examples; users with no unmasked example, and users whose update is
   not finite, contribute exactly zero. Adding or removing one user therefore
@@ -219,6 +219,13 @@ def user_mesh(num_devices: int | None = None, *, axis_name: str = "users") -> ja
   places the cross-device sum itself. (``dpfl.clipped_grad`` and
   ``clipped_user_updates`` also accept ``Explicit`` meshes, used under
   ``jax.set_mesh``.)
+
+  Args:
+    num_devices: how many of ``jax.devices()`` to use (default: all).
+    axis_name: the name of the mesh's one axis.
+
+  Returns:
+    A ``jax.sharding.Mesh`` of shape ``(num_devices,)``.
   """
   devices = jax.devices()
   n = len(devices) if num_devices is None else int(num_devices)
@@ -236,6 +243,16 @@ def shard_users(tree: PyTree, mesh: jax.sharding.Mesh, *,
   host array and each keeps only its own devices' rows, so this works on one
   host and across hosts alike. The leading size must be divisible by the
   mesh axis size (``UserSampler(multiple_of=...)`` pads to that).
+
+  Args:
+    tree: a pytree of host arrays with one leading (user or example) axis.
+    mesh: the mesh to place it on (e.g. ``dpfl.user_mesh()``).
+    axis_name: the mesh axis to split the leading axis over (default: the
+      mesh's first).
+
+  Returns:
+    The same pytree of ``jax.Array``s, the leading axis sharded over
+    ``axis_name`` and replicated over the other axes.
   """
   axis_name = mesh.axis_names[0] if axis_name is None else axis_name
   sharding = NamedSharding(mesh, PartitionSpec(axis_name))
@@ -287,6 +304,9 @@ def shared_secret_seed() -> int:
   sampler (numpy's PCG64) keeps all 128 bits, and dpfl's int keys keep every
   bit too (``jax.random.key(seed)`` would keep 32 of them without x64), so
   the noise key has the full 64 bits a threefry key holds.
+
+  Returns:
+    A non-negative int below 2**128, equal on every process.
   """
   words = np.frombuffer(secrets.token_bytes(16), dtype=np.uint32).copy()
   if jax.process_count() > 1:

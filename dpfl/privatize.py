@@ -235,7 +235,7 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
   Returns:
     A ``PrivateTraining``.
 
-  Formal guarantee: each step releases the clipped sum (sensitivity C per
+  Privacy guarantee: each step releases the clipped sum (sensitivity C per
   sampling unit; ELS: J·C with J ~ Binomial(k, q) of a user's examples) plus
   the plan's Gaussian noise, on a batch drawn by the plan's sampler;
   ``epsilon()`` is the ε of the steps recorded so far for add/remove-one
@@ -382,6 +382,20 @@ def make_private_user_level(loss_fn: Callable[..., Any],
 
   The same assembler and the same arguments as ``make_private``; kept as the
   name the user-level documentation uses.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch)``, the mean loss over a batch.
+    optimizer: any optax optimizer (the server optimizer for ULS).
+    sampling_unit: ``"user"`` (ULS, default) or ``"example"`` (ELS).
+    **kwargs: every other argument of ``make_private``.
+
+  Returns:
+    A ``PrivateTraining`` whose unit of privacy is the user.
+
+  Privacy guarantee:
+    That of ``make_private`` with ``privacy_unit="user"``: ``epsilon()`` is
+    the ε for adding or removing one user with all of their examples
+    (``accounting.UlsDpSgd``, ``ElsDpSgd`` or ``UserMatrixMechanism``).
   """
   if "privacy_unit" in kwargs and kwargs.pop("privacy_unit") != "user":
     raise ValueError("make_private_user_level makes user-level runs (privacy_unit='user')")

@@ -501,9 +501,13 @@ def matrix_noise(strategy: Any, *, noise_multiplier: float, l2_clip_norm: float,
   ``dpfl.noise.privatizer`` with ``noise_strategy(strategy)``: the cheapest
   stream the strategy allows (``blt_noise`` for a BLT, ``banded_noise`` for a
   banded or banded-enough ``C``, ``identity_noise`` for ``C = I``, else
-  ``dense_noise``). See those functions for the semantics and the privacy
-  guarantee (one Gaussian mechanism with noise multiplier
-  ``noise_multiplier``; account it with ``accounting.MatrixMechanism``).
+  ``dense_noise``). See those functions for the semantics.
+
+  Privacy guarantee: if every privacy unit changes the clipped sums ``G``
+  within the participation pattern ``strategy``'s sensitivity was computed
+  for, the whole stream is post-processing of one Gaussian mechanism with
+  noise multiplier ``noise_multiplier``; account it with
+  ``accounting.MatrixMechanism``.
 
   Args:
     strategy: a ``dpfl.mf`` strategy, any object with the attributes
