@@ -33,7 +33,7 @@ GUIDES = sorted((DOCS / "guides").glob("*.md"))
 CHEAP_COMMANDS = ("epsilon", "calibrate", "plan")
 # Guides whose blocks take more than a few seconds (compiles of several
 # models); they run with `-m slow`, which .ci/run also runs for tests/docs.
-SLOW_GUIDES = {"flax_linen", "clipping", "multi_device"}
+SLOW_GUIDES = {"optax", "flax_linen", "clipping", "multi_device"}
 
 
 def _guide_params():
