@@ -33,6 +33,8 @@ GUIDES = sorted((DOCS / "guides").glob("*.md"))
 CHEAP_COMMANDS = ("epsilon", "calibrate", "plan")
 # Guides whose blocks take more than a few seconds (compiles of several
 # models); they run with `-m slow`, which .ci/run also runs for tests/docs.
+# Lines in a row that make a copy (three are idiom: init, loop, step).
+COPY_RUN = 5
 SLOW_GUIDES = {"optax", "flax_linen", "clipping", "multi_device"}
 
 
@@ -110,15 +112,24 @@ def test_included_readme_sections_exist_once_and_all_are_on_the_site():
   assert marked and marked == included, ("marked in README, on no page", marked - included)
 
 
+def _code_lines(code: str) -> list[str]:
+  return [line.strip() for line in code.splitlines() if line.strip()]
+
+
 def test_no_guide_copies_a_readme_code_block():
-  readme_lines = set()
+  """A run of COPY_RUN consecutive lines of a README block is a copy: include it instead."""
+  readme_runs = set()
   for info, _, code in fenced_blocks(ROOT / "README.md"):
     if info in ("python", "diff"):
-      readme_lines |= {line.strip() for line in code.splitlines() if len(line.strip()) > 30}
+      lines = [line.lstrip("+- ") for line in _code_lines(code)] if info == "diff" else (
+          _code_lines(code))
+      readme_runs |= {tuple(lines[i:i + COPY_RUN]) for i in range(len(lines) - COPY_RUN + 1)}
   for path in GUIDES:
     for info, line, code in fenced_blocks(path):
       if info != "python":
         continue
-      copied = [l.strip() for l in code.splitlines() if l.strip() in readme_lines]
-      assert len(copied) < 3, (f"{path.name}:{line} repeats README lines; include the README "
-                               f"section instead", copied)
+      lines = _code_lines(code)
+      copied = [run for run in (tuple(lines[i:i + COPY_RUN])
+                                for i in range(len(lines) - COPY_RUN + 1)) if run in readme_runs]
+      assert not copied, (f"{path.name}:{line} repeats a README block; include the README "
+                          f"section instead", copied[0])
