@@ -25,6 +25,14 @@ def build(name: str, num_steps: int, *, participation=None, workload=None,
     buffers: blt only (required).
     honaker: online-tree only: the Honaker decoder (default) or the plain one.
     restart_every: online-tree only: None or a new tree every that many steps.
+
+  Returns:
+    The strategy: ``identity``, ``tree``, ``online_tree`` or
+    ``sqrt_toeplitz``'s, or the one ``optimize_banded``, ``optimize_blt`` or
+    ``optimize_dense`` returns.
+
+  Raises:
+    ValueError: for an unknown ``name``, or an argument its builder refuses.
   """
   common = dict(participation=participation, workload=workload)
   if objective is None:

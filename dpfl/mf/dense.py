@@ -54,7 +54,27 @@ from dpfl.mf.workload import as_workload
 
 @dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
 class DenseStrategy(_strategies.Strategy):
-  """A dense lower-triangular ``C``, given by ``values`` (``n x n``)."""
+  """A dense lower-triangular ``C``, given by ``values`` (``n x n``).
+
+  ``optimize_dense`` returns one; any invertible lower-triangular matrix can
+  be wrapped to get its sensitivity and losses. Its sensitivity is computed
+  from ``C^T C`` (``dpfl.mf.sensitivity``): exact, or a valid upper bound
+  where ``sensitivity_exact`` is False.
+
+  Attributes:
+    values: ``C``, ``n x n``, lower-triangular (exactly zero above the
+      diagonal) with a nonzero diagonal; stored as a read-only float copy.
+    num_steps: ``n`` >= 1.
+    participation: the pattern ``sensitivity`` is computed under, given as
+      None (single participation), a ``(k, b)`` pair or ``Participation``
+      (min-separation), or a ``FixedEpoch``; stored checked, as a
+      ``Participation`` or ``FixedEpoch``.
+    workload: ``A`` the losses are computed for, given as None (prefix sums)
+      or a ``Workload`` of ``n`` steps; stored as a ``Workload``.
+    objective: ``"max"`` / ``"mean"`` it was optimized for; None (the
+      default) when not optimized.
+    info: optimizer diagnostics, for reporting; empty by default.
+  """
 
   name: ClassVar[str] = "dense"
   values: np.ndarray

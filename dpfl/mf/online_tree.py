@@ -69,6 +69,12 @@ def online_tree_matrix(num_steps: int) -> np.ndarray:
   Row ``v`` has ones on the leaves of node ``v``. Rows are ordered by the step
   that completes the node (its last leaf), then by level (leaves first): the
   order the online tree releases them. ``T`` has ``2 n - popcount(n)`` rows.
+
+  Args:
+    num_steps: ``n`` >= 1, the number of leaves (steps).
+
+  Returns:
+    The float 0/1 matrix ``T``, shape ``[2 n - popcount(n), n]``.
   """
   n = check_steps(num_steps)
   nodes = []  # (last leaf, level, first leaf)
@@ -83,7 +89,18 @@ def online_tree_matrix(num_steps: int) -> np.ndarray:
 
 
 def online_tree_gram(num_steps: int) -> np.ndarray:
-  """``X = T^T T``: ``X_ij`` = complete nodes covering both leaves ``i`` and ``j``."""
+  """``X = T^T T``: ``X_ij`` = complete nodes covering both leaves ``i`` and ``j``.
+
+  Built directly (without ``T``); the sensitivity of the online tree is
+  computed from it.
+
+  Args:
+    num_steps: ``n`` >= 1, the number of leaves (steps).
+
+  Returns:
+    ``X``, an ``n x n`` float array of non-negative integers (``X_ii`` is
+    the number of nodes above leaf ``i``, at most ``floor(log2 n) + 1``).
+  """
   n = check_steps(num_steps)
   steps = np.arange(n)
   X = np.zeros((n, n))
@@ -199,6 +216,9 @@ def online_tree(num_steps: int, *, participation=None, workload=None, honaker: b
       ``use_efficient=True``) or the plain one.
     restart_every: None or a new tree every ``restart_every`` steps, in
       ``[1, n]`` (DP-FTRL-TreeRestart; use the epoch length).
+
+  Returns:
+    An ``OnlineTreeStrategy``.
   """
   from accounting import validate as check
   n = check_steps(num_steps)

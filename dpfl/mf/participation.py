@@ -60,7 +60,15 @@ class FixedEpoch(Participation):
   ``min_separation`` is ``b``, the steps of one epoch (the period of the
   order); ``num_participations`` is ``ceil(n / b)``, the most steps a unit
   takes part in. Not equal to a ``Participation`` with the same numbers
-  (fewer patterns: its sensitivity can be lower).
+  (fewer patterns: its sensitivity can be lower). Build it with
+  ``fixed_epoch``, which checks the pair against ``n``; a strategy given one
+  checks it again.
+
+  Attributes:
+    num_participations: ``k = ceil(n / b)``, the most steps one unit takes
+      part in (pattern ``r`` has ``ceil((n - r) / b)`` steps).
+    min_separation: ``b``, the period of the order (steps per epoch), in
+      ``[1, n]``; ``b`` need not divide ``n``.
   """
 
   __slots__ = ()
@@ -105,6 +113,14 @@ def fixed_epoch(num_steps: int, *, num_participations: int | None = None,
   or both (then ``k`` must be ``ceil(n / b)``), or neither (single
   participation: ``b = n``).
 
+  Args:
+    num_steps: ``n``, an integer >= 1.
+    num_participations: ``k``, in ``[1, n]``, or None.
+    min_separation: ``b``, the period of the order, in ``[1, n]``, or None.
+
+  Returns:
+    The ``FixedEpoch`` ``(k, b)``.
+
   Raises:
     ValueError: if no fixed-epoch order of ``n`` steps has these numbers.
   """
@@ -137,6 +153,14 @@ def participation(num_steps: int, *, num_participations: int | None = None,
 
   Give ``num_participations`` (``k``; then ``b = n / k``), ``min_separation``
   (``b``; then ``k = n / b``), both, or neither (single participation).
+
+  Args:
+    num_steps: ``n``, an integer >= 1.
+    num_participations: ``k``, in ``[1, n]`` and dividing ``n``, or None.
+    min_separation: ``b``, in ``[1, n]`` and dividing ``n``, or None.
+
+  Returns:
+    The min-separation ``Participation`` ``(k, b)``, ``k * b = n``.
 
   Raises:
     ValueError: if ``k < 1``, ``b < 1``, or ``k * b != num_steps``.

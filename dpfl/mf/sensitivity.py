@@ -175,7 +175,27 @@ def gram_sensitivity_squared(gram: np.ndarray, participation: Participation, *,
 
 
 def matrix_sensitivity(matrix: np.ndarray, participation: Participation) -> float:
-  """``sens(C)`` of a dense strategy matrix (exact or the Alg. 4 bound; see above)."""
+  """``sens(C)`` of a dense strategy matrix (exact or the Alg. 4 bound; see above).
+
+  Computed from ``X = C^T C`` for vector-valued contributions of L2 norm at
+  most 1 per participation. The value is never below the true sensitivity:
+  exact for single participation, when the columns that can share a pattern
+  are orthogonal, or when ``X`` is non-negative on those pairs (and, under
+  min-separation, the patterns are few enough to enumerate); otherwise an
+  upper bound (``sum |X_ij|`` over the worst pattern, or arXiv 2306.08153,
+  Alg. 4). A strategy's ``sensitivity_exact`` says which; this function
+  does not.
+
+  Args:
+    matrix: ``C``, any ``[rows, n]`` real array (``n`` steps; e.g. a square
+      strategy matrix or the node-by-leaf ``tree_matrix(n)``).
+    participation: a ``Participation`` or ``FixedEpoch`` for the ``n`` steps
+      (from ``participation`` or ``fixed_epoch``; a plain tuple is not
+      accepted).
+
+  Returns:
+    ``sens(C)`` as a float, in units of the clip norm.
+  """
   C = np.asarray(matrix, dtype=float)
   return math.sqrt(gram_sensitivity_squared(C.T @ C, participation)[0])
 
@@ -185,6 +205,25 @@ def brute_force_sensitivity(matrix: np.ndarray, participation: Participation) ->
 
   Enumerates all ``2^n`` vectors (fixed-epoch: its ``b`` patterns): for
   tests and small ``n`` (at most 20).
+
+  A 0/1 ``u`` is one contribution of norm 1 repeated at each step of a
+  pattern, so this is always a lower bound on the sensitivity for
+  vector-valued contributions, and equals it when ``X = C^T C`` has no
+  negative entry between two steps a pattern can hold; with such negative
+  entries contributions of opposite directions can do worse, and the true
+  sensitivity may be larger (``matrix_sensitivity`` bounds it from above).
+
+  Args:
+    matrix: ``C``, any ``[rows, n]`` real array with ``n <= 20`` steps.
+    participation: a ``Participation`` (at most ``k`` steps, any two at
+      least ``b`` apart) or a ``FixedEpoch`` (the ``b`` patterns
+      ``r, r + b, ...``) for the ``n`` steps; not a plain tuple.
+
+  Returns:
+    ``max_u ||C u||_2`` as a float.
+
+  Raises:
+    ValueError: if ``n > 20``.
   """
   C = np.asarray(matrix, dtype=float)
   n = C.shape[1]

@@ -164,7 +164,24 @@ class _ToeplitzLosses:
 
 @dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
 class IdentityStrategy(_ToeplitzLosses, Strategy):
-  """``C = I``: independent noise at every step (DP-SGD)."""
+  """``C = I``: independent noise at every step (DP-SGD).
+
+  Its columns are orthogonal unit vectors, so ``sens(C)^2 = k``, the number
+  of participations (under fixed-epoch order ``k = ceil(n / b)``). Built by
+  ``identity``.
+
+  Attributes:
+    num_steps: ``n`` >= 1.
+    participation: the pattern ``sensitivity`` is computed under, given as
+      None (single participation), a ``(k, b)`` pair or ``Participation``
+      (min-separation), or a ``FixedEpoch``; stored checked, as a
+      ``Participation`` or ``FixedEpoch``.
+    workload: ``A`` the losses are computed for, given as None (prefix sums)
+      or a ``Workload`` of ``n`` steps; stored as a ``Workload``.
+    objective: ``"max"`` / ``"mean"`` it was optimized for; None (the
+      default) for a fixed strategy.
+    info: optimizer diagnostics, for reporting; empty by default.
+  """
 
   name: ClassVar[str] = "identity"
 
@@ -178,7 +195,28 @@ class IdentityStrategy(_ToeplitzLosses, Strategy):
 
 @dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
 class ToeplitzStrategy(_ToeplitzLosses, Strategy):
-  """A lower-triangular Toeplitz ``C`` given by its first column ``coefs``."""
+  """A lower-triangular Toeplitz ``C`` given by its first column ``coefs``.
+
+  ``C[i, j] = coefs[i - j]`` for ``i >= j``. Its losses (for a Toeplitz
+  workload) and its sensitivity (where a Toeplitz rule of
+  ``dpfl.mf.sensitivity`` applies) are computed from the coefficients,
+  without the ``n x n`` matrix; otherwise from the dense ``C``.
+
+  Attributes:
+    coefs: ``c_0, c_1, ...``, the first column of ``C``: finite, ``c_0 != 0``
+      (``C`` invertible); truncated to ``n`` entries, missing ones are 0.
+      Stored as a read-only float array.
+    num_steps: ``n`` >= 1.
+    participation: the pattern ``sensitivity`` is computed under, given as
+      None (single participation), a ``(k, b)`` pair or ``Participation``
+      (min-separation), or a ``FixedEpoch``; stored checked, as a
+      ``Participation`` or ``FixedEpoch``.
+    workload: ``A`` the losses are computed for, given as None (prefix sums)
+      or a ``Workload`` of ``n`` steps; stored as a ``Workload``.
+    objective: ``"max"`` / ``"mean"`` it was optimized for; None (the
+      default) for a fixed strategy.
+    info: optimizer diagnostics, for reporting; empty by default.
+  """
 
   name: ClassVar[str] = "toeplitz"
   coefs: np.ndarray
@@ -197,7 +235,26 @@ class ToeplitzStrategy(_ToeplitzLosses, Strategy):
 
 @dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
 class SqrtToeplitzStrategy(ToeplitzStrategy):
-  """The square-root factorization: coefficients of ``(1 - x)^(-1/2)``, ``C C = A``."""
+  """The square-root factorization: coefficients of ``(1 - x)^(-1/2)``, ``C C = A``.
+
+  ``C C = A`` holds for the prefix-sum matrix ``A``; the losses are computed
+  for the strategy's ``workload``, whatever it is. Built by ``sqrt_toeplitz``.
+
+  Attributes:
+    coefs: the first column of ``C``, as for ``ToeplitzStrategy``;
+      ``sqrt_toeplitz`` gives the ``n`` coefficients of ``(1 - x)^(-1/2)``,
+      ``c_0 = 1, c_k = c_{k-1} (2k - 1) / (2k)``.
+    num_steps: ``n`` >= 1.
+    participation: the pattern ``sensitivity`` is computed under, given as
+      None (single participation), a ``(k, b)`` pair or ``Participation``
+      (min-separation), or a ``FixedEpoch``; stored checked, as a
+      ``Participation`` or ``FixedEpoch``.
+    workload: ``A`` the losses are computed for, given as None (prefix sums)
+      or a ``Workload`` of ``n`` steps; stored as a ``Workload``.
+    objective: ``"max"`` / ``"mean"`` it was optimized for; None (the
+      default) for a fixed strategy.
+    info: optimizer diagnostics, for reporting; empty by default.
+  """
 
   name: ClassVar[str] = "sqrt"
 
@@ -215,6 +272,14 @@ def tree_matrix(num_steps: int) -> np.ndarray:
   The tree has ``2^L >= n`` leaves (``L = ceil(log2 n)``); leaves past ``n - 1``
   and nodes covering none of the first ``n`` leaves are dropped. Rows are
   ordered by level (leaves first), then left to right.
+
+  Args:
+    num_steps: ``n`` >= 1, the number of leaves used.
+
+  Returns:
+    The float 0/1 node-by-leaf matrix ``T``, shape
+    ``[sum_{l=0}^{L} ceil(n / 2^l), n]`` (not square: ``TreeStrategy`` uses
+    ``T^T T``).
   """
   levels = max(num_steps - 1, 0).bit_length()
   rows = []
@@ -237,6 +302,22 @@ class TreeStrategy(Strategy):
   ``X`` only) with a causal ``B = A C^{-1}``, so it streams like every other
   strategy (Denisov et al. 2022, arXiv 2202.08312, Sec. 3: lower-triangular
   factors lose nothing).
+
+  Its sensitivity is computed from ``X`` (``dpfl.mf.sensitivity``): exact,
+  or a valid upper bound where ``sensitivity_exact`` is False. Built by
+  ``tree``.
+
+  Attributes:
+    num_steps: ``n`` >= 1.
+    participation: the pattern ``sensitivity`` is computed under, given as
+      None (single participation), a ``(k, b)`` pair or ``Participation``
+      (min-separation), or a ``FixedEpoch``; stored checked, as a
+      ``Participation`` or ``FixedEpoch``.
+    workload: ``A`` the losses are computed for, given as None (prefix sums)
+      or a ``Workload`` of ``n`` steps; stored as a ``Workload``.
+    objective: ``"max"`` / ``"mean"`` it was optimized for; None (the
+      default) for a fixed strategy.
+    info: optimizer diagnostics, for reporting; empty by default.
   """
 
   name: ClassVar[str] = "tree"
@@ -261,7 +342,17 @@ class TreeStrategy(Strategy):
 
 
 def identity(num_steps: int, *, participation=None, workload=None) -> IdentityStrategy:
-  """DP-SGD's ``C = I``: ``sens^2 = k``; on prefix sums ``max_loss = k n``."""
+  """DP-SGD's ``C = I``: ``sens^2 = k``; on prefix sums ``max_loss = k n``.
+
+  Args:
+    num_steps: ``n`` >= 1.
+    participation: None (single participation), a ``(k, b)`` pair or
+      ``Participation`` (min-separation), or a ``FixedEpoch``.
+    workload: None (prefix sums) or a ``Workload`` of ``n`` steps.
+
+  Returns:
+    An ``IdentityStrategy``.
+  """
   return IdentityStrategy(num_steps=check_steps(num_steps), participation=participation,
                           workload=workload)
 
@@ -271,6 +362,15 @@ def tree(num_steps: int, *, participation=None, workload=None) -> TreeStrategy:
 
   Its losses and sensitivity come from the dense ``n x n`` Gram matrix, so
   ``num_steps`` is limited to 8192.
+
+  Args:
+    num_steps: ``n``, in ``[1, 8192]``.
+    participation: None (single participation), a ``(k, b)`` pair or
+      ``Participation`` (min-separation), or a ``FixedEpoch``.
+    workload: None (prefix sums) or a ``Workload`` of ``n`` steps.
+
+  Returns:
+    A ``TreeStrategy``.
   """
   n = check_steps(num_steps)
   if not _toeplitz.fits_dense(n):
@@ -279,7 +379,20 @@ def tree(num_steps: int, *, participation=None, workload=None) -> TreeStrategy:
 
 
 def sqrt_toeplitz(num_steps: int, *, participation=None, workload=None) -> SqrtToeplitzStrategy:
-  """The square-root Toeplitz factorization ``C = A^{1/2}`` of prefix sums."""
+  """The square-root Toeplitz factorization ``C = A^{1/2}`` of prefix sums.
+
+  ``C`` is the same for every workload (the square root of the prefix-sum
+  matrix); ``workload`` only sets what its losses are computed for.
+
+  Args:
+    num_steps: ``n`` >= 1.
+    participation: None (single participation), a ``(k, b)`` pair or
+      ``Participation`` (min-separation), or a ``FixedEpoch``.
+    workload: None (prefix sums) or a ``Workload`` of ``n`` steps.
+
+  Returns:
+    A ``SqrtToeplitzStrategy``.
+  """
   n = check_steps(num_steps)
   return SqrtToeplitzStrategy(num_steps=n, participation=participation, workload=workload,
                               coefs=_toeplitz.sqrt_coefs(n))
