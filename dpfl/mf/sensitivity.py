@@ -175,16 +175,16 @@ def gram_sensitivity_squared(gram: np.ndarray, participation: Participation, *,
 
 
 def matrix_sensitivity(matrix: np.ndarray, participation: Participation) -> float:
-  """``sens(C)`` of a dense strategy matrix (exact or the Alg. 4 bound; see above).
+  """``sens(C)`` of a strategy matrix: exact, or a valid upper bound (below: which).
 
   Computed from ``X = C^T C`` for vector-valued contributions of L2 norm at
-  most 1 per participation. The value is never below the true sensitivity:
-  exact for single participation, when the columns that can share a pattern
-  are orthogonal, or when ``X`` is non-negative on those pairs (and, under
-  min-separation, the patterns are few enough to enumerate); otherwise an
-  upper bound (``sum |X_ij|`` over the worst pattern, or arXiv 2306.08153,
-  Alg. 4). A strategy's ``sensitivity_exact`` says which; this function
-  does not.
+  most 1 per participation, and never below the true sensitivity (up to
+  floating-point rounding in ``X``). Exact for single participation, when
+  the columns that can share a pattern are orthogonal, or when ``X`` is
+  non-negative on those pairs (under min-separation: and the patterns are
+  few enough to enumerate); otherwise an upper bound (``sum |X_ij|`` over
+  the worst pattern, or arXiv 2306.08153, Alg. 4). A strategy's
+  ``sensitivity_exact`` says which; this function does not.
 
   Args:
     matrix: ``C``, any ``[rows, n]`` real array (``n`` steps; e.g. a square

@@ -161,6 +161,11 @@ def blt_strategy(*, buffer_decay: Sequence[float], output_scale: Sequence[float]
       (``dpfl.mf.blt.check_blt_parameters``, as for ``BltStrategy``).
     output_scale: ``omega``, shape ``[m]``, finite.
     num_steps: ``n``, the number of steps the mechanism is accounted for.
+
+  Returns:
+    A ``dpfl.noise.NoiseStrategy`` with ``num_steps = n`` and ``m`` buffers
+    per leaf. It releases nothing itself: ``dpfl.noise.privatizer`` runs it
+    (``blt_noise`` states that transform's guarantee).
   """
   theta, omega = check_blt_parameters(buffer_decay, output_scale)
   num_steps = check.positive_int("num_steps", num_steps)
@@ -227,7 +232,25 @@ def banded_strategy(*, matrix: Any = None, diagonals: Any = None,
                     num_bands: int | None = None) -> noise.NoiseStrategy:
   """The stream of a banded ``C``: forward substitution over the last ``b - 1`` rows.
 
-  Args: as ``banded_noise``'s ``matrix``, ``diagonals`` and ``num_bands``.
+  ``x_t = (z_t - sum_{j=1}^{b-1} C[t, t-j] x_{t-j}) / C[t, t]``, with the
+  ``C[t, t-j]`` and ``1 / C[t, t]`` held in float32.
+
+  Args:
+    matrix: ``C``, n x n, lower-triangular (exactly zero above the diagonal),
+      nonzero diagonal; or None if ``diagonals`` is given.
+    diagonals: alternatively ``[num_bands, n]`` with ``diagonals[d, j] =
+      C[j + d, j]`` (``dpfl.mf.BandedStrategy.diagonals``), ``1 <= num_bands
+      <= n``, ``diagonals[0]`` nonzero. Exactly one of the two is given.
+    num_bands: ``b``; default: the bandwidth of ``matrix`` (or
+      ``diagonals.shape[0]``, which a given value must equal). With
+      ``matrix``, a larger value (at most ``n``) is allowed (more buffers), a
+      smaller one is an error.
+
+  Returns:
+    A ``dpfl.noise.NoiseStrategy`` with ``num_steps = n`` and ``b - 1``
+    buffers per leaf (newest first). It releases nothing itself:
+    ``dpfl.noise.privatizer`` runs it (``banded_noise`` states that
+    transform's guarantee).
   """
   coefs, inv_diag, num_bands = _band_tables(matrix, diagonals, num_bands)
   coefs_f32 = jnp.asarray(coefs, jnp.float32)
@@ -257,9 +280,19 @@ def dense_strategy(*, matrix: Any) -> noise.NoiseStrategy:
   """The stream of any lower-triangular ``C``: ``x_t = sum_{s<=t} (C^{-1})_{ts} z_s``.
 
   Past ``z_s`` are regenerated from the step keys the state keeps.
+  ``C^{-1}`` is computed in float64, then rounded to float32.
 
   Args:
     matrix: ``C``, n x n, lower-triangular with a nonzero diagonal.
+
+  Returns:
+    A ``dpfl.noise.NoiseStrategy`` with ``num_steps = n``, no buffers and
+    ``store_step_keys=True``. It releases nothing itself:
+    ``dpfl.noise.privatizer`` runs it (``dense_noise`` states that
+    transform's guarantee).
+
+  Raises:
+    ValueError: if ``matrix`` is not of that form, or ``C^{-1}`` overflows.
   """
   matrix = _check_lower_triangular("matrix", matrix)
   num_steps = matrix.shape[0]
@@ -303,7 +336,15 @@ def noise_strategy(strategy: Any, *, num_steps: int | None = None) -> noise.Nois
     strategy: a ``dpfl.mf`` strategy, any object with the attributes above,
       or an n x n lower-triangular array.
     num_steps: ``n``; default ``strategy.num_steps`` or the matrix size. Must
-      match the strategy's when both are known.
+      match the strategy's when both are known (required for a BLT-like
+      object without ``num_steps``).
+
+  Returns:
+    A ``dpfl.noise.NoiseStrategy``: ``blt_strategy``'s, ``banded_strategy``'s,
+    ``dense_strategy``'s, or ``NoiseStrategy(num_steps=n)`` (the identity).
+    It carries no sensitivity: the privatizer that runs it is given
+    ``sens(C)`` (as ``matrix_noise`` does), and the guarantee is that
+    transform's.
   """
   own_steps = getattr(strategy, "num_steps", None)
   if num_steps is None:
