@@ -111,12 +111,14 @@ class BandedStrategy(_strategies.Strategy):
 
   @property
   def num_bands(self) -> int:
+    """``b``, the number of nonzero diagonals kept (``diagonals.shape[0]``)."""
     return self.diagonals.shape[0]
 
   def materialize(self) -> np.ndarray:
     return band_matrix(self.diagonals)
 
   def column_norms(self) -> np.ndarray:
+    """The ``n`` column norms ``||C[:, j]||_2``."""
     return np.sqrt(np.sum(np.square(self.diagonals), axis=0))
 
   def _sensitivity_squared(self) -> tuple[float, bool]:

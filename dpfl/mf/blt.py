@@ -146,9 +146,11 @@ class BltStrategy(_strategies._ToeplitzLosses, _strategies.Strategy):
 
   @property
   def num_buffers(self) -> int:
+    """``m``, the number of buffers (model-sized arrays when streamed)."""
     return len(self.buffer_decay)
 
   def toeplitz_coefs(self) -> np.ndarray:
+    """The ``n`` coefficients ``c_0 = 1, c_t = sum_i omega_i theta_i^(t-1)``."""
     return blt_coefs(self.buffer_decay, self.output_scale, self.num_steps)
 
   def inverse(self) -> tuple[np.ndarray, np.ndarray]:

@@ -45,9 +45,11 @@ class Participation(NamedTuple):
 
   @property
   def is_single(self) -> bool:
+    """Whether ``k == 1`` (single participation)."""
     return self.num_participations == 1
 
   def describe(self) -> str:
+    """The pattern in words, for reports (e.g. ``"4 participations, min separation 25"``)."""
     if self.is_single:
       return "single participation"
     return (f"{self.num_participations} participations, "
@@ -93,6 +95,7 @@ class FixedEpoch(Participation):
     return [np.arange(r, num_steps, b) for r in range(min(b, num_steps))]
 
   def describe(self) -> str:
+    """The pattern in words, for reports."""
     if self.is_single:
       return "single participation"
     return (f"fixed-epoch order, {self.min_separation} steps per epoch "

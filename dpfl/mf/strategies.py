@@ -139,6 +139,7 @@ class _ToeplitzLosses:
   """Mixin: O(n) losses and sensitivity from Toeplitz coefficients."""
 
   def toeplitz_coefs(self) -> np.ndarray:
+    """The first column ``c_0, c_1, ...`` of ``C`` (zero past its length)."""
     raise NotImplementedError
 
   def materialize(self) -> np.ndarray:
@@ -186,6 +187,7 @@ class IdentityStrategy(_ToeplitzLosses, Strategy):
   name: ClassVar[str] = "identity"
 
   def toeplitz_coefs(self) -> np.ndarray:
+    """``[1]``: the first column of ``I``, zero-padded."""
     return np.array([1.0])
 
   def _sensitivity_squared(self) -> tuple[float, bool]:
@@ -230,6 +232,7 @@ class ToeplitzStrategy(_ToeplitzLosses, Strategy):
     object.__setattr__(self, "coefs", coefs)
 
   def toeplitz_coefs(self) -> np.ndarray:
+    """``coefs``, the first column of ``C`` (zero past its length)."""
     return self.coefs
 
 

@@ -544,11 +544,18 @@ def matrix_noise(strategy: Any, *, noise_multiplier: float, l2_clip_norm: float,
   banded or banded-enough ``C``, ``identity_noise`` for ``C = I``, else
   ``dense_noise``). See those functions for the semantics.
 
-  Privacy guarantee: if every privacy unit changes the clipped sums ``G``
-  within the participation pattern ``strategy``'s sensitivity was computed
-  for, the whole stream is post-processing of one Gaussian mechanism with
-  noise multiplier ``noise_multiplier``; account it with
-  ``accounting.MatrixMechanism``.
+  Privacy guarantee: if every privacy unit changes each step's clipped sum
+  by a vector of L2 norm at most ``l2_clip_norm``, and takes part in the
+  steps of one of the participation patterns ``sensitivity`` (default
+  ``strategy.sensitivity``) was computed for, then the ``n`` outputs are
+  post-processing of ``C G + s Z`` with
+  ``s = noise_multiplier * l2_clip_norm * sensitivity``: ONE Gaussian
+  mechanism whose sensitivity is ``sensitivity * l2_clip_norm``, i.e. with
+  noise multiplier ``noise_multiplier``, also when gradients are chosen
+  adaptively (``C`` lower-triangular; Denisov et al. 2022, arXiv
+  2202.08312). Account it with ``accounting.MatrixMechanism(noise_multiplier,
+  sensitivity, planned_steps=n, ...)``, with the participation the
+  sensitivity was computed under.
 
   Args:
     strategy: a ``dpfl.mf`` strategy, any object with the attributes
