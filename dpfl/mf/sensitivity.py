@@ -31,9 +31,10 @@ Fixed-epoch order (``participation.FixedEpoch``) has only the ``b`` patterns
 ``O(n^2)`` from ``X``. It is exact (for vector contributions) when ``X`` is
 non-negative on the pairs that share a pattern (then it is ``||C u_r||^2``;
 orthogonal columns are the special case), and a valid upper bound otherwise.
-For scalar contributions ``max_r ||C u_r||^2`` would always be exact; for
-vectors with mixed-sign ``X`` it is not (the contributions can turn to align
-with the negative entries), which is why the absolute values are used.
+With mixed-sign ``X`` the 0/1 value ``max_r ||C u_r||^2`` can understate sens^2,
+for vectors and scalars alike (a contribution can flip its direction, or
+sign, between the steps joined by a negative entry), which is why the
+absolute values are used.
 """
 
 from __future__ import annotations
