@@ -133,6 +133,23 @@ def test_paper_scale_law_recovered(paper_law):
       float(known.known_loss(109e6, 8000, 2.0 ** -12)), rel=0.01)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("noise, e_rtol, rtol", [(0.003, 0.02, 0.02), (0.01, None, 0.06)])
+def test_paper_scale_law_recovered_from_noisier_tables(seed, noise, e_rtol, rtol):
+  """More noise on every loss. At 1 % (0.04 nats, as large as the non-private curve's last
+  octaves move) E is no longer identified (off by up to ~30 %), but the predictions inside
+  the support, tail included, stay within 6 %."""
+  law = fit.fit_law(known.point_rows(noise=noise, seed=seed))
+  if e_rtol is not None:
+    for m in law["models"]:
+      assert m["E"] == pytest.approx(float(known.known_E(m["params"])), rel=e_rtol)
+  n = np.geomspace(4.5e6, 778e6, 9)[:, None, None]
+  t = np.geomspace(1000, 128_000 * 64, 17)[None, :, None]
+  r = np.geomspace(2.0 ** -23, 2.0 ** -6, 13)[None, None, :]
+  np.testing.assert_allclose(fit.predict(law, n, t, r), known.known_loss(n, t, r), rtol=rtol)
+
+
 def test_nan_outside_the_support_and_finite_when_extrapolating(paper_law):
   inside = (100e6, 20_000, 1e-4)
   assert np.isfinite(fit.predict(paper_law, *inside))
