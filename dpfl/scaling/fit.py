@@ -316,11 +316,13 @@ def _fit_model(name: str, table: dict, *, min_points: int, tail_factor: float) -
     m, b, e, rmse = fit_asymptote(s0, l0)
     floor = float(l0.min())
     if not (_E_EDGE * floor < e < (1 - _E_EDGE) * floor):
+      why = ("the curve shows no saturation over its steps" if e <= _E_EDGE * floor else
+             "the curve has stopped falling (its smoothed end is flat)")
       raise DegenerateAsymptote(
           f"model {name!r}: the non-private curve's irreducible loss E={e:.4g} is degenerate "
-          f"(at its bound: it must lie in (0, {floor:.4g}), the smallest measured loss): the "
-          "curve shows no saturation over its steps, so the tail beyond them cannot be "
-          "fitted; sweep longer, or fit without a tail (tail_factor=1)")
+          f"(at a bound of (0, {floor:.4g}), the smallest measured loss): {why}, so the tail "
+          "beyond the measured steps cannot be fitted; sweep longer, or fit without a tail "
+          "(tail_factor=1)")
     e_fit = {"m": m, "b": b, "rmse": rmse, "points": int(len(s0)), "bounds": [0.0, floor]}
   out = []
   for ratio, steps, loss, lrs in curves:

@@ -206,8 +206,14 @@ def test_degenerate_E_refused_and_fit_without_tail():
   """A non-private curve with no saturation (a pure power law) has E stuck at 0."""
   rows = [dict(r, loss=r["loss"] - float(known.known_E(r["params"])))
           if r["noise_batch_ratio"] == 0 else r for r in _small_points()]
-  with pytest.raises(fit.DegenerateAsymptote, match=r"model 'a'.*E=.*degenerate"):
+  with pytest.raises(fit.DegenerateAsymptote, match=r"model 'a'.*E=.*degenerate.*no saturation"):
     fit.fit_law(rows)
+  # Curves flat from their second point on: E is stuck at the smallest loss.
+  flat = [dict(r, loss=max(r["loss"], float(known.known_loss(r["params"], known.STEPS[2],
+                                                             r["noise_batch_ratio"]))))
+          for r in _small_points()]
+  with pytest.raises(fit.DegenerateAsymptote, match=r"model 'a'.*stopped falling"):
+    fit.fit_law(flat)
   law = fit.fit_law(rows, tail_factor=1)
   assert fit.support(law)["steps"] == [1000, known.STEPS[::2][-1]]
   assert all(m["E"] is None for m in law["models"])
