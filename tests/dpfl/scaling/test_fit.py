@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import synthetic_law as known
 from dpfl import cli
-from dpfl.scaling import fit
+from dpfl.scaling import fit, smoothing
 
 # A small known law as dpfl sweep rows: per model (params, E); per ratio r, m and b.
 MODELS = {"tiny": (50_000, 2.0), "small": (400_000, 1.6), "mid": (3_000_000, 1.3)}
@@ -75,7 +75,7 @@ def test_isotonic_matches_sklearn(values, increasing):
 def test_smooth_table_is_monotone_in_one_pass(rows, cols, seed):
   """On a complete table the steps pass then the ratio pass give both orders (as the paper's)."""
   table = np.random.default_rng(seed).normal(size=(rows, cols))
-  out = fit.smoothing.smooth_ratios(fit.smoothing.smooth_steps(table))
+  out = smoothing.smooth_ratios(smoothing.smooth_steps(table))
   assert fit.is_monotone(out, atol=1e-9)
   np.testing.assert_array_equal(fit.smooth_table(table), out)
 
