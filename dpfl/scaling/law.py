@@ -38,11 +38,13 @@ T, non-decreasing in σ̄, never below the model's E):
   assumed outside the data);
 - steps before the first measured step: the loss at that step (an upper
   bound: loss does not rise with steps); beyond the trusted tail: the same
-  tail continued (it decays to E, never below);
+  tail continued (it decays to E, never below); a law fitted without a tail
+  (``tail_factor=1``, no E) keeps the last measured loss (an upper bound);
 - σ̄ below the smallest positive ratio: linear in σ̄ between the non-private
   curve (σ̄ = 0) and the smallest private one — both measured, and loss is
-  smooth in σ̄ at 0 (a law without a non-private curve keeps the smallest
-  ratio's loss, an upper bound); above the largest ratio: the last curve
+  smooth in σ̄ at 0 (keeping the smallest ratio's loss instead would be an
+  upper bound, but would let a plan gain nothing from a larger batch there);
+  above the largest ratio: the last curve
   times (σ̄/σ̄_K)^α, with α >= 0 the steepest log-log slope between the last two
   fitted ratios over the measured steps (one α for all T keeps the order in
   T), capped at the largest loss the data saw.
