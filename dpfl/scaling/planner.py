@@ -6,8 +6,7 @@ and the number of privacy units N (users, or examples), enumerate
 
 * model size n on a log-spaced axis: ``MODEL_SIZES`` (100, as the paper)
   sizes from the law's smallest to its largest fitted model (``--models``:
-  only the named models' sizes), extended ``EXTEND_DECADES`` decades beyond
-  each end for the extrapolation check below;
+  only the named models' sizes);
 * batch size B (expected; Poisson sampling rate q = B / N);
 * steps T, from a fixed geometric ladder (``steps_per_octave`` per doubling)
   up to ``max_steps`` (default: 10x the law's most steps),
@@ -44,11 +43,12 @@ compute-optimal configuration for the budget — the budget wants a bigger (or
 smaller) model, or more steps, than the law has seen — and a user spending
 3e18 FLOPs on a law of 200K-parameter models should be told so. When the
 extrapolated best is inside, it is the best in-support configuration too (the
-two predictions agree there), so the plan is the in-support argmin. One
-more corner is refused: the best configuration at the law's *largest* model
-size (``fit.predict`` extrapolates beyond it as flat in size, which can never
-show that a larger model would do better; a best at the top of the size axis
-says it would). The plan is also refused when nothing is left after the data
+two predictions agree there), so the plan is the in-support argmin. Model
+size is checked by its corners instead (``fit.predict`` extrapolates beyond
+the fitted models as flat in size, which cannot show that a larger or smaller
+model would do better): a best configuration at the law's smallest or
+largest model size, on the continuous axis, is refused — the optimum for the
+budget is at or beyond the models the law has measured. The plan is also refused when nothing is left after the data
 constraints, and when the sequence length differs from the law's. When the
 data constraints bind (the best over every candidate uses q = 1 or more
 epochs), the plan says so in ``data_limited``: it is the best the law knows
@@ -83,8 +83,6 @@ WITHIN_BEST = 0.01      # "smallest compute within 1% of the best loss"
 WITHIN_CONFIGS = 0.02   # "configurations within 2%"
 STEPS_EXTRAPOLATION = 10  # default max_steps: this times the law's most steps
 MODEL_SIZES = 100       # log-spaced model sizes between the law's smallest and largest
-EXTEND_DECADES = 3      # the extrapolation check looks this far beyond the law's sizes
-EXTEND_PER_DECADE = 20  # at most this sparse (sizes per decade) beyond the law's sizes
 UNKNOWN_MAX_EPOCHS = 1.0  # a law without max_epochs: each example seen at most once
 
 # The dimensions a plan can lie outside the law's support in (refusal
@@ -108,23 +106,11 @@ def steps_ladder(low: int, high: int, per_octave: int = 16) -> np.ndarray:
   return ladder[(ladder >= low) & (ladder <= high)]
 
 
-def model_size_axis(low: float, high: float, *, sizes: int = MODEL_SIZES,
-                    extend_decades: float = 0.0) -> np.ndarray:
-  """``sizes`` log-spaced model sizes from ``low`` to ``high`` (both kept), then,
-  ``extend_decades`` decades beyond each end, sizes at the same spacing (at
-  most ``EXTEND_PER_DECADE`` per decade)."""
+def model_size_axis(low: float, high: float, *, sizes: int = MODEL_SIZES) -> np.ndarray:
+  """``sizes`` log-spaced model sizes from ``low`` to ``high`` (both kept; one if equal)."""
   if high <= low:
-    inner = np.array([float(low)])
-    step = 1.0 / EXTEND_PER_DECADE
-  else:
-    inner = np.geomspace(low, high, sizes)
-    step = max(math.log10(high / low) / (sizes - 1), 1.0 / EXTEND_PER_DECADE)
-  if extend_decades <= 0:
-    return inner
-  k = np.arange(1, int(math.floor(extend_decades / step + 1e-9)) + 1)
-  below = (low * 10.0 ** (-k * step))[::-1]
-  above = high * 10.0 ** (k * step)
-  return np.concatenate([below, inner, above])
+    return np.array([float(low)])
+  return np.geomspace(low, high, sizes)
 
 
 def default_batch_sizes(users: int) -> list[int]:
@@ -186,8 +172,7 @@ def candidates(*, compute: float, epsilon: float, delta: float, users: int,
   sizes = _fit.model_params(law)
   if models is None:
     lo, hi = support["params"]
-    params_axis = model_size_axis(float(lo), float(hi), sizes=model_sizes,
-                                  extend_decades=EXTEND_DECADES)
+    params_axis = model_size_axis(float(lo), float(hi), sizes=model_sizes)
   else:
     names = list(models)
     unknown = [m for m in names if m not in sizes]
@@ -313,12 +298,17 @@ def dimensions_outside(c: dict, i: int) -> list[str]:
   return [d for d in DIMENSIONS if bool(c["outside"][d][i])]
 
 
-def _at_top_size(c: dict, i: int) -> bool:
-  """Candidate ``i`` is the largest model of a continuous size axis (a corner: the
-  extrapolation holds the loss flat beyond the largest model, so it cannot
-  show that a larger one would be better, but the corner says so)."""
+def _size_edge(c: dict, i: int) -> str | None:
+  """``"largest"`` / ``"smallest"`` if candidate ``i`` is at that end of a continuous
+  size axis (a corner: the extrapolation holds the loss flat beyond the fitted
+  models, so it cannot show that a larger or smaller one would be better, but
+  the corner says so); else None."""
   lo, hi = c["support"]["params"]
-  return c["continuous_sizes"] and hi > lo and c["params"][i] >= hi * (1 - _REL)
+  if not c["continuous_sizes"] or not hi > lo:
+    return None
+  if c["params"][i] >= hi * (1 - _REL):
+    return "largest"
+  return "smallest" if c["params"][i] <= lo * (1 + _REL) else None
 
 
 def _refusal(c: dict, i: int, dims: list[str], compute: float) -> ValueError:
@@ -368,8 +358,9 @@ def plan(*, compute: float, epsilon: float, delta: float, users: int,
     (a config dict) and ``configs_within_2pct`` (best steps per (model size,
     batch size), by loss); ``support`` (``fit.support(law)``);
     ``extrapolated`` (the ``DIMENSIONS`` the plan lies outside of; empty
-    unless ``allow_extrapolation``); ``at_largest_model`` (the plan uses the
-    law's largest model; refused unless ``allow_extrapolation``);
+    unless ``allow_extrapolation``); ``at_model_size_edge`` (``"smallest"`` /
+    ``"largest"``: the plan uses that end of the law's models, refused unless
+    ``allow_extrapolation``; else None);
     ``data_limited`` (``q = 1`` / ``epochs``: the constraints that bind);
     ``sigma_bound`` (σ is a clamped upper
     bound: q below the grid, or δ above it); and the law's ``placeholder``
@@ -408,13 +399,15 @@ def plan(*, compute: float, epsilon: float, delta: float, users: int,
     dims = dimensions_outside(c, best)
     if dims or not math.isfinite(loss[best]):
       raise _refusal(c, best, dims or ["model size"], compute)
-    if _at_top_size(c, best):
+    edge = _size_edge(c, best)
+    if edge:
+      more = "larger" if edge == "largest" else "smaller"
       raise ValueError(
           f"model size: the best configuration for {compute:.3g} FLOPs inside the law's "
-          f"support uses its largest model ({c['params'][best]:.3g} parameters): the "
-          "compute-optimal model for this budget is at least that large, and the law has "
-          "measured none larger; pass --allow-extrapolation (allow_extrapolation=True) to "
-          "plan anyway, or --models to choose among the law's models")
+          f"support uses its {edge} model ({c['params'][best]:.3g} parameters): the "
+          f"compute-optimal model for this budget may be {more}, and the law has measured "
+          f"none {more}; pass --allow-extrapolation (allow_extrapolation=True) to plan "
+          "anyway, or --models to choose among the law's models")
     pool = c["inside"]
   best = _argmin(loss, flops, pool)
   out = _row(c, best)
@@ -449,7 +442,7 @@ def plan(*, compute: float, epsilon: float, delta: float, users: int,
       "configs_within_2pct": configs,
       "support": c["support"],
       "extrapolated": dimensions_outside(c, best),
-      "at_largest_model": bool(_at_top_size(c, best)),
+      "at_model_size_edge": _size_edge(c, best),
       "data_limited": data_limited,
       "sigma_bound": bool(c["sigma_bound"][best]),
       "sigma_source": "grid",
