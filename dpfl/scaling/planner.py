@@ -266,8 +266,8 @@ def _row(c: dict, i: int) -> dict[str, Any]:
 def _argmin(loss: np.ndarray, flops: np.ndarray, mask=None) -> int:
   """Index of the lowest loss (ties: the least compute)."""
   idx = np.arange(len(loss)) if mask is None else np.nonzero(mask)[0]
-  order = np.lexsort((flops[idx], loss[idx]))
-  return int(idx[order[0]])
+  ties = idx[loss[idx] == loss[idx].min()]
+  return int(ties[np.argmin(flops[ties])])
 
 
 def _outside_detail(c: dict, i: int, dim: str) -> str:
@@ -395,7 +395,17 @@ def plan(*, compute: float, epsilon: float, delta: float, users: int,
           f"{dim}: every configuration within {compute:.3g} FLOPs on {users} users lies "
           f"outside the law's support (best: {_outside_detail(c, i, dim)}); pass "
           "--allow-extrapolation (allow_extrapolation=True) to plan anyway")
-    best = _argmin(loss, flops, data_ok)
+    # Fewer steps than the law measured are not searched: the law holds the
+    # loss flat there (the loss at its first step, a lower bound), which
+    # would always favour them; the corner at the fewest steps is checked below.
+    steps_lo = float(c["support"]["steps"][0]) * (1 - _REL)
+    search = data_ok & (c["steps"] >= steps_lo)
+    if not search.any():
+      raise ValueError(
+          f"steps: no configuration within {compute:.3g} FLOPs trains the law's fewest steps "
+          f"({c['support']['steps'][0]:g}) on its data; pass --allow-extrapolation "
+          "(allow_extrapolation=True) to plan anyway")
+    best = _argmin(loss, flops, search)
     dims = dimensions_outside(c, best)
     if dims or not math.isfinite(loss[best]):
       raise _refusal(c, best, dims or ["model size"], compute)
@@ -408,6 +418,13 @@ def plan(*, compute: float, epsilon: float, delta: float, users: int,
           f"compute-optimal model for this budget may be {more}, and the law has measured "
           f"none {more}; pass --allow-extrapolation (allow_extrapolation=True) to plan "
           "anyway, or --models to choose among the law's models")
+    fewest = c["steps"][search].min()
+    if c["steps"][best] == fewest and (c["steps"] < steps_lo).any():
+      raise ValueError(
+          f"steps: the best configuration for {compute:.3g} FLOPs inside the law's support "
+          f"trains its fewest steps ({int(fewest)}): the compute-optimal configuration for "
+          "this budget may train fewer, which the law has not measured; pass "
+          "--allow-extrapolation (allow_extrapolation=True) to plan anyway")
     pool = c["inside"]
   best = _argmin(loss, flops, pool)
   out = _row(c, best)
@@ -429,9 +446,10 @@ def plan(*, compute: float, epsilon: float, delta: float, users: int,
   configs.sort(key=lambda r: (r["predicted_loss"], r["compute"]))
   # The data dimensions that bind: the best over every candidate (extrapolated)
   # trains on more data (q = 1 or more epochs) than the law has seen.
-  overall = _argmin(loss, flops)
-  data_limited = [d for d in ("q = 1", "epochs")
-                  if outside[d][overall] and not outside[d][best]]
+  data_limited = []
+  if not allow_extrapolation:
+    overall = _argmin(loss, flops, c["steps"] >= steps_lo)
+    data_limited = [d for d in ("q = 1", "epochs") if outside[d][overall]]
   law_ = c["law"]
   out.update({
       "compute_budget": float(compute), "epsilon": float(epsilon), "delta": float(delta),
