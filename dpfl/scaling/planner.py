@@ -53,8 +53,9 @@ constraints, and when the sequence length differs from the law's. When the
 data constraints bind (the best over every candidate uses q = 1 or more
 epochs), the plan says so in ``data_limited``: it is the best the law knows
 for this data set, and spends less than the budget. With ``allow_extrapolation`` every
-candidate is planned over and ``extrapolated`` names the dimensions the plan
-lies outside of.
+candidate is planned over (but fewer steps than the law measured only when
+nothing else fits: the law's loss there is a lower bound, see ``plan``) and
+``extrapolated`` names the dimensions the plan lies outside of.
 
 Because the candidates at C include those at every smaller budget, σ never
 grows with ε and the prediction never falls with σ/B, the best predicted
@@ -376,8 +377,15 @@ def plan(*, compute: float, epsilon: float, delta: float, users: int,
                  steps_per_octave=steps_per_octave, max_steps=max_steps,
                  model_sizes=model_sizes)
   loss, flops, outside = c["predicted_loss"], c["flops"], c["outside"]
+  # Fewer steps than the law measured are not searched: the law holds the
+  # loss flat there (the loss at its first step, a lower bound), which would
+  # always favour them. Without allow_extrapolation the corner at the fewest
+  # steps is refused instead; with it, they are planned over only when
+  # nothing else fits the budget.
+  steps_lo = float(c["support"]["steps"][0]) * (1 - _REL)
+  enough_steps = c["steps"] >= steps_lo
   if allow_extrapolation:
-    pool = np.ones(len(loss), bool)
+    pool = enough_steps if enough_steps.any() else np.ones(len(loss), bool)
   else:
     if outside["sequence length"][0]:
       law_seq = c["support"].get("seq_len")
@@ -395,11 +403,7 @@ def plan(*, compute: float, epsilon: float, delta: float, users: int,
           f"{dim}: every configuration within {compute:.3g} FLOPs on {users} users lies "
           f"outside the law's support (best: {_outside_detail(c, i, dim)}); pass "
           "--allow-extrapolation (allow_extrapolation=True) to plan anyway")
-    # Fewer steps than the law measured are not searched: the law holds the
-    # loss flat there (the loss at its first step, a lower bound), which
-    # would always favour them; the corner at the fewest steps is checked below.
-    steps_lo = float(c["support"]["steps"][0]) * (1 - _REL)
-    search = data_ok & (c["steps"] >= steps_lo)
+    search = data_ok & enough_steps
     if not search.any():
       raise ValueError(
           f"steps: no configuration within {compute:.3g} FLOPs trains the law's fewest steps "
@@ -448,7 +452,7 @@ def plan(*, compute: float, epsilon: float, delta: float, users: int,
   # trains on more data (q = 1 or more epochs) than the law has seen.
   data_limited = []
   if not allow_extrapolation:
-    overall = _argmin(loss, flops, c["steps"] >= steps_lo)
+    overall = _argmin(loss, flops, enough_steps)
     data_limited = [d for d in ("q = 1", "epochs") if outside[d][overall]]
   law_ = c["law"]
   out.update({
