@@ -185,9 +185,9 @@ def format_table(result: dict) -> str:
   if r["extrapolated"]:
     lines.append("  EXTRAPOLATED: the plan lies outside the law's support in "
                  + ", ".join(r["extrapolated"]) + " (--allow-extrapolation); its loss is a guess")
-  if r.get("at_model_size_edge"):
-    lines.append(f"  AT THE LAW'S {r['at_model_size_edge'].upper()} MODEL: the compute-optimal "
-                 "model may lie beyond the models the law has measured")
+  if r.get("at_support_corner"):
+    lines.append("  AT A CORNER OF THE LAW'S SUPPORT (" + ", ".join(r["at_support_corner"])
+                 + "): the compute-optimal configuration may lie beyond what the law measured")
   if r.get("data_limited"):
     lines.append("  data-limited: more data (" + ", ".join(r["data_limited"]) + ") than the "
                  "law has seen would predict lower loss; this plan stays within it")

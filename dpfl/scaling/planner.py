@@ -299,17 +299,30 @@ def dimensions_outside(c: dict, i: int) -> list[str]:
   return [d for d in DIMENSIONS if bool(c["outside"][d][i])]
 
 
-def _size_edge(c: dict, i: int) -> str | None:
-  """``"largest"`` / ``"smallest"`` if candidate ``i`` is at that end of a continuous
-  size axis (a corner: the extrapolation holds the loss flat beyond the fitted
-  models, so it cannot show that a larger or smaller one would be better, but
-  the corner says so); else None."""
+def support_corners(c: dict, i: int) -> list[tuple[str, str]]:
+  """Where candidate ``i`` sits on a corner of the support that the law's
+  extrapolation cannot see past: ``[(dimension, why), ...]``.
+
+  * the smallest or largest model of the continuous size axis (the law holds
+    the loss flat in size beyond its models, so it can never show that a
+    smaller or larger one would do better; a best at the end says it would);
+  * the fewest steps the law measured, when the steps ladder goes lower (the
+    law's loss below its first step is a lower bound, so those candidates
+    are not searched).
+  """
+  out = []
   lo, hi = c["support"]["params"]
-  if not c["continuous_sizes"] or not hi > lo:
-    return None
-  if c["params"][i] >= hi * (1 - _REL):
-    return "largest"
-  return "smallest" if c["params"][i] <= lo * (1 + _REL) else None
+  p = c["params"][i]
+  if c["continuous_sizes"] and hi > lo:
+    if p >= hi * (1 - _REL):
+      out.append(("model size", f"uses its largest model ({p:.3g} parameters)"))
+    elif p <= lo * (1 + _REL):
+      out.append(("model size", f"uses its smallest model ({p:.3g} parameters)"))
+  steps_lo = float(c["support"]["steps"][0]) * (1 - _REL)
+  measured = c["steps"] >= steps_lo
+  if (~measured).any() and c["steps"][i] == c["steps"][measured].min():
+    out.append(("steps", f"trains its fewest steps ({int(c['steps'][i])})"))
+  return out
 
 
 def _refusal(c: dict, i: int, dims: list[str], compute: float) -> ValueError:
@@ -359,9 +372,10 @@ def plan(*, compute: float, epsilon: float, delta: float, users: int,
     (a config dict) and ``configs_within_2pct`` (best steps per (model size,
     batch size), by loss); ``support`` (``fit.support(law)``);
     ``extrapolated`` (the ``DIMENSIONS`` the plan lies outside of; empty
-    unless ``allow_extrapolation``); ``at_model_size_edge`` (``"smallest"`` /
-    ``"largest"``: the plan uses that end of the law's models, refused unless
-    ``allow_extrapolation``; else None);
+    unless ``allow_extrapolation``); ``at_support_corner`` (the dimensions where the
+    plan sits on a corner the optimum may lie beyond: the smallest or largest
+    model, the fewest steps — ``support_corners``; refused unless
+    ``allow_extrapolation``);
     ``data_limited`` (``q = 1`` / ``epochs``: the constraints that bind);
     ``sigma_bound`` (σ is a clamped upper
     bound: q below the grid, or δ above it); and the law's ``placeholder``
@@ -413,22 +427,15 @@ def plan(*, compute: float, epsilon: float, delta: float, users: int,
     dims = dimensions_outside(c, best)
     if dims or not math.isfinite(loss[best]):
       raise _refusal(c, best, dims or ["model size"], compute)
-    edge = _size_edge(c, best)
-    if edge:
-      more = "larger" if edge == "largest" else "smaller"
+    corners = support_corners(c, best)
+    if corners:
+      dim, why = corners[0]
       raise ValueError(
-          f"model size: the best configuration for {compute:.3g} FLOPs inside the law's "
-          f"support uses its {edge} model ({c['params'][best]:.3g} parameters): the "
-          f"compute-optimal model for this budget may be {more}, and the law has measured "
-          f"none {more}; pass --allow-extrapolation (allow_extrapolation=True) to plan "
-          "anyway, or --models to choose among the law's models")
-    fewest = c["steps"][search].min()
-    if c["steps"][best] == fewest and (c["steps"] < steps_lo).any():
-      raise ValueError(
-          f"steps: the best configuration for {compute:.3g} FLOPs inside the law's support "
-          f"trains its fewest steps ({int(fewest)}): the compute-optimal configuration for "
-          "this budget may train fewer, which the law has not measured; pass "
-          "--allow-extrapolation (allow_extrapolation=True) to plan anyway")
+          f"{dim}: the best configuration for {compute:.3g} FLOPs inside the law's support "
+          f"{why}: the compute-optimal configuration for this budget may lie beyond it, where "
+          "the law has measured nothing; pass --allow-extrapolation (allow_extrapolation=True) "
+          "to plan anyway" + (", or --models to choose among the law's models"
+                              if dim == "model size" else ""))
     pool = c["inside"]
   best = _argmin(loss, flops, pool)
   out = _row(c, best)
@@ -464,7 +471,7 @@ def plan(*, compute: float, epsilon: float, delta: float, users: int,
       "configs_within_2pct": configs,
       "support": c["support"],
       "extrapolated": dimensions_outside(c, best),
-      "at_model_size_edge": _size_edge(c, best),
+      "at_support_corner": [dim for dim, _ in support_corners(c, best)],
       "data_limited": data_limited,
       "sigma_bound": bool(c["sigma_bound"][best]),
       "sigma_source": "grid",
