@@ -147,7 +147,8 @@ def candidates(*, compute: float, epsilon: float, delta: float, users: int,
                batch_sizes: Sequence[int] | None = None, grid=None,
                steps_per_octave: int = 16, max_steps: int | None = None,
                model_sizes: int = MODEL_SIZES) -> dict[str, Any]:
-  """Every configuration within the budget, inside the law's support or not.
+  """Every configuration within the budget, inside the law's support or not
+  (but fewer steps than the law measured only when nothing else fits).
 
   Returns:
     Arrays over candidates: ``params``, ``model_index`` (the nearest fitted
@@ -225,6 +226,13 @@ def candidates(*, compute: float, epsilon: float, delta: float, users: int,
   pair_q = pair_b / users
   pair_sigma = _sigma_grid.noise_multiplier(epsilon, pair_t, np.maximum(pair_q, q_floor),
                                             delta_used, grid=table)
+  # Fewer steps than the law measured are dropped unless nothing else fits:
+  # the law holds the loss flat there (the loss at its first step, a lower
+  # bound), which would always favour them (see ``plan``).
+  measured = pair_t >= float(support["steps"][0]) * (1 - _REL)
+  below_support = bool((~measured).any())
+  if (fits & measured[None, :]).any():
+    fits = fits & measured[None, :]
   pi, ci = np.nonzero(fits)
   params = params_axis[pi]
   batch, t, q, sigma = pair_b[ci], pair_t[ci], pair_q[ci], pair_sigma[ci]
@@ -251,8 +259,19 @@ def candidates(*, compute: float, epsilon: float, delta: float, users: int,
           "epochs": epochs, "noise_multiplier": sigma, "noise_batch_ratio": ratio,
           "predicted_loss": loss, "outside": outside, "inside": inside,
           "sigma_bound": (q < q_floor) | (delta_used != delta), "law": law,
-          "support": support, "continuous_sizes": models is None, "max_epochs_used": max_epochs, "seq_len": int(seq_len),
-          "delta_used": delta_used, "q_floor": q_floor, "max_steps": int(steps[-1])}
+          "support": support, "continuous_sizes": models is None,
+          "ladder_below_support": below_support, "max_epochs_used": max_epochs,
+          "seq_len": int(seq_len), "delta_used": delta_used, "q_floor": q_floor,
+          "max_steps": int(steps[-1])}
+
+
+def _subset(c: dict, keep: np.ndarray) -> dict[str, Any]:
+  """The candidates where ``keep`` (the per-candidate arrays sliced, the rest shared)."""
+  n = len(c["steps"])
+  out = {k: (v[keep] if isinstance(v, np.ndarray) and v.shape == (n,) else v)
+         for k, v in c.items()}
+  out["outside"] = {d: v[keep] for d, v in c["outside"].items()}
+  return out
 
 
 def _row(c: dict, i: int) -> dict[str, Any]:
@@ -290,8 +309,10 @@ def _outside_detail(c: dict, i: int, dim: str) -> str:
             else f"sequence length {c['seq_len']} != the law's {law_seq}")
   if dim == "q = 1":
     return "q = 1 (the whole data set in every batch; the law's runs never trained so)"
-  return (f"epochs q·T = {c['epochs'][i]:.3g} > the law's {c['max_epochs_used']:g}"
-          + (" (unknown: taken as 1)" if s.get("max_epochs") is None else ""))
+  # "epochs" only as the label: the CLI turns the bare word into its --epochs flag.
+  return (f"q·T = {c['epochs'][i]:.3g} passes over the data > the law's most, "
+          f"{c['max_epochs_used']:g}" + (" (unknown: taken as 1)" if s.get("max_epochs") is None
+                                         else ""))
 
 
 def dimensions_outside(c: dict, i: int) -> list[str]:
@@ -320,7 +341,7 @@ def support_corners(c: dict, i: int) -> list[tuple[str, str]]:
       out.append(("model size", f"uses its smallest model ({p:.3g} parameters)"))
   steps_lo = float(c["support"]["steps"][0]) * (1 - _REL)
   measured = c["steps"] >= steps_lo
-  if (~measured).any() and c["steps"][i] == c["steps"][measured].min():
+  if c["ladder_below_support"] and measured[i] and c["steps"][i] == c["steps"][measured].min():
     out.append(("steps", f"trains its fewest steps ({int(c['steps'][i])})"))
   return out
 
@@ -386,29 +407,78 @@ def plan(*, compute: float, epsilon: float, delta: float, users: int,
       message starting with one of ``DIMENSIONS`` when the plan would leave
       the law's support (the module docstring gives the rule).
   """
+  law = law if isinstance(law, dict) else _fit.load_law(law)
+  law_seq = _fit.support(law).get("seq_len")
+  if not allow_extrapolation and seq_len is not None and law_seq is not None and (
+      check.positive_int("seq_len", seq_len) != int(law_seq)):
+    raise ValueError(
+        f"sequence length: seq_len={seq_len} differs from the law's {law_seq} (a law predicts "
+        "the loss at the sequence length it was fitted on); pass --allow-extrapolation "
+        "(allow_extrapolation=True) to plan anyway")
   c = candidates(compute=compute, epsilon=epsilon, delta=delta, users=users, law=law,
                  seq_len=seq_len, models=models, batch_sizes=batch_sizes, grid=grid,
                  steps_per_octave=steps_per_octave, max_steps=max_steps,
                  model_sizes=model_sizes)
-  loss, flops, outside = c["predicted_loss"], c["flops"], c["outside"]
-  # Fewer steps than the law measured are not searched: the law holds the
-  # loss flat there (the loss at its first step, a lower bound), which would
-  # always favour them. Without allow_extrapolation the corner at the fewest
-  # steps is refused instead; with it, they are planned over only when
-  # nothing else fits the budget.
+  return _choose(c, compute=float(compute), epsilon=float(epsilon), delta=float(delta),
+                 users=int(users), allow_extrapolation=allow_extrapolation)
+
+
+def plans(*, computes: Sequence[float], **kw) -> list[dict | ValueError]:
+  """``plan`` at each of ``computes`` (other arguments as ``plan``'s): the plan, or the
+  ValueError that refuses it. One enumeration, at the largest budget (the
+  candidates at a smaller one are those within it).
+
+  Raises:
+    ValueError: bad arguments (as ``plan``), or the largest budget is below
+      the smallest configuration.
+  """
+  computes = [check.positive("computes (each)", v) for v in computes]
+  if not computes:
+    return []
+  law = kw.pop("law", None)
+  kw["law"] = law if isinstance(law, dict) else _fit.load_law(law)
+  allow = kw.pop("allow_extrapolation", False)
+  c = candidates(compute=max(computes), **kw)
   steps_lo = float(c["support"]["steps"][0]) * (1 - _REL)
-  enough_steps = c["steps"] >= steps_lo
+  out = []
+  for compute in computes:
+    sub = _subset(c, c["flops"] <= compute * (1 + 1e-12))
+    try:
+      if c["ladder_below_support"] and not (sub["steps"] >= steps_lo).any():
+        # candidates() keeps fewer steps than measured only when nothing else fits.
+        out.append(plan(compute=compute, allow_extrapolation=allow, **kw))
+      else:
+        out.append(_choose(sub, compute=compute, epsilon=float(kw["epsilon"]),
+                           delta=float(kw["delta"]), users=int(kw["users"]),
+                           allow_extrapolation=allow))
+    except ValueError as err:
+      out.append(err)
+  return out
+
+
+def _choose(c: dict, *, compute: float, epsilon: float, delta: float, users: int,
+            allow_extrapolation: bool) -> dict[str, Any]:
+  """The plan among candidates ``c`` (the module docstring gives the rule)."""
+  if not len(c["steps"]):
+    raise ValueError(f"compute={compute:g} FLOPs is below the smallest configuration")
+  if not allow_extrapolation and c["outside"]["sequence length"][0]:
+    law_seq = c["support"].get("seq_len")
+    raise ValueError(
+        f"sequence length: seq_len={c['seq_len']} " + (
+            "but the law records none" if law_seq is None else
+            f"differs from the law's {law_seq}") +
+        " (a law predicts the loss at the sequence length it was fitted on); pass "
+        "--allow-extrapolation (allow_extrapolation=True) to plan anyway")
+  if not allow_extrapolation and c["ladder_below_support"] and not (
+      c["steps"] >= float(c["support"]["steps"][0]) * (1 - _REL)).any():
+    raise ValueError(
+        f"steps: no configuration within {compute:.3g} FLOPs trains the law's fewest steps "
+        f"({c['support']['steps'][0]:g}); pass --allow-extrapolation "
+        "(allow_extrapolation=True) to plan anyway")
+  loss, flops, outside = c["predicted_loss"], c["flops"], c["outside"]
   if allow_extrapolation:
-    pool = enough_steps if enough_steps.any() else np.ones(len(loss), bool)
+    pool = np.ones(len(loss), bool)
   else:
-    if outside["sequence length"][0]:
-      law_seq = c["support"].get("seq_len")
-      raise ValueError(
-          f"sequence length: seq_len={c['seq_len']} " + (
-              "but the law records none" if law_seq is None else
-              f"differs from the law's {law_seq}") +
-          " (a law predicts the loss at the sequence length it was fitted on); pass "
-          "--allow-extrapolation (allow_extrapolation=True) to plan anyway")
     data_ok = ~outside["q = 1"] & ~outside["epochs"]
     if not data_ok.any():
       dim = "q = 1" if outside["q = 1"].all() else "epochs"
@@ -417,13 +487,7 @@ def plan(*, compute: float, epsilon: float, delta: float, users: int,
           f"{dim}: every configuration within {compute:.3g} FLOPs on {users} users lies "
           f"outside the law's support (best: {_outside_detail(c, i, dim)}); pass "
           "--allow-extrapolation (allow_extrapolation=True) to plan anyway")
-    search = data_ok & enough_steps
-    if not search.any():
-      raise ValueError(
-          f"steps: no configuration within {compute:.3g} FLOPs trains the law's fewest steps "
-          f"({c['support']['steps'][0]:g}) on its data; pass --allow-extrapolation "
-          "(allow_extrapolation=True) to plan anyway")
-    best = _argmin(loss, flops, search)
+    best = _argmin(loss, flops, data_ok)
     dims = dimensions_outside(c, best)
     if dims or not math.isfinite(loss[best]):
       raise _refusal(c, best, dims or ["model size"], compute)
@@ -459,7 +523,7 @@ def plan(*, compute: float, epsilon: float, delta: float, users: int,
   # trains on more data (q = 1 or more epochs) than the law has seen.
   data_limited = []
   if not allow_extrapolation:
-    overall = _argmin(loss, flops, enough_steps)
+    overall = _argmin(loss, flops)
     data_limited = [d for d in ("q = 1", "epochs") if outside[d][overall]]
   law_ = c["law"]
   out.update({

@@ -83,15 +83,13 @@ def compute_optimal_curves(law: dict, *, epsilons: Sequence[float], delta: float
   from dpfl.scaling import planner
   out = {}
   for eps in epsilons:
-    row = []
-    for c in computes:
-      try:
-        row.append(planner.plan(compute=float(c), epsilon=float(eps), delta=delta, users=users,
-                                law=law, seq_len=seq_len, grid=grid,
-                                allow_extrapolation=allow_extrapolation))
-      except ValueError:
-        row.append(None)
-    out[eps] = row
+    try:
+      row = planner.plans(computes=[float(c) for c in computes], epsilon=float(eps), delta=delta,
+                          users=users, law=law, seq_len=seq_len, grid=grid,
+                          allow_extrapolation=allow_extrapolation)
+    except ValueError:
+      row = [None] * len(computes)
+    out[eps] = [None if isinstance(p, ValueError) else p for p in row]
   return out
 
 
