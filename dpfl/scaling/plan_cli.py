@@ -148,7 +148,8 @@ def run(args) -> dict:
     computes = [float(c) for c in np.geomspace(args.compute / 1000, args.compute, 7)]
     result["plot"] = plots.plot_compute_optimal(
         law, args.plot, epsilons=epsilons, delta=args.delta, users=users, computes=computes,
-        seq_len=seq_len, grid=grid, allow_extrapolation=args.allow_extrapolation)
+        seq_len=seq_len, grid=grid, allow_extrapolation=args.allow_extrapolation,
+        models=args.models, batch_sizes=batch_sizes, max_steps=max_steps)
   return result
 
 

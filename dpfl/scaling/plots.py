@@ -75,18 +75,18 @@ def plot_loss_vs_ratio(law: dict, path: str, *, steps: Sequence[int] | None = No
 
 def compute_optimal_curves(law: dict, *, epsilons: Sequence[float], delta: float, users: int,
                            computes: Sequence[float], seq_len: int | None = None,
-                           grid=None, allow_extrapolation: bool = False
+                           grid=None, allow_extrapolation: bool = False, **plan_kw
                            ) -> dict[float, list[dict | None]]:
-  """``{ε: [plan at each compute, or None where none is given]}`` (``planner.plan``:
+  """``{ε: [plan at each compute, or None where none is given]}`` (``planner.plans``:
   None where no configuration fits the budget or the plan is refused as
-  outside the law's support)."""
+  outside the law's support; ``plan_kw``: further ``planner.plan`` arguments)."""
   from dpfl.scaling import planner
   out = {}
   for eps in epsilons:
     try:
       row = planner.plans(computes=[float(c) for c in computes], epsilon=float(eps), delta=delta,
                           users=users, law=law, seq_len=seq_len, grid=grid,
-                          allow_extrapolation=allow_extrapolation)
+                          allow_extrapolation=allow_extrapolation, **plan_kw)
     except ValueError:
       row = [None] * len(computes)
     out[eps] = [None if isinstance(p, ValueError) else p for p in row]
@@ -95,7 +95,7 @@ def compute_optimal_curves(law: dict, *, epsilons: Sequence[float], delta: float
 
 def plot_compute_optimal(law: dict, path: str, *, epsilons: Sequence[float], delta: float,
                          users: int, computes: Sequence[float], seq_len: int | None = None,
-                         grid=None, allow_extrapolation: bool = False) -> str:
+                         grid=None, allow_extrapolation: bool = False, **plan_kw) -> str:
   """Compute-optimal model size, batch size and loss vs compute, per ε; writes ``path``.
 
   Plans outside the law's support are left out unless ``allow_extrapolation``
@@ -103,7 +103,7 @@ def plot_compute_optimal(law: dict, path: str, *, epsilons: Sequence[float], del
   plt = _pyplot()
   curves = compute_optimal_curves(law, epsilons=epsilons, delta=delta, users=users,
                                   computes=computes, seq_len=seq_len, grid=grid,
-                                  allow_extrapolation=allow_extrapolation)
+                                  allow_extrapolation=allow_extrapolation, **plan_kw)
   fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
   colors = plt.cm.plasma(np.linspace(0, 0.85, len(epsilons)))
   for color, eps in zip(colors, epsilons):

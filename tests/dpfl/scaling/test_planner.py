@@ -313,7 +313,7 @@ def test_plan_cli_refusal_is_one_line_naming_the_dimension(plan_cmd, capsys, dim
 # --- the command line ---------------------------------------------------------------------
 
 def test_plan_cli_json(plan_cmd, capsys):
-  argv = _argv({"compute": "1e19", "epsilon": "2"}, plan_cmd["law"])
+  argv = _argv({"compute": "1e18", "epsilon": "8"}, plan_cmd["law"])
   assert cli.main(argv + ["--json"]) == 0
   out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   for key in ("model", "params", "batch_size", "steps", "noise_multiplier", "noise_batch_ratio",
@@ -321,7 +321,7 @@ def test_plan_cli_json(plan_cmd, capsys):
               "support", "extrapolated", "at_support_corner", "data_limited"):
     assert key in out
   assert out["extrapolated"] == [] and out["support"] == fit.support(law())
-  want = planner.plan(compute=1e19, epsilon=2.0, delta=1e-10, users=USERS, law=law())
+  want = planner.plan(compute=1e18, epsilon=8.0, delta=1e-10, users=USERS, law=law())
   assert out["predicted_loss"] == pytest.approx(want["predicted_loss"])
   assert cli.main(argv) == 0
   table = capsys.readouterr().out
@@ -372,7 +372,7 @@ def test_plan_cli_bad_flags(plan_cmd, capsys, flags, named):
 def test_plan_cli_plot(plan_cmd, capsys, tmp_path):
   png = tmp_path / "plan.png"
   assert cli.main(_argv({"compute": "1e19", "epsilon": "2"}, plan_cmd["law"], "--plot", str(png),
-                        "--json")) == 0
+                        "--models", "BertBase,BertLarge", "--json")) == 0
   out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert out["plot"] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -405,14 +405,14 @@ def test_plan_cli_is_fast_and_light():
 def test_compute_optimal_plot(tmp_path):
   from dpfl.scaling import plots
   curves = plots.compute_optimal_curves(law(), epsilons=[1.0, 8.0], delta=1e-10, users=USERS,
-                                        computes=[1e18, 1e19])
+                                        computes=[1e18, 1e19], **FAST)
   # More ε: never a worse best loss at the same compute (where both are planned).
   for lo, hi in zip(curves[1.0], curves[8.0]):
     if lo is not None and hi is not None:
       assert hi["predicted_loss"] <= lo["predicted_loss"]
   assert any(p is not None for p in curves[8.0])
   path = plots.plot_compute_optimal(law(), str(tmp_path / "opt.png"), epsilons=[1.0, 8.0],
-                                    delta=1e-10, users=USERS, computes=[1e18, 1e19])
+                                    delta=1e-10, users=USERS, computes=[1e18, 1e19], **FAST)
   assert (tmp_path / "opt.png").stat().st_size > 1000 and path.endswith("opt.png")
   path = plots.plot_loss_vs_ratio(law(), str(tmp_path / "ratio.png"))
   assert (tmp_path / "ratio.png").stat().st_size > 1000
@@ -421,7 +421,7 @@ def test_compute_optimal_plot(tmp_path):
 def test_plan_cli_target_epsilon_is_the_name_and_epsilon_an_alias(plan_cmd, capsys):
   """`--target-epsilon` as in `dpfl calibrate` / `dpfl mf`; the former `--epsilon` still works."""
   common = ["--compute", "1e19", "--delta", "1e-10", "--users", str(USERS), "--law",
-            plan_cmd["law"], "--json"]
+            plan_cmd["law"], "--models", "BertBase,BertLarge", "--json"]
   assert cli.main(["plan", "--target-epsilon", "2", *common]) == 0
   new = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert cli.main(["plan", "--epsilon", "2", *common]) == 0
