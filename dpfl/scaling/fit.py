@@ -71,6 +71,14 @@ _TAIL_OCTAVES = 3     # the paper fits its tail on 16K..128K of 128K steps
 _E_EDGE = 1e-3        # E within this fraction of min loss from 0 or min loss is at its bound
 
 
+class DegenerateAsymptote(ValueError):
+  """A non-private curve's fitted E is at its bound: no parametric tail can be fitted.
+
+  Fitting again with ``tail_factor=1`` gives a law without a tail (its
+  support ends at the measured steps).
+  """
+
+
 # --- rows -> points -------------------------------------------------------------------------
 
 def _ratio_key(value: float) -> float:
@@ -308,7 +316,7 @@ def _fit_model(name: str, table: dict, *, min_points: int, tail_factor: float) -
     m, b, e, rmse = fit_asymptote(s0, l0)
     floor = float(l0.min())
     if not (_E_EDGE * floor < e < (1 - _E_EDGE) * floor):
-      raise ValueError(
+      raise DegenerateAsymptote(
           f"model {name!r}: the non-private curve's irreducible loss E={e:.4g} is degenerate "
           f"(at its bound: it must lie in (0, {floor:.4g}), the smallest measured loss): the "
           "curve shows no saturation over its steps, so the tail beyond them cannot be "
@@ -422,10 +430,10 @@ def fit_law(rows: Iterable[dict], *, curve: str = "eval_loss", seq_len: int | No
     if lo > hi:
       raise ValueError(f"the models' {dim} ranges do not overlap (common range would be "
                        f"[{lo:g}, {hi:g}]): fit models measured on a common grid")
-  max_loss = max([p["loss"] for p in points_from_rows(sweep, curve=curve)]
-                 + [float(r["loss"]) for r in rows if not _is_sweep_row(r)]
-                 + [max(r.get(curve) or [[0, 0.0]], key=lambda p: p[1] or 0.0)[1] or 0.0
-                    for r in sweep])
+  # The cap of the extrapolation in σ̄: the largest loss seen, warm-up and step 0 included.
+  max_loss = max([float(r["loss"]) for r in rows if not _is_sweep_row(r)]
+                 + [float(v) for r in sweep for _, v in r.get(curve) or []
+                    if v is not None and math.isfinite(float(v))])
   return {
       "format": LAW_FORMAT, "version": LAW_VERSION, "form": FORM, "method": METHOD,
       "tail_factor": float(tail_factor), "support": box, "description": description,

@@ -189,7 +189,7 @@ def test_degenerate_E_refused_and_fit_without_tail():
   """A non-private curve with no saturation (a pure power law) has E stuck at 0."""
   rows = [dict(r, loss=r["loss"] - float(known.known_E(r["params"])))
           if r["noise_batch_ratio"] == 0 else r for r in _small_points()]
-  with pytest.raises(ValueError, match=r"model 'a'.*E=.*degenerate"):
+  with pytest.raises(fit.DegenerateAsymptote, match=r"model 'a'.*E=.*degenerate"):
     fit.fit_law(rows)
   law = fit.fit_law(rows, tail_factor=1)
   assert fit.support(law)["steps"] == [1000, known.STEPS[::2][-1]]
@@ -213,6 +213,15 @@ def test_too_few_points_and_missing_curves_refused():
   short = [r for r in rows if (r["model"] == "a") == (r["steps"] <= 4000)]
   with pytest.raises(ValueError, match="steps ranges do not overlap"):
     fit.fit_law(short, tail_factor=1)
+
+
+def test_non_monotone_table_refused():
+  """Holes can keep the isotonic passes from agreeing; such a table is reported, not fitted."""
+  table = {"params": 10, "ratios": np.array([0.0, 1e-3]), "steps": np.array([1.0, 2.0, 3.0]),
+           "loss": np.array([[3.0, np.nan, 2.0], [np.nan, 2.5, 1.0]]),
+           "best_lr": np.full((2, 3), 1e-3), "points": 4, "monotone": False}
+  with pytest.raises(ValueError, match="model 'm': its loss table is not monotone"):
+    fit._fit_model("m", table, min_points=2, tail_factor=64.0)
 
 
 def test_point_rows_checked():
