@@ -32,30 +32,37 @@ in one of ``DIMENSIONS``:
   each example at most once: 1 epoch, the assumption of the paper's and most
   scaling laws, which say nothing about repeated data.
 
-The rule (``plan``): the data dimensions (q = 1, epochs) are constraints of
-the user's data set: candidates outside them are dropped. Among the rest, the
-best configuration **under extrapolation** (``fit.predict(...,
-extrapolate=True)`` over every candidate) is found; if it lies outside the
-law in model size, steps or σ/B, the plan is refused (a ValueError starting
-with the dimension) instead of returning the best point on the support's
-edge: that "corner" plan is what the law can say, but it is not the
-compute-optimal configuration for the budget — the budget wants a bigger (or
-smaller) model, or more steps, than the law has seen — and a user spending
-3e18 FLOPs on a law of 200K-parameter models should be told so. When the
-extrapolated best is inside, it is the best in-support configuration too (the
-two predictions agree there), so the plan is the in-support argmin. Model
-size is checked by its corners instead (``fit.predict`` extrapolates beyond
-the fitted models as flat in size, which cannot show that a larger or smaller
-model would do better): a best configuration at the law's smallest or
-largest model size, on the continuous axis, is refused — the optimum for the
-budget is at or beyond the models the law has measured. The plan is also refused when nothing is left after the data
-constraints, and when the sequence length differs from the law's. When the
-data constraints bind (the best over every candidate uses q = 1 or more
-epochs), the plan says so in ``data_limited``: it is the best the law knows
-for this data set, and spends less than the budget. With ``allow_extrapolation`` every
-candidate is planned over (but fewer steps than the law measured only when
-nothing else fits: the law's loss there is a lower bound, see ``plan``) and
-``extrapolated`` names the dimensions the plan lies outside of.
+The rule (``plan``), and why:
+
+1. **Data limits are constraints.** q = 1 and epochs beyond the law's are
+   limits of the user's data set, not of the budget: such candidates are
+   dropped. When they bind (the best over every candidate needs them) the
+   plan says so in ``data_limited``: it is the best the law knows for this
+   data set, and may spend less than the budget. Nothing left: refused
+   (``q = 1`` / ``epochs``).
+2. **The budget's optimum must be inside.** Among the rest, the best
+   configuration *under extrapolation* (``fit.predict(...,
+   extrapolate=True)``) is found. If it lies outside the law (more steps,
+   less or more noise than measured) the plan is refused, instead of
+   returning the best point on the support's edge: that corner plan is what
+   the law can say, but it is not compute-optimal for the budget, and a user
+   spending 3e18 FLOPs on a law of 200K-parameter models, 200 steps, should
+   be told so. If it is inside, it is also the in-support argmin (the two
+   predictions agree there): that is the plan.
+3. **Corners the extrapolation cannot see past are refused too.** The law
+   holds the loss flat beyond its smallest and largest model, and below its
+   first measured step (the loss there, a lower bound for fewer steps), so
+   it can never show that a smaller or larger model would do better, and it
+   would always favour fewer steps. Fewer steps than measured are therefore
+   not candidates (unless nothing else fits), and a best configuration at
+   the law's smallest or largest model (on the continuous axis; not with
+   ``models``) or at its fewest steps is refused (``model size`` /
+   ``steps``): the optimum may lie beyond.
+4. The sequence length must be the law's (``sequence length``).
+
+With ``allow_extrapolation`` every candidate is planned over and the plan
+names the dimensions it lies outside of (``extrapolated``) and the corners it
+sits on (``at_support_corner``).
 
 Because the candidates at C include those at every smaller budget, σ never
 grows with ε and the prediction never falls with σ/B, the best predicted
@@ -409,6 +416,7 @@ def plan(*, compute: float, epsilon: float, delta: float, users: int,
   """
   law = law if isinstance(law, dict) else _fit.load_law(law)
   law_seq = _fit.support(law).get("seq_len")
+  # Checked again by _choose; here before the enumeration, so it is refused at once.
   if not allow_extrapolation and seq_len is not None and law_seq is not None and (
       check.positive_int("seq_len", seq_len) != int(law_seq)):
     raise ValueError(

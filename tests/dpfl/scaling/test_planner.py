@@ -223,8 +223,8 @@ def round_trip(lw, budgets, axes, models):
     truth = known.known_loss(cands[:, 0], cands[:, 2], cands[:, 3])
     cost = 6 * cands[:, 0] * cands[:, 1] * cands[:, 2] * SEQ
     n, b, t, _ = cands[np.lexsort((cost, truth))[0]]
-    where = f"{compute:g} FLOPs, ε={eps}: plan {p['params']:.3g}/{p['batch_size']}/{p['steps']}, " \
-            f"known optimum {n:.3g}/{b:g}/{t:g}"
+    where = (f"{compute:g} FLOPs, ε={eps}: plan {p['params']:.3g}/{p['batch_size']}/"
+             f"{p['steps']}, known optimum {n:.3g}/{b:g}/{t:g}")
     assert abs(int(grid_index(p["params"], sizes)) - int(grid_index(n, sizes))) <= 1, where
     assert abs(math.log2(p["batch_size"] / b)) <= 1 + 1e-9, where
     assert abs(int(grid_index(p["steps"], measured)) - int(grid_index(t, measured))) <= 1, where
