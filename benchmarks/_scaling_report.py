@@ -103,7 +103,7 @@ def supported_optima(law, *, computes, epsilons, delta, users, seq_len, grid=Non
       try:  # the planner's enumeration (model × batch × steps ladder within budget)
         c = planner.candidates(compute=float(compute), epsilon=float(min(eps, max(epsilons))),
                                delta=delta, users=users, law=law, seq_len=seq_len, grid=grid,
-                               batch_sizes=batch_sizes)
+                               batch_sizes=batch_sizes, models=list(fit.model_params(law)))
       except ValueError:
         row.append(None)
         continue

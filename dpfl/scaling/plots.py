@@ -98,8 +98,8 @@ def plot_compute_optimal(law: dict, path: str, *, epsilons: Sequence[float], del
                          grid=None, allow_extrapolation: bool = False, **plan_kw) -> str:
   """Compute-optimal model size, batch size and loss vs compute, per ε; writes ``path``.
 
-  Plans outside the law's support are left out unless ``allow_extrapolation``
-  (then drawn as open markers)."""
+  Plans refused as outside the law's support are left out unless
+  ``allow_extrapolation`` (then extrapolated ones are drawn as open markers)."""
   plt = _pyplot()
   curves = compute_optimal_curves(law, epsilons=epsilons, delta=delta, users=users,
                                   computes=computes, seq_len=seq_len, grid=grid,
@@ -125,7 +125,11 @@ def plot_compute_optimal(law: dict, path: str, *, epsilons: Sequence[float], del
     ax.set_xlabel("compute (FLOPs)")
     ax.set_ylabel(label)
     ax.grid(alpha=0.3)
-  axes[0].legend(fontsize=8)
+  if any(p is not None for row in curves.values() for p in row):
+    axes[0].legend(fontsize=8)
+  else:
+    axes[1].text(0.5, 0.5, "no plan inside the law's support\n(dpfl plan --allow-extrapolation)",
+                 ha="center", va="center", transform=axes[1].transAxes)
   title = f"δ = {delta:g}, {users:,} users"
   if law.get("placeholder"):
     title += " — PLACEHOLDER law"
