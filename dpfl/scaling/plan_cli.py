@@ -38,9 +38,10 @@ def _names(text: str) -> list[str]:
 
 EXAMPLES = """\
 examples:
-  dpfl plan --compute 1e13 --target-epsilon 4 --delta 1e-6 --users 100000
+  dpfl plan --compute 1e13 --target-epsilon 4 --delta 1e-6 --users 100000 --law law.json
   dpfl plan --compute 1e15 --target-epsilon 8 --delta 1e-6 --users 20000 --law law.json --json
-  dpfl plan --compute 1e13 --target-epsilon 4 --delta 1e-6 --users 100000 --plot plan.png
+  dpfl plan --compute 1e13 --target-epsilon 4 --delta 1e-6 --users 100000 --law law.json \
+            --plot plan.png
   dpfl plan --compute 3e18 --target-epsilon 8 --delta 1e-10 --users 1e8 --allow-extrapolation"""
 
 
@@ -65,8 +66,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--batch-sizes", type=_names, metavar="B1,B2,...",
                  help="candidate batch sizes (default: powers of two <= N, and N)")
   p.add_argument("--max-steps", type=_number, metavar="T",
-                 help="most training steps considered (default: 10x the most steps in "
-                      "the law's data; beyond them is outside the law's support)")
+                 help="most training steps considered (default: 10x the law's most steps; "
+                      "steps beyond the law's are outside its support)")
   p.add_argument("--allow-extrapolation", action="store_true",
                  help="plan outside the law's support too (model size, steps, σ/B, sequence "
                       "length, q = 1, epochs) and name what is extrapolated; without it, a "
