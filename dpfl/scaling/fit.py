@@ -52,11 +52,15 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from dpfl.scaling import smoothing
-from dpfl.scaling.law import (  # noqa: F401  (re-exported: fit is the law's public face)
-    LAW_FORMAT, LAW_VERSION, extrapolation, load_law, model_params, outside, predict,
-    save_law, support, validate_law)
-from dpfl.scaling.smoothing import is_monotone, isotonic, smooth_table  # noqa: F401
+from dpfl.scaling.law import (LAW_FORMAT, LAW_VERSION, curve_loss, extrapolation, load_law,
+                              model_params, outside, predict, save_law, support, validate_law)
+from dpfl.scaling.smoothing import is_monotone, isotonic, smooth_table
+
+# fit is the law's public face: the planner, CLI and plots import these from here.
+__all__ = ["DegenerateAsymptote", "FORM", "LAW_FORMAT", "LAW_VERSION", "METHOD", "POINT_KEYS",
+           "extrapolation", "fit_asymptote", "fit_law", "fit_tail", "is_monotone", "isotonic",
+           "load_law", "loss_tables", "model_params", "outside", "points_from_rows", "predict",
+           "save_law", "smooth_table", "support", "validate_law"]
 
 POINT_KEYS = ("model", "params", "learning_rate", "steps", "noise_batch_ratio", "loss")
 FORM = "L(T) = E + (L(T_n) - E) * (T/T_n)^m beyond the last measured step T_n"
@@ -316,11 +320,13 @@ def _fit_model(name: str, table: dict, *, min_points: int, tail_factor: float) -
     m, b, e, rmse = fit_asymptote(s0, l0)
     floor = float(l0.min())
     if not (_E_EDGE * floor < e < (1 - _E_EDGE) * floor):
+      why = ("the curve shows no saturation over its steps" if e <= _E_EDGE * floor else
+             "the curve has stopped falling (its smoothed end is flat)")
       raise DegenerateAsymptote(
           f"model {name!r}: the non-private curve's irreducible loss E={e:.4g} is degenerate "
-          f"(at its bound: it must lie in (0, {floor:.4g}), the smallest measured loss): the "
-          "curve shows no saturation over its steps, so the tail beyond them cannot be "
-          "fitted; sweep longer, or fit without a tail (tail_factor=1)")
+          f"(at a bound of (0, {floor:.4g}), the smallest measured loss): {why}, so the tail "
+          "beyond the measured steps cannot be fitted; sweep longer, or fit without a tail "
+          "(tail_factor=1)")
     e_fit = {"m": m, "b": b, "rmse": rmse, "points": int(len(s0)), "bounds": [0.0, floor]}
   out = []
   for ratio, steps, loss, lrs in curves:
@@ -347,13 +353,12 @@ def _fit_model(name: str, table: dict, *, min_points: int, tail_factor: float) -
 
 def _alpha_above(model: dict) -> float:
   """Steepest log-log slope in σ̄ between the last two private curves over measured steps."""
-  from dpfl.scaling.law import _curve_loss
   curves = sorted(model["curves"], key=lambda c: c["noise_batch_ratio"])
   private = [c for c in curves if c["noise_batch_ratio"] > 0]
   if len(private) < 2:
     return 0.0
   t = np.unique(np.concatenate([c["steps"] for c in curves])).astype(float)
-  values = np.maximum.accumulate(np.array([_curve_loss(c, model["E"], t) for c in curves]), 0)
+  values = np.maximum.accumulate(np.array([curve_loss(c, model["E"], t) for c in curves]), 0)
   last, before = values[-1], values[-2]
   slope = np.log(last / before) / math.log(private[-1]["noise_batch_ratio"]
                                            / private[-2]["noise_batch_ratio"])

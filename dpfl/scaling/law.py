@@ -175,8 +175,12 @@ def extrapolation(law: dict, model: str, steps, noise_batch_ratio) -> dict[str, 
 
 # --- prediction ---------------------------------------------------------------------------
 
-def _curve_loss(curve: dict, e: float | None, t: np.ndarray) -> np.ndarray:
-  """One curve at steps ``t``: measured (log-log interpolation), constant before, tail after."""
+def curve_loss(curve: dict, e: float | None, t: np.ndarray) -> np.ndarray:
+  """One fitted curve of a law model (E = ``e``) at steps ``t``.
+
+  Measured steps: log-log interpolation of the smoothed losses; before the
+  first: the first loss; after the last: the tail (flat without one).
+  """
   steps = np.asarray(curve["steps"], float)
   loss = np.asarray(curve["loss"], float)
   logt = np.log(t)
@@ -195,7 +199,7 @@ def _model_loss(model: dict, t: np.ndarray, r: np.ndarray, max_loss: float) -> n
   curves = sorted(model["curves"], key=lambda c: c["noise_batch_ratio"])
   e = model.get("E")
   ratios = np.array([c["noise_batch_ratio"] for c in curves], float)
-  values = np.array([_curve_loss(c, e, t) for c in curves])
+  values = np.array([curve_loss(c, e, t) for c in curves])
   values = np.maximum.accumulate(values, axis=0)  # non-decreasing in σ̄ at every T
   private = ratios > 0
   pr, pv = ratios[private], values[private]

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import synthetic_law as known
 from dpfl import cli
-from dpfl.scaling import fit
+from dpfl.scaling import fit, smoothing
 
 # A small known law as dpfl sweep rows: per model (params, E); per ratio r, m and b.
 MODELS = {"tiny": (50_000, 2.0), "small": (400_000, 1.6), "mid": (3_000_000, 1.3)}
@@ -75,7 +75,7 @@ def test_isotonic_matches_sklearn(values, increasing):
 def test_smooth_table_is_monotone_in_one_pass(rows, cols, seed):
   """On a complete table the steps pass then the ratio pass give both orders (as the paper's)."""
   table = np.random.default_rng(seed).normal(size=(rows, cols))
-  out = fit.smoothing.smooth_ratios(fit.smoothing.smooth_steps(table))
+  out = smoothing.smooth_ratios(smoothing.smooth_steps(table))
   assert fit.is_monotone(out, atol=1e-9)
   np.testing.assert_array_equal(fit.smooth_table(table), out)
 
@@ -131,6 +131,23 @@ def test_paper_scale_law_recovered(paper_law):
   # At a measured point of a fitted model: the smoothed data itself, within the noise.
   assert fit.predict(paper_law, 109e6, 8000, 2.0 ** -12) == pytest.approx(
       float(known.known_loss(109e6, 8000, 2.0 ** -12)), rel=0.01)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("noise, e_rtol, rtol", [(0.003, 0.02, 0.02), (0.01, None, 0.06)])
+def test_paper_scale_law_recovered_from_noisier_tables(seed, noise, e_rtol, rtol):
+  """More noise on every loss. At 1 % (0.04 nats, as large as the non-private curve's last
+  octaves move) E is no longer identified (off by up to ~30 %), but the predictions inside
+  the support, tail included, stay within 6 %."""
+  law = fit.fit_law(known.point_rows(noise=noise, seed=seed))
+  if e_rtol is not None:
+    for m in law["models"]:
+      assert m["E"] == pytest.approx(float(known.known_E(m["params"])), rel=e_rtol)
+  n = np.geomspace(4.5e6, 778e6, 9)[:, None, None]
+  t = np.geomspace(1000, 128_000 * 64, 17)[None, :, None]
+  r = np.geomspace(2.0 ** -23, 2.0 ** -6, 13)[None, None, :]
+  np.testing.assert_allclose(fit.predict(law, n, t, r), known.known_loss(n, t, r), rtol=rtol)
 
 
 def test_nan_outside_the_support_and_finite_when_extrapolating(paper_law):
@@ -189,8 +206,14 @@ def test_degenerate_E_refused_and_fit_without_tail():
   """A non-private curve with no saturation (a pure power law) has E stuck at 0."""
   rows = [dict(r, loss=r["loss"] - float(known.known_E(r["params"])))
           if r["noise_batch_ratio"] == 0 else r for r in _small_points()]
-  with pytest.raises(fit.DegenerateAsymptote, match=r"model 'a'.*E=.*degenerate"):
+  with pytest.raises(fit.DegenerateAsymptote, match=r"model 'a'.*E=.*degenerate.*no saturation"):
     fit.fit_law(rows)
+  # Curves flat from their second point on: E is stuck at the smallest loss.
+  flat = [dict(r, loss=max(r["loss"], float(known.known_loss(r["params"], known.STEPS[2],
+                                                             r["noise_batch_ratio"]))))
+          for r in _small_points()]
+  with pytest.raises(fit.DegenerateAsymptote, match=r"model 'a'.*stopped falling"):
+    fit.fit_law(flat)
   law = fit.fit_law(rows, tail_factor=1)
   assert fit.support(law)["steps"] == [1000, known.STEPS[::2][-1]]
   assert all(m["E"] is None for m in law["models"])
