@@ -8,8 +8,9 @@ and the number of privacy units N (users, or examples), enumerate
   sizes from the law's smallest to its largest fitted model (``--models``:
   only the named models' sizes);
 * batch size B (expected; Poisson sampling rate q = B / N);
-* steps T, from a fixed geometric ladder (``steps_per_octave`` per doubling)
-  up to ``max_steps`` (default: 10x the law's most steps),
+* steps T, from a fixed geometric ladder (``steps_per_octave`` per doubling
+  up to the law's most steps, a quarter of that beyond) up to ``max_steps``
+  (default: 10x the law's most steps),
 
 keep the configurations with ``6 · n · B · T · seq_len <= C`` (the budget is
 an upper limit: spending less is allowed, so the feasible set only grows with
@@ -215,7 +216,13 @@ def candidates(*, compute: float, epsilon: float, delta: float, users: int,
   if top < table.steps[0]:
     raise ValueError(f"max_steps={max_steps} is below the σ grid's fewest steps "
                      f"{int(table.steps[0])}")
-  steps = steps_ladder(int(table.steps[0]), top, steps_per_octave)
+  # Beyond the law's most steps the ladder is 4x coarser: those candidates only
+  # tell whether the budget wants more steps than the law has seen (or are
+  # extrapolated plans), and they would otherwise be half the work.
+  edge = int(min(top, max(table.steps[0], support["steps"][1])))
+  steps = steps_ladder(int(table.steps[0]), edge, steps_per_octave)
+  beyond = steps_ladder(edge, top, max(1, steps_per_octave // 4))
+  steps = np.union1d(steps, beyond[beyond > edge])
 
   # σ depends on (B, T) only: one grid query per pair, then all sizes that fit.
   bi, ti = np.meshgrid(np.arange(len(batches)), np.arange(len(steps)), indexing="ij")
