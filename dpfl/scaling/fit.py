@@ -37,8 +37,11 @@ Where dpfl differs, and why:
   which would break monotonicity in T and in σ̄.
 - dpfl's tables can have holes (curves evaluated at different steps); the
   paper's grid is complete. Holes are interpolated per curve (log-log along
-  T), and the curves are made non-decreasing in σ̄ at every T (running
-  maximum) before interpolating across σ̄, so predictions keep both orders.
+  T, its tail beyond its last step), and the resulting grid is made
+  non-decreasing in σ̄ at every T (running maximum).
+- The paper's independent tails can cross beyond the measured steps (a
+  noisier run predicted to do better); ``law.predict`` takes their running
+  maximum over σ̄ there, as the grid does inside.
 - Several runs at the same cell (another batch size at the same σ̄) keep
   their lowest loss, as the learning-rate minimum does.
 - Extrapolation outside the support is available on request, documented in
@@ -52,7 +55,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from dpfl.scaling.law import (LAW_FORMAT, LAW_VERSION, curve_loss, extrapolation, load_law,
+from dpfl.scaling.law import (LAW_FORMAT, LAW_VERSION, extrapolation, load_law,
                               model_params, outside, predict, save_law, support, validate_law)
 from dpfl.scaling.smoothing import is_monotone, isotonic, smooth_table
 
@@ -344,24 +347,48 @@ def _fit_model(name: str, table: dict, *, min_points: int, tail_factor: float) -
                    tail={"m": m, "b": b, "fit_steps": [int(steps[sel][0]), int(steps[-1])],
                          "fit_points": int(sel.sum()), "rmse": rmse})
     out.append(entry)
-  model = {"model": name, "params": int(table["params"]), "E": e,
-           "E_source": "non-private" if e is not None else None, "E_fit": e_fit,
-           "points": int(table["points"]), "curves": out, "alpha_above": 0.0}
-  model["alpha_above"] = _alpha_above(model)
-  return model
+  grid = _prediction_grid(out, e)
+  return {"model": name, "params": int(table["params"]), "E": e,
+          "E_source": "non-private" if e is not None else None, "E_fit": e_fit,
+          "points": int(table["points"]), "curves": out, "grid": grid,
+          "alpha_above": _alpha_above(grid)}
 
 
-def _alpha_above(model: dict) -> float:
-  """Steepest log-log slope in σ̄ between the last two private curves over measured steps."""
-  curves = sorted(model["curves"], key=lambda c: c["noise_batch_ratio"])
-  private = [c for c in curves if c["noise_batch_ratio"] > 0]
-  if len(private) < 2:
-    return 0.0
+def _on_steps(steps, loss, t, e, m):
+  """One curve at steps ``t``: log-log interpolation, flat before, tail (or flat) after."""
+  steps, loss = np.asarray(steps, float), np.asarray(loss, float)
+  out = np.exp(np.interp(np.log(t), np.log(steps), np.log(loss)))
+  if e is not None and m is not None:
+    out = np.where(t > steps[-1], e + (loss[-1] - e) * (np.maximum(t, steps[-1]) / steps[-1]) ** m,
+                   out)
+  return out
+
+
+def _prediction_grid(curves: list[dict], e: float | None) -> dict:
+  """The model's table for ``law.predict``: every curve on the union of the measured steps.
+
+  Made non-decreasing in σ̄ at every step (running maximum; a curve measured
+  at fewer steps is filled by interpolation and its tail). Beyond the grid,
+  ``law.predict`` continues each curve by its tail from the grid's last step
+  (the same power law) and takes the running maximum over σ̄ again.
+  """
   t = np.unique(np.concatenate([c["steps"] for c in curves])).astype(float)
-  values = np.maximum.accumulate(np.array([curve_loss(c, model["E"], t) for c in curves]), 0)
-  last, before = values[-1], values[-2]
-  slope = np.log(last / before) / math.log(private[-1]["noise_batch_ratio"]
-                                           / private[-2]["noise_batch_ratio"])
+  m = None if e is None else np.array([c["tail"]["m"] for c in curves])
+  loss = np.array([_on_steps(c["steps"], c["loss"], t, e, None if m is None else m[k])
+                   for k, c in enumerate(curves)])
+  loss = np.maximum.accumulate(loss, axis=0)
+  return {"steps": [int(v) for v in t], "noise_batch_ratio": [c["noise_batch_ratio"] for c in curves],
+          "loss": [[float(v) for v in row] for row in loss],
+          "tail_m": None if m is None else [float(v) for v in m]}
+
+
+def _alpha_above(grid: dict) -> float:
+  """Steepest log-log slope in σ̄ between the last two private curves over the grid's steps."""
+  ratios = grid["noise_batch_ratio"]
+  if len(ratios) < 3:  # the non-private curve and one private one
+    return 0.0
+  last, before = np.asarray(grid["loss"][-1]), np.asarray(grid["loss"][-2])
+  slope = np.log(last / before) / math.log(ratios[-1] / ratios[-2])
   return float(max(0.0, np.max(slope)))
 
 

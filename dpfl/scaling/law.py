@@ -1,20 +1,25 @@
 """A fitted DP scaling law: its support, predictions, and its JSON file.
 
 A law (``fit.fit_law`` makes one) holds, per model, the smoothed measured
-loss curves (one per noise-batch ratio σ̄, σ̄ = 0 the non-private one), each
-with the parametric tail ``L(T) = E + (L(T_n) - E)·(T/T_n)^m`` that extends it
-beyond its last measured step T_n. Only numpy is needed here.
+loss curves (one per noise-batch ratio σ̄, σ̄ = 0 the non-private one) as
+diagnostics, and its prediction ``grid``: every curve on the union of the
+model's measured steps, non-decreasing in σ̄ at every step, with the tail
+slopes ``m`` of ``L(T) = E + (L(T_n) - E)·(T/T_n)^m`` beyond the last step T_n
+(made non-decreasing in σ̄ there by a running maximum). Only numpy is needed
+here.
 
 **Prediction** (``predict``), as the paper's ``construct_xent_fn`` (linear
 interpolation of log loss over (log N, log T, log σ̄) on the measured grid
-extended by the tail):
+extended by the tail, ``RegularGridInterpolator`` on logs):
 
-- along T, per curve: log L linear in log T between measured steps; the
-  tail beyond the last one;
-- along σ̄, at each T: the curves are made non-decreasing in σ̄ (running
-  maximum, σ̄ = 0 first), then log L is linear in log σ̄ between fitted ratios;
+- along T: log L linear in log T between grid steps; the tail beyond;
+- along σ̄: log L linear in log σ̄ between fitted ratios;
 - along N: log L linear in log N between the fitted models — a continuous
   model-size axis between the smallest and largest.
+
+Interpolation weights do not depend on the other coordinates, and the grid
+and its tails are monotone, so predictions are non-increasing in T and
+non-decreasing in σ̄ everywhere (the planner relies on it).
 
 **Support** (``support``; ``predict`` is NaN outside it unless
 ``extrapolate=True``, as the paper's query returns NaN and drops the
@@ -33,11 +38,13 @@ T, non-decreasing in σ̄, never below the model's E):
   assumed outside the data);
 - steps before the first measured step: the loss at that step (an upper
   bound: loss does not rise with steps); beyond the trusted tail: the same
-  tail continued (it decays to E, never below);
+  tail continued (it decays to E, never below); a law fitted without a tail
+  (``tail_factor=1``, no E) keeps the last measured loss (an upper bound);
 - σ̄ below the smallest positive ratio: linear in σ̄ between the non-private
   curve (σ̄ = 0) and the smallest private one — both measured, and loss is
-  smooth in σ̄ at 0 (a law without a non-private curve keeps the smallest
-  ratio's loss, an upper bound); above the largest ratio: the last curve
+  smooth in σ̄ at 0 (keeping the smallest ratio's loss instead would be an
+  upper bound, but would let a plan gain nothing from a larger batch there);
+  above the largest ratio: the last curve
   times (σ̄/σ̄_K)^α, with α >= 0 the steepest log-log slope between the last two
   fitted ratios over the measured steps (one α for all T keeps the order in
   T), capped at the largest loss the data saw.
@@ -109,10 +116,12 @@ def validate_law(law: dict) -> None:
     curves = m.get("curves") or []
     if not curves or not (m.get("params", 0) > 0):
       raise ValueError(f"law model {m.get('model')!r} has no curves or bad params")
-    for c in curves:
-      if len(c.get("steps", [])) < 1 or len(c["steps"]) != len(c.get("loss", [])):
-        raise ValueError(f"law model {m.get('model')!r}, noise_batch_ratio "
-                         f"{c.get('noise_batch_ratio')!r}: steps and loss differ in length")
+    grid = m.get("grid") or {}
+    shape = (len(grid.get("noise_batch_ratio") or []), len(grid.get("steps") or []))
+    if (min(shape) < 1 or np.shape(grid.get("loss")) != shape
+        or not any(r > 0 for r in grid["noise_batch_ratio"])):
+      raise ValueError(f"law model {m.get('model')!r}: its prediction grid is missing or "
+                       "malformed")
 
 
 def model_params(law: dict) -> dict[str, int]:
@@ -175,57 +184,59 @@ def extrapolation(law: dict, model: str, steps, noise_batch_ratio) -> dict[str, 
 
 # --- prediction ---------------------------------------------------------------------------
 
-def curve_loss(curve: dict, e: float | None, t: np.ndarray) -> np.ndarray:
-  """One fitted curve of a law model (E = ``e``) at steps ``t``.
-
-  Measured steps: log-log interpolation of the smoothed losses; before the
-  first: the first loss; after the last: the tail (flat without one).
-  """
-  steps = np.asarray(curve["steps"], float)
-  loss = np.asarray(curve["loss"], float)
-  logt = np.log(t)
-  out = np.exp(np.interp(logt, np.log(steps), np.log(loss)))  # flat beyond both ends
-  tail = curve.get("tail")
-  if tail is not None and e is not None:
-    t_n, l_n = float(steps[-1]), float(loss[-1])
-    beyond = t > t_n
-    if np.any(beyond):
-      ratio = np.maximum(t, t_n) / t_n
-      out = np.where(beyond, e + (l_n - e) * ratio ** tail["m"], out)
-  return out
-
-
-def _model_loss(model: dict, t: np.ndarray, r: np.ndarray, max_loss: float) -> np.ndarray:
-  curves = sorted(model["curves"], key=lambda c: c["noise_batch_ratio"])
+def _model_loss(model: dict, logt: np.ndarray, r: np.ndarray, max_loss: float) -> np.ndarray:
+  """One model's loss at (log steps, ratio): interpolation on its grid (``fit`` made it monotone)."""
+  grid = model["grid"]
+  steps = np.log(np.asarray(grid["steps"], float))
+  ratios = np.asarray(grid["noise_batch_ratio"], float)
+  table = np.log(np.asarray(grid["loss"], float))            # curves x steps, σ̄ = 0 first
   e = model.get("E")
-  ratios = np.array([c["noise_batch_ratio"] for c in curves], float)
-  values = np.array([curve_loss(c, e, t) for c in curves])
-  values = np.maximum.accumulate(values, axis=0)  # non-decreasing in σ̄ at every T
-  private = ratios > 0
-  pr, pv = ratios[private], values[private]
-  logv = np.log(pv)
-  out = np.empty_like(t)
-  # Inside the fitted ratios: log L linear in log σ̄.
-  logr = np.log(np.clip(r, pr[0], pr[-1]))
-  if len(pr) == 1:
-    out[...] = pv[0]
+  tail_m = grid.get("tail_m")
+  # Position along steps (flat before the first; the tail after the last).
+  lt = np.clip(logt, steps[0], steps[-1])
+  if len(steps) > 1:
+    i = np.clip(np.searchsorted(steps, lt, side="right") - 1, 0, len(steps) - 2)
+    wt = (lt - steps[i]) / (steps[i + 1] - steps[i])
   else:
-    j = np.clip(np.searchsorted(np.log(pr), logr, side="right") - 1, 0, len(pr) - 2)
-    lo_r, hi_r = np.log(pr)[j], np.log(pr)[j + 1]
-    w = (logr - lo_r) / (hi_r - lo_r)
-    lo_v = np.take_along_axis(logv, j[None], 0)[0]
-    hi_v = np.take_along_axis(logv, (j + 1)[None], 0)[0]
-    out = np.exp((1 - w) * lo_v + w * hi_v)
-  below = r < pr[0]
-  if np.any(below) and not private[0]:
-    w = r / pr[0]
-    out = np.where(below, (1 - w) * values[0] + w * pv[0], out)
-  above = r > pr[-1]
+    i, wt = np.zeros(lt.shape, int), np.zeros(lt.shape)
+  i1 = np.minimum(i + 1, len(steps) - 1)
+  beyond = logt > steps[-1]
+
+  tails = None
+  if e is not None and tail_m is not None and np.any(beyond):
+    # Every curve's tail at the points beyond the grid, non-decreasing in σ̄ (running
+    # maximum: independently fitted tails can cross).
+    m = np.asarray(tail_m, float)[:, None]
+    tails = e + (np.exp(table[:, -1:]) - e) * np.exp(m * (logt[beyond] - steps[-1])[None, :])
+    tails = np.maximum.accumulate(tails, axis=0)
+    columns = np.arange(tails.shape[1])
+
+  def curve(k):
+    v = np.exp((1 - wt) * table[k, i] + wt * table[k, i1])
+    if tails is not None:
+      v[beyond] = tails[k[beyond], columns]
+    return v
+
+  private = np.flatnonzero(ratios > 0)
+  pr = np.log(ratios[private])
+  logr = np.log(np.clip(r, ratios[private[0]], ratios[private[-1]]))
+  if len(private) == 1:
+    out = curve(np.full(r.shape, private[0]))
+  else:
+    j = np.clip(np.searchsorted(pr, logr, side="right") - 1, 0, len(pr) - 2)
+    w = (logr - pr[j]) / (pr[j + 1] - pr[j])
+    out = np.exp((1 - w) * np.log(curve(private[j])) + w * np.log(curve(private[j + 1])))
+  below = r < ratios[private[0]]
+  if np.any(below) and private[0] > 0:  # linear in σ̄ toward the non-private curve
+    w = r / ratios[private[0]]
+    out = np.where(below, (1 - w) * curve(np.zeros(r.shape, int))
+                   + w * curve(np.full(r.shape, private[0])), out)
+  above = r > ratios[private[-1]]
   if np.any(above):
-    alpha = float(model.get("alpha_above", 0.0))
-    grown = pv[-1] * (np.maximum(r, pr[-1]) / pr[-1]) ** alpha
-    cap = np.maximum(pv[-1], max_loss)
-    out = np.where(above, np.minimum(grown, cap), out)
+    last = curve(np.full(r.shape, private[-1]))
+    grown = last * (np.maximum(r, ratios[private[-1]]) / ratios[private[-1]]) ** float(
+        model.get("alpha_above", 0.0))
+    out = np.where(above, np.minimum(grown, np.maximum(last, max_loss)), out)
   return out
 
 
@@ -240,17 +251,24 @@ def predict(law: dict, params, steps, noise_batch_ratio, *, extrapolate: bool = 
   p, t, r = _check_query(params, steps, noise_batch_ratio)
   models = sorted(law["models"], key=lambda m: m["params"])
   max_loss = float(law.get("max_loss") or math.inf)
-  flat_t, flat_r = t.ravel(), r.ravel()
-  per_model = np.array([np.log(_model_loss(m, flat_t, flat_r, max_loss)) for m in models])
+  logt, flat_r = np.log(t.ravel()), r.ravel()
   sizes = np.log(np.array([m["params"] for m in models], float))
   logp = np.log(np.clip(p.ravel(), math.exp(sizes[0]), math.exp(sizes[-1])))
   if len(models) == 1:
-    out = per_model[0]
+    out = np.log(_model_loss(models[0], logt, flat_r, max_loss))
   else:
+    # log L linear in log N between the two fitted models around each query; each model
+    # is evaluated only where it is one of the two.
     i = np.clip(np.searchsorted(sizes, logp, side="right") - 1, 0, len(models) - 2)
     w = np.clip((logp - sizes[i]) / (sizes[i + 1] - sizes[i]), 0.0, 1.0)
-    cols = np.arange(len(logp))
-    out = (1 - w) * per_model[i, cols] + w * per_model[i + 1, cols]
+    out = np.zeros(logp.shape)
+    for k, model in enumerate(models):
+      lower, upper = i == k, i == k - 1
+      need = lower | upper
+      if not np.any(need):
+        continue
+      v = np.log(_model_loss(model, logt[need], flat_r[need], max_loss))
+      out[need] += np.where(lower[need], 1 - w[need], w[need]) * v
   out = np.exp(out).reshape(p.shape)
   if not extrapolate:
     off = outside(law, p, t, r)
