@@ -121,8 +121,13 @@ def negative_values_joined(argv: list[str]) -> list[str]:
 
 
 def flagged(message: str) -> str:
-  """Rewrites python argument names in a ValueError into the CLI's flags."""
-  return re.sub(r"(?<![-\w])(" + "|".join(_FLAG_OF) + r")\b", lambda m: _FLAG_OF[m.group(1)], message)
+  """Rewrites python argument names in a ValueError into the CLI's flags.
+
+  A name followed by ``:`` is a label, not an argument (``dpfl plan``'s
+  refusals start with the dimension, e.g. ``epochs: ...``), and is kept.
+  """
+  return re.sub(r"(?<![-\w])(" + "|".join(_FLAG_OF) + r")\b(?!:)", lambda m: _FLAG_OF[m.group(1)],
+                message)
 
 
 # --- arguments ----------------------------------------------------------------

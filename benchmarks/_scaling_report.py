@@ -103,7 +103,7 @@ def supported_optima(law, *, computes, epsilons, delta, users, seq_len, grid=Non
       try:  # the planner's enumeration (model × batch × steps ladder within budget)
         c = planner.candidates(compute=float(compute), epsilon=float(min(eps, max(epsilons))),
                                delta=delta, users=users, law=law, seq_len=seq_len, grid=grid,
-                               batch_sizes=batch_sizes)
+                               batch_sizes=batch_sizes, models=list(fit.model_params(law)))
       except ValueError:
         row.append(None)
         continue
@@ -125,13 +125,15 @@ def supported_optima(law, *, computes, epsilons, delta, users, seq_len, grid=Non
 
 
 def shipped_planner(law, *, computes, epsilon, delta, users, seq_len, grid=None) -> list:
-  """``planner.plan`` as shipped (it may extrapolate), at one ε."""
+  """``planner.plan`` as shipped, allowed to extrapolate (what it extrapolates is
+  named), at one ε."""
   from dpfl.scaling import planner
   out = []
   for compute in computes:
     try:
       out.append(planner.plan(compute=float(compute), epsilon=float(epsilon), delta=delta,
-                              users=users, law=law, seq_len=seq_len, grid=grid))
+                              users=users, law=law, seq_len=seq_len, grid=grid,
+                              allow_extrapolation=True))
     except ValueError:
       out.append(None)
   return out
@@ -346,7 +348,7 @@ def findings_text(findings: dict, computes, any_batch, shipped, shipped_epsilon)
               "| compute | optimum | predicted loss | extrapolated |", "|---|---|---|---|"]
     for compute, p in zip(computes, shipped):
       if p is not None:
-        flags = ", ".join(k for k, v in p["extrapolated"].items() if v) or "no"
+        flags = ", ".join(p["extrapolated"] + p.get("at_support_corner", [])) or "no"
         lines.append(f"| {compute:.2g} | {_config(p)} | {p['predicted_loss']:.4f} | {flags} |")
   return lines
 

@@ -5,6 +5,12 @@
 ``--target-epsilon`` is named as in ``dpfl calibrate`` and ``dpfl mf``;
 ``--epsilon``, its former name, is still accepted.
 
+Plans stay inside the law's support (``dpfl.scaling.planner`` gives the
+rule): outside it the command exits 2 with one line starting with the
+dimension (model size, steps, σ/B, sequence length, q = 1, epochs), unless
+``--allow-extrapolation``, which plans anyway and names every extrapolated
+dimension (a line of the table, ``extrapolated`` in the JSON).
+
 Imports numpy and the scaling law / σ grid JSON files only (no JAX, no scipy,
 no dp-accounting), so it answers in well under two seconds.
 """
@@ -32,9 +38,11 @@ def _names(text: str) -> list[str]:
 
 EXAMPLES = """\
 examples:
-  dpfl plan --compute 1e13 --target-epsilon 4 --delta 1e-6 --users 100000
+  dpfl plan --compute 1e13 --target-epsilon 4 --delta 1e-6 --users 100000 --law law.json
   dpfl plan --compute 1e15 --target-epsilon 8 --delta 1e-6 --users 20000 --law law.json --json
-  dpfl plan --compute 1e13 --target-epsilon 4 --delta 1e-6 --users 100000 --plot plan.png"""
+  dpfl plan --compute 1e13 --target-epsilon 4 --delta 1e-6 --users 100000 --law law.json \
+            --plot plan.png
+  dpfl plan --compute 3e18 --target-epsilon 8 --delta 1e-10 --users 1e8 --allow-extrapolation"""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,12 +61,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--seq-len", type=_number, metavar="S",
                  help="tokens per example (default: the law's)")
   p.add_argument("--models", type=_names, metavar="A,B,...",
-                 help="only these model names of the law")
+                 help="only these model names of the law (default: 100 log-spaced sizes "
+                      "between the law's smallest and largest model)")
   p.add_argument("--batch-sizes", type=_names, metavar="B1,B2,...",
                  help="candidate batch sizes (default: powers of two <= N, and N)")
   p.add_argument("--max-steps", type=_number, metavar="T",
-                 help="most training steps considered (default: 10x the most steps in "
-                      "the law's data)")
+                 help="most training steps considered (default: 10x the law's most steps; "
+                      "steps beyond the law's are outside its support)")
+  p.add_argument("--allow-extrapolation", action="store_true",
+                 help="plan outside the law's support too (model size, steps, σ/B, sequence "
+                      "length, q = 1, epochs) and name what is extrapolated; without it, a "
+                      "plan outside is refused (exit 2)")
   p.add_argument("--sigma-grid", metavar="FILE", help="σ grid (default: shipped)")
   p.add_argument("--plot", metavar="FILE.png",
                  help="also write the compute-optimal model size, batch size and loss vs "
@@ -92,8 +105,8 @@ def run(args) -> dict:
     raise ValueError(f"--law: cannot read {args.law!r}: {err.strerror}") from None
   except ValueError as err:
     raise ValueError(f"--law: {err}") from None
-  if seq_len is None and law.get("seq_len") is None:
-    raise ValueError("--seq-len is required: the law does not record one")
+  if seq_len is None and fit.support(law).get("seq_len") is None:
+    raise ValueError("sequence length: --seq-len is required: the law does not record one")
   names = fit.model_params(law)
   if args.models is not None:
     unknown = [m for m in args.models if m not in names]
@@ -121,7 +134,8 @@ def run(args) -> dict:
   try:
     result = planner.plan(compute=args.compute, epsilon=epsilon, delta=args.delta,
                           users=users, law=law, seq_len=seq_len, models=args.models,
-                          batch_sizes=batch_sizes, grid=grid, max_steps=max_steps)
+                          batch_sizes=batch_sizes, grid=grid, max_steps=max_steps,
+                          allow_extrapolation=args.allow_extrapolation)
   except ValueError as err:
     message = str(err)
     for name, flag in (("compute=", "--compute"), ("max_steps=", "--max-steps")):
@@ -135,12 +149,31 @@ def run(args) -> dict:
     computes = [float(c) for c in np.geomspace(args.compute / 1000, args.compute, 7)]
     result["plot"] = plots.plot_compute_optimal(
         law, args.plot, epsilons=epsilons, delta=args.delta, users=users, computes=computes,
-        seq_len=seq_len, grid=grid)
+        seq_len=seq_len, grid=grid, allow_extrapolation=args.allow_extrapolation,
+        models=args.models, batch_sizes=batch_sizes, max_steps=max_steps)
   return result
 
 
 def _fmt_flops(x: float) -> str:
   return f"{x:.3g}"
+
+
+def _fmt_range(lo: float, hi: float, fmt: str = ".3g") -> str:
+  return f"{lo:{fmt}}–{hi:{fmt}}"
+
+
+def format_support(support: dict) -> str:
+  """The law's support in one line."""
+  parts = [f"params {_fmt_range(*support['params'])}",
+           f"steps {_fmt_range(*support['steps'], 'g')}",
+           f"σ/B {_fmt_range(*support['noise_batch_ratio'])}",
+           f"seq {support.get('seq_len') or 'unknown'}"]
+  max_q = support.get("max_sampling_prob")
+  parts.append("q <= 1" if max_q is not None and max_q >= 1 else "q < 1")
+  max_epochs = support.get("max_epochs")
+  parts.append(f"<= {max_epochs:.3g} epochs" if max_epochs is not None
+               else "<= 1 epoch (the law's is unknown)")
+  return ", ".join(parts)
 
 
 def format_table(result: dict) -> str:
@@ -151,7 +184,17 @@ def format_table(result: dict) -> str:
   if r["law"]["placeholder"]:
     lines.append("  WARNING: the law is a placeholder, not fitted to a real sweep: "
                  + r["law"]["description"])
-  rows = [("model", f"{r['model']} ({r['params']:,} params)"),
+  if r["extrapolated"]:
+    lines.append("  EXTRAPOLATED: the plan lies outside the law's support in "
+                 + ", ".join(r["extrapolated"]) + " (--allow-extrapolation); its loss is a guess")
+  if r.get("at_support_corner"):
+    lines.append("  AT A CORNER OF THE LAW'S SUPPORT (" + ", ".join(r["at_support_corner"])
+                 + "): the compute-optimal configuration may lie beyond what the law measured")
+  if r.get("data_limited"):
+    lines.append("  data-limited: more data (" + ", ".join(r["data_limited"]) + ") than the "
+                 "law has seen would predict lower loss; this plan stays within it")
+  small = r["smallest_compute_within_1pct"]
+  rows = [("model size", f"{r['params']:,} params (nearest fitted model: {r['model']})"),
           ("batch size", f"{r['batch_size']} (q = {r['sampling_prob']:.4g})"),
           ("steps", f"{r['steps']} ({r['epochs']:.3g} epochs, {r['tokens']:,} tokens)"),
           ("noise multiplier", f"{r['noise_multiplier']:.4g}"
@@ -161,20 +204,18 @@ def format_table(result: dict) -> str:
           ("compute used", _fmt_flops(r["compute"])
            + (f"  (steps capped at {r['max_steps']}: --max-steps)"
               if r["steps"] * 1.05 >= r["max_steps"] else "")),
-          ("within 1% at", f"{_fmt_flops(r['smallest_compute_within_1pct']['compute'])} FLOPs "
-           f"({r['smallest_compute_within_1pct']['model']}, batch "
-           f"{r['smallest_compute_within_1pct']['batch_size']}, "
-           f"{r['smallest_compute_within_1pct']['steps']} steps)")]
-  extra = [k for k, v in r["extrapolated"].items() if v]
-  if extra:
-    rows.append(("extrapolated", ", ".join(extra) + " beyond the law's data"))
+          ("within 1% at", f"{_fmt_flops(small['compute'])} FLOPs ({small['params']:,} params, "
+           f"batch {small['batch_size']}, {small['steps']} steps)"),
+          ("law's support", format_support(r["support"]))]
   width = max(len(k) for k, _ in rows)
   lines += [f"  {k:<{width}}  {v}" for k, v in rows]
   configs = r["configs_within_2pct"]
-  lines.append(f"  within 2% of the best ({len(configs)} model/batch pairs; best {min(top, len(configs))}):")
-  lines.append(f"    {'model':<10} {'batch':>8} {'steps':>8} {'σ':>8} {'σ/B':>10} {'loss':>8} {'FLOPs':>9}")
+  lines.append(f"  within 2% of the best ({len(configs)} size/batch pairs; best "
+               f"{min(top, len(configs))}):")
+  lines.append(f"    {'params':>12} {'batch':>10} {'steps':>8} {'σ':>8} {'σ/B':>10} {'loss':>8} "
+               f"{'FLOPs':>9}")
   for c in configs[:top]:
-    lines.append(f"    {c['model']:<10} {c['batch_size']:>8} {c['steps']:>8} "
+    lines.append(f"    {c['params']:>12,} {c['batch_size']:>10} {c['steps']:>8} "
                  f"{c['noise_multiplier']:>8.3g} {c['noise_batch_ratio']:>10.3g} "
                  f"{c['predicted_loss']:>8.4f} {_fmt_flops(c['compute']):>9}")
   return "\n".join(lines)

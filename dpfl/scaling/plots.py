@@ -25,32 +25,36 @@ def _pyplot():
 
 def plot_loss_vs_ratio(law: dict, path: str, *, steps: Sequence[int] | None = None,
                        tables: dict | None = None) -> str:
-  """Loss vs σ/B per model size; writes ``path`` (PNG) and returns it.
+  """Loss vs σ/B per fitted model size; writes ``path`` (PNG) and returns it.
+
+  Solid: inside the law's support (``fit.support``); dotted: the same model's
+  extrapolated prediction (``fit.predict(..., extrapolate=True)``) beyond it.
 
   Args:
     law: a fitted law (``dpfl.scaling.fit``).
     path: output PNG.
-    steps: step counts to draw (default: the smallest and largest fitted).
+    steps: step counts to draw (default: the law's fewest and most steps).
     tables: ``fit.loss_tables(rows)`` to overlay the smoothed data.
   """
   from dpfl.scaling import fit
   plt = _pyplot()
-  models = sorted(law["models"], key=lambda m: m["params"])
-  ratios = [c["noise_batch_ratio"] for m in models for c in m["curves"] if c["noise_batch_ratio"] > 0]
-  lo = min(ratios) if ratios else 1e-4
-  hi = max(ratios) if ratios else 1e-1
+  support = fit.support(law)
+  sizes = fit.model_params(law)
+  lo, hi = support["noise_batch_ratio"]
+  hi = hi if hi > 0 else 1e-1
+  lo = lo if lo > 0 else hi * 1e-3
   grid = np.geomspace(lo / 3, hi * 3, 200)
   if steps is None:
-    all_steps = [s for m in models for c in m["curves"] for s in c["steps_range"]]
-    steps = sorted({min(all_steps), max(all_steps)})
+    steps = sorted({int(support["steps"][0]), int(support["steps"][1])})
   fig, axes = plt.subplots(1, len(steps), figsize=(5.5 * len(steps), 4.2), squeeze=False)
-  colors = plt.cm.viridis(np.linspace(0, 0.9, len(models)))
+  colors = plt.cm.viridis(np.linspace(0, 0.9, len(sizes)))
   for ax, t in zip(axes[0], steps):
-    for color, m in zip(colors, models):
-      ax.plot(grid, fit.predict(law, m["params"], t, grid), color=color,
-              label=f"{m['model']} ({m['params']:,})")
-      if tables and m["model"] in tables:
-        tab = tables[m["model"]]
+    for color, (name, params) in zip(colors, sizes.items()):
+      ax.plot(grid, fit.predict(law, params, t, grid, extrapolate=True), ":", color=color)
+      ax.plot(grid, fit.predict(law, params, t, grid), color=color,
+              label=f"{name} ({params:,})")
+      if tables and name in tables:
+        tab = tables[name]
         j = np.argmin(np.abs(np.log(tab["steps"]) - math.log(t)))
         if abs(tab["steps"][j] - t) <= 0.1 * t:
           ok = (tab["ratios"] > 0) & ~np.isnan(tab["loss"][:, j])
@@ -58,7 +62,7 @@ def plot_loss_vs_ratio(law: dict, path: str, *, steps: Sequence[int] | None = No
     ax.set_xscale("log")
     ax.set_xlabel("noise-batch ratio σ/B")
     ax.set_ylabel(f"predicted {law.get('loss', 'loss')}")
-    ax.set_title(f"T = {t} steps")
+    ax.set_title(f"T = {t} steps (dotted: extrapolated)")
     ax.grid(alpha=0.3)
   axes[0][0].legend(fontsize=7)
   if law.get("placeholder"):
@@ -71,29 +75,35 @@ def plot_loss_vs_ratio(law: dict, path: str, *, steps: Sequence[int] | None = No
 
 def compute_optimal_curves(law: dict, *, epsilons: Sequence[float], delta: float, users: int,
                            computes: Sequence[float], seq_len: int | None = None,
-                           grid=None) -> dict[float, list[dict | None]]:
-  """``{ε: [plan at each compute, or None where no config fits]}``."""
+                           grid=None, allow_extrapolation: bool = False, **plan_kw
+                           ) -> dict[float, list[dict | None]]:
+  """``{ε: [plan at each compute, or None where none is given]}`` (``planner.plans``:
+  None where no configuration fits the budget or the plan is refused as
+  outside the law's support; ``plan_kw``: further ``planner.plan`` arguments)."""
   from dpfl.scaling import planner
   out = {}
   for eps in epsilons:
-    row = []
-    for c in computes:
-      try:
-        row.append(planner.plan(compute=float(c), epsilon=float(eps), delta=delta, users=users,
-                                law=law, seq_len=seq_len, grid=grid))
-      except ValueError:
-        row.append(None)
-    out[eps] = row
+    try:
+      row = planner.plans(computes=[float(c) for c in computes], epsilon=float(eps), delta=delta,
+                          users=users, law=law, seq_len=seq_len, grid=grid,
+                          allow_extrapolation=allow_extrapolation, **plan_kw)
+    except ValueError:
+      row = [None] * len(computes)
+    out[eps] = [None if isinstance(p, ValueError) else p for p in row]
   return out
 
 
 def plot_compute_optimal(law: dict, path: str, *, epsilons: Sequence[float], delta: float,
                          users: int, computes: Sequence[float], seq_len: int | None = None,
-                         grid=None) -> str:
-  """Compute-optimal model size, batch size and loss vs compute, per ε; writes ``path``."""
+                         grid=None, allow_extrapolation: bool = False, **plan_kw) -> str:
+  """Compute-optimal model size, batch size and loss vs compute, per ε; writes ``path``.
+
+  Plans refused as outside the law's support are left out unless
+  ``allow_extrapolation`` (then extrapolated ones are drawn as open markers)."""
   plt = _pyplot()
   curves = compute_optimal_curves(law, epsilons=epsilons, delta=delta, users=users,
-                                  computes=computes, seq_len=seq_len, grid=grid)
+                                  computes=computes, seq_len=seq_len, grid=grid,
+                                  allow_extrapolation=allow_extrapolation, **plan_kw)
   fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
   colors = plt.cm.plasma(np.linspace(0, 0.85, len(epsilons)))
   for color, eps in zip(colors, epsilons):
@@ -102,7 +112,11 @@ def plot_compute_optimal(law: dict, path: str, *, epsilons: Sequence[float], del
       continue
     cs = [c for c, _ in pts]
     for ax, key in zip(axes, ("params", "batch_size", "predicted_loss")):
-      ax.plot(cs, [p[key] for _, p in pts], "o-", color=color, label=f"ε = {eps:g}", ms=3)
+      ax.plot(cs, [p[key] for _, p in pts], "-", color=color, label=f"ε = {eps:g}")
+      for filled in (True, False):
+        sel = [(c, p[key]) for c, p in pts if bool(p["extrapolated"]) != filled]
+        if sel:
+          ax.plot(*zip(*sel), "o", ms=4, color=color, mfc=color if filled else "none")
   for ax, label in zip(axes, ("compute-optimal params", "compute-optimal batch size",
                               "best predicted loss")):
     ax.set_xscale("log")
@@ -111,7 +125,11 @@ def plot_compute_optimal(law: dict, path: str, *, epsilons: Sequence[float], del
     ax.set_xlabel("compute (FLOPs)")
     ax.set_ylabel(label)
     ax.grid(alpha=0.3)
-  axes[0].legend(fontsize=8)
+  if any(p is not None for row in curves.values() for p in row):
+    axes[0].legend(fontsize=8)
+  else:
+    axes[1].text(0.5, 0.5, "no plan inside the law's support\n(dpfl plan --allow-extrapolation)",
+                 ha="center", va="center", transform=axes[1].transAxes)
   title = f"δ = {delta:g}, {users:,} users"
   if law.get("placeholder"):
     title += " — PLACEHOLDER law"
