@@ -36,8 +36,9 @@ T, non-decreasing in σ̄, never below the model's E):
 
 - params beyond the fitted range: the nearest fitted model (no trend in N is
   assumed outside the data);
-- steps before the first measured step: the loss at that step (an upper
-  bound: loss does not rise with steps); beyond the trusted tail: the same
+- steps before the first measured step: the loss at that step (a lower
+  bound, i.e. optimistic: loss does not rise with steps, so fewer steps can
+  only do worse — the planner never rests a plan on it); beyond the trusted tail: the same
   tail continued (it decays to E, never below); a law fitted without a tail
   (``tail_factor=1``, no E) keeps the last measured loss (an upper bound);
 - σ̄ below the smallest positive ratio: linear in σ̄ between the non-private
