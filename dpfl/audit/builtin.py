@@ -6,7 +6,6 @@ the README ("Privacy audit").
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -42,14 +41,14 @@ def loss_fn(params, batch):
   return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]))
 
 
-def make_run(*, target_epsilon: float, delta: float, dataset_size: int, batch_size: int,
-             num_steps: int, l2_clip_norm: float = 1.0, learning_rate: float = 0.5,
+def make_run(*, delta: float, dataset_size: int, batch_size: int, num_steps: int,
+             target_epsilon: float | None = None, noise_multiplier: float | None = None,
+             l2_clip_norm: float = 1.0, learning_rate: float = 0.5, accountant: str = "pld",
              key=None, seed=None):
   """The built-in model's private run (``dpfl.make_private``, DP-SGD, Poisson sampling)."""
   from dpfl.privatize import make_private
   return make_private(loss_fn, optax.sgd(learning_rate), l2_clip_norm=l2_clip_norm,
                       batch_size=batch_size, dataset_size=dataset_size, num_steps=num_steps,
-                      target_epsilon=target_epsilon, delta=delta, key=key, seed=seed)
+                      target_epsilon=target_epsilon, noise_multiplier=noise_multiplier,
+                      delta=delta, accountant=accountant, key=key, seed=seed)
 
-
-del jax

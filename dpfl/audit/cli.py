@@ -15,14 +15,19 @@ EXAMPLES = """\
 examples:
   dpfl audit
   dpfl audit --target-epsilon 4 --canaries 1000 --json
+  dpfl audit --noise-multiplier 1.5 --accountant rdp
   dpfl audit --inject no-clipping
   dpfl audit --inject low-noise --seed 3 --json
   dpfl audit --mode black-box --steps 200"""
 
 
 def add_arguments(p) -> None:
-  p.add_argument("--target-epsilon", type=float, default=2.0, metavar="E",
-                 help="the ε the run is calibrated for (default 2)")
+  p.add_argument("--target-epsilon", type=float, metavar="E",
+                 help="the ε the run is calibrated for (default 2 unless --noise-multiplier)")
+  p.add_argument("--noise-multiplier", type=float, metavar="SIGMA",
+                 help="σ instead of a target ε (the claim is then the ledger's ε for it)")
+  p.add_argument("--accountant", choices=("pld", "rdp"), default="pld",
+                 help="the accountant whose ε is the claim (default pld)")
   p.add_argument("--delta", type=float, default=1e-5, help="δ (default 1e-5)")
   p.add_argument("--canaries", type=int, default=1000, metavar="M",
                  help="number of canaries, each included with probability 1/2 (default 1000)")
@@ -58,7 +63,11 @@ def run(args) -> dict:
     check.integer("--seed", args.seed, low=0)
   seeds = np.random.SeedSequence(args.seed).generate_state(3)
   from dpfl.audit import builtin, one_run
-  private = builtin.make_run(target_epsilon=args.target_epsilon, delta=args.delta,
+  target = args.target_epsilon
+  if target is None and args.noise_multiplier is None:
+    target = 2.0
+  private = builtin.make_run(target_epsilon=target, noise_multiplier=args.noise_multiplier,
+                             accountant=args.accountant, delta=args.delta,
                              dataset_size=args.dataset_size, batch_size=args.batch_size,
                              num_steps=args.steps, l2_clip_norm=args.clip_norm,
                              key=int(seeds[0]), seed=int(seeds[1]))

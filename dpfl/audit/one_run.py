@@ -112,6 +112,17 @@ class AuditResult:
     return out
 
 
+def _audit_rng(seed: int) -> np.random.Generator:
+  """The audit's own stream (inclusion first, then sampling / directions): not the noise key's."""
+  return np.random.default_rng(np.random.SeedSequence([check.integer("seed", seed, low=0),
+                                                       0x417D17]))
+
+
+def canary_inclusion(num_canaries: int, seed: int) -> np.ndarray:
+  """Which canaries an audit with ``seed`` includes: each independently with probability ½."""
+  return _audit_rng(seed).random(check.positive_int("num_canaries", num_canaries)) < 0.5
+
+
 def _check_private(private) -> None:
   from dpfl.private_training import PrivateTraining
   if not isinstance(private, PrivateTraining):
@@ -183,8 +194,7 @@ def one_run(private, params, dataset, *, num_canaries: int, mode: str = "white-b
   if guesses is None:
     guesses = bounds.default_guess_grid(m)
   q = float(private.plan.sampling.sampling_prob)
-  rng = np.random.default_rng(np.random.SeedSequence([check.integer("seed", seed, low=0),
-                                                      0x417D17]))
+  rng = _audit_rng(seed)
   included = rng.random(m) < 0.5
   if mode == "white-box":
     if canary_examples is not None or loss_fn is not None:
