@@ -13,12 +13,9 @@ from __future__ import annotations
 
 EXAMPLES = """\
 examples:
-  dpfl audit
-  dpfl audit --target-epsilon 4 --canaries 1000 --json
-  dpfl audit --noise-multiplier 1.5 --accountant rdp
-  dpfl audit --inject no-clipping
-  dpfl audit --inject low-noise --seed 3 --json
-  dpfl audit --mode black-box --steps 200"""
+  dpfl audit --target-epsilon 4 --canaries 1000
+  dpfl audit --inject no-clipping --json
+  dpfl audit --mode black-box --noise-multiplier 1.5 --seed 3"""
 
 
 def add_arguments(p) -> None:
