@@ -7,7 +7,8 @@ the ledger's ε next to the 95%-confidence lower bound of
 ``dpfl.audit.one_run`` — white-box with Dirac canaries (the default; the
 paper's summed score, and ``score="likelihood"``), white-box with canaries
 along random directions of the model's own parameters (84 of them here:
-fewer than the canaries, so they overlap), and black-box (mislabeled inputs scored by the final loss) —
+fewer than the canaries, so they overlap), and black-box (mislabeled
+inputs scored by the final loss) —
 and the bound of the two positive controls (``inject``) at the same σ.
 The ceiling ``bound.max_epsilon_lower_bound`` (every guess right, with the
 same Bonferroni split) is printed too: m canaries cannot certify more.

@@ -22,8 +22,8 @@ from dpfl.audit.one_run import canary_inclusion
 N, BATCH, STEPS, M = 1000, 100, 100, 1000
 
 
-# σ for ε ≈ 2 at δ = 1e-5 over these 100 steps at q = 0.1 (RDP: the fast accountant; calibration
-# and PLD would cost the default suite seconds without testing anything more of the audit).
+# σ for ε ≈ 2 at δ = 1e-5 over these 100 steps at q = 0.1 (RDP: the fast accountant;
+# calibration and PLD would cost the default suite seconds without testing more of the audit).
 SIGMA = 2.4
 
 
@@ -50,7 +50,8 @@ def test_a_correct_run_stays_below_its_claim():
 
 
 def test_ten_times_less_noise_than_claimed_is_caught():
-  private, result = _run(inject="low-noise")
+  # With the likelihood score (the default suite's one run of it; both scores: slow tests).
+  private, result = _run(inject="low-noise", score="likelihood")
   # The ledger's ε, unchanged by the injected fault.
   assert result.claimed_epsilon == pytest.approx(private.epsilon())
   assert result.claimed_epsilon == pytest.approx(2.0, rel=0.05)
@@ -136,11 +137,23 @@ def test_correct_runs_over_many_seeds(target):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("inject", [None, "low-noise", "no-clipping"])
-def test_larger_run_with_canaries_in_the_model_parameters(inject):
-  """Random directions in the model's own parameters (real gradients interfere), 3000 examples,
-  2000 canaries, 300 steps at ε = 1."""
+@pytest.mark.parametrize("score", ["sum", "likelihood"])
+def test_larger_run(inject, score):
+  """3000 examples, 2000 canaries, 300 steps at ε = 1 (PLD, calibrated), both scores."""
   private = builtin.make_run(target_epsilon=1.0, delta=1e-6, dataset_size=3000,
                              batch_size=150, num_steps=300, key=7, seed=8)
   result = one_run(private, builtin.init_params(), builtin.dataset(3000), num_canaries=2000,
-                   canaries="params", seed=9, inject=inject)
+                   score=score, seed=9, inject=inject)
+  assert result.violated == (inject is not None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("inject", [None, "low-noise"])
+def test_canaries_along_the_model_parameters(inject):
+  """Random directions in the model's own 84 parameters: 40 canaries (fewer than the
+  dimensions; real gradients still interfere), ε = 0.5."""
+  private = builtin.make_run(target_epsilon=0.5, accountant="rdp", delta=1e-5,
+                             dataset_size=N, batch_size=BATCH, num_steps=STEPS, key=3, seed=4)
+  result = one_run(private, builtin.init_params(), builtin.dataset(N), num_canaries=40,
+                   canaries="params", seed=5, inject=inject)
   assert result.violated == (inject is not None)
