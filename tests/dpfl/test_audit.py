@@ -126,9 +126,12 @@ def test_correct_runs_over_many_seeds(target):
   """20 seeds per ε: each false alarm has probability <= 5%; 4 or more of 20
   would have probability < 1.6% if the bound held, so the test allows 3."""
   alarms = 0
+  sigma = None  # calibrated (PLD) once; the same σ's ε is then cached
   for seed in range(20):
-    private = builtin.make_run(target_epsilon=target, delta=1e-5, dataset_size=N,
-                               batch_size=BATCH, num_steps=STEPS, key=100 + seed, seed=seed)
+    private = builtin.make_run(target_epsilon=None if sigma else target, noise_multiplier=sigma,
+                               delta=1e-5, dataset_size=N, batch_size=BATCH, num_steps=STEPS,
+                               key=100 + seed, seed=seed)
+    sigma = private.noise_multiplier
     result = one_run(private, builtin.init_params(), builtin.dataset(N), num_canaries=M,
                      seed=1000 + seed)
     alarms += result.violated
