@@ -112,6 +112,28 @@ def default_guess_grid(num_canaries: int) -> tuple[tuple[int, int], ...]:
   return tuple([(k, k) for k in ks if 2 * k <= m] + [(k, 0) for k in ks])
 
 
+def check_guesses(guesses, num_canaries: int) -> tuple[tuple[int, int], ...]:
+  """``guesses`` as ``(k⁺, k⁻)`` int pairs with ``k⁺ + k⁻ <= m`` (None: the default grid)."""
+  m = check.positive_int("num_canaries", num_canaries)
+  if guesses is None:
+    return default_guess_grid(m)
+  try:
+    pairs = tuple((check.integer("k_plus", kp, low=0, high=m),
+                   check.integer("k_minus", km, low=0, high=m)) for kp, km in guesses)
+  except (TypeError, ValueError) as err:
+    if isinstance(err, ValueError) and "k_" in str(err):
+      raise ValueError(f"guesses: {err}") from None
+    raise ValueError(f"guesses must be (k_plus, k_minus) pairs of integers, got "
+                     f"{guesses!r}") from None
+  if not pairs:
+    raise ValueError("guesses must name at least one (k_plus, k_minus) pair")
+  for kp, km in pairs:
+    if kp + km > m:
+      raise ValueError(f"guesses: k_plus + k_minus must be <= num_canaries ({m}), got "
+                       f"({kp}, {km})")
+  return pairs
+
+
 @dataclasses.dataclass(frozen=True)
 class GuessOutcome:
   """The guesses behind a bound: top ``k_plus`` called "in", bottom ``k_minus`` "out"."""
@@ -154,15 +176,7 @@ def epsilon_lower_bound_from_scores(scores, included, *, delta: float = 0.0,
   if not np.all(np.isfinite(scores)):
     raise ValueError("scores must be finite (a non-finite score cannot be ranked)")
   confidence = check.open_unit("confidence", confidence)
-  pairs = default_guess_grid(m) if guesses is None else tuple(
-      (check.integer("k_plus", kp, low=0, high=m), check.integer("k_minus", km, low=0, high=m))
-      for kp, km in guesses)
-  if not pairs:
-    raise ValueError("guesses must name at least one (k_plus, k_minus) pair")
-  for kp, km in pairs:
-    if kp + km > m:
-      raise ValueError(f"guesses: k_plus + k_minus must be <= num_canaries ({m}), got "
-                       f"({kp}, {km})")
+  pairs = check_guesses(guesses, m)
   order = np.lexsort((np.arange(m), -scores))  # descending score, then index
   ranked = included[order]
   per_pair = 1.0 - (1.0 - confidence) / len(pairs)

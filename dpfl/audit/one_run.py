@@ -69,7 +69,8 @@ class AuditResult:
     confidence: the bound's confidence.
     num_canaries: m.
     delta: the δ of the claim tested.
-    mode, canaries, inject: how the audit ran (``inject`` None: the real mechanism).
+    mode, canaries, score, inject: how the audit ran (``inject`` None: the
+      real mechanism); seed: the audit's seed (reproduces the canaries).
     num_included: canaries that were in the training set.
     num_guesses, num_correct, num_abstentions: the best pair's guesses.
     k_plus, k_minus: its "in" and "out" guesses; ``guess_pairs_tested``: the
@@ -86,7 +87,9 @@ class AuditResult:
   delta: float
   mode: str
   canaries: str | None
+  score: str
   inject: str | None
+  seed: int
   num_included: int
   num_guesses: int
   num_correct: int
@@ -147,7 +150,7 @@ def _check_private(private) -> None:
 
 def one_run(private, params, dataset, *, num_canaries: int, mode: str = "white-box",
             canaries: str = "dirac", confidence: float = bounds.DEFAULT_CONFIDENCE,
-            seed: int = 0, canary_norm: float | None = None, guesses=None,
+            seed: int | None = None, canary_norm: float | None = None, guesses=None,
             canary_examples: Any = None, loss_fn: Callable[..., Any] | None = None,
             score: str = "sum", inject: str | None = None) -> AuditResult:
   """Audits ``private`` in one training run; returns an ``AuditResult``.
@@ -168,8 +171,9 @@ def one_run(private, params, dataset, *, num_canaries: int, mode: str = "white-b
       ``"params"`` (random directions in the model's parameters).
     confidence: in (0, 1); the probability that a correct mechanism's bound
       exceeds its true ε is at most ``1 - confidence``.
-    seed: the audit's seed (canary inclusion, canary sampling, directions);
-      independent of the run's noise key.
+    seed: the audit's seed (canary inclusion, canary sampling, directions),
+      an int >= 0; None (default): fresh OS entropy (recorded in the result).
+      Either way independent of the run's noise key.
     canary_norm: white-box: the canaries' norm before clipping (default 10·C;
       must be >= C).
     guesses: ``(k⁺, k⁻)`` pairs fixed in advance (default
@@ -202,8 +206,13 @@ def one_run(private, params, dataset, *, num_canaries: int, mode: str = "white-b
   if canary_norm is None:
     canary_norm = DEFAULT_CANARY_NORM_FACTOR * clip
   canary_norm = check.real("canary_norm", canary_norm, low=clip)
-  if guesses is None:
-    guesses = bounds.default_guess_grid(m)
+  guesses = bounds.check_guesses(guesses, m)  # before the run is spent
+  if mode == "black-box" and score != "sum":
+    raise ValueError(f"score={score!r} is a white-box score; black-box canaries are scored "
+                     "by the final model's loss")
+  if seed is None:
+    seed = int(np.random.SeedSequence().generate_state(1, np.uint64)[0] >> 1)
+  seed = check.integer("seed", seed, low=0)
   q = float(private.plan.sampling.sampling_prob)
   rng = _audit_rng(seed)
   included = rng.random(m) < 0.5
@@ -227,7 +236,8 @@ def one_run(private, params, dataset, *, num_canaries: int, mode: str = "white-b
   return AuditResult(
       epsilon_lower_bound=float(lower), claimed_epsilon=float(private.epsilon()),
       confidence=confidence, num_canaries=m, delta=delta, mode=mode, canaries=kind,
-      inject=inject, num_included=int(included.sum()), num_guesses=best.num_guesses,
+      score=score if mode == "white-box" else "loss", inject=inject, seed=seed,
+      num_included=int(included.sum()), num_guesses=best.num_guesses,
       num_correct=best.num_correct, num_abstentions=m - best.num_guesses,
       k_plus=best.k_plus, k_minus=best.k_minus, guess_pairs_tested=tested,
       num_steps=int(private.steps_done), noise_multiplier=float(private.plan.noise_multiplier),

@@ -47,6 +47,7 @@ def test_a_correct_run_stays_below_its_claim():
   # The inclusion comes from the audit's seed alone (not the run's noise key).
   np.testing.assert_array_equal(result.included, canary_inclusion(M, 13))
   assert result.num_included == canary_inclusion(M, 13).sum()
+  assert result.seed == 13 and result.score == "sum"
 
 
 def test_ten_times_less_noise_than_claimed_is_caught():
@@ -96,10 +97,15 @@ def fresh():
     (dict(num_canaries=10, canary_norm=0.5), "canary_norm"),
     (dict(num_canaries=10, mode="black-box"), "canary_examples"),
     (dict(num_canaries=10, seed=-1), "seed"),
+    (dict(num_canaries=10, guesses=[(8, 8)]), "k_plus \\+ k_minus"),
+    (dict(num_canaries=10, guesses=[(-1, 0)]), "k_plus"),
+    (dict(num_canaries=10, score="max"), "score"),
 ])
 def test_bad_arguments_name_themselves(fresh, kwargs, match):
+  private = fresh()
   with pytest.raises(ValueError, match=match):
-    one_run(fresh(), builtin.init_params(), builtin.dataset(N), **kwargs)
+    one_run(private, builtin.init_params(), builtin.dataset(N), **kwargs)
+  assert private.steps_done == 0  # refused before any step was spent
 
 
 def test_runs_it_cannot_audit_are_refused():
