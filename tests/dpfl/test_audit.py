@@ -157,12 +157,16 @@ def test_larger_run(inject, score):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("inject", [None, "low-noise"])
+@pytest.mark.parametrize("inject", [None, "no-clipping"])
 def test_canaries_along_the_model_parameters(inject):
-  """Random directions in the model's own 84 parameters: 40 canaries (fewer than the
-  dimensions; real gradients still interfere), ε = 0.5."""
+  """Random directions in the built-in model's own 84 parameters, 40 canaries, ε = 0.5.
+
+  Real gradients project onto every direction and the directions overlap, so
+  at this size only a gross fault shows: canaries of norm 1000·C let in
+  unclipped (10× less noise is not caught here; the Dirac canaries catch it).
+  """
   private = builtin.make_run(target_epsilon=0.5, accountant="rdp", delta=1e-5,
                              dataset_size=N, batch_size=BATCH, num_steps=STEPS, key=3, seed=4)
   result = one_run(private, builtin.init_params(), builtin.dataset(N), num_canaries=40,
-                   canaries="params", seed=5, inject=inject)
+                   canaries="params", canary_norm=1000.0, seed=5, inject=inject)
   assert result.violated == (inject is not None)
