@@ -26,7 +26,10 @@ _EXPORTS = {
     "shard_users": "dpfl.federated", "shared_secret_seed": "dpfl.federated",
 }
 
-__all__ = sorted(_EXPORTS)
+# Subpackages reached as attributes (``dpfl.audit.one_run``), imported on first use.
+_SUBMODULES = ("audit",)
+
+__all__ = sorted([*_EXPORTS, *_SUBMODULES])
 
 
 def __getattr__(name):
@@ -34,6 +37,8 @@ def __getattr__(name):
     value = getattr(importlib.import_module(_EXPORTS[name]), name)
     globals()[name] = value
     return value
+  if name in _SUBMODULES:
+    return importlib.import_module(f"dpfl.{name}")
   raise AttributeError(f"module 'dpfl' has no attribute {name!r}")
 
 

@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("run a DP scaling-law sweep (resumable; one JSON line per run)",
               "dpfl.scaling.sweep_cli"),
     "fit": ("fit a DP scaling law to a sweep's results file", "dpfl.scaling.fit_cli"),
+    "audit": ("one-run privacy audit (ε lower bound) of a built-in small model",
+              "dpfl.audit.cli"),
     "plan": ("compute-optimal model, batch size and steps for a compute and privacy budget",
              "dpfl.scaling.plan_cli"),
 }
