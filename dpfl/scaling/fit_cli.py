@@ -27,8 +27,7 @@ EXAMPLES = """\
 examples:
   dpfl fit --results runs.jsonl --out law.json
   dpfl fit --results runs.shard-*-of-4.jsonl --out law.json --plots plots/
-  dpfl fit --results points.csv --seq-len 1024 --max-epochs 4 --out law.json
-  dpfl fit --results runs.jsonl --out law.json --curve train_loss --min-points 4"""
+  dpfl fit --results points.csv --seq-len 1024 --max-epochs 4 --out law.json"""
 
 # Flags passed to fit.fit_law as the keyword of the same name (when given).
 _LAW_FLAGS = {"seq_len": "--seq-len", "max_epochs": "--max-epochs",
