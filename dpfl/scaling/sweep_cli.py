@@ -100,9 +100,42 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       "its results line as 'seed'; rerun with --seed <that> to reproduce "
                       "it). Runs are identified without the seed when it is drawn, with it "
                       "when given, so re-running either way skips finished runs")
+  p.add_argument("--shard", default=None, metavar="I/N",
+                 help="run only the I-th of N disjoint parts of the grid, I in 1..N (for job "
+                      "arrays: e.g. --shard $((SLURM_ARRAY_TASK_ID+1))/$SLURM_ARRAY_TASK_COUNT), "
+                      "into its own results file: --results R.jsonl becomes R.shard-I-of-N.jsonl, "
+                      "or name it with {shard} in --results (replaced by I-of-N). The parts "
+                      "balance the estimated cost; each run has the seed and run id it has "
+                      "unsharded; `dpfl fit --results R.shard-*-of-N.jsonl` merges the shards")
   p.add_argument("--dry-run", action="store_true",
                  help="list the runs and whether each is done; train nothing")
   p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+  """``"I/N"`` as (I, N) with 1 <= I <= N; None stays None; ValueError naming ``--shard``."""
+  if text is None:
+    return None
+  parts = text.split("/")
+  try:
+    index, count = (int(p) for p in parts)
+  except ValueError:
+    index = count = None
+  if len(parts) != 2 or count is None or count < 1 or not 1 <= index <= count:
+    raise ValueError(f"--shard must be I/N with integers 1 <= I <= N (shards are numbered "
+                     f"from 1), got {text!r}")
+  return index, count
+
+
+def shard_results_path(path: str, index: int, count: int) -> str:
+  """The results file of shard I of N: ``{shard}`` in ``path`` replaced by ``I-of-N``,
+  else ``.shard-I-of-N`` inserted before the extension (``runs.jsonl`` →
+  ``runs.shard-2-of-4.jsonl``)."""
+  tag = f"{index}-of-{count}"
+  if "{shard}" in path:
+    return path.replace("{shard}", tag)
+  root, ext = os.path.splitext(path)
+  return f"{root}.shard-{tag}{ext}"
 
 
 def _check(args) -> None:
@@ -129,6 +162,7 @@ def _check(args) -> None:
     raise ValueError(f"--learning-rates must be > 0, got {min(args.learning_rates):g}")
   check.open_unit("--delta", args.delta)
   check.integer("--seq-len", args.seq_len, low=2, high=4096)
+  parse_shard(args.shard)
   check.positive("--l2-clip-norm", args.l2_clip_norm)
   for flag, value, low in (("--warmup-steps", args.warmup_steps, 0),
                            ("--eval-every", args.eval_every, 1),
@@ -155,7 +189,10 @@ def run(args) -> dict:
   configs = sweep.make_grid(models=args.models, batch_sizes=args.batch_sizes,
                             steps=args.steps, learning_rates=args.learning_rates,
                             **noise, **common)
-  corpus = sweep.corpus_for(configs[0])
+  shard = parse_shard(args.shard)
+  results_path = args.results if shard is None else shard_results_path(args.results, *shard)
+  grid_runs = len(configs)
+  corpus = sweep.corpus_for(configs[0])  # every run of the grid has the same corpus
   units = (len(corpus.train_users) if args.privacy_unit == "user"
            else corpus.num_train_examples)
   too_big = [c.batch_size for c in configs if c.batch_size > units]
@@ -163,25 +200,28 @@ def run(args) -> dict:
     what = "users (files)" if args.privacy_unit == "user" else "sequences"
     raise ValueError(f"--batch-sizes: {too_big[0]} exceeds the {units} training {what} of "
                      "the corpus")
-  directory = os.path.dirname(os.path.abspath(args.results))
+  if shard is not None:  # after the grid-wide checks: every shard refuses a bad grid alike
+    configs = sweep.shard_configs(configs, *shard)
+  directory = os.path.dirname(os.path.abspath(results_path))
   if not os.path.isdir(directory):
     raise ValueError(f"--results: directory {directory!r} does not exist")
   try:
-    results.read_results(args.results)
+    results.read_results(results_path)
   except (OSError, UnicodeDecodeError) as err:
-    raise ValueError(f"--results: cannot read {args.results!r}: {err}") from None
+    raise ValueError(f"--results: cannot read {results_path!r}: {err}") from None
+  where = {"results": results_path, "runs": len(configs), "grid_runs": grid_runs,
+           "shard": args.shard}
   if args.dry_run:
-    done = results.completed_run_ids(args.results)
+    done = results.completed_run_ids(results_path)
     rows = [dict(c.key(), run_id=(rid := sweep.run_id(c, corpus.fingerprint)),
                  status="done" if rid in done else "pending") for c in configs]
-    return {"results": args.results, "runs": len(configs),
-            "done": sum(r["status"] == "done" for r in rows), "trained": 0, "dry_run": True,
-            "corpus": corpus.summary(), "rows": rows}
-  summary = sweep.run_sweep(configs, args.results, progress=not args.no_progress)
+    return {**where, "done": sum(r["status"] == "done" for r in rows), "trained": 0,
+            "dry_run": True, "corpus": corpus.summary(), "rows": rows}
+  summary = sweep.run_sweep(configs, results_path, progress=not args.no_progress)
   keys = ("run_id", "model", "params", "batch_size", "noise_multiplier", "noise_batch_ratio",
           "steps", "learning_rate", "epsilon", "final_eval_loss", "flops", "seconds",
           "tokens_per_second", "seed")
-  return {"results": args.results, "runs": len(configs), "trained": len(summary.trained),
+  return {**where, "trained": len(summary.trained),
           "skipped": len(summary.skipped), "dry_run": False, "corpus": corpus.summary(),
           "rows": [{k: row.get(k) for k in keys} for row in summary.rows]}
 
@@ -194,7 +234,9 @@ def _fmt(value, spec: str) -> str:
 
 def format_table(result: dict) -> str:
   corpus = result["corpus"]
-  lines = [f"dpfl sweep: {result['runs']} runs -> {result['results']}",
+  shard = (f" (shard {result['shard']} of a {result['grid_runs']}-run grid)"
+           if result.get("shard") else "")
+  lines = [f"dpfl sweep: {result['runs']} runs{shard} -> {result['results']}",
            f"  corpus: python-stdlib, {corpus['train_examples']} train / "
            f"{corpus['eval_examples']} eval sequences of {corpus['seq_len']} tokens"]
   if result["dry_run"]:
