@@ -72,7 +72,8 @@ class RunConfig:
     noise_multiplier: σ; 0 means a non-private run.
     steps: T, optimizer steps.
     learning_rate: peak Adam learning rate.
-    seq_len: tokens per example.
+    seq_len: tokens per example, in [2, ``models.MAX_SEQ_LEN``] (1024); the
+      corpus is cut into windows of this many bytes (``dpfl.scaling.corpus``).
     delta: δ for the reported ε.
     l2_clip_norm: C, per-example clip norm (private runs).
     warmup_steps: linear learning-rate warm-up length (0: none).
@@ -111,9 +112,9 @@ class RunConfig:
     if self.privacy_unit not in ("example", "user"):
       raise ValueError(f"privacy_unit must be 'example' or 'user', got {self.privacy_unit!r}")
     models.get_config(self.model)  # raises on an unknown name
-    for name in ("batch_size", "steps", "seq_len", "eval_every", "eval_examples",
-                 "examples_per_user"):
+    for name in ("batch_size", "steps", "eval_every", "eval_examples", "examples_per_user"):
       _check_int(name, getattr(self, name), 1)
+    check.integer("seq_len", self.seq_len, low=2, high=models.MAX_SEQ_LEN)
     _check_int("warmup_steps", self.warmup_steps, 0)
     if self.seed is not None:
       _check_int("seed", self.seed, 0)

@@ -78,7 +78,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--delta", type=float, default=1e-6, metavar="D",
                  help="δ at which ε is reported, in (0, 1) (default: 1e-6)")
   p.add_argument("--seq-len", type=int, default=64, metavar="L",
-                 help="tokens per example (default: 64)")
+                 help="tokens per example, 2..1024: the corpus is cut into windows of L bytes "
+                      "(files shorter than L are left out) (default: 64)")
   p.add_argument("--l2-clip-norm", type=float, default=1.0, metavar="C",
                  help="per-example clip norm (default: 1)")
   p.add_argument("--warmup-steps", type=int, default=10, metavar="W",
@@ -161,7 +162,7 @@ def _check(args) -> None:
   if any(v <= 0 for v in args.learning_rates):
     raise ValueError(f"--learning-rates must be > 0, got {min(args.learning_rates):g}")
   check.open_unit("--delta", args.delta)
-  check.integer("--seq-len", args.seq_len, low=2, high=4096)
+  check.integer("--seq-len", args.seq_len, low=2, high=models.MAX_SEQ_LEN)
   parse_shard(args.shard)
   check.positive("--l2-clip-norm", args.l2_clip_norm)
   for flag, value, low in (("--warmup-steps", args.warmup_steps, 0),
@@ -192,14 +193,17 @@ def run(args) -> dict:
   shard = parse_shard(args.shard)
   results_path = args.results if shard is None else shard_results_path(args.results, *shard)
   grid_runs = len(configs)
-  corpus = sweep.corpus_for(configs[0])  # every run of the grid has the same corpus
+  try:  # every run of the grid has the same corpus
+    corpus = sweep.corpus_for(configs[0])
+  except ValueError as err:  # a split without one full window of --seq-len bytes
+    raise ValueError(f"--seq-len {args.seq_len}: {err}") from None
   units = (len(corpus.train_users) if args.privacy_unit == "user"
            else corpus.num_train_examples)
   too_big = [c.batch_size for c in configs if c.batch_size > units]
   if too_big:
     what = "users (files)" if args.privacy_unit == "user" else "sequences"
     raise ValueError(f"--batch-sizes: {too_big[0]} exceeds the {units} training {what} of "
-                     "the corpus")
+                     f"the corpus (windows of --seq-len {args.seq_len} bytes)")
   if shard is not None:  # after the grid-wide checks: every shard refuses a bad grid alike
     configs = sweep.shard_configs(configs, *shard)
   directory = os.path.dirname(os.path.abspath(results_path))

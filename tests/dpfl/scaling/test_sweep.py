@@ -178,6 +178,8 @@ def test_noise_batch_ratios_set_sigma_from_batch():
     (["--learning-rates", "0"], "--learning-rates"),
     (["--delta", "1.5"], "--delta"),
     (["--seq-len", "1"], "--seq-len"),
+    (["--seq-len", "1025"], "--seq-len"),
+    (["--seq-len", "1024", "--max-users", "2", "--batch-sizes", "9999"], "--seq-len"),
     (["--eval-every", "0"], "--eval-every"),
     (["--max-users", "1"], "--max-users"),
     (["--models", ""], "--models"),
