@@ -101,6 +101,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       "its results line as 'seed'; rerun with --seed <that> to reproduce "
                       "it). Runs are identified without the seed when it is drawn, with it "
                       "when given, so re-running either way skips finished runs")
+  p.add_argument("--devices", default="1", metavar="all|N",
+                 help="local devices each run trains on, data parallel over the batch (dpfl's "
+                      "mesh support); 'all' or N (default: 1, whose float sums are the "
+                      "reference: N devices give the same run to float rounding, and a private "
+                      "row records its max_batch_size rounded up to a multiple of N)")
   p.add_argument("--shard", default=None, metavar="I/N",
                  help="run only the I-th of N disjoint parts of the grid, I in 1..N (for job "
                       "arrays: e.g. --shard $((SLURM_ARRAY_TASK_ID+1))/$SLURM_ARRAY_TASK_COUNT), "
@@ -139,6 +144,22 @@ def shard_results_path(path: str, index: int, count: int) -> str:
   return f"{root}.shard-{tag}{ext}"
 
 
+def parse_devices(text: str) -> int:
+  """``"all"`` or N as the number of local devices; ValueError naming ``--devices``."""
+  import jax
+  available = jax.local_device_count()
+  if text == "all":
+    return available
+  try:
+    count = int(text)
+  except ValueError:
+    count = 0
+  if not 1 <= count <= available:
+    raise ValueError(f"--devices must be 'all' or an integer in [1, {available}] (the local "
+                     f"devices), got {text!r}")
+  return count
+
+
 def _check(args) -> None:
   """Flag-level validation: ValueError naming the flag, before anything is loaded."""
   from accounting import validate as check  # deferred: numpy, not needed for --help
@@ -164,6 +185,7 @@ def _check(args) -> None:
   check.open_unit("--delta", args.delta)
   check.integer("--seq-len", args.seq_len, low=2, high=models.MAX_SEQ_LEN)
   parse_shard(args.shard)
+  parse_devices(args.devices)
   check.positive("--l2-clip-norm", args.l2_clip_norm)
   for flag, value, low in (("--warmup-steps", args.warmup_steps, 0),
                            ("--eval-every", args.eval_every, 1),
@@ -221,7 +243,8 @@ def run(args) -> dict:
                  status="done" if rid in done else "pending") for c in configs]
     return {**where, "done": sum(r["status"] == "done" for r in rows), "trained": 0,
             "dry_run": True, "corpus": corpus.summary(), "rows": rows}
-  summary = sweep.run_sweep(configs, results_path, progress=not args.no_progress)
+  summary = sweep.run_sweep(configs, results_path, progress=not args.no_progress,
+                            devices=parse_devices(args.devices))
   keys = ("run_id", "model", "params", "batch_size", "noise_multiplier", "noise_batch_ratio",
           "steps", "learning_rate", "epsilon", "final_eval_loss", "flops", "seconds",
           "tokens_per_second", "seed")
