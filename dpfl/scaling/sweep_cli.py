@@ -12,6 +12,26 @@ resumes. ``--seed S`` makes every run use S (same init and data order across
 the grid, reproducible; S is then part of the run_id).
 ``--dry-run`` lists the grid and what is already done without training.
 The schema of the results file is documented in ``dpfl.scaling.results``.
+
+Scaling out:
+
+* ``--shard I/N`` (1-based: I in 1..N, e.g. a job array's task id + 1) runs
+  only the I-th of N disjoint parts of the grid, balanced by estimated cost
+  (``sweep.shard_configs``: a function of the grid and N only, so every
+  shard computes the same partition wherever and whenever it runs), into
+  its own file: ``--results runs.jsonl`` becomes ``runs.shard-I-of-N.jsonl``
+  (or put ``{shard}`` in the name: it becomes ``I-of-N``). A run has the
+  seed and run id it has unsharded, so ``dpfl fit --results
+  runs.shard-*-of-N.jsonl`` fits the law of the unsharded sweep.
+* ``--devices all|N`` (default 1) trains each run data parallel over N local
+  devices (``make_private(mesh=...)``; the non-private step splits its
+  blocks over the same ``("data",)`` mesh): the same run to float rounding.
+  One device is the default because its float sums are the reference and a
+  private row's padded Poisson shape (``max_batch_size``) is then the one a
+  one-device rerun records.
+* ``--seq-len`` up to 1024 (``models.MAX_SEQ_LEN``): the corpus is cut into
+  windows of that many bytes; a split left without one window, or fewer
+  sequences than a batch, is refused naming ``--seq-len``.
 """
 
 from __future__ import annotations
@@ -54,7 +74,7 @@ EXAMPLES = """\
 examples:
   dpfl sweep --results runs.jsonl --models s50k,s100k --batch-sizes 64,256 \\
              --noise-batch-ratios 0,0.001,0.01 --steps 200 --learning-rates 3e-3,1e-2
-  dpfl sweep --results runs.jsonl --models s50k --noise-multipliers 0,1,4 --dry-run
+  dpfl sweep --results runs.jsonl --models s50k --noise-multipliers 0,1,4 --shard 2/4 --devices all
   dpfl sweep --results users.jsonl --privacy-unit user --batch-sizes 64 --steps 100"""
 
 

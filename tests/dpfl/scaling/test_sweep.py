@@ -187,6 +187,9 @@ def test_noise_batch_ratios_set_sigma_from_batch():
     (["--privacy-unit", "user", "--batch-sizes", "61"], "--batch-sizes"),
     (["--privacy-unit", "file"], "--privacy-unit"),
     (["--seed", "-1"], "--seed"),
+    (["--devices", "0"], "--devices"),
+    (["--devices", "x"], "--devices"),
+    (["--devices", "4097"], "--devices"),
 ])
 def test_bad_flags_exit_2_with_one_line(flags, flag, dpfl_main, capsys, tmp_path):
   argv = ["sweep", "--results", str(tmp_path / "r.jsonl"), "--max-users", "60",
