@@ -1,182 +1,187 @@
-"""Fitting a DP scaling law to sweep results (McKenna et al. 2025, arXiv 2501.18914).
+"""Fitting a DP scaling law (McKenna et al. 2025, arXiv 2501.18914).
 
-The method of the paper, step by step (``fit_law``):
+The method follows the paper and its released code (google-research
+``dp_scaling_laws/``: ``nonparametric.py``, ``semiparametric.py``,
+``smoothing.py``), step by step (``fit_law``):
 
-1. **Drop warm-up.** A run's eval curve point at step t estimates a run of t
-   steps only after the learning-rate warm-up (``dpfl sweep`` keeps the rate
-   constant afterwards), so points with t <= ``warmup_steps`` are dropped.
-2. **Tabulate.** Per (model, learning rate): a table of loss over
-   (noise-batch ratio σ/B, steps T); runs that share a cell (e.g. other batch
-   sizes at the same σ/B) keep their lowest loss.
-3. **Smooth monotonically.** Loss cannot truly rise with more steps or fall
-   with more noise, so each table is replaced by its least-squares
-   projection onto tables that are non-increasing in T and non-decreasing in
-   σ/B (isotonic regression on that partial order; Dykstra's alternating
-   projections with the pool-adjacent-violators algorithm, ``smooth_monotone``).
-4. **Minimum over learning rates**, cell by cell (then smoothed again: a
-   minimum over partly filled tables can break monotonicity at the edges).
-5. **Fit** per (model, σ/B) the curve ``L(T) = exp(m·log T + b) + E`` in
-   loss space, with m <= 0 and one ``E`` per model: from the non-private
-   curve (σ/B = 0) of that model when the sweep has one, else fitted jointly
-   with the private curves (0 <= E < the smallest loss).
-6. **Interpolate** (``predict``): between fitted σ/B linearly in log σ/B
-   (linearly in σ/B between 0 and the smallest positive one), between model
-   sizes linearly in log params. Curves are made monotone in σ/B at every T
-   (running maximum), so predictions are non-increasing in T and
-   non-decreasing in σ/B everywhere — the planner relies on it.
+1. **Points.** The input is one loss per (model, params, learning rate,
+   steps T, noise-batch ratio σ̄ = σ/B) — the paper's results table
+   (``points_from_rows`` turns dpfl sweep rows into such points: each eval
+   curve point after the learning-rate warm-up is one). Points before
+   ``min_steps`` are dropped (the paper drops T < 1000, its warm-up).
+2. **Smooth** each (model, learning rate) table over (σ̄, T): isotonic
+   regression along T, then along σ̄ (``smoothing.smooth_table``).
+3. **Learning-rate minimum**, cell by cell.
+4. **E** (irreducible loss) of each model from its non-private curve: the
+   least-squares fit of ``L(T) = exp(m log T + b) + E`` on the whole smoothed
+   curve (``_find_convergence_point``), with ``0 < E < min loss``.
+5. **Tail**: per (model, σ̄), ``m, b`` of the same form with that E held fixed,
+   fitted on the last three octaves of the measured steps (the paper: 16K to
+   128K of 128K), used only beyond the last measured step and trusted to
+   ``tail_factor`` (64) times it (the paper: to 8,192K).
+6. **Predict** (``law.predict``): log-linear interpolation over (log N, log T,
+   log σ̄) of the smoothed data extended by the tail; NaN outside the support.
 
-The law is a plain JSON-serialisable dict (``save_law``/``load_law``);
-``load_law()`` with no path returns the one shipped with dpfl. Only numpy is
-needed to predict; fitting imports scipy.
+Where dpfl differs, and why:
+
+- A degenerate fit is refused (ValueError naming the model or curve and
+  why) instead of used: E at or below 0 or stuck at ``min loss`` (a curve
+  that shows no saturation cannot tell where it flattens), a curve with
+  fewer than ``min_points`` points, a table that holes keep from being made
+  monotone, a model without its non-private curve or without a private one.
+  ``tail_factor=1`` fits a law without a tail (no E needed: the support ends
+  at the measured steps) for sweeps too short to show saturation.
+- The tail is anchored at the last smoothed measured point,
+  ``E + (L(T_n) - E)·(T/T_n)^m``, using the fitted slope m: the paper's
+  ``exp(m log T + b) + E`` can jump at T_n (up or down) by its fit residual,
+  which would break monotonicity in T and in σ̄.
+- dpfl's tables can have holes (curves evaluated at different steps); the
+  paper's grid is complete. Holes are interpolated per curve (log-log along
+  T), and the curves are made non-decreasing in σ̄ at every T (running
+  maximum) before interpolating across σ̄, so predictions keep both orders.
+- Several runs at the same cell (another batch size at the same σ̄) keep
+  their lowest loss, as the learning-rate minimum does.
+- Extrapolation outside the support is available on request, documented in
+  ``dpfl.scaling.law``.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.resources
-import json
 import math
-import os
 from typing import Any, Iterable
 
 import numpy as np
 
-LAW_FORMAT = "dpfl-scaling-law"
-LAW_VERSION = 1
-FORM = "L(T) = exp(m*log(T) + b) + E"
-_RATIO_DIGITS = 6  # σ/B values equal to 6 significant digits share a table row
+from dpfl.scaling import smoothing
+from dpfl.scaling.law import (  # noqa: F401  (re-exported: fit is the law's public face)
+    LAW_FORMAT, LAW_VERSION, extrapolation, load_law, model_params, outside, predict,
+    save_law, support, validate_law)
+from dpfl.scaling.smoothing import is_monotone, isotonic, smooth_table  # noqa: F401
+
+POINT_KEYS = ("model", "params", "learning_rate", "steps", "noise_batch_ratio", "loss")
+FORM = "L(T) = E + (L(T_n) - E) * (T/T_n)^m beyond the last measured step T_n"
+METHOD = ("McKenna et al. 2025: isotonic smoothing along steps then noise_batch_ratio per "
+          "(model, learning_rate); minimum over learning_rate; E per model from the "
+          "non-private curve (exp(m log T + b) + E, 0 < E < min loss), held fixed for the "
+          "private curves' tails (fitted on the last 3 octaves of steps, anchored at the last "
+          "measured step); log-linear interpolation over (log params, log steps, "
+          "log noise_batch_ratio)")
+_RATIO_DIGITS = 6     # σ̄ equal to 6 significant digits share a table row
+_TAIL_OCTAVES = 3     # the paper fits its tail on 16K..128K of 128K steps
+_E_EDGE = 1e-3        # E within this fraction of min loss from 0 or min loss is at its bound
 
 
-# --- isotonic smoothing -------------------------------------------------------------
+class DegenerateAsymptote(ValueError):
+  """A non-private curve's fitted E is at its bound: no parametric tail can be fitted.
 
-def isotonic(y, weights=None, *, increasing: bool = True) -> np.ndarray:
-  """Least-squares monotone fit of a sequence (pool-adjacent-violators).
-
-  Args:
-    y: values in order; NaN marks a missing entry (kept NaN, and skipped:
-      the order applies to the present entries).
-    weights: positive weights (default 1).
-    increasing: non-decreasing if True, else non-increasing.
-
-  Returns:
-    The fitted sequence, same shape as ``y``.
+  Fitting again with ``tail_factor=1`` gives a law without a tail (its
+  support ends at the measured steps).
   """
-  y = np.asarray(y, float)
-  out = y.copy()
-  present = ~np.isnan(y)
-  values = y[present] if increasing else -y[present]
-  w = np.ones_like(values) if weights is None else np.asarray(weights, float)[present]
-  # Blocks: (mean, weight, length). Merge while the last two violate the order.
-  means, wts, lens = [], [], []
-  for v, wi in zip(values, w):
-    means.append(v)
-    wts.append(wi)
-    lens.append(1)
-    while len(means) > 1 and means[-2] > means[-1]:
-      m2, w2, l2 = means.pop(), wts.pop(), lens.pop()
-      total = wts[-1] + w2
-      means[-1] = (means[-1] * wts[-1] + m2 * w2) / total
-      wts[-1] = total
-      lens[-1] += l2
-  fitted = np.repeat(means, lens) if means else np.empty(0)
-  out[present] = fitted if increasing else -fitted
-  return out
 
 
-def _project_rows(table: np.ndarray, *, increasing: bool) -> np.ndarray:
-  return np.array([isotonic(row, increasing=increasing) for row in table]).reshape(table.shape)
-
-
-def smooth_monotone(table, *, max_iter: int = 200, tol: float = 1e-12) -> np.ndarray:
-  """Projects a loss table onto: non-decreasing down rows, non-increasing along columns.
-
-  Rows are noise-batch ratios in increasing order, columns are steps in
-  increasing order; NaN marks an empty cell. The result is the least-squares
-  closest table that is non-decreasing in the ratio and non-increasing in
-  steps (Dykstra's algorithm alternating the two 1-D isotonic projections,
-  followed by one pass of each to make the order exact).
-  """
-  x = np.asarray(table, float)
-  if x.ndim != 2:
-    raise ValueError(f"table must be 2-D (ratios x steps), got shape {x.shape}")
-  p = np.zeros_like(x)
-  r = np.zeros_like(x)
-  for _ in range(max_iter):
-    y = _project_rows(x + p, increasing=False)                 # steps: non-increasing
-    p = x + p - y
-    x_new = _project_rows((y + r).T, increasing=True).T         # ratio: non-decreasing
-    r = y + r - x_new
-    change = np.nanmax(np.abs(x_new - x)) if np.any(~np.isnan(x)) else 0.0
-    x = x_new
-    if change < tol:
-      break
-  # Exact order: a 1-D isotonic fit is order-preserving (larger data, larger
-  # fit), so the ratio pass keeps the steps order of a complete table. With
-  # holes, repeat until both hold.
-  for _ in range(max_iter):
-    x = _project_rows(x, increasing=False)
-    x = _project_rows(x.T, increasing=True).T
-    if is_monotone(x):
-      break
-  return x
-
-
-def is_monotone(table, *, atol: float = 1e-12) -> bool:
-  """True if present cells are non-increasing along rows and non-decreasing down columns."""
-  x = np.asarray(table, float)
-  for rows, sign in ((x, -1.0), (x.T, 1.0)):
-    for row in rows:
-      v = row[~np.isnan(row)]
-      if np.any(sign * np.diff(v) < -atol):
-        return False
-  return True
-
-
-# --- from results rows to smoothed tables -------------------------------------------
+# --- rows -> points -------------------------------------------------------------------------
 
 def _ratio_key(value: float) -> float:
   return float(f"{value:.{_RATIO_DIGITS}g}")
 
 
-def _curve_points(row: dict, curve: str) -> list[tuple[int, float]]:
-  warmup = int(row.get("warmup_steps") or 0)
+def _is_sweep_row(row: dict) -> bool:
+  return "eval_loss" in row or "train_loss" in row
+
+
+def points_from_rows(rows: Iterable[dict], *, curve: str = "eval_loss") -> list[dict]:
+  """Point rows from dpfl sweep rows: one per eval curve point after warm-up.
+
+  Args:
+    rows: sweep rows (``results.read_results``), each with ``curve`` as
+      ``[[step, loss], ...]``, ``warmup_steps``, ``model``, ``params``,
+      ``learning_rate`` and ``noise_batch_ratio``.
+    curve: ``"eval_loss"`` or ``"train_loss"``.
+
+  Returns:
+    ``[{"model", "params", "learning_rate", "steps", "noise_batch_ratio", "loss"}]``.
+  """
+  if curve not in ("eval_loss", "train_loss"):
+    raise ValueError(f"curve must be 'eval_loss' or 'train_loss', got {curve!r}")
   points = []
-  for point in row.get(curve) or []:
-    step, loss = point
-    if loss is None or step is None:
-      continue
-    step, loss = int(step), float(loss)
-    if step > warmup and step >= 1 and math.isfinite(loss):
-      points.append((step, loss))
+  for k, row in enumerate(rows):
+    missing = [key for key in ("model", "params", "learning_rate", "noise_batch_ratio")
+               if key not in row]
+    if missing:
+      raise ValueError(f"rows[{k}]: sweep row lacks {', '.join(missing)}")
+    warmup = int(row.get("warmup_steps") or 0)
+    for point in row.get(curve) or []:
+      step, loss = point
+      if step is None or loss is None or not math.isfinite(float(loss)):
+        continue
+      if int(step) > warmup and int(step) >= 1:
+        points.append({"model": row["model"], "params": int(row["params"]),
+                       "learning_rate": float(row["learning_rate"]), "steps": int(step),
+                       "noise_batch_ratio": float(row.get("noise_batch_ratio") or 0.0),
+                       "loss": float(loss)})
   return points
 
 
-def loss_tables(rows: Iterable[dict], *, curve: str = "eval_loss") -> dict[str, dict]:
-  """Steps 1–4 of the method: per model, the smoothed minimum-over-lr loss table.
+def _check_point(k: int, row: dict) -> dict:
+  keys = set(row)
+  if keys != set(POINT_KEYS):
+    extra, missing = sorted(keys - set(POINT_KEYS)), sorted(set(POINT_KEYS) - keys)
+    raise ValueError(f"rows[{k}]: a point row has exactly the keys {', '.join(POINT_KEYS)}"
+                     + (f"; missing {', '.join(missing)}" if missing else "")
+                     + (f"; unknown {', '.join(extra)}" if extra else ""))
+  checks = (("params", lambda v: v > 0 and float(v).is_integer(), "a positive integer"),
+            ("learning_rate", lambda v: v > 0, "> 0"),
+            ("steps", lambda v: v >= 1 and float(v).is_integer(), "an integer >= 1"),
+            ("noise_batch_ratio", lambda v: v >= 0, ">= 0"),
+            ("loss", lambda v: v > 0, "> 0"))
+  for key, ok, allowed in checks:
+    v = row[key]
+    try:
+      good = isinstance(v, (int, float, np.number)) and not isinstance(v, bool) \
+          and math.isfinite(float(v)) and ok(float(v))
+    except (TypeError, ValueError):
+      good = False
+    if not good:
+      raise ValueError(f"rows[{k}]: {key}={v!r} must be finite and {allowed}")
+  if not isinstance(row["model"], str) or not row["model"]:
+    raise ValueError(f"rows[{k}]: model={row['model']!r} must be a non-empty string")
+  return {"model": row["model"], "params": int(row["params"]),
+          "learning_rate": float(row["learning_rate"]), "steps": int(row["steps"]),
+          "noise_batch_ratio": float(row["noise_batch_ratio"]), "loss": float(row["loss"])}
+
+
+# --- points -> smoothed tables --------------------------------------------------------------
+
+def loss_tables(rows: Iterable[dict], *, curve: str = "eval_loss", min_steps: int = 1) -> dict:
+  """Steps 1-3 of the method: per model, the smoothed minimum-over-lr loss table.
+
+  Args:
+    rows: sweep rows and/or point rows (``fit_law``).
+    curve: the sweep rows' curve.
+    min_steps: points at fewer steps are dropped.
 
   Returns:
-    ``{model: {"params", "ratios", "steps", "loss", "raw_points", "runs"}}``;
-    ``loss[i, j]`` is the loss at ``ratios[i]``, ``steps[j]`` (NaN: no data).
+    ``{model: {"params", "ratios", "steps", "loss", "best_lr", "points",
+    "monotone"}}``; ``loss[i, j]`` is at ``ratios[i]``, ``steps[j]`` (NaN: no
+    data); ``best_lr[i, j]`` the learning rate of that minimum.
   """
+  rows = list(rows)
+  points = points_from_rows([r for r in rows if _is_sweep_row(r)], curve=curve)
+  points += [_check_point(k, r) for k, r in enumerate(rows) if not _is_sweep_row(r)]
   cells: dict[str, dict] = {}
-  for row in rows:
-    points = _curve_points(row, curve)
-    if not points:
+  for pt in points:
+    if pt["steps"] < min_steps:
       continue
-    model = row["model"]
-    entry = cells.setdefault(model, {"params": int(row["params"]), "by_lr": {}, "runs": 0,
-                                     "max_loss": -math.inf})
-    if entry["params"] != int(row["params"]):
-      raise ValueError(f"model {model!r} appears with two parameter counts: "
-                       f"{entry['params']} and {row['params']}")
-    entry["runs"] += 1
-    ratio = _ratio_key(float(row.get("noise_batch_ratio") or 0.0))
-    lr_cells = entry["by_lr"].setdefault(float(row["learning_rate"]), {})
-    for step, loss in points:
-      key = (ratio, step)
-      lr_cells[key] = min(loss, lr_cells.get(key, math.inf))
-    all_losses = [p[1] for p in row.get(curve) or [] if p[1] is not None]
-    entry["max_loss"] = max([entry["max_loss"], *all_losses])
+    entry = cells.setdefault(pt["model"], {"params": pt["params"], "by_lr": {}, "points": 0,
+                                           "exact": {}})
+    if entry["params"] != pt["params"]:
+      raise ValueError(f"model {pt['model']!r} appears with two parameter counts: "
+                       f"{entry['params']} and {pt['params']}")
+    entry["points"] += 1
+    lr_cells = entry["by_lr"].setdefault(pt["learning_rate"], {})
+    key = (_ratio_key(pt["noise_batch_ratio"]), pt["steps"])
+    entry["exact"].setdefault(key[0], pt["noise_batch_ratio"])  # the ratio as given, not rounded
+    lr_cells[key] = min(pt["loss"], lr_cells.get(key, math.inf))
   tables = {}
   for model, entry in cells.items():
     keys = {k for lr_cells in entry["by_lr"].values() for k in lr_cells}
@@ -184,302 +189,256 @@ def loss_tables(rows: Iterable[dict], *, curve: str = "eval_loss") -> dict[str, 
     steps = sorted({k[1] for k in keys})
     ri = {r: i for i, r in enumerate(ratios)}
     si = {s: j for j, s in enumerate(steps)}
-    smoothed = []
-    for lr_cells in entry["by_lr"].values():
-      t = np.full((len(ratios), len(steps)), np.nan)
-      for (r, s), loss in lr_cells.items():
-        t[ri[r], si[s]] = loss
-      smoothed.append(smooth_monotone(t))
-    stack = np.array(smoothed)
-    with np.errstate(all="ignore"):
-      best = np.where(np.all(np.isnan(stack), axis=0), np.nan,
-                      np.nanmin(np.where(np.isnan(stack), np.inf, stack), axis=0))
-    tables[model] = {"params": entry["params"], "ratios": np.array(ratios),
-                     "steps": np.array(steps, float), "loss": smooth_monotone(best),
-                     "runs": entry["runs"], "max_loss": entry["max_loss"]}
+    lrs = sorted(entry["by_lr"])
+    stack = np.full((len(lrs), len(ratios), len(steps)), np.nan)
+    for a, lr in enumerate(lrs):
+      for (r, s), loss in entry["by_lr"][lr].items():
+        stack[a, ri[r], si[s]] = loss
+      stack[a] = smooth_table(stack[a])
+    filled = np.where(np.isnan(stack), np.inf, stack)
+    best = filled.min(axis=0)
+    best_lr = np.array(lrs)[filled.argmin(axis=0)]
+    empty = np.isinf(best)
+    best[empty] = np.nan
+    best_lr = np.where(empty, np.nan, best_lr)
+    # The minimum of monotone tables is monotone where they share cells; holes
+    # can break that, so smooth again (a no-op on a complete grid).
+    best = smooth_table(best)
+    tables[model] = {"params": entry["params"],
+                     "ratios": np.array([entry["exact"][r] for r in ratios]),
+                     "steps": np.array(steps, float), "loss": best, "best_lr": best_lr,
+                     "points": entry["points"], "monotone": is_monotone(best, atol=1e-9)}
   return tables
 
 
-# --- curve fitting --------------------------------------------------------------------
+# --- curve fits ---------------------------------------------------------------------------
 
-def _curve(steps, m, b, e):
-  return np.exp(m * np.log(steps) + b) + e
-
-
-def _log_spacing(steps) -> np.ndarray:
-  """Half the log-T distance to each neighbour (the ends: their one side), normalised to mean 1."""
-  x = np.log(np.asarray(steps, float))
-  if len(x) < 2:
-    return np.ones_like(x)
-  gaps = np.diff(x)
-  w = np.concatenate([[gaps[0]], gaps]) / 2 + np.concatenate([gaps, [gaps[-1]]]) / 2
-  return w / w.mean()
+def _power(t, m, b, e):
+  return np.exp(m * np.log(t) + b) + e
 
 
-def _loglinear(steps, losses, e):
-  """(m, b) of the line log(L - E) = m log T + b (least squares), m clipped to <= 0."""
-  y = np.log(np.maximum(losses - e, 1e-9 * max(1.0, float(np.max(losses)))))
-  x = np.log(steps)
+def _loglinear(t, loss, e):
+  """(m, b) of log(L - E) = m log T + b by least squares, m clipped to <= 0."""
+  y = np.log(loss - e)
+  x = np.log(t)
   if len(x) < 2 or np.ptp(x) == 0:
     return 0.0, float(np.mean(y))
   m, b = np.polyfit(x, y, 1)
-  if m > 0:
-    return 0.0, float(np.mean(y))
-  return float(m), float(b)
+  return (float(m), float(b)) if m <= 0 else (0.0, float(np.mean(y)))
 
 
-def fit_curves(curves: list[tuple[np.ndarray, np.ndarray]], *,
-               asymptote: float | None = None) -> tuple[list[tuple[float, float]], float]:
-  """Least-squares fit of ``L_k(T) = exp(m_k log T + b_k) + E`` sharing one E.
-
-  Args:
-    curves: ``[(steps, losses), ...]``, each with >= 2 distinct steps.
-    asymptote: E if known (e.g. from the non-private curve); else fitted in
-      ``[0, min loss)``.
+def fit_tail(steps, loss, e: float) -> tuple[float, float, float]:
+  """``m, b`` of ``L = exp(m log T + b) + E`` with E fixed (least squares in loss, m <= 0).
 
   Returns:
-    ``([(m_k, b_k), ...], E)`` with every ``m_k <= 0``.
+    ``(m, b, rmse)``.
   """
   from scipy import optimize
-  curves = [(np.asarray(s, float), np.asarray(l, float)) for s, l in curves]
-  floor = min(float(np.min(l)) for _, l in curves)
-  if asymptote is None:
-    # Profile E on a grid (m, b by log-space regression), then polish all jointly.
-    def sse_at(e):
-      return sum(float(np.sum(_log_spacing(s) * (_curve(s, *_loglinear(s, l, e), e) - l) ** 2))
-                 for s, l in curves)
-    candidates = floor * (1 - np.geomspace(1.0, 1e-3, 40))
-    candidates = np.concatenate([[0.0], candidates[candidates < floor]])
-    e0 = float(min(candidates, key=sse_at))
-    fix_e = False
-  else:
-    e0, fix_e = float(asymptote), True
-  init = [v for s, l in curves for v in _loglinear(s, l, e0)]
-  lower = [v for _ in curves for v in (-np.inf, -np.inf)]
-  upper = [v for _ in curves for v in (0.0, np.inf)]
-  if not fix_e:
-    init.append(min(e0, floor * (1 - 1e-6)))
-    lower.append(0.0)
-    upper.append(floor * (1 - 1e-9) if floor > 0 else 1e-12)
-  init = np.clip(init, np.array(lower) + 1e-12, np.array(upper) - 1e-12)
-
-  # Each curve's points are weighted by the span of log T they stand for, so
-  # every decade of steps counts equally (evaluations are often evenly spaced
-  # in T, which would otherwise let the flat tail decide the fit).
-  weights = [np.sqrt(_log_spacing(s)) for s, _ in curves]
-
-  def residuals(theta):
-    e = e0 if fix_e else theta[-1]
-    return np.concatenate([w * (_curve(s, theta[2 * k], theta[2 * k + 1], e) - l)
-                           for k, ((s, l), w) in enumerate(zip(curves, weights))])
-
-  sol = optimize.least_squares(residuals, init, bounds=(lower, upper), x_scale="jac",
-                               xtol=1e-12, ftol=1e-12, gtol=1e-12, max_nfev=5000)
-  theta = sol.x
-  e = e0 if fix_e else float(theta[-1])
-  return [(float(theta[2 * k]), float(theta[2 * k + 1])) for k in range(len(curves))], e
+  t, y = np.asarray(steps, float), np.asarray(loss, float)
+  m0, b0 = _loglinear(t, y, e)
+  sol = optimize.least_squares(lambda th: _power(t, th[0], th[1], e) - y,
+                               [min(m0, -1e-9), b0], bounds=([-np.inf, -np.inf], [0.0, np.inf]),
+                               xtol=1e-12, ftol=1e-12, gtol=1e-12, max_nfev=2000)
+  m, b = float(sol.x[0]), float(sol.x[1])
+  return m, b, float(np.sqrt(np.mean((_power(t, m, b, e) - y) ** 2)))
 
 
-def fit_law(rows: Iterable[dict], *, curve: str = "eval_loss", min_points: int = 3,
-            description: str = "", source: str | None = None) -> dict[str, Any]:
+def fit_asymptote(steps, loss) -> tuple[float, float, float, float]:
+  """``m, b, E`` of ``L = exp(m log T + b) + E`` on a whole curve, ``0 <= E <= min loss``.
+
+  E is profiled on a grid (m, b by regression in log space for each E), then
+  all three are polished jointly.
+
+  Returns:
+    ``(m, b, E, rmse)``.
+  """
+  from scipy import optimize
+  t, y = np.asarray(steps, float), np.asarray(loss, float)
+  floor = float(y.min())
+
+  def sse(e):
+    m, b = _loglinear(t, y, e)
+    return float(np.sum((_power(t, m, b, e) - y) ** 2))
+
+  grid = np.concatenate([[0.0], floor * (1 - np.geomspace(1.0, 1e-4, 60))[1:]])
+  e0 = float(min(grid, key=sse))
+  m0, b0 = _loglinear(t, y, e0)
+  sol = optimize.least_squares(lambda th: _power(t, *th) - y, [min(m0, -1e-9), b0, e0],
+                               bounds=([-np.inf, -np.inf, 0.0], [0.0, np.inf, floor]),
+                               xtol=1e-14, ftol=1e-14, gtol=1e-14, max_nfev=5000)
+  m, b, e = (float(v) for v in sol.x)
+  return m, b, e, float(np.sqrt(np.mean((_power(t, m, b, e) - y) ** 2)))
+
+
+# --- the law --------------------------------------------------------------------------------
+
+def _sweep_limits(rows: list[dict]):
+  seq_lens = {int(r["seq_len"]) for r in rows if r.get("seq_len") is not None}
+  if len(seq_lens) > 1:
+    raise ValueError(f"rows mix sequence lengths {sorted(seq_lens)}: fit each separately")
+  qs = [float(r["sampling_prob"]) for r in rows if r.get("sampling_prob") is not None]
+  epochs = [float(r["sampling_prob"]) * int(r["steps"]) for r in rows
+            if r.get("sampling_prob") is not None and r.get("steps") is not None]
+  return (seq_lens.pop() if seq_lens else None, max(epochs) if epochs else None,
+          max(qs) if qs else None)
+
+
+def _merge_limit(name, given, from_rows, have_points):
+  if given is not None and from_rows is not None and name == "seq_len" and given != from_rows:
+    raise ValueError(f"seq_len={given} differs from the sweep rows' seq_len {from_rows}")
+  if have_points and given is None:
+    return None  # point rows carry no such column: unknown
+  known = [v for v in (given, from_rows) if v is not None]
+  return max(known) if known else None
+
+
+def _fit_model(name: str, table: dict, *, min_points: int, tail_factor: float) -> dict:
+  if not table["monotone"]:
+    raise ValueError(f"model {name!r}: its loss table is not monotone after smoothing "
+                     "(holes in the (noise_batch_ratio, steps) grid keep the isotonic passes "
+                     "from agreeing); evaluate every curve at the same steps")
+  curves = []
+  for i, ratio in enumerate(table["ratios"]):
+    ok = ~np.isnan(table["loss"][i])
+    if ok.sum() < min_points:
+      raise ValueError(f"model {name!r}, noise_batch_ratio {ratio:g}: {int(ok.sum())} "
+                       f"point(s) after warm-up, the fit needs >= {min_points}")
+    curves.append((float(ratio), table["steps"][ok], table["loss"][i][ok],
+                   table["best_lr"][i][ok]))
+  if curves[0][0] != 0.0:
+    raise ValueError(f"model {name!r} has no non-private curve (noise_batch_ratio = 0): "
+                     "its irreducible loss E comes from that curve")
+  if len(curves) < 2:
+    raise ValueError(f"model {name!r} has no private curve (noise_batch_ratio > 0)")
+  e, e_fit = None, None
+  if tail_factor > 1:
+    _, s0, l0, _ = curves[0]
+    m, b, e, rmse = fit_asymptote(s0, l0)
+    floor = float(l0.min())
+    if not (_E_EDGE * floor < e < (1 - _E_EDGE) * floor):
+      raise DegenerateAsymptote(
+          f"model {name!r}: the non-private curve's irreducible loss E={e:.4g} is degenerate "
+          f"(at its bound: it must lie in (0, {floor:.4g}), the smallest measured loss): the "
+          "curve shows no saturation over its steps, so the tail beyond them cannot be "
+          "fitted; sweep longer, or fit without a tail (tail_factor=1)")
+    e_fit = {"m": m, "b": b, "rmse": rmse, "points": int(len(s0)), "bounds": [0.0, floor]}
+  out = []
+  for ratio, steps, loss, lrs in curves:
+    entry = {"noise_batch_ratio": ratio, "steps": [int(s) for s in steps],
+             "loss": [float(v) for v in loss], "points": int(len(steps)),
+             "steps_range": [int(steps[0]), int(steps[-1])],
+             "learning_rate": float(lrs[-1]), "m": None, "b": None, "rmse": None, "tail": None}
+    if e is not None:
+      start = steps[-1] / 2 ** _TAIL_OCTAVES
+      sel = steps >= start * (1 - 1e-12)
+      if sel.sum() < min_points:
+        sel = np.arange(len(steps)) >= len(steps) - min_points
+      m, b, rmse = fit_tail(steps[sel], loss[sel], e)
+      entry.update(m=m, b=b, rmse=rmse,
+                   tail={"m": m, "b": b, "fit_steps": [int(steps[sel][0]), int(steps[-1])],
+                         "fit_points": int(sel.sum()), "rmse": rmse})
+    out.append(entry)
+  model = {"model": name, "params": int(table["params"]), "E": e,
+           "E_source": "non-private" if e is not None else None, "E_fit": e_fit,
+           "points": int(table["points"]), "curves": out, "alpha_above": 0.0}
+  model["alpha_above"] = _alpha_above(model)
+  return model
+
+
+def _alpha_above(model: dict) -> float:
+  """Steepest log-log slope in σ̄ between the last two private curves over measured steps."""
+  from dpfl.scaling.law import _curve_loss
+  curves = sorted(model["curves"], key=lambda c: c["noise_batch_ratio"])
+  private = [c for c in curves if c["noise_batch_ratio"] > 0]
+  if len(private) < 2:
+    return 0.0
+  t = np.unique(np.concatenate([c["steps"] for c in curves])).astype(float)
+  values = np.maximum.accumulate(np.array([_curve_loss(c, model["E"], t) for c in curves]), 0)
+  last, before = values[-1], values[-2]
+  slope = np.log(last / before) / math.log(private[-1]["noise_batch_ratio"]
+                                           / private[-2]["noise_batch_ratio"])
+  return float(max(0.0, np.max(slope)))
+
+
+def fit_law(rows: Iterable[dict], *, curve: str = "eval_loss", seq_len: int | None = None,
+            max_epochs: float | None = None, max_sampling_prob: float | None = None,
+            description: str = "", source: str | None = None, min_points: int = 3,
+            min_steps: int = 1, tail_factor: float = 64.0) -> dict[str, Any]:
   """Fits the scaling law of a sweep (the module docstring gives the method).
 
   Args:
-    rows: results rows (``dpfl.scaling.results.read_results``).
-    curve: ``"eval_loss"`` (default) or ``"train_loss"``.
-    min_points: fewest smoothed points (after warm-up) a (model, σ/B) curve
-      needs to be fitted; sparser ones are left out.
-    description: free text stored in the law.
-    source: where the rows came from (stored).
+    rows: dpfl sweep rows (``results.read_results``) and/or point rows
+      (dicts with exactly ``model, params, learning_rate, steps,
+      noise_batch_ratio, loss``; σ̄ = 0 marks non-private).
+    curve: the sweep rows' curve, ``"eval_loss"`` or ``"train_loss"``.
+    seq_len, max_epochs, max_sampling_prob: the sequence length, largest
+      epochs (q·T) and largest sampling probability q the data was measured
+      at; taken from sweep rows, and needed for point rows (None: unknown).
+    description, source: stored in the law.
+    min_points: fewest points a (model, σ̄) curve needs (fewer: refused).
+    min_steps: points at fewer steps are dropped (warm-up of point rows).
+    tail_factor: how far beyond each curve's last measured step the
+      parametric tail is trusted (the support's largest steps); 1 fits no
+      tail and no E.
 
   Returns:
-    The law: a JSON-serialisable dict (see ``predict``).
+    The law: a JSON-serialisable dict (``law.predict``, ``law.support``).
+
+  Raises:
+    ValueError: bad rows, or a degenerate fit (the message names the model
+      or curve and why).
   """
+  from accounting import validate as check
   if curve not in ("eval_loss", "train_loss"):
     raise ValueError(f"curve must be 'eval_loss' or 'train_loss', got {curve!r}")
+  check.integer("min_points", min_points, low=2)
+  check.integer("min_steps", min_steps, low=1)
+  check.real("tail_factor", tail_factor, low=1.0)
+  for name, v in (("max_epochs", max_epochs), ("max_sampling_prob", max_sampling_prob)):
+    if v is not None:
+      check.positive(name, v)
+  if max_sampling_prob is not None:
+    check.probability("max_sampling_prob", max_sampling_prob)
+  if seq_len is not None:
+    check.positive_int("seq_len", seq_len)
   rows = list(rows)
-  units = sorted({r.get("privacy_unit", "example") for r in rows if r.get("private")})
+  sweep = [r for r in rows if _is_sweep_row(r)]
+  units = sorted({r.get("privacy_unit", "example") for r in sweep if r.get("private")})
   if len(units) > 1:
     raise ValueError(f"rows mix privacy units {units}: σ/B counts examples in one and users "
                      "in the other; fit each unit's runs (with the non-private baseline) "
                      "separately")
-  tables = loss_tables(rows, curve=curve)
-  models = []
-  for name, table in sorted(tables.items(), key=lambda kv: kv[1]["params"]):
-    data = []
-    for i, ratio in enumerate(table["ratios"]):
-      ok = ~np.isnan(table["loss"][i])
-      if ok.sum() >= max(2, min_points):
-        data.append((float(ratio), table["steps"][ok], table["loss"][i][ok]))
-    if not data:
-      continue
-    private = [d for d in data if d[0] > 0]
-    if data[0][0] == 0:
-      (np_mb,), e = fit_curves([(data[0][1], data[0][2])])
-      e_source = "non-private"
-      fitted = [(0.0, np_mb)]
-      if private:
-        mbs, _ = fit_curves([(s, l) for _, s, l in private], asymptote=e)
-        fitted += [(r, mb) for (r, _, _), mb in zip(private, mbs)]
-    else:
-      mbs, e = fit_curves([(s, l) for _, s, l in private])
-      e_source = "fitted"
-      fitted = [(r, mb) for (r, _, _), mb in zip(private, mbs)]
-    curves = []
-    for (ratio, (m, b)), (_, s, l) in zip(fitted, data):
-      rmse = float(np.sqrt(np.mean((_curve(s, m, b, e) - l) ** 2)))
-      curves.append({"noise_batch_ratio": ratio, "m": m, "b": b,
-                     "steps_range": [int(s.min()), int(s.max())], "points": int(len(s)),
-                     "rmse": rmse})
-    models.append({"model": name, "params": int(table["params"]), "E": float(e),
-                   "E_source": e_source, "runs": int(table["runs"]), "curves": curves})
-  if not models:
-    raise ValueError(f"no (model, noise_batch_ratio) curve has {min_points} points after "
-                     "warm-up: nothing to fit")
-  seq_lens = {int(r["seq_len"]) for r in rows if "seq_len" in r}
+  have_points = len(sweep) < len(rows)
+  limits = _sweep_limits(sweep)
+  seq_len = _merge_limit("seq_len", seq_len, limits[0], have_points)
+  max_epochs = _merge_limit("max_epochs", max_epochs, limits[1], have_points)
+  max_sampling_prob = _merge_limit("max_sampling_prob", max_sampling_prob, limits[2],
+                                   have_points)
+  tables = loss_tables(rows, curve=curve, min_steps=min_steps)
+  if not tables:
+    raise ValueError(f"no points at >= {min_steps} steps (after warm-up): nothing to fit")
+  models = [_fit_model(name, t, min_points=min_points, tail_factor=float(tail_factor))
+            for name, t in sorted(tables.items(), key=lambda kv: kv[1]["params"])]
+  all_curves = [c for m in models for c in m["curves"]]
+  private = [[c["noise_batch_ratio"] for c in m["curves"] if c["noise_batch_ratio"] > 0]
+             for m in models]
+  box = {"params": [models[0]["params"], models[-1]["params"]],
+         "steps": [max(c["steps"][0] for c in all_curves),
+                   int(min(c["steps"][-1] for c in all_curves) * float(tail_factor))],
+         "noise_batch_ratio": [max(p[0] for p in private), min(p[-1] for p in private)]}
+  for dim, (lo, hi) in box.items():
+    if lo > hi:
+      raise ValueError(f"the models' {dim} ranges do not overlap (common range would be "
+                       f"[{lo:g}, {hi:g}]): fit models measured on a common grid")
+  # The cap of the extrapolation in σ̄: the largest loss seen, warm-up and step 0 included.
+  max_loss = max([float(r["loss"]) for r in rows if not _is_sweep_row(r)]
+                 + [float(v) for r in sweep for _, v in r.get(curve) or []
+                    if v is not None and math.isfinite(float(v))])
   return {
-      "format": LAW_FORMAT, "version": LAW_VERSION, "form": FORM,
-      "interpolation": "linear in log(noise_batch_ratio) between fitted ratios (linear in "
-                       "the ratio between 0 and the smallest); linear in log(params) "
-                       "between models; monotone in the ratio by running maximum",
-      "placeholder": False, "description": description, "source": source,
-      "loss": curve, "seq_len": seq_lens.pop() if len(seq_lens) == 1 else None,
-      "max_loss": float(max(t["max_loss"] for t in tables.values())),
-      "runs": len(rows), "models": models,
+      "format": LAW_FORMAT, "version": LAW_VERSION, "form": FORM, "method": METHOD,
+      "tail_factor": float(tail_factor), "support": box, "description": description,
+      "source": source, "loss": curve, "seq_len": seq_len, "max_epochs": max_epochs,
+      "max_sampling_prob": max_sampling_prob, "max_loss": float(max_loss),
+      "rows": len(rows), "models": models,
       "privacy_unit": units[0] if units else "example",
   }
-
-
-# --- the law: save, load, predict ------------------------------------------------------
-
-def save_law(law: dict, path: str | os.PathLike) -> None:
-  """Writes a law as JSON (validated first)."""
-  _validate_law(law)
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(law, f, indent=1, sort_keys=True)
-    f.write("\n")
-
-
-def load_law(path: str | os.PathLike | None = None) -> dict:
-  """The law at ``path``, or the one shipped with dpfl (``data/law.json``)."""
-  if path is None:
-    return _shipped_law()
-  with open(path, encoding="utf-8") as f:
-    try:
-      law = json.load(f)
-    except json.JSONDecodeError as err:
-      raise ValueError(f"law file {os.fspath(path)!r} is not JSON: {err}") from None
-  _validate_law(law)
-  return law
-
-
-@functools.lru_cache(maxsize=1)
-def _shipped_law() -> dict:
-  ref = importlib.resources.files("dpfl.scaling") / "data" / "law.json"
-  with ref.open("r", encoding="utf-8") as f:
-    law = json.load(f)
-  _validate_law(law)
-  return law
-
-
-def _validate_law(law: dict) -> None:
-  if not isinstance(law, dict) or law.get("format") != LAW_FORMAT:
-    raise ValueError(f"not a {LAW_FORMAT} object (format={law.get('format') if isinstance(law, dict) else None!r})")
-  if law.get("version") != LAW_VERSION:
-    raise ValueError(f"law version {law.get('version')!r}; this dpfl reads {LAW_VERSION}")
-  if not law.get("models"):
-    raise ValueError("law has no models")
-  for m in law["models"]:
-    if not m.get("curves") or not (m["params"] > 0):
-      raise ValueError(f"law model {m.get('model')!r} has no curves or bad params")
-
-
-def model_params(law: dict) -> dict[str, int]:
-  """``{model name: params}`` of the law, smallest first."""
-  return {m["model"]: int(m["params"]) for m in sorted(law["models"], key=lambda m: m["params"])}
-
-
-def _model_loss(model: dict, steps: np.ndarray, ratio: np.ndarray, max_loss: float):
-  curves = sorted(model["curves"], key=lambda c: c["noise_batch_ratio"])
-  r = np.array([c["noise_batch_ratio"] for c in curves])
-  values = np.array([_curve(steps, c["m"], c["b"], model["E"]) for c in curves])
-  values = np.maximum.accumulate(values, axis=0)           # monotone in the ratio
-  out = np.empty(np.shape(steps))
-  # Below the smallest ratio: the non-private curve is at r=0 if present.
-  out[...] = values[0]
-  for k in range(len(r) - 1):
-    lo, hi = r[k], r[k + 1]
-    mask = (ratio > lo) & (ratio <= hi)
-    if lo == 0:
-      w = ratio / hi
-    else:
-      w = (np.log(np.maximum(ratio, lo)) - math.log(lo)) / (math.log(hi) - math.log(lo))
-    out = np.where(mask, (1 - w) * values[k] + w * values[k + 1], out)
-  above = ratio > r[-1]
-  if np.any(above):
-    # Extend the last segment as a power of the ratio, L_K(T)·(ratio/r_K)^α,
-    # with α >= 0 from the last two curves at the middle of the fitted steps:
-    # one α for all T keeps the prediction monotone in both T and the ratio.
-    alpha = 0.0
-    if len(r) >= 2 and r[-2] > 0:
-      lo = min(c["steps_range"][0] for c in curves)
-      hi = max(c["steps_range"][1] for c in curves)
-      t_mid = math.sqrt(lo * hi)
-      last, before = (_curve(t_mid, c["m"], c["b"], model["E"]) for c in curves[-1:-3:-1])
-      last = max(last, before)
-      alpha = max(0.0, math.log(last / before) / (math.log(r[-1]) - math.log(r[-2])))
-    extra = values[-1] * (np.maximum(ratio, r[-1]) / r[-1]) ** alpha
-    out = np.where(above, extra, out)
-  return np.minimum(out, max_loss) if math.isfinite(max_loss) else out
-
-
-def predict(law: dict, params, steps, noise_batch_ratio) -> np.ndarray:
-  """Predicted loss of a model of ``params`` trained ``steps`` steps at σ/B = ``noise_batch_ratio``.
-
-  Arrays broadcast. Non-increasing in steps, non-decreasing in the ratio.
-  Beyond the largest fitted ratio the last segment is extended (linear in
-  log ratio, capped at the largest loss the sweep saw); ``params`` must lie
-  within the law's model sizes (ValueError otherwise).
-  """
-  p, t, r = np.broadcast_arrays(np.asarray(params, float), np.asarray(steps, float),
-                                np.asarray(noise_batch_ratio, float))
-  if np.any(~(t >= 1)):
-    raise ValueError(f"steps must be >= 1, got {t[~(t >= 1)].flat[0]:g}")
-  if np.any(~(r >= 0)):
-    raise ValueError(f"noise_batch_ratio must be >= 0, got {r[~(r >= 0)].flat[0]:g}")
-  models = sorted(law["models"], key=lambda m: m["params"])
-  sizes = np.array([m["params"] for m in models], float)
-  if np.any((p < sizes[0] * (1 - 1e-9)) | (p > sizes[-1] * (1 + 1e-9))):
-    bad = p[(p < sizes[0] * (1 - 1e-9)) | (p > sizes[-1] * (1 + 1e-9))].flat[0]
-    raise ValueError(f"params={bad:g} is outside the law's model sizes "
-                     f"[{sizes[0]:g}, {sizes[-1]:g}]")
-  max_loss = float(law.get("max_loss", math.inf) or math.inf)
-  per_model = [_model_loss(m, t, r, max_loss) for m in models]
-  if len(models) == 1:
-    return per_model[0]
-  logp = np.log(np.clip(p, sizes[0], sizes[-1]))
-  logs = np.log(sizes)
-  i = np.clip(np.searchsorted(logs, logp, side="right") - 1, 0, len(models) - 2)
-  w = (logp - logs[i]) / (logs[i + 1] - logs[i])
-  stacked = np.array(per_model)
-  lo = np.take_along_axis(stacked, i[None], 0)[0]
-  hi = np.take_along_axis(stacked, (i + 1)[None], 0)[0]
-  return (1 - w) * lo + w * hi
-
-
-def extrapolation(law: dict, model: str, steps, noise_batch_ratio) -> dict[str, np.ndarray]:
-  """Where a prediction for ``model`` leaves the data it was fitted on.
-
-  Returns:
-    ``{"steps": bool array, "noise_batch_ratio": bool array}``: True where
-    steps fall outside the model's fitted step range, or the ratio above its
-    largest fitted ratio.
-  """
-  entry = next((m for m in law["models"] if m["model"] == model), None)
-  if entry is None:
-    raise ValueError(f"model {model!r} is not in the law ({', '.join(model_params(law))})")
-  t, r = np.broadcast_arrays(np.asarray(steps, float), np.asarray(noise_batch_ratio, float))
-  lo = min(c["steps_range"][0] for c in entry["curves"])
-  hi = max(c["steps_range"][1] for c in entry["curves"])
-  top = max(c["noise_batch_ratio"] for c in entry["curves"])
-  return {"steps": (t < lo) | (t > hi), "noise_batch_ratio": r > top}

@@ -256,8 +256,7 @@ def test_accelerator_grid_can_decide_finding_b(study, report):
     rows.append({**_row(c.model, c.batch_size, c.noise_batch_ratio, curve[-1][1],
                         lr=c.learning_rate, steps=c.steps, curve=curve),
                  "seq_len": c.seq_len, "warmup_steps": c.warmup_steps})
-  from dpfl.scaling import fit
-  law = fit.fit_law(rows)
+  law, _ = study.fit_study_law(rows)
   computes = [float(x) for x in spec["computes"]]
   optima = report.supported_optima(law, computes=computes, epsilons=spec["epsilons"],
                                    batch_sizes=sorted({r[1] for r in spec["runs"]}),
