@@ -19,7 +19,6 @@ law is what ``dpfl plan --law`` reads.
 
 from __future__ import annotations
 
-import inspect
 import os
 
 
@@ -95,12 +94,6 @@ def run(args) -> dict:
              if any(k not in r for r in sweep_rows)]
   if missing:
     raise ValueError(f"--results: rows lack key(s) {', '.join(missing)} (not a sweep results file?)")
-  accepted = inspect.signature(fit.fit_law).parameters
-  unsupported = [_LAW_FLAGS[k] for k in law_kwargs if k not in accepted]
-  if csv_input and "seq_len" not in accepted:
-    raise ValueError("--results: this dpfl's fit takes sweep rows only, not .csv point tables")
-  if unsupported:
-    raise ValueError(f"{', '.join(unsupported)}: not supported by this dpfl's fit")
   law = fit.fit_law(rows, curve=args.curve, min_points=args.min_points,
                     description=args.description,
                     source=", ".join(os.path.basename(p) for p in args.results),
@@ -108,7 +101,8 @@ def run(args) -> dict:
   fit.save_law(law, args.out)
   out = {"out": args.out, "files": len(args.results), "runs": len(sweep_rows),
          "points": len(rows) - len(sweep_rows), "models": law["models"],
-         "seq_len": law.get("seq_len")}
+         "seq_len": law.get("seq_len"), "form": law.get("form"),
+         "support": fit.support(law)}
   if args.plots:
     os.makedirs(args.plots, exist_ok=True)
     from dpfl.scaling import plots
@@ -133,7 +127,6 @@ def format_table(result: dict) -> str:
     lines.append(f"  {'model':<10} {'params':>12}")
     lines += [f"  {m['model']:<10} {m['params']:>12,}" for m in models]
   else:
-    lines[0] += "  (L(T) = exp(m·log T + b) + E per model and σ/B)"
     lines.append(f"  {'model':<10} {'params':>10} {'E':>7} {'E from':<12} {'σ/B':>10} "
                  f"{'m':>8} {'b':>8} {'points':>6} {'rmse':>8}")
     for m in models:
@@ -145,6 +138,17 @@ def format_table(result: dict) -> str:
         lines.append(f"{head} {c['noise_batch_ratio']:>10.4g} {_num(c.get('m'), '8.4f')} "
                      f"{_num(c.get('b'), '8.4f')} {c.get('points', '-'):>6} "
                      f"{_num(c.get('rmse'), '8.4f')}")
+  if result.get("form"):
+    lines.append(f"  form: {result['form']}")
+  support = result.get("support")
+  if support:
+    ranges = ", ".join(f"{name} [{support[key][0]:.4g}, {support[key][1]:.4g}]"
+                       for key, name in (("params", "params"), ("steps", "steps"),
+                                         ("noise_batch_ratio", "σ/B")) if support.get(key))
+    extra = ", ".join(f"{name} {support[key]:g}" for key, name in (
+        ("seq_len", "seq_len"), ("max_epochs", "max epochs"),
+        ("max_sampling_prob", "max q")) if support.get(key) is not None)
+    lines.append(f"  support: {ranges}" + (f"; {extra}" if extra else ""))
   for p in result.get("plots", []):
     lines.append(f"  plot: {p}")
   return "\n".join(lines)

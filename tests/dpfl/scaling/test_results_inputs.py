@@ -178,3 +178,37 @@ def test_support_flags_refused_for_sweep_rows(tmp_path, dpfl_main, capsys):
                     "--seq-len", "64"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "--seq-len" in err[0] and ".csv" in err[0], err
+
+
+def test_csv_tables_fit_the_law_of_their_points(tmp_path, dpfl_main, capsys):
+  """A table of a known law at the paper's scale, written as two CSV files (columns in
+  another order), fits through the CLI to the law fit_law makes of the same points."""
+  import csv
+
+  import synthetic_law as known
+  models = {k: known.MODELS[k] for k in ("BertTiny", "BertBase", "BertMega")}
+  points = known.point_rows(models=models, steps=known.STEPS[::2], ratios=known.RATIOS[::3],
+                            learning_rates={3e-4: 0.0, 1e-3: 0.1})
+  columns = ["loss", "steps", "model", "noise_batch_ratio", "params", "learning_rate"]
+  paths = [tmp_path / "part1.csv", tmp_path / "part2.csv"]
+  half = len(points) // 2
+  for path, part in zip(paths, (points[:half], points[half:])):
+    with open(path, "w", newline="") as f:
+      writer = csv.DictWriter(f, columns)
+      writer.writeheader()
+      writer.writerows({k: repr(v) if isinstance(v, float) else v for k, v in r.items()}
+                       for r in part)
+  assert results.read_inputs(paths) == points  # repr round-trips every float
+  out = tmp_path / "law.json"
+  assert dpfl_main(["fit", "--results", *map(str, paths), "--out", str(out), "--seq-len",
+                    "1024", "--max-epochs", "8", "--max-sampling-prob", "0.001", "--json"]) == 0
+  summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert summary["points"] == len(points) and summary["runs"] == 0
+  law = fit.load_law(out)
+  want = fit.fit_law(points, seq_len=1024, max_epochs=8, max_sampling_prob=0.001,
+                     source=law["source"])
+  assert law == json.loads(json.dumps(want))
+  support = fit.support(law)
+  assert support["seq_len"] == 1024 and support["max_epochs"] == 8
+  assert support["max_sampling_prob"] == 0.001
+  assert support["params"] == [4_500_000, 778_000_000]
