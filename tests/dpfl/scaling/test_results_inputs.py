@@ -102,6 +102,7 @@ def test_fit_passes_point_rows_and_support_flags(tmp_path, dpfl_main, capsys, mo
 
   monkeypatch.setattr(fit, "fit_law", fake_fit_law)
   monkeypatch.setattr(fit, "save_law", lambda law, path: open(path, "w").write("{}"))
+  monkeypatch.setattr(fit, "support", lambda law: {"seq_len": law["seq_len"]})
   # Two files after one --results (a shell glob), then a repeated --results.
   argv = ["fit", "--results", str(a), "--out", str(tmp_path / "law.json"), "--seq-len", "1024",
           "--max-epochs", "4", "--max-sampling-prob", "0.01", "--json"]
