@@ -17,7 +17,7 @@ Scaling out:
 
 * ``--shard I/N`` (1-based: I in 1..N, e.g. a job array's task id + 1) runs
   only the I-th of N disjoint parts of the grid, balanced by estimated cost
-  (``sweep.shard_configs``: a function of the grid and N only, so every
+  (``shards.shard_configs``: a function of the grid and N only, so every
   shard computes the same partition wherever and whenever it runs), into
   its own file: ``--results runs.jsonl`` becomes ``runs.shard-I-of-N.jsonl``
   (or put ``{shard}`` in the name: it becomes ``I-of-N``). A run has the
@@ -221,7 +221,7 @@ def _check(args) -> None:
 def run(args) -> dict:
   """Builds the grid, checks it against the corpus, trains what is not done yet."""
   _check(args)
-  from dpfl.scaling import results, sweep
+  from dpfl.scaling import results, shards, sweep
   common = dict(seq_len=args.seq_len, delta=args.delta, l2_clip_norm=args.l2_clip_norm,
                 warmup_steps=args.warmup_steps, eval_every=args.eval_every,
                 eval_examples=args.eval_examples, seed=args.seed,
@@ -247,7 +247,7 @@ def run(args) -> dict:
     raise ValueError(f"--batch-sizes: {too_big[0]} exceeds the {units} training {what} of "
                      f"the corpus (windows of --seq-len {args.seq_len} bytes)")
   if shard is not None:  # after the grid-wide checks: every shard refuses a bad grid alike
-    configs = sweep.shard_configs(configs, *shard)
+    configs = shards.shard_configs(configs, *shard)
   directory = os.path.dirname(os.path.abspath(results_path))
   if not os.path.isdir(directory):
     raise ValueError(f"--results: directory {directory!r} does not exist")
