@@ -70,6 +70,13 @@ nats per token on the byte-level corpus (``dpfl.scaling.corpus``).
                                 ``epsilon`` count users (files) and whose
                                 ``flops`` / ``tokens`` use the expected
                                 examples per step; absent for example level
+  ``devices``                   optional int: the local devices the run was
+                                trained on, data parallel (``dpfl sweep
+                                --devices``); absent for one device. The
+                                same run (run id, seed) to float rounding; a
+                                private row's ``max_batch_size`` (and so
+                                its truncated-Poisson ε) is that of the
+                                shape padded to a multiple of ``devices``
   ============================  ==============================================
 
 Readers should ignore keys they do not know; a new key does not bump the
