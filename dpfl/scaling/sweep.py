@@ -341,7 +341,7 @@ def _log_points(config: RunConfig) -> set[int]:
 
 
 def train_run(config: RunConfig, *, corpus: corpus_lib.Corpus | None = None,
-              progress: bool = False, devices: int = 1) -> results.ResultRow:
+              progress: bool = False, devices: int | str = 1) -> results.ResultRow:
   """Trains one configuration and returns its results row (not written).
 
   Args:
