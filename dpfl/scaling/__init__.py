@@ -22,11 +22,13 @@ _EXPORTS = {
     # results
     "ResultRow": "dpfl.scaling.results", "SCHEMA_VERSION": "dpfl.scaling.results",
     "append_result": "dpfl.scaling.results", "read_results": "dpfl.scaling.results",
-    "validate_row": "dpfl.scaling.results",
+    "validate_row": "dpfl.scaling.results", "read_points_csv": "dpfl.scaling.results",
+    "read_inputs": "dpfl.scaling.results",
     # sweeps
     "RunConfig": "dpfl.scaling.sweep", "SweepSummary": "dpfl.scaling.sweep",
     "make_grid": "dpfl.scaling.sweep", "run_id": "dpfl.scaling.sweep",
     "run_sweep": "dpfl.scaling.sweep", "train_run": "dpfl.scaling.sweep",
+    "shard_configs": "dpfl.scaling.shards",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -193,8 +193,10 @@ def _load(seq_len, examples_per_user, max_users, eval_fraction, root) -> Corpus:
   arrays = {}
   for split, (rows_list, ids, names) in parts.items():
     if not names:
-      raise ValueError(f"the {split} split is empty (root={root!r}, max_users={max_users}, "
-                       f"eval_fraction={eval_fraction}); use more users or another fraction")
+      raise ValueError(f"the {split} split is empty: no {split} file holds one full window "
+                       f"of seq_len={seq_len} bytes (root={root!r}, max_users={max_users}, "
+                       f"eval_fraction={eval_fraction}); use shorter sequences, more users "
+                       "or another fraction")
     arrays[split] = (np.concatenate(rows_list), np.concatenate(ids), tuple(names))
   for split in arrays:
     for a in arrays[split][:2]:

@@ -81,6 +81,14 @@ MODELS: dict[str, ModelConfig] = {c.name: c for c in (
 )}
 
 
+# The longest sequence the family is trained on by a sweep. Positions are
+# sinusoidal (no table to outgrow), but attention's per-example memory and
+# compute grow as seq_len² (at 1024 tokens the logits of one example are
+# heads × 4 MiB per layer in float32, times the batch under per-example
+# clipping): 1024 is the length the sweep supports and tests.
+MAX_SEQ_LEN = 1024
+
+
 def model_names() -> tuple[str, ...]:
   """Family names, smallest model first."""
   return tuple(sorted(MODELS, key=params_count))

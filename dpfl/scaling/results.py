@@ -70,14 +70,54 @@ nats per token on the byte-level corpus (``dpfl.scaling.corpus``).
                                 ``epsilon`` count users (files) and whose
                                 ``flops`` / ``tokens`` use the expected
                                 examples per step; absent for example level
+  ``devices``                   optional int: the local devices the run was
+                                trained on, data parallel (``dpfl sweep
+                                --devices``); absent for one device. The
+                                same run (run id, seed) to float rounding; a
+                                private row's ``max_batch_size`` (and so
+                                its truncated-Poisson ε) is that of the
+                                shape padded to a multiple of ``devices``
   ============================  ==============================================
 
 Readers should ignore keys they do not know; a new key does not bump the
 version, a changed meaning does.
+
+**Point tables (CSV).** A law can also be fitted from anyone's sweep, given as
+a plain CSV table with one row per evaluated point, as McKenna et al. 2025
+release theirs (``read_points_csv``; ``dpfl fit --results FILE.csv``):
+
+  ======================  ====================================================
+  column                  meaning
+  ======================  ====================================================
+  ``model``               model name (any text; one name, one size)
+  ``params``              N, parameters: an integer >= 1 (``4500000`` or
+                          ``4.5e6``); a model name always has the same N
+  ``learning_rate``       peak learning rate, > 0
+  ``steps``               T, the optimizer steps of the point: integer >= 1
+  ``noise_batch_ratio``   σ/B (noise multiplier over expected batch size),
+                          >= 0; 0 is the non-private baseline
+  ``loss``                the evaluated loss after T steps, finite and > 0
+  ======================  ====================================================
+
+The header row is required and names exactly these six columns, in any
+order; no other column is allowed (a misspelt or extra column is an error,
+not ignored). Values are plain numbers (``1e-3``, ``0.0001``); surrounding
+spaces are ignored, blank lines are skipped, the file is UTF-8 (a BOM is
+allowed). Several rows may share (model, learning_rate, noise_batch_ratio):
+together they are that configuration's loss curve over steps. The table does
+not say its sequence length, the largest epochs (q·T) or sampling rate q of
+its runs: give them to ``dpfl fit`` (``--seq-len``, ``--max-epochs``,
+``--max-sampling-prob``) so the law records its support.
+
+A sweep sharded over jobs (``dpfl sweep --shard I/N``) writes one JSON-lines
+file per shard; ``read_inputs`` (what ``dpfl fit`` calls with every
+``--results`` file) merges them: a run id found in two files is kept once
+when its rows are identical and is an error otherwise.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import numbers
@@ -232,3 +272,125 @@ def read_results(path: str | os.PathLike) -> list[dict[str, Any]]:
 def completed_run_ids(path: str | os.PathLike) -> set[str]:
   """The ``run_id`` of every row already in the results file."""
   return {row["run_id"] for row in read_results(path) if "run_id" in row}
+
+
+# --- point tables (CSV) ---------------------------------------------------------
+
+POINT_COLUMNS = ("model", "params", "learning_rate", "steps", "noise_batch_ratio", "loss")
+
+
+def _point_value(column: str, text: str) -> Any:
+  """One CSV cell as its column's type; ValueError (without the location) otherwise."""
+  from accounting import validate as check  # numpy only: no jax
+  if column == "model":
+    if not text:
+      raise ValueError("model must be a non-empty name, got ''")
+    return text
+  try:
+    number = int(text) if column in ("params", "steps") and text.lstrip("+-").isdigit() \
+        else float(text)
+  except ValueError:
+    raise ValueError(f"{column} must be a number, got {text!r}") from None
+  if column in ("params", "steps"):
+    return check.integer(column, number, low=1)
+  if column == "noise_batch_ratio":
+    return check.non_negative(column, number)
+  return check.positive(column, number)  # learning_rate, loss
+
+
+def read_points_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
+  """The point rows of a CSV table (format: this module's docstring, "Point tables").
+
+  Args:
+    path: the CSV file.
+
+  Returns:
+    One dict per row with exactly the keys ``POINT_COLUMNS``: ``model`` str,
+    ``params`` and ``steps`` int, the others float (what ``fit.fit_law`` takes).
+
+  Raises:
+    ValueError naming the file, the line and the column: a missing, unknown or
+    repeated column, an empty file or one without rows, a row with too few or
+    too many fields, a value that is not a number or is out of its range, or a
+    model name given with two different ``params``.
+  """
+  path = os.fspath(path)
+  with open(path, encoding="utf-8-sig", newline="") as f:
+    text = f.read()
+  reader = csv.reader(text.splitlines(keepends=True))
+  header = next((row for row in reader if any(cell.strip() for cell in row)), None)
+  if header is None:
+    raise ValueError(f"{path}: empty file; expected a header line with the columns "
+                     f"{','.join(POINT_COLUMNS)}")
+  header_line = reader.line_num
+  names = [cell.strip() for cell in header]
+  for i, name in enumerate(names):
+    if name not in POINT_COLUMNS:
+      raise ValueError(f"{path}:{header_line}: column {i + 1}: unknown column {name!r}; the "
+                       f"columns are exactly {','.join(POINT_COLUMNS)}")
+    if name in names[:i]:
+      raise ValueError(f"{path}:{header_line}: column {i + 1}: column {name!r} appears twice")
+  missing = [c for c in POINT_COLUMNS if c not in names]
+  if missing:
+    raise ValueError(f"{path}:{header_line}: missing column(s) {', '.join(missing)}; the "
+                     f"columns are exactly {','.join(POINT_COLUMNS)}")
+  rows, params_of = [], {}
+  for cells in reader:
+    line = reader.line_num
+    if not any(cell.strip() for cell in cells):
+      continue  # a blank line
+    if len(cells) != len(names):
+      raise ValueError(f"{path}:{line}: {len(cells)} fields, the header has {len(names)}")
+    row = {}
+    for name, cell in zip(names, cells):
+      try:
+        row[name] = _point_value(name, cell.strip())
+      except ValueError as err:
+        raise ValueError(f"{path}:{line}: column {name!r}: {err}") from None
+    seen = params_of.setdefault(row["model"], (row["params"], line))
+    if seen[0] != row["params"]:
+      raise ValueError(f"{path}:{line}: column 'params': model {row['model']!r} has params "
+                       f"{row['params']} here and {seen[0]} on line {seen[1]} (one name, "
+                       "one size)")
+    rows.append({c: row[c] for c in POINT_COLUMNS})
+  if not rows:
+    raise ValueError(f"{path}: no rows after the header (one row per evaluated point)")
+  return rows
+
+
+# --- several files ---------------------------------------------------------------
+
+def read_inputs(paths) -> list[dict[str, Any]]:
+  """The rows of several results files, merged (what ``dpfl fit --results`` reads).
+
+  A path ending in ``.csv`` (any case) is a point table (``read_points_csv``);
+  any other is a sweep's JSON-lines file (``read_results``), e.g. one per
+  shard of ``dpfl sweep --shard I/N``. Sweep rows are merged by ``run_id``:
+  a run found again (in the same or another file) is kept once if the rows
+  are equal, and is a ValueError naming both files otherwise (two different
+  results for one configuration: merge the right shards, or rerun).
+
+  Returns:
+    The rows in file order (a repeated run at its first occurrence): point
+    rows from CSV files, sweep rows from the others, possibly mixed.
+  """
+  rows, where = [], {}
+  for path in paths:
+    path = os.fspath(path)
+    if path.lower().endswith(".csv"):
+      rows.extend(read_points_csv(path))
+      continue
+    for row in read_results(path):
+      rid = row.get("run_id")
+      if rid is None:
+        rows.append(row)
+        continue
+      if rid in where:
+        first_path, first = where[rid]
+        if first != row:
+          raise ValueError(f"run {rid} is in {first_path} and in {path} with different "
+                           "results; keep one of them")
+        continue
+      where[rid] = (path, row)
+      rows.append(row)
+  return rows

@@ -72,7 +72,8 @@ class RunConfig:
     noise_multiplier: σ; 0 means a non-private run.
     steps: T, optimizer steps.
     learning_rate: peak Adam learning rate.
-    seq_len: tokens per example.
+    seq_len: tokens per example, in [2, ``models.MAX_SEQ_LEN``] (1024); the
+      corpus is cut into windows of this many bytes (``dpfl.scaling.corpus``).
     delta: δ for the reported ε.
     l2_clip_norm: C, per-example clip norm (private runs).
     warmup_steps: linear learning-rate warm-up length (0: none).
@@ -111,9 +112,9 @@ class RunConfig:
     if self.privacy_unit not in ("example", "user"):
       raise ValueError(f"privacy_unit must be 'example' or 'user', got {self.privacy_unit!r}")
     models.get_config(self.model)  # raises on an unknown name
-    for name in ("batch_size", "steps", "seq_len", "eval_every", "eval_examples",
-                 "examples_per_user"):
+    for name in ("batch_size", "steps", "eval_every", "eval_examples", "examples_per_user"):
       _check_int(name, getattr(self, name), 1)
+    check.integer("seq_len", self.seq_len, low=2, high=models.MAX_SEQ_LEN)
     _check_int("warmup_steps", self.warmup_steps, 0)
     if self.seed is not None:
       _check_int("seed", self.seed, 0)
@@ -219,44 +220,87 @@ def _schedule(learning_rate: float, warmup_steps: int):
       optax.constant_schedule(learning_rate)], [warmup_steps - 1])
 
 
-def plain_microbatch_size(batch_size: int) -> int:
+def plain_microbatch_size(batch_size: int, multiple_of: int = 1) -> int:
   """Examples per gradient-accumulation block of the non-private step.
 
-  The largest divisor of ``batch_size`` up to ``PLAIN_MICROBATCH``: on CPU a
-  single backward pass over a whole batch of 256 sequences runs ~4x slower
-  than the same gradient accumulated over blocks of 16-32 (activations stop
-  fitting in cache), so the non-private baseline accumulates.
+  The largest divisor of ``batch_size`` that is a multiple of ``multiple_of``
+  (the devices a block is split over) and at most ``PLAIN_MICROBATCH`` per
+  device: on CPU a single backward pass over a whole batch of 256 sequences
+  runs ~4x slower than the same gradient accumulated over blocks of 16-32
+  (activations stop fitting in cache), so the non-private baseline
+  accumulates. ``batch_size`` must be a multiple of ``multiple_of``.
   """
-  return max(d for d in range(1, min(batch_size, PLAIN_MICROBATCH) + 1) if batch_size % d == 0)
+  limit = min(batch_size, PLAIN_MICROBATCH * multiple_of)
+  return max(d for d in range(multiple_of, limit + 1, multiple_of) if batch_size % d == 0)
+
+
+def resolve_devices(devices: int | str) -> int:
+  """The number of local devices a run uses: ``"all"`` or an integer in [1, local devices]."""
+  import jax
+  available = jax.local_device_count()
+  if devices == "all":
+    return available
+  return check.integer("devices", devices, low=1, high=available)
+
+
+def data_mesh(devices: int):
+  """A 1-D ``("data",)`` mesh over the first ``devices`` devices (None for one device).
+
+  ``dpfl.federated.user_mesh``'s Auto mesh: jitted steps need no
+  ``jax.set_mesh`` and XLA places the cross-device sums itself.
+  """
+  if devices == 1:
+    return None
+  from dpfl.federated import user_mesh
+  return user_mesh(devices, axis_name="data")
 
 
 @functools.lru_cache(maxsize=16)
-def plain_step(model: str, learning_rate: float, warmup_steps: int):
+def plain_step(model: str, learning_rate: float, warmup_steps: int, devices: int = 1):
   """The non-private Adam step of a sweep: ``(optimizer, step)``, jitted, cached.
 
-  ``step(params, opt_state, tokens) -> (params, opt_state, mean_loss)`` takes
-  the mean loss gradient over ``tokens`` [batch, seq_len + 1], accumulated
-  over blocks of ``plain_microbatch_size(batch)`` examples (the same gradient
-  as one pass, faster on CPU). No clipping, no noise.
+  ``step(params, opt_state, tokens, weights=None) -> (params, opt_state,
+  loss)`` takes the gradient of ``Σ_i weights_i · loss_i`` (``loss_i``: row
+  i's mean next-token loss; ``weights`` default ``1/batch`` each, the mean)
+  over ``tokens`` [batch, seq_len + 1], accumulated over blocks of
+  ``plain_microbatch_size(batch, devices)`` examples (the same gradient as
+  one pass, faster on CPU). With ``devices > 1`` each block is split over
+  the ``data_mesh(devices)`` (data parallel: every device takes its rows,
+  XLA sums the gradients) and the batch must be a multiple of ``devices``
+  (pad it with rows of weight 0). No clipping, no noise.
   """
   import jax
   import jax.numpy as jnp
   import optax
+  from jax.sharding import NamedSharding, PartitionSpec
   optimizer = optax.adam(_schedule(learning_rate, warmup_steps))
-  grad_fn = jax.value_and_grad(models.make_loss_fn(model))
+  loss_fn = models.make_loss_fn(model)
+  mesh = data_mesh(devices)
+
+  def weighted_loss(params, rows, weights):
+    losses = jax.vmap(lambda row: loss_fn(params, row[None]))(rows)
+    return jnp.sum(losses * weights)
+
+  grad_fn = jax.value_and_grad(weighted_loss)
 
   @jax.jit
-  def step(params, opt_state, tokens):
-    block = plain_microbatch_size(tokens.shape[0])
-    blocks = tokens.reshape(tokens.shape[0] // block, block, *tokens.shape[1:])
+  def step(params, opt_state, tokens, weights=None):
+    batch = tokens.shape[0]
+    if weights is None:
+      weights = jnp.full((batch,), 1.0 / batch, jnp.float32)
+    block = plain_microbatch_size(batch, devices)
+    blocks = tokens.reshape(batch // block, block, *tokens.shape[1:])
+    weight_blocks = weights.reshape(batch // block, block)
+    if mesh is not None:
+      blocks, weight_blocks = jax.lax.with_sharding_constraint(
+          (blocks, weight_blocks), NamedSharding(mesh, PartitionSpec(None, "data")))
 
-    def accumulate(total, x):
-      loss, grads = grad_fn(params, x)
+    def accumulate(total, block_and_weights):
+      loss, grads = grad_fn(params, *block_and_weights)
       return jax.tree.map(jnp.add, total, (loss, grads)), None
 
     zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-    (loss, grads), _ = jax.lax.scan(accumulate, zero, blocks)
-    loss, grads = jax.tree.map(lambda x: x / blocks.shape[0], (loss, grads))
+    (loss, grads), _ = jax.lax.scan(accumulate, zero, (blocks, weight_blocks))
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
@@ -297,13 +341,23 @@ def _log_points(config: RunConfig) -> set[int]:
 
 
 def train_run(config: RunConfig, *, corpus: corpus_lib.Corpus | None = None,
-              progress: bool = False) -> results.ResultRow:
+              progress: bool = False, devices: int | str = 1) -> results.ResultRow:
   """Trains one configuration and returns its results row (not written).
 
   Args:
     config: the run.
     corpus: the corpus (default: ``corpus_for(config)``).
     progress: show a tqdm bar over steps on stderr.
+    devices: local devices to train on, data parallel (an int, or ``"all"``).
+      Each batch is split over a ``("data",)`` mesh (``make_private(mesh=...)``
+      for private runs; ``plain_step(devices=...)`` otherwise) and padded to
+      a multiple of ``devices`` with masked rows. The run is the same run
+      (same seed, batches, noise and run id); its losses agree with one
+      device's to float rounding (sums in another order). A Poisson batch's
+      static length is rounded up to a multiple of ``devices``, so a private
+      row records that ``max_batch_size`` and ε of that (truncated Poisson)
+      mechanism, a hair below one device's (truncation is rarer). Rows of
+      runs on several devices record ``devices``.
 
   Returns:
     A ``results.ResultRow``.
@@ -315,6 +369,8 @@ def train_run(config: RunConfig, *, corpus: corpus_lib.Corpus | None = None,
   from dpfl import __version__, _rng
 
   start = time.perf_counter()
+  devices = resolve_devices(devices)
+  mesh = data_mesh(devices)
   corpus = corpus_for(config) if corpus is None else corpus
   train = np.asarray(corpus.train_tokens)
   dataset_size = len(train)
@@ -350,7 +406,7 @@ def train_run(config: RunConfig, *, corpus: corpus_lib.Corpus | None = None,
         sampling_unit="user", dataset=users, l2_clip_norm=config.l2_clip_norm,
         batch_size=config.batch_size, delta=config.delta, num_steps=config.steps,
         noise_multiplier=config.noise_multiplier, seed=seed,
-        key=jax.random.fold_in(root, 1))
+        key=jax.random.fold_in(root, 1), mesh=mesh)
     step_fn = private.make_step()
     state = private.init(params)
     draws = private.batches(users, state)
@@ -361,16 +417,23 @@ def train_run(config: RunConfig, *, corpus: corpus_lib.Corpus | None = None,
         l2_clip_norm=config.l2_clip_norm, dataset_size=dataset_size,
         batch_size=config.batch_size, delta=config.delta, num_steps=config.steps,
         noise_multiplier=config.noise_multiplier, seed=seed,
-        key=jax.random.fold_in(root, 1))
+        key=jax.random.fold_in(root, 1), mesh=mesh)
     step_fn = private.make_step()
     state = private.init(params)
     draws = private.batches(train, state)
   else:
-    optimizer, step_fn = plain_step(config.model, config.learning_rate, config.warmup_steps)
+    optimizer, step_fn = plain_step(config.model, config.learning_rate, config.warmup_steps,
+                                    devices)
+    if mesh is not None:  # replicated over the data axis
+      from jax.sharding import NamedSharding, PartitionSpec
+      params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
     opt_state = optimizer.init(params)
+    # Padded (weight 0) to a multiple of the devices; the real rows are the
+    # one-device batch's.
     sampler = dpfl.ShuffledSampler(dataset_size, batch_size=config.batch_size,
-                                   seed=seed)
-    draws = (train[sampler().indices] for _ in range(config.steps))
+                                   seed=seed, multiple_of=devices)
+    draws = ((train[b.indices], b.mask / np.float32(config.batch_size))
+             for b in (sampler() for _ in range(config.steps)))
 
   eval_curve = [[0, evaluate(config.model, params, evals)]]
   train_curve, pending = [], []
@@ -387,7 +450,7 @@ def train_run(config: RunConfig, *, corpus: corpus_lib.Corpus | None = None,
         values = np.asarray(aux.values)[mask.any(axis=1) if user_level else mask]
         pending.append(float(values.mean()) if values.size else math.nan)
       else:
-        params, opt_state, loss = step_fn(params, opt_state, next(draws))
+        params, opt_state, loss = step_fn(params, opt_state, *next(draws))
         pending.append(float(loss))
       now = time.perf_counter()
       if step > 1 or config.steps == 1:  # step 1 compiles
@@ -434,6 +497,8 @@ def train_run(config: RunConfig, *, corpus: corpus_lib.Corpus | None = None,
       dpfl_version=__version__)
   if user_level:
     row["privacy_unit"] = "user"
+  if devices > 1:
+    row["devices"] = devices
   return row
 
 
@@ -467,13 +532,15 @@ class SweepSummary:
 
 
 def run_sweep(configs: Iterable[RunConfig], results_path: str, *,
-              progress: bool = True) -> SweepSummary:
+              progress: bool = True, devices: int | str = 1) -> SweepSummary:
   """Trains every configuration not yet in ``results_path``; appends one line per run.
 
   Args:
-    configs: the runs (e.g. ``make_grid(...)``); duplicates are run once.
+    configs: the runs (e.g. ``make_grid(...)``, or one part of it:
+      ``shards.shard_configs``); duplicates are run once.
     results_path: JSON-lines results file (created if absent).
     progress: tqdm bars over runs and steps on stderr.
+    devices: local devices each run uses, data parallel (``train_run``).
 
   Returns:
     A ``SweepSummary``.
@@ -491,7 +558,7 @@ def run_sweep(configs: Iterable[RunConfig], results_path: str, *,
   trained = []
   try:
     for i in todo:
-      row = train_run(configs[i], progress=progress)
+      row = train_run(configs[i], progress=progress, devices=devices)
       results.append_result(results_path, row)
       done[ids[i]] = row
       trained.append(ids[i])

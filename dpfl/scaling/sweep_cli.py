@@ -12,6 +12,26 @@ resumes. ``--seed S`` makes every run use S (same init and data order across
 the grid, reproducible; S is then part of the run_id).
 ``--dry-run`` lists the grid and what is already done without training.
 The schema of the results file is documented in ``dpfl.scaling.results``.
+
+Scaling out:
+
+* ``--shard I/N`` (1-based: I in 1..N, e.g. a job array's task id + 1) runs
+  only the I-th of N disjoint parts of the grid, balanced by estimated cost
+  (``shards.shard_configs``: a function of the grid and N only, so every
+  shard computes the same partition wherever and whenever it runs), into
+  its own file: ``--results runs.jsonl`` becomes ``runs.shard-I-of-N.jsonl``
+  (or put ``{shard}`` in the name: it becomes ``I-of-N``). A run has the
+  seed and run id it has unsharded, so ``dpfl fit --results
+  runs.shard-*-of-N.jsonl`` fits the law of the unsharded sweep.
+* ``--devices all|N`` (default 1) trains each run data parallel over N local
+  devices (``make_private(mesh=...)``; the non-private step splits its
+  blocks over the same ``("data",)`` mesh): the same run to float rounding.
+  One device is the default because its float sums are the reference and a
+  private row's padded Poisson shape (``max_batch_size``) is then the one a
+  one-device rerun records.
+* ``--seq-len`` up to 1024 (``models.MAX_SEQ_LEN``): the corpus is cut into
+  windows of that many bytes; a split left without one window, or fewer
+  sequences than a batch, is refused naming ``--seq-len``.
 """
 
 from __future__ import annotations
@@ -54,7 +74,7 @@ EXAMPLES = """\
 examples:
   dpfl sweep --results runs.jsonl --models s50k,s100k --batch-sizes 64,256 \\
              --noise-batch-ratios 0,0.001,0.01 --steps 200 --learning-rates 3e-3,1e-2
-  dpfl sweep --results runs.jsonl --models s50k --noise-multipliers 0,1,4 --dry-run
+  dpfl sweep --results runs.jsonl --models s50k --noise-multipliers 0,1,4 --shard 2/4 --devices all
   dpfl sweep --results users.jsonl --privacy-unit user --batch-sizes 64 --steps 100"""
 
 
@@ -78,7 +98,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--delta", type=float, default=1e-6, metavar="D",
                  help="δ at which ε is reported, in (0, 1) (default: 1e-6)")
   p.add_argument("--seq-len", type=int, default=64, metavar="L",
-                 help="tokens per example (default: 64)")
+                 help="tokens per example, 2..1024: the corpus is cut into windows of L bytes "
+                      "(files shorter than L are left out) (default: 64)")
   p.add_argument("--l2-clip-norm", type=float, default=1.0, metavar="C",
                  help="per-example clip norm (default: 1)")
   p.add_argument("--warmup-steps", type=int, default=10, metavar="W",
@@ -100,9 +121,63 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       "its results line as 'seed'; rerun with --seed <that> to reproduce "
                       "it). Runs are identified without the seed when it is drawn, with it "
                       "when given, so re-running either way skips finished runs")
+  p.add_argument("--devices", default="1", metavar="all|N",
+                 help="local devices each run trains on, data parallel over the batch (dpfl's "
+                      "mesh support); 'all' or N (default: 1, whose float sums are the "
+                      "reference: N devices give the same run to float rounding, and a private "
+                      "row records its max_batch_size rounded up to a multiple of N)")
+  p.add_argument("--shard", default=None, metavar="I/N",
+                 help="run only the I-th of N disjoint parts of the grid, I in 1..N (for job "
+                      "arrays: e.g. --shard $((SLURM_ARRAY_TASK_ID+1))/$SLURM_ARRAY_TASK_COUNT), "
+                      "into its own results file: --results R.jsonl becomes R.shard-I-of-N.jsonl, "
+                      "or name it with {shard} in --results (replaced by I-of-N). The parts "
+                      "balance the estimated cost; each run has the seed and run id it has "
+                      "unsharded; `dpfl fit --results R.shard-*-of-N.jsonl` merges the shards")
   p.add_argument("--dry-run", action="store_true",
                  help="list the runs and whether each is done; train nothing")
   p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+  """``"I/N"`` as (I, N) with 1 <= I <= N; None stays None; ValueError naming ``--shard``."""
+  if text is None:
+    return None
+  parts = text.split("/")
+  try:
+    index, count = (int(p) for p in parts)
+  except ValueError:
+    index = count = None
+  if len(parts) != 2 or count is None or count < 1 or not 1 <= index <= count:
+    raise ValueError(f"--shard must be I/N with integers 1 <= I <= N (shards are numbered "
+                     f"from 1), got {text!r}")
+  return index, count
+
+
+def shard_results_path(path: str, index: int, count: int) -> str:
+  """The results file of shard I of N: ``{shard}`` in ``path`` replaced by ``I-of-N``,
+  else ``.shard-I-of-N`` inserted before the extension (``runs.jsonl`` →
+  ``runs.shard-2-of-4.jsonl``)."""
+  tag = f"{index}-of-{count}"
+  if "{shard}" in path:
+    return path.replace("{shard}", tag)
+  root, ext = os.path.splitext(path)
+  return f"{root}.shard-{tag}{ext}"
+
+
+def parse_devices(text: str) -> int:
+  """``"all"`` or N as the number of local devices; ValueError naming ``--devices``."""
+  import jax
+  available = jax.local_device_count()
+  if text == "all":
+    return available
+  try:
+    count = int(text)
+  except ValueError:
+    count = 0
+  if not 1 <= count <= available:
+    raise ValueError(f"--devices must be 'all' or an integer in [1, {available}] (the local "
+                     f"devices), got {text!r}")
+  return count
 
 
 def _check(args) -> None:
@@ -128,7 +203,9 @@ def _check(args) -> None:
   if any(v <= 0 for v in args.learning_rates):
     raise ValueError(f"--learning-rates must be > 0, got {min(args.learning_rates):g}")
   check.open_unit("--delta", args.delta)
-  check.integer("--seq-len", args.seq_len, low=2, high=4096)
+  check.integer("--seq-len", args.seq_len, low=2, high=models.MAX_SEQ_LEN)
+  parse_shard(args.shard)
+  parse_devices(args.devices)
   check.positive("--l2-clip-norm", args.l2_clip_norm)
   for flag, value, low in (("--warmup-steps", args.warmup_steps, 0),
                            ("--eval-every", args.eval_every, 1),
@@ -144,7 +221,7 @@ def _check(args) -> None:
 def run(args) -> dict:
   """Builds the grid, checks it against the corpus, trains what is not done yet."""
   _check(args)
-  from dpfl.scaling import results, sweep
+  from dpfl.scaling import results, shards, sweep
   common = dict(seq_len=args.seq_len, delta=args.delta, l2_clip_norm=args.l2_clip_norm,
                 warmup_steps=args.warmup_steps, eval_every=args.eval_every,
                 eval_examples=args.eval_examples, seed=args.seed,
@@ -155,33 +232,43 @@ def run(args) -> dict:
   configs = sweep.make_grid(models=args.models, batch_sizes=args.batch_sizes,
                             steps=args.steps, learning_rates=args.learning_rates,
                             **noise, **common)
-  corpus = sweep.corpus_for(configs[0])
+  shard = parse_shard(args.shard)
+  results_path = args.results if shard is None else shard_results_path(args.results, *shard)
+  grid_runs = len(configs)
+  try:  # every run of the grid has the same corpus
+    corpus = sweep.corpus_for(configs[0])
+  except ValueError as err:  # a split without one full window of --seq-len bytes
+    raise ValueError(f"--seq-len {args.seq_len}: {err}") from None
   units = (len(corpus.train_users) if args.privacy_unit == "user"
            else corpus.num_train_examples)
   too_big = [c.batch_size for c in configs if c.batch_size > units]
   if too_big:
     what = "users (files)" if args.privacy_unit == "user" else "sequences"
     raise ValueError(f"--batch-sizes: {too_big[0]} exceeds the {units} training {what} of "
-                     "the corpus")
-  directory = os.path.dirname(os.path.abspath(args.results))
+                     f"the corpus (windows of --seq-len {args.seq_len} bytes)")
+  if shard is not None:  # after the grid-wide checks: every shard refuses a bad grid alike
+    configs = shards.shard_configs(configs, *shard)
+  directory = os.path.dirname(os.path.abspath(results_path))
   if not os.path.isdir(directory):
     raise ValueError(f"--results: directory {directory!r} does not exist")
   try:
-    results.read_results(args.results)
+    results.read_results(results_path)
   except (OSError, UnicodeDecodeError) as err:
-    raise ValueError(f"--results: cannot read {args.results!r}: {err}") from None
+    raise ValueError(f"--results: cannot read {results_path!r}: {err}") from None
+  where = {"results": results_path, "runs": len(configs), "grid_runs": grid_runs,
+           "shard": args.shard}
   if args.dry_run:
-    done = results.completed_run_ids(args.results)
+    done = results.completed_run_ids(results_path)
     rows = [dict(c.key(), run_id=(rid := sweep.run_id(c, corpus.fingerprint)),
                  status="done" if rid in done else "pending") for c in configs]
-    return {"results": args.results, "runs": len(configs),
-            "done": sum(r["status"] == "done" for r in rows), "trained": 0, "dry_run": True,
-            "corpus": corpus.summary(), "rows": rows}
-  summary = sweep.run_sweep(configs, args.results, progress=not args.no_progress)
+    return {**where, "done": sum(r["status"] == "done" for r in rows), "trained": 0,
+            "dry_run": True, "corpus": corpus.summary(), "rows": rows}
+  summary = sweep.run_sweep(configs, results_path, progress=not args.no_progress,
+                            devices=parse_devices(args.devices))
   keys = ("run_id", "model", "params", "batch_size", "noise_multiplier", "noise_batch_ratio",
           "steps", "learning_rate", "epsilon", "final_eval_loss", "flops", "seconds",
           "tokens_per_second", "seed")
-  return {"results": args.results, "runs": len(configs), "trained": len(summary.trained),
+  return {**where, "trained": len(summary.trained),
           "skipped": len(summary.skipped), "dry_run": False, "corpus": corpus.summary(),
           "rows": [{k: row.get(k) for k in keys} for row in summary.rows]}
 
@@ -194,7 +281,9 @@ def _fmt(value, spec: str) -> str:
 
 def format_table(result: dict) -> str:
   corpus = result["corpus"]
-  lines = [f"dpfl sweep: {result['runs']} runs -> {result['results']}",
+  shard = (f" (shard {result['shard']} of a {result['grid_runs']}-run grid)"
+           if result.get("shard") else "")
+  lines = [f"dpfl sweep: {result['runs']} runs{shard} -> {result['results']}",
            f"  corpus: python-stdlib, {corpus['train_examples']} train / "
            f"{corpus['eval_examples']} eval sequences of {corpus['seq_len']} tokens"]
   if result["dry_run"]:

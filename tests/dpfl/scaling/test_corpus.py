@@ -98,3 +98,49 @@ def test_stdlib_corpus_is_deterministic_and_split_by_user():
 def test_bad_arguments(kwargs, match):
   with pytest.raises(ValueError, match=match):
     corpus.load_corpus(**kwargs)
+
+
+def test_1024_token_windows_on_a_small_corpus(tmp_path):
+  """--seq-len 1024 (the sweep's longest): windows of 1024 bytes, files shorter left out."""
+  seq_len = 1024
+  sizes = {f"f{i:02d}.py": size for i, size in enumerate(
+      [1023, 1024, 2047, 2048, 5000, 100, 3 * 1024 + 1, 4096 * 3, 1500, 7000] * 3)}
+  for name, size in sizes.items():
+    (tmp_path / name).write_bytes(bytes((i * 31 + len(name)) % 256 for i in range(size)))
+  c = corpus.load_corpus(seq_len=seq_len, examples_per_user=4, eval_fraction=0.3,
+                         root=str(tmp_path))
+  assert c.train_tokens.shape[1] == c.eval_tokens.shape[1] == seq_len + 1
+  kept = {n: s for n, s in sizes.items() if s >= seq_len}
+  assert set(c.train_users) | set(c.eval_users) == set(kept)
+  for split in ("train", "eval"):
+    tokens, names = getattr(c, f"{split}_tokens"), getattr(c, f"{split}_users")
+    for user, rows in enumerate(c.examples_by_user(split)):
+      data = (tmp_path / names[user]).read_bytes()
+      count = len(data) // seq_len  # whole windows only, at most 4 kept, evenly spread
+      starts = np.linspace(0, count - 1, 4).round().astype(int) if count > 4 else range(count)
+      assert len(rows) == len(starts)
+      for row, start in zip(tokens[rows], starts):
+        assert row[0] == corpus.BOS
+        assert bytes(row[1:].astype(np.uint8)) == data[start * seq_len:(start + 1) * seq_len]
+
+
+def test_a_corpus_too_small_for_the_sequences_is_refused(tmp_path):
+  for i in range(10):
+    (tmp_path / f"m{i}.py").write_bytes(b"x" * (900 + i))
+  (tmp_path / "long.py").write_bytes(b"y" * 1024)  # one user: one split stays empty
+  with pytest.raises(ValueError, match=r"split is empty: no (train|eval) file holds one full "
+                     r"window of seq_len=1024 bytes"):
+    corpus.load_corpus(seq_len=1024, root=str(tmp_path))
+  assert corpus.load_corpus(seq_len=512, root=str(tmp_path)).num_train_examples > 0
+
+
+def test_models_read_1024_tokens():
+  """The models' positions are sinusoidal: a 1024-token batch traces to a scalar loss."""
+  import jax
+  import jax.numpy as jnp
+  from dpfl.scaling import models
+  assert models.MAX_SEQ_LEN == 1024
+  params = jax.eval_shape(lambda: models.init_params("s50k", jax.random.key(0), seq_len=1024))
+  loss = jax.eval_shape(models.make_loss_fn("s50k"), params,
+                        jax.ShapeDtypeStruct((2, 1025), jnp.int32))
+  assert loss.shape == () and loss.dtype == jnp.float32

@@ -9,7 +9,7 @@ import accounting
 from dpfl import cli
 from dpfl.sampling import default_max_batch_size
 from dpfl.scaling import corpus as corpus_lib
-from dpfl.scaling import models, results, sweep
+from dpfl.scaling import models, results, shards, sweep
 
 SWEEP = ("sweep", "dpfl.scaling.sweep_cli")
 # A tiny corpus and run: 60 stdlib files, 4 sequences of 16 tokens each.
@@ -178,6 +178,8 @@ def test_noise_batch_ratios_set_sigma_from_batch():
     (["--learning-rates", "0"], "--learning-rates"),
     (["--delta", "1.5"], "--delta"),
     (["--seq-len", "1"], "--seq-len"),
+    (["--seq-len", "1025"], "--seq-len"),
+    (["--seq-len", "1024", "--max-users", "2", "--batch-sizes", "9999"], "--seq-len"),
     (["--eval-every", "0"], "--eval-every"),
     (["--max-users", "1"], "--max-users"),
     (["--models", ""], "--models"),
@@ -185,6 +187,9 @@ def test_noise_batch_ratios_set_sigma_from_batch():
     (["--privacy-unit", "user", "--batch-sizes", "61"], "--batch-sizes"),
     (["--privacy-unit", "file"], "--privacy-unit"),
     (["--seed", "-1"], "--seed"),
+    (["--devices", "0"], "--devices"),
+    (["--devices", "x"], "--devices"),
+    (["--devices", "4097"], "--devices"),
 ])
 def test_bad_flags_exit_2_with_one_line(flags, flag, dpfl_main, capsys, tmp_path):
   argv = ["sweep", "--results", str(tmp_path / "r.jsonl"), "--max-users", "60",
@@ -242,3 +247,104 @@ def test_user_level_run_is_uls_over_files(tmp_path, dpfl_main, capsys):
   example_row = dict(row, privacy_unit="example")
   with pytest.raises(ValueError, match="mix privacy units"):
     fit.fit_law([row, example_row])
+
+
+# --- sharded sweeps (--shard I/N) ------------------------------------------------------
+
+def _brute_force_lpt(costs, names, count):
+  """Greedy longest-processing-time, written out independently: cost desc, then name."""
+  loads, parts = [0.0] * count, [[] for _ in range(count)]
+  for i in sorted(range(len(costs)), key=lambda i: (-costs[i], names[i])):
+    best = 0
+    for p in range(1, count):
+      if loads[p] < loads[best]:
+        best = p
+    loads[best] += costs[i]
+    parts[best].append(i)
+  return [sorted(p) for p in parts]
+
+
+def test_shards_partition_the_grid_balanced_by_cost():
+  grid = sweep.make_grid(models=["s50k", "s100k", "s200k"], batch_sizes=[8, 64],
+                         steps=[50, 200], learning_rates=[1e-3, 3e-3],
+                         noise_batch_ratios=[0, 1e-3, 1e-2])
+  costs = [6 * models.params_count(c.model) * c.steps * c.batch_size * c.seq_len
+           * (2 if c.noise_multiplier > 0 else 1) for c in grid]
+  for count in (1, 2, 3, 7, len(grid) + 2):
+    parts = [shards.shard_configs(grid, i, count) for i in range(1, count + 1)]
+    # Disjoint, covering, in grid order; as the greedy rule assigns them.
+    assert sorted(grid.index(c) for p in parts for c in p) == list(range(len(grid)))
+    names = [json.dumps(c.key(), sort_keys=True) for c in grid]
+    assert [[grid.index(c) for c in p] for p in parts] == _brute_force_lpt(costs, names, count)
+    loads = [sum(costs[grid.index(c)] for c in p) for p in parts]
+    # LPT's bound: no part above 4/3 of the optimum, itself >= max(mean, largest run).
+    assert max(loads) <= 4 / 3 * max(sum(costs) / count, max(costs)) * (1 + 1e-12)
+    # A shard is a function of the set of runs (not of their order, nor of other shards).
+    assert shards.shard_configs(list(reversed(grid)), count, count) == [
+        c for c in reversed(grid) if c in parts[count - 1]]
+
+
+@pytest.mark.parametrize("shard", ["0/2", "3/2", "1/0", "2", "a/b", "1/2/3", "-1/2", ""])
+def test_bad_shard_exits_2_naming_the_range(shard, dpfl_main, capsys, tmp_path):
+  argv = ["sweep", "--results", str(tmp_path / "r.jsonl"), f"--shard={shard}", *TINY]
+  assert dpfl_main(argv) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "--shard" in err[0] and "1 <= I <= N" in err[0], err
+  assert not list(tmp_path.iterdir())
+
+
+def test_shard_results_file_names():
+  from dpfl.scaling import sweep_cli
+  assert sweep_cli.shard_results_path("out/runs.jsonl", 2, 4) == "out/runs.shard-2-of-4.jsonl"
+  assert sweep_cli.shard_results_path("runs", 1, 1) == "runs.shard-1-of-1"
+  assert sweep_cli.shard_results_path("r/{shard}/x.jsonl", 3, 8) == "r/3-of-8/x.jsonl"
+
+
+_TIMING = ("seconds", "tokens_per_second")
+
+
+def _sharded_equals_unsharded(tmp_path, dpfl_main, capsys, flags):
+  """Trains a grid unsharded and as shards 1/2, 2/2; returns (rows, merged) without timings."""
+  base = ["--seed", "5", "--json", "--no-progress", *flags]
+  whole = tmp_path / "whole.jsonl"
+  assert dpfl_main(["sweep", "--results", str(whole), *base]) == 0
+  shard_runs = []
+  for i in (1, 2):
+    assert dpfl_main(["sweep", "--results", str(tmp_path / "runs.jsonl"), "--shard",
+                      f"{i}/2", *base]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["results"] == str(tmp_path / f"runs.shard-{i}-of-2.jsonl")
+    shard_runs.append(out["runs"])
+  strip = lambda rows: sorted(({k: v for k, v in r.items() if k not in _TIMING} for r in rows),
+                              key=lambda r: r["run_id"])
+  rows = strip(results.read_results(whole))
+  merged = strip(results.read_inputs([tmp_path / "runs.shard-1-of-2.jsonl",
+                                      tmp_path / "runs.shard-2-of-2.jsonl"]))
+  assert shard_runs[0] >= 1 and shard_runs[1] >= 1 and sum(shard_runs) == len(rows)
+  return rows, merged
+
+
+def test_sharded_sweep_merges_to_the_unsharded_one(tiny_sweep, tmp_path, dpfl_main, capsys):
+  # Non-private runs whose step tiny_sweep compiled already (model, batch, lr and
+  # warm-up as there), long enough for 3 points after warm-up: well under a second.
+  flags = [f for f in TINY]
+  flags[flags.index("--steps") + 1] = "12,13"
+  flags[flags.index("--eval-every") + 1] = "1"
+  rows, merged = _sharded_equals_unsharded(
+      tmp_path, dpfl_main, capsys, ["--noise-multipliers", "0", *flags])
+  # Equal rows (same seeds, so the same losses): the same law. That a fit of
+  # merged shard files is the fit of the whole file (rows in another order) is
+  # test_results_inputs.py::test_shard_files_merge_to_the_whole.
+  assert merged == rows and len(rows) == 2 and all(r["seed"] == 5 for r in rows)
+
+
+@pytest.mark.slow
+def test_sharded_private_sweep_merges_to_the_unsharded_one(tmp_path, dpfl_main, capsys):
+  flags = [f for f in TINY]
+  flags[flags.index("--steps") + 1] = "4"
+  flags[flags.index("--eval-every") + 1] = "1"
+  flags[flags.index("--learning-rates") + 1] = "0.01,0.003"
+  rows, merged = _sharded_equals_unsharded(
+      tmp_path, dpfl_main, capsys,
+      ["--noise-multipliers", "0,2", "--warmup-steps", "0", *flags])
+  assert merged == rows and len(rows) == 4 and all(r["seed"] == 5 for r in rows)
