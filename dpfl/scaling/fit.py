@@ -329,7 +329,7 @@ def _fit_model(name: str, table: dict, *, min_points: int, tail_factor: float) -
           f"model {name!r}: the non-private curve's irreducible loss E={e:.4g} is degenerate "
           f"(at a bound of (0, {floor:.4g}), the smallest measured loss): {why}, so the tail "
           "beyond the measured steps cannot be fitted; sweep longer, or fit without a tail "
-          "(tail_factor=1)")
+          "(tail_factor=1; dpfl fit --tail-factor 1)")
     e_fit = {"m": m, "b": b, "rmse": rmse, "points": int(len(s0)), "bounds": [0.0, floor]}
   out = []
   for ratio, steps, loss, lrs in curves:

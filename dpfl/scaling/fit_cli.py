@@ -43,6 +43,14 @@ def add_arguments(p) -> None:
                  help="which loss curve of sweep rows to fit (default: eval_loss)")
   p.add_argument("--min-points", type=int, default=3, metavar="K",
                  help="fewest points after warm-up for a (model, σ/B) curve (default 3)")
+  p.add_argument("--min-steps", type=int, default=1, metavar="T",
+                 help="drop points at fewer steps (warm-up of a point table; sweep rows drop "
+                      "their own warm-up); default 1")
+  p.add_argument("--tail-factor", type=float, default=64.0, metavar="F",
+                 help="trust the fitted tail L(T) = exp(m·log T + b) + E up to F times each "
+                      "curve's last measured step (default 64, as the paper's 128K -> 8M); 1 "
+                      "fits no tail and no E (for sweeps too short to flatten): the law's "
+                      "support is then the measured steps")
   p.add_argument("--seq-len", type=int, default=None, metavar="L",
                  help="CSV input: tokens per example of the table's runs (recorded in the law)")
   p.add_argument("--max-epochs", type=float, default=None, metavar="E",
@@ -70,6 +78,8 @@ def _law_kwargs(args) -> dict:
 def run(args) -> dict:
   from accounting import validate as check  # deferred: numpy, not needed for --help
   check.integer("--min-points", args.min_points, low=2)
+  check.integer("--min-steps", args.min_steps, low=1)
+  check.real("--tail-factor", args.tail_factor, low=1.0)
   law_kwargs = _law_kwargs(args)
   for path in args.results:
     if not os.path.isfile(path):
@@ -95,6 +105,7 @@ def run(args) -> dict:
   if missing:
     raise ValueError(f"--results: rows lack key(s) {', '.join(missing)} (not a sweep results file?)")
   law = fit.fit_law(rows, curve=args.curve, min_points=args.min_points,
+                    min_steps=args.min_steps, tail_factor=args.tail_factor,
                     description=args.description,
                     source=", ".join(os.path.basename(p) for p in args.results),
                     **law_kwargs)
@@ -133,7 +144,7 @@ def format_table(result: dict) -> str:
       for k, c in enumerate(m["curves"]):
         e = m.get("E")
         e = f"{e:>7.4f}" if isinstance(e, (int, float)) else f"{'-':>7}"
-        head = (f"  {m['model']:<10} {m['params']:>10,} {e} {m.get('E_source', '-'):<12}"
+        head = (f"  {m['model']:<10} {m['params']:>10,} {e} {m.get('E_source') or '-':<12}"
                 if k == 0 else f"  {'':<10} {'':>10} {'':>7} {'':<12}")
         lines.append(f"{head} {c['noise_batch_ratio']:>10.4g} {_num(c.get('m'), '8.4f')} "
                      f"{_num(c.get('b'), '8.4f')} {c.get('points', '-'):>6} "

@@ -95,9 +95,11 @@ def test_fit_passes_point_rows_and_support_flags(tmp_path, dpfl_main, capsys, mo
   seen = {}
 
   def fake_fit_law(rows, *, curve="eval_loss", min_points=3, seq_len=None, max_epochs=None,
-                   max_sampling_prob=None, description="", source=None):
+                   max_sampling_prob=None, description="", source=None, min_steps=1,
+                   tail_factor=64.0):
     seen.update(rows=rows, seq_len=seq_len, max_epochs=max_epochs,
-                max_sampling_prob=max_sampling_prob, source=source)
+                max_sampling_prob=max_sampling_prob, source=source, min_steps=min_steps,
+                tail_factor=tail_factor)
     return {"models": [{"model": "m", "params": 1000}], "seq_len": seq_len}
 
   monkeypatch.setattr(fit, "fit_law", fake_fit_law)
@@ -109,6 +111,9 @@ def test_fit_passes_point_rows_and_support_flags(tmp_path, dpfl_main, capsys, mo
   assert dpfl_main(argv) == 0
   assert seen["rows"] == results.read_points_csv(a) and seen["seq_len"] == 1024
   assert seen["max_epochs"] == 4.0 and seen["max_sampling_prob"] == 0.01
+  assert seen["min_steps"] == 1 and seen["tail_factor"] == 64.0
+  assert dpfl_main(argv + ["--min-steps", "100", "--tail-factor", "8"]) == 0
+  assert seen["min_steps"] == 100 and seen["tail_factor"] == 8.0
   assert dpfl_main(["fit", "--results", str(a), str(b), "--results", str(a),
                     "--out", str(tmp_path / "law.json"), "--json"]) == 0
   out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -123,6 +128,8 @@ def test_fit_passes_point_rows_and_support_flags(tmp_path, dpfl_main, capsys, mo
     (["--max-epochs", "0"], "--max-epochs"),
     (["--max-epochs", "inf"], "--max-epochs"),
     (["--seq-len", "0"], "--seq-len"),
+    (["--tail-factor", "0.5"], "--tail-factor"),
+    (["--min-steps", "0"], "--min-steps"),
 ])
 def test_support_flags_are_validated(tmp_path, dpfl_main, capsys, flags, flag):
   path = _write(tmp_path, HEADER + "\n" + GOOD + "\n")
@@ -213,3 +220,21 @@ def test_csv_tables_fit_the_law_of_their_points(tmp_path, dpfl_main, capsys):
   assert support["seq_len"] == 1024 and support["max_epochs"] == 8
   assert support["max_sampling_prob"] == 0.001
   assert support["params"] == [4_500_000, 778_000_000]
+
+
+def test_the_shipped_law_is_rebuilt_by_the_cli(tmp_path, dpfl_main, capsys):
+  """`dpfl fit --tail-factor 1` on the study's results file is the shipped law (no tail, no E).
+
+  The default (a tail trusted to 64x) refuses that sweep: its 200-step
+  non-private curves never flatten, so E sits at its bound of 0.
+  """
+  import pathlib
+  study = pathlib.Path(__file__).resolve().parents[3] / "docs" / "scaling_study" / "results.jsonl"
+  out = tmp_path / "law.json"
+  assert dpfl_main(["fit", "--results", str(study), "--out", str(out)]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "degenerate" in err[0] and "--tail-factor 1" in err[0], err
+  assert dpfl_main(["fit", "--results", str(study), "--out", str(out), "--tail-factor", "1"]) == 0
+  assert "support: params [4.948e+04, 2.155e+05], steps [20, 200]" in capsys.readouterr().out
+  got, shipped = fit.load_law(out), fit.load_law()
+  assert got["models"] == shipped["models"] and fit.support(got) == fit.support(shipped)
