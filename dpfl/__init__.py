@@ -29,7 +29,12 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
+_SUBMODULES = ("nnx",)  # dpfl.nnx: Flax NNX models (imports flax)
+
+
 def __getattr__(name):
+  if name in _SUBMODULES:
+    return importlib.import_module(f"dpfl.{name}")
   if name in _EXPORTS:
     value = getattr(importlib.import_module(_EXPORTS[name]), name)
     globals()[name] = value
