@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import errors as flax_errors
 from flax import nnx
 
 from dpfl import clipping
@@ -53,6 +54,13 @@ from dpfl.privatize import make_private as _make_private
 from dpfl.private_training import PrivateTraining as _PrivateTraining
 
 __all__ = ["ClippedGradFn", "PrivateTraining", "clipped_grad", "make_private"]
+
+
+_WRITES = (
+    "loss_fn writes model state other than its RNG streams (e.g. a batch statistic, a "
+    "counter, a sown value): under per-example clipping that write would be one "
+    "example's, un-noised, so dpfl.nnx refuses it. Keep such state out of the training "
+    "loss (LayerNorm / GroupNorm instead of BatchNorm)")
 
 
 def _fold_in(keys: jax.Array, data: jax.Array) -> jax.Array:
@@ -131,14 +139,13 @@ class ClippedGradFn:
       batch, index = indexed
       unit_model = nnx.merge(graphdef, params, unit_rngs(index[0]), rest)
       before = _untouched(unit_model, wrt)
-      out = loss_fn(unit_model, batch)
+      try:
+        out = loss_fn(unit_model, batch)
+      except flax_errors.TraceContextError as error:  # NNX's own refusal of such a write
+        raise ValueError(_WRITES) from error
       after = _untouched(unit_model, wrt)
       if len(before) != len(after) or any(a is not b for a, b in zip(before, after)):
-        raise ValueError(
-            "loss_fn writes model state other than its RNG streams (e.g. a batch "
-            "statistic, a counter, a sown value): under per-example clipping that write "
-            "would be one example's, un-noised, so dpfl.nnx refuses it. Keep such state "
-            "out of the training loss (LayerNorm / GroupNorm instead of BatchNorm)")
+        raise ValueError(_WRITES)
       return out
 
     return params, pure_loss
