@@ -25,21 +25,23 @@ def _run(name, capsys, *flags):
 
 
 def test_json_has_the_keys_of_digits(capsys):
-  result = _run("digits_nnx", capsys, "--target-epsilon", "3", "--epochs", "0.5", "--seed", "0")
+  # Non-private: a private run's calibration costs ~8 s of CPU (the slow tests run it).
+  result = _run("digits_nnx", capsys, "--non-private", "--epochs", "0.5", "--seed", "0")
   digits = _load("digits")
   args = digits.build_parser("").parse_args(["--json"])
   keys = digits.report(args, epsilon=1.0, sigma=1.0, steps=1, lr=1.0, accuracy=1.0, n=1,
                        n_test=1, seconds=0.0)
   capsys.readouterr()
   assert set(result) == set(keys)
-  assert 0 < result["epsilon"] <= 3.0 and result["delta"] == 1e-5
-  assert result["mechanism"] == "dp-sgd" and 0 < result["accuracy"] <= 1.0
+  assert result["epsilon"] is None and result["mechanism"] == "non-private"
+  assert 0 < result["accuracy"] <= 1.0
 
 
 @pytest.mark.slow
 def test_same_plan_and_epsilon_as_digits(capsys):
   flags = ("--target-epsilon", "3", "--epochs", "0.5", "--seed", "0")
   nnx_result, linen_result = _run("digits_nnx", capsys, *flags), _run("digits", capsys, *flags)
+  assert set(nnx_result) == set(linen_result)
   for key in ("epsilon", "delta", "noise_multiplier", "steps", "mechanism"):
     assert nnx_result[key] == linen_result[key], key  # one plan, one ε
 
