@@ -173,8 +173,9 @@ def test_batch_norm_is_refused():
 
 
 def _private_args(**extra):
+  # RDP and a given max batch: the cheap accounting (PLD's is tested elsewhere).
   return dict(l2_clip_norm=1.0, delta=1e-5, dataset_size=200, batch_size=20, num_steps=3,
-              noise_multiplier=1.0, **extra)
+              noise_multiplier=2.0, accountant="rdp", max_batch_size=40, **extra)
 
 
 def test_nnx_optimizer_loop_has_the_plan_and_epsilon_of_make_private():
@@ -182,9 +183,11 @@ def test_nnx_optimizer_loop_has_the_plan_and_epsilon_of_make_private():
   train = {"x": rng.normal(size=(200, 5)).astype(np.float32),
            "y": rng.integers(0, 3, 200).astype(np.int32)}
   model = _DropoutMLP(nnx.Rngs(0, dropout=1))
-  private = dpnnx.make_private(_loss, optax.adam(1e-2), key=0, seed=0, **_private_args())
+  private = dpnnx.make_private(_loss, optax.adam(1e-2), key=0, seed=0, clip_method="materialize",
+                               **_private_args())
   params = jax.tree.map(jnp.copy, nnx.state(model, nnx.Param))  # values, not the live variables
-  pytree = dpfl.make_private(lambda p, b: 0.0, optax.adam(1e-2), **_private_args())
+  pytree = dpfl.make_private(lambda p, b: 0.0, optax.adam(1e-2), clip_method="materialize",
+                             **_private_args())
   assert private.plan == pytree.plan
   optimizer = nnx.Optimizer(model, private.optimizer, wrt=nnx.Param)
 
