@@ -2,7 +2,8 @@
 
 Public names are re-exported lazily (PEP 562): ``import dpfl`` is cheap, and
 the ``dpfl`` command line can live in this package without importing JAX for
-``dpfl epsilon``. ``dpfl.clipped_grad`` etc. import their module on first use.
+``dpfl epsilon``. ``dpfl.clipped_grad`` etc. import their module on first use,
+as does ``dpfl.nnx`` (Flax NNX models: ``dpfl.nnx.make_private``).
 """
 
 import importlib

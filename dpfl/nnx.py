@@ -96,8 +96,10 @@ class ClippedGradFn:
   ``clipped_sum`` is an ``nnx.State`` shaped like ``nnx.state(model, wrt)``
   (what ``nnx.grad`` returns, ready for ``nnx.Optimizer.update``): the sum
   over units of each unit's gradient clipped to ``l2_clip_norm``; ``aux`` is
-  ``dpfl.ClippedGradAux``. ``mask`` may be given positionally, so a
-  ``(batch, mask)`` pair from ``private.batches`` unpacks into the call.
+  ``dpfl.ClippedGradAux``. ``mask`` (``[examples]``, or ``[users,
+  examples_per_user]``; False on padding) may also be given positionally,
+  so a ``(batch, mask)`` pair from ``private.batches`` unpacks into the call.
+  Each call advances every RNG stream of the model by one key.
 
   Formal guarantee: ``dpfl.clipped_grad``'s, for the loss of the model's
   ``wrt`` variables with the rest of the model (RNG streams re-keyed per
@@ -150,7 +152,7 @@ class ClippedGradFn:
 
     return params, pure_loss
 
-  def __call__(self, model, batch, mask: jax.Array | None = None, /
+  def __call__(self, model, batch, mask: jax.Array | None = None
                ) -> tuple[nnx.State, ClippedGradAux]:
     params, pure_loss = self._pure(model)
     shape = clipping.batch_unit_shape(batch, self.unit)
