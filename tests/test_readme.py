@@ -113,6 +113,13 @@ def test_diff_block_both_sides_run(which, side):
     private = namespace["private"]
     assert private.ledger.num_steps == private.num_steps
     assert 0 < private.epsilon() <= 3.0
+    if which == 1:  # dpfl.nnx plans with make_private: the same keywords, the same plan
+      import optax
+      from dpfl import make_private
+      same = make_private(lambda params, batch: 0.0, optax.adam(1e-2), l2_clip_norm=1.0,
+                          target_epsilon=3.0, delta=1e-5, dataset_size=namespace["n"],
+                          batch_size=100, epochs=3)
+      assert private.plan == same.plan
 
 
 def test_nnx_diff_changes_at_most_6_lines():

@@ -178,6 +178,7 @@ def _private_args(**extra):
               noise_multiplier=2.0, accountant="rdp", max_batch_size=40, **extra)
 
 
+@pytest.mark.slow  # the README's NNX diff runs this loop in the default suite
 def test_nnx_optimizer_loop_has_the_plan_and_epsilon_of_make_private():
   rng = np.random.default_rng(0)
   train = {"x": rng.normal(size=(200, 5)).astype(np.float32),
