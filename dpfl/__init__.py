@@ -2,7 +2,8 @@
 
 Public names are re-exported lazily (PEP 562): ``import dpfl`` is cheap, and
 the ``dpfl`` command line can live in this package without importing JAX for
-``dpfl epsilon``. ``dpfl.clipped_grad`` etc. import their module on first use.
+``dpfl epsilon``. ``dpfl.clipped_grad`` etc. import their module on first use,
+as does ``dpfl.nnx`` (Flax NNX models: ``dpfl.nnx.make_private``).
 """
 
 import importlib
@@ -32,7 +33,12 @@ _SUBMODULES = ("audit",)
 __all__ = sorted([*_EXPORTS, *_SUBMODULES])
 
 
+_SUBMODULES = ("nnx",)  # dpfl.nnx: Flax NNX models (imports flax)
+
+
 def __getattr__(name):
+  if name in _SUBMODULES:
+    return importlib.import_module(f"dpfl.{name}")
   if name in _EXPORTS:
     value = getattr(importlib.import_module(_EXPORTS[name]), name)
     globals()[name] = value

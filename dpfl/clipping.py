@@ -113,7 +113,7 @@ def _check_microbatch_size(microbatch_size: Any) -> int | None:
   return check.positive_int("microbatch_size", microbatch_size)
 
 
-def _batch_shape(batch: PyTree, unit: str) -> tuple[int, ...]:
+def batch_unit_shape(batch: PyTree, unit: str) -> tuple[int, ...]:
   """The leading unit axes shared by every batch leaf: (B,) or (U, K)."""
   leaves = jax.tree.leaves(batch)
   if not leaves:
@@ -309,7 +309,7 @@ def clipped_sum(
     return method
 
   def explain(params, batch, *, mask=None) -> ghost.ClipReport:
-    shape = _batch_shape(batch, unit)
+    shape = batch_unit_shape(batch, unit)
     units = (batch, _check_mask(mask, shape, unit))
     chosen = resolve(params, units)
     if chosen != "ghost":
@@ -317,7 +317,7 @@ def clipped_sum(
     return clip_methods.ghost_analysis(unit_loss, params, units).report
 
   def fun(params, batch, *, mask=None):
-    shape = _batch_shape(batch, unit)
+    shape = batch_unit_shape(batch, unit)
     mask = _check_mask(mask, shape, unit)
     _sharding.refuse_params_on(params, set().union(
         *map(_sharding.unit_axes, jax.tree.leaves((batch, mask)))))

@@ -97,6 +97,9 @@ class PrivateTraining:
     journal: the write-ahead ``accounting.journal.RunJournal``.
     ftrl: DP-FTRL only: the ``dpfl.ftrl.FtrlPlan`` (strategy ``C``).
     mesh: user level: the mesh batches are sharded over, or None.
+    clipped_grad_for: ``loss_fn -> clipped_grad`` with this run's clipping
+      (clip norm, unit, local steps, method) for another loss: what
+      ``dpfl.nnx`` builds its model-taking clipped gradient from.
   """
 
   plan: PrivacyPlan
@@ -107,6 +110,7 @@ class PrivateTraining:
   noise_transform: optax.GradientTransformation
   ftrl: Any = None
   mesh: Any = None
+  clipped_grad_for: Callable[..., Any] | None = None
   checkpoint_dir: str | None = None
   resume_from: str | None = None
   _last_release: int = -1

@@ -331,16 +331,18 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
       accountant=accountant, clip_method=clip_method,
       local_steps=local_steps if sampling_unit == "user" and privacy_unit == "user" else None,
       prior=() if ledger is None else ledger.entries)
-  if privacy_unit == "user" and sampling_unit == "user" and local_steps is not None:
-    grad_fn = clipped_user_updates(
-        loss_fn, l2_clip_norm=l2_clip_norm, local_steps=local_steps,
-        local_learning_rate=local_learning_rate, local_optimizer=local_optimizer,
-        local_batch_size=local_batch_size, has_aux=has_aux, microbatch_size=microbatch_size,
-        method=clip_method)
-  else:
-    grad_fn = make_clipped_grad(loss_fn, l2_clip_norm=l2_clip_norm, has_aux=has_aux,
-                                unit=sampling_unit, microbatch_size=microbatch_size,
-                                method=clip_method)
+  def clipped_grad_for(loss_fn):
+    if privacy_unit == "user" and sampling_unit == "user" and local_steps is not None:
+      return clipped_user_updates(
+          loss_fn, l2_clip_norm=l2_clip_norm, local_steps=local_steps,
+          local_learning_rate=local_learning_rate, local_optimizer=local_optimizer,
+          local_batch_size=local_batch_size, has_aux=has_aux,
+          microbatch_size=microbatch_size, method=clip_method)
+    return make_clipped_grad(loss_fn, l2_clip_norm=l2_clip_norm, has_aux=has_aux,
+                             unit=sampling_unit, microbatch_size=microbatch_size,
+                             method=clip_method)
+
+  grad_fn = clipped_grad_for(loss_fn)
   noise_args = dict(noise_multiplier=plan.noise_multiplier, l2_clip_norm=plan.l2_clip_norm,
                     expected_batch_size=sampler.expected_batch_size, key=key)
   transform = (noise.gaussian_noise(**noise_args) if mf is None
@@ -351,7 +353,7 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
     journal.used_keys.append(key_digest(np.asarray(_rng.key_data(key)).ravel()))
   private = PrivateTraining(plan=plan, clipped_grad=grad_fn, optimizer=optimizer,
                             sampler=sampler, journal=journal, noise_transform=transform,
-                            ftrl=mf, mesh=mesh)
+                            ftrl=mf, mesh=mesh, clipped_grad_for=clipped_grad_for)
   private.optimizer = optax.chain(recorded_noise(transform, private._on_release), optimizer)
   if checkpoint_dir is not None:
     checkpoint_dir = os.fspath(checkpoint_dir)

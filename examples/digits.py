@@ -51,8 +51,9 @@ def load(test_fraction: float = 0.2):
   return {"x": x[train], "y": y[train].astype(np.int32)}, {"x": x[test], "y": y[test]}
 
 
-def main(argv=None) -> dict:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+def build_parser(description: str) -> argparse.ArgumentParser:
+  """The flags of this example (examples/digits_nnx.py takes the same)."""
+  p = argparse.ArgumentParser(description=description, allow_abbrev=False)
   p.add_argument("--target-epsilon", type=float, default=3.0)
   p.add_argument("--delta", type=float, default=1e-5)
   p.add_argument("--non-private", action="store_true", help="plain jax.grad baseline")
@@ -75,8 +76,55 @@ def main(argv=None) -> dict:
   p.add_argument("--seed", type=int, default=None,
                  help="seeds init, sampling and noise (default: OS entropy for the latter two)")
   p.add_argument("--json", action="store_true")
-  args = p.parse_args(argv)
+  return p
 
+
+def private_options(args, p: argparse.ArgumentParser) -> tuple[optax.GradientTransformation,
+                                                                float, dict]:
+  """(optimizer, learning rate, make_private's DP-FTRL keywords) of a private run."""
+  name = args.optimizer or ("adam" if args.strategy is None else "sgd")
+  if name == "adam":
+    lr = args.learning_rate or 1e-2
+    optimizer = optax.adam(lr)
+  else:
+    lr = args.learning_rate or 0.5
+    optimizer = optax.sgd(lr, momentum=args.momentum or None)
+  ftrl = {}
+  if args.strategy is not None:
+    options = {"momentum": args.momentum if name == "sgd" else 0.0}
+    if args.buffers is not None:
+      options["buffers"] = args.buffers
+    if args.bands is not None:
+      options["bands"] = args.bands
+    ftrl = dict(strategy=args.strategy, strategy_options=options,
+                sampling_scheme=args.sampling)
+  elif args.sampling == "cyclic":
+    p.error("--sampling cyclic needs --strategy (DP-FTRL)")
+  return optimizer, lr, ftrl
+
+
+def report(args, *, epsilon, sigma, steps, lr, accuracy, n, n_test, seconds) -> dict:
+  """The JSON result (last stdout line with --json), or one line of text."""
+  result = {"epsilon": epsilon, "delta": None if args.non_private else args.delta,
+            "accuracy": accuracy, "non_private": args.non_private, "noise_multiplier": sigma,
+            "steps": steps, "batch_size": args.batch_size, "epochs": args.epochs,
+            "l2_clip_norm": args.l2_clip_norm, "learning_rate": lr,
+            "train_examples": n, "test_examples": n_test,
+            "mechanism": "non-private" if args.non_private else (
+                "dp-sgd" if args.strategy is None else f"dp-ftrl-{args.strategy}"),
+            "seconds": seconds}
+  if args.json:
+    print(json.dumps(result))
+  else:
+    eps = "inf (non-private)" if epsilon is None else f"{epsilon:.3f}"
+    print(f"digits: accuracy {accuracy:.4f} at epsilon {eps}, delta {args.delta:g} "
+          f"(sigma {sigma:.3f}, {steps} steps of expected batch {args.batch_size})")
+  return result
+
+
+def main(argv=None) -> dict:
+  p = build_parser(__doc__.splitlines()[0])
+  args = p.parse_args(argv)
   train, test = load()
   n = len(train["y"])
   model = MLP()
@@ -105,24 +153,7 @@ def main(argv=None) -> dict:
       params, opt_state = step(params, opt_state, {k: v[idx] for k, v in train.items()})
     epsilon, sigma = None, 0.0
   else:
-    name = args.optimizer or ("adam" if args.strategy is None else "sgd")
-    if name == "adam":
-      lr = args.learning_rate or 1e-2
-      optimizer = optax.adam(lr)
-    else:
-      lr = args.learning_rate or 0.5
-      optimizer = optax.sgd(lr, momentum=args.momentum or None)
-    ftrl = {}
-    if args.strategy is not None:
-      options = {"momentum": args.momentum if name == "sgd" else 0.0}
-      if args.buffers is not None:
-        options["buffers"] = args.buffers
-      if args.bands is not None:
-        options["bands"] = args.bands
-      ftrl = dict(strategy=args.strategy, strategy_options=options,
-                  sampling_scheme=args.sampling)
-    elif args.sampling == "cyclic":
-      p.error("--sampling cyclic needs --strategy (DP-FTRL)")
+    optimizer, lr, ftrl = private_options(args, p)
     private = dpfl.make_private(
         loss_fn, optimizer, l2_clip_norm=args.l2_clip_norm, dataset_size=n,
         batch_size=args.batch_size, epochs=args.epochs, target_epsilon=args.target_epsilon,
@@ -136,21 +167,8 @@ def main(argv=None) -> dict:
 
   logits = model.apply(params, test["x"])
   accuracy = float(jnp.mean(jnp.argmax(logits, -1) == test["y"]))
-  result = {"epsilon": epsilon, "delta": None if args.non_private else args.delta,
-            "accuracy": accuracy, "non_private": args.non_private, "noise_multiplier": sigma,
-            "steps": steps, "batch_size": args.batch_size, "epochs": args.epochs,
-            "l2_clip_norm": args.l2_clip_norm, "learning_rate": lr,
-            "train_examples": n, "test_examples": len(test["y"]),
-            "mechanism": "non-private" if args.non_private else (
-                "dp-sgd" if args.strategy is None else f"dp-ftrl-{args.strategy}"),
-            "seconds": time.perf_counter() - start}
-  if args.json:
-    print(json.dumps(result))
-  else:
-    eps = "inf (non-private)" if epsilon is None else f"{epsilon:.3f}"
-    print(f"digits: accuracy {accuracy:.4f} at epsilon {eps}, delta {args.delta:g} "
-          f"(sigma {sigma:.3f}, {steps} steps of expected batch {args.batch_size})")
-  return result
+  return report(args, epsilon=epsilon, sigma=sigma, steps=steps, lr=lr, accuracy=accuracy,
+                n=n, n_test=len(test["y"]), seconds=time.perf_counter() - start)
 
 
 if __name__ == "__main__":

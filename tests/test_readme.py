@@ -2,9 +2,10 @@
 
 * ```python blocks: the first is the shared setup (a small synthetic
   regression task); every other block runs in a fresh namespace after it.
-* The ```diff block (a plain loop made private): both sides are rebuilt, the
-  plain one from ' ' and '-' lines, the private one from ' ' and '+' lines,
-  and both run after the setup.
+* The ```diff blocks (a plain loop made private: optax, Flax NNX): both
+  sides are rebuilt, the plain one from ' ' and '-' lines, the private one
+  from ' ' and '+' lines, and both run after the setup. The NNX one changes
+  at most 6 lines (issue 17).
 * ```console / ```bash commands: every ``dpfl ...`` command parses with the
   real parser (a renamed or misspelt flag fails here); the cheap ones
   (``epsilon``, ``calibrate``, ``plan``) also run through ``dpfl.cli.main``
@@ -87,7 +88,7 @@ COMMANDS = _commands()
 
 def test_the_readme_has_what_this_test_expects():
   assert SETUP_MARKER in SETUP
-  assert len(PYTHON) >= 4 and len(DIFFS) == 1
+  assert len(PYTHON) >= 4 and len(DIFFS) == 2 and "dpfl.nnx" in DIFFS[1][1]
   used = {argv[0] for _, argv, _ in COMMANDS}
   assert {"epsilon", "mf", "sweep", "fit", "plan"} <= used
   languages = {lang for lang, _, _ in BLOCKS}
@@ -104,13 +105,29 @@ def test_python_block_runs(line, code):
 
 
 @pytest.mark.parametrize("side", ["+", "-"], ids=["private", "plain"])
-def test_diff_block_both_sides_run(side):
-  line, diff = DIFFS[0]
+@pytest.mark.parametrize("which", [0, 1], ids=["optax", "nnx"])
+def test_diff_block_both_sides_run(which, side):
+  line, diff = DIFFS[which]
   namespace = _run(_side(diff, side), f"README.md (diff at line {line}, side {side!r})")
   if side == "+":
     private = namespace["private"]
     assert private.ledger.num_steps == private.num_steps
     assert 0 < private.epsilon() <= 3.0
+    if which == 1:  # dpfl.nnx plans with make_private: the same keywords, the same plan
+      import optax
+      from dpfl import make_private
+      same = make_private(lambda params, batch: 0.0, optax.adam(1e-2), l2_clip_norm=1.0,
+                          target_epsilon=3.0, delta=1e-5, dataset_size=namespace["n"],
+                          batch_size=100, epochs=3)
+      assert private.plan == same.plan
+
+
+def test_nnx_diff_changes_at_most_6_lines():
+  _, diff = DIFFS[1]
+  changed = [raw for raw in diff.splitlines() if raw[:1] == "+"]
+  removed = [raw for raw in diff.splitlines() if raw[:1] == "-"]
+  assert len(changed) <= 6 and len(removed) <= len(changed), (changed, removed)
+  assert not any("nnx.split" in raw or "nnx.merge" in raw for raw in changed)
 
 
 @pytest.mark.parametrize("line,argv,block", COMMANDS,
