@@ -14,6 +14,7 @@
   parsed (their own tests run them).
 """
 
+import importlib.resources
 import pathlib
 import re
 import shlex
@@ -132,11 +133,22 @@ def test_nnx_diff_changes_at_most_6_lines():
 
 @pytest.mark.parametrize("line,argv,block", COMMANDS,
                          ids=[f"line{l}-{a[0]}" for l, a, _ in COMMANDS])
-def test_console_command(line, argv, block, capsys):
+def test_console_command(line, argv, block, capsys, tmp_path, monkeypatch):
   parser = accounting_cli.build_parser(cli.COMMANDS, selected=argv[0])
   parser.parse_args(argv)  # every flag exists and parses (UsageError otherwise)
   if argv[0] not in CHEAP_COMMANDS:
     return
+  if "--law" in argv:
+    # The README's flow plans with the law its `dpfl fit` line wrote; that
+    # sweep is not run here, so the shipped law (fitted the same way, from
+    # the study's sweep) stands in for it.
+    import shutil
+    from dpfl.scaling import fit
+    law = argv[argv.index("--law") + 1]
+    shutil.copy(importlib.resources.files("dpfl.scaling") / "data" / "law.json",
+                tmp_path / law)
+    monkeypatch.chdir(tmp_path)
+    assert fit.load_law(law)
   assert cli.main(argv) == 0, argv
   out = capsys.readouterr().out
   shown = re.search(r"^\s+epsilon\s+([0-9.]+)\s*$", block, flags=re.MULTILINE)

@@ -38,10 +38,9 @@ def _names(text: str) -> list[str]:
 
 EXAMPLES = """\
 examples:
-  dpfl plan --compute 1e13 --target-epsilon 4 --delta 1e-6 --users 100000 --law law.json
-  dpfl plan --compute 1e15 --target-epsilon 8 --delta 1e-6 --users 20000 --law law.json --json
-  dpfl plan --compute 1e13 --target-epsilon 4 --delta 1e-6 --users 100000 --law law.json \
-            --plot plan.png
+  dpfl plan --compute 1e13 --target-epsilon 4 --delta 1e-6 --users 100000
+  dpfl plan --compute 1e15 --target-epsilon 8 --delta 1e-6 --users 20000 --law law.json \\
+            --json --plot plan.png
   dpfl plan --compute 3e18 --target-epsilon 8 --delta 1e-10 --users 1e8 --allow-extrapolation"""
 
 
