@@ -76,6 +76,7 @@ nitpick_ignore_regex = [
 # still fails the build.
 nitpick_ignore = [
     ("py:class", "dpfl.noise.NoiseState"),
+    ("py:class", "dpfl.audit.bound.GuessOutcome"),
     ("py:class", "dpfl.noise.NoiseStrategy"),
     ("py:class", "dpfl.ghost.trace.ClipReport"),
     ("py:class", "dpfl.sampling.base.PoissonRateSampler"),

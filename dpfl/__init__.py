@@ -27,13 +27,12 @@ _EXPORTS = {
     "shard_users": "dpfl.federated", "shared_secret_seed": "dpfl.federated",
 }
 
-# Subpackages reached as attributes (``dpfl.audit.one_run``), imported on first use.
-_SUBMODULES = ("audit",)
+# Subpackages reached as attributes (``dpfl.audit.one_run``, ``dpfl.nnx``:
+# Flax NNX models, imports flax), imported on first use. They have API pages
+# of their own, so they are not names of ``__all__``.
+_SUBMODULES = ("audit", "nnx")
 
-__all__ = sorted([*_EXPORTS, *_SUBMODULES])
-
-
-_SUBMODULES = ("nnx",)  # dpfl.nnx: Flax NNX models (imports flax)
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name):
@@ -43,10 +42,8 @@ def __getattr__(name):
     value = getattr(importlib.import_module(_EXPORTS[name]), name)
     globals()[name] = value
     return value
-  if name in _SUBMODULES:
-    return importlib.import_module(f"dpfl.{name}")
   raise AttributeError(f"module 'dpfl' has no attribute {name!r}")
 
 
 def __dir__():
-  return sorted(list(globals()) + __all__)
+  return sorted(list(globals()) + __all__ + list(_SUBMODULES))

@@ -101,7 +101,16 @@ class ClippedGradFn:
   so a ``(batch, mask)`` pair from ``private.batches`` unpacks into the call.
   Each call advances every RNG stream of the model by one key.
 
-  Formal guarantee: ``dpfl.clipped_grad``'s, for the loss of the model's
+  Attributes:
+    loss_fn: ``loss_fn(model, batch)``, the per-unit loss.
+    build: builds the run's clipped-gradient function from a pure loss
+      (the one clipping path of ``dpfl.make_private`` / ``dpfl.clipped_grad``).
+    l2_clip_norm: C, each unit's contribution bound.
+    unit: ``"example"`` or ``"user"``.
+    wrt: the NNX variable filter differentiated (default ``nnx.Param``).
+    method: the clipping method (``"auto"``, ``"materialize"``, ...).
+
+  Privacy guarantee: ``dpfl.clipped_grad``'s, for the loss of the model's
   ``wrt`` variables with the rest of the model (RNG streams re-keyed per
   example, as the module docstring says) held fixed: adding or removing
   one unit moves ``clipped_sum`` by at most ``l2_clip_norm``.

@@ -46,6 +46,17 @@ def p_value(*, num_canaries: int, num_guesses: int, num_correct: int, epsilon: f
 
   The paper's Theorem 5.2 / Algorithm 2 (see the module docstring); with
   ``delta = 0`` it is the binomial tail ``P[Binomial(r, q) >= v]``.
+
+  Args:
+    num_canaries: m, the canaries each included with probability ½.
+    num_guesses: r <= m, the guesses made (abstentions excluded).
+    num_correct: v <= r, the right guesses.
+    epsilon: ε >= 0 of the (ε, δ)-DP hypothesis.
+    delta: δ in [0, 1) of the hypothesis.
+
+  Returns:
+    The probability, under any (ε, δ)-DP mechanism, of at least
+    ``num_correct`` right guesses: small values rule (ε, δ) out.
   """
   m, r, v = num_canaries, num_guesses, num_correct
   q = scipy.special.expit(epsilon)
@@ -75,6 +86,9 @@ def epsilon_lower_bound(*, num_canaries: int, num_guesses: int, num_correct: int
     delta: the δ of the (ε, δ) claim being tested (0: pure ε).
     confidence: in (0, 1); the bound exceeds the true ε with probability at
       most ``1 - confidence``.
+
+  Returns:
+    The ε lower bound, a float >= 0.
   """
   m = check.positive_int("num_canaries", num_canaries)
   r = check.integer("num_guesses", num_guesses, low=0, high=m)
@@ -105,6 +119,13 @@ def default_guess_grid(num_canaries: int) -> tuple[tuple[int, int], ...]:
 
   Symmetric pairs ``(k, k)`` and "in"-only pairs ``(k, 0)`` for ``k`` about
   1%, 2%, 5%, 10%, 20%, 35% and 50% of ``m`` (de-duplicated; at least 1).
+
+  Args:
+    num_canaries: m >= 1, the number of canaries.
+
+  Returns:
+    The ``(k⁺, k⁻)`` pairs: ``k⁺`` canaries guessed "in" (highest scores),
+    ``k⁻`` guessed "out" (lowest), the rest abstain.
   """
   m = check.positive_int("num_canaries", num_canaries)
   ks = sorted({max(1, min(m // 2, round(f * m))) for f in (0.01, 0.02, 0.05, 0.1, 0.2, 0.35,
@@ -193,7 +214,17 @@ def epsilon_lower_bound_from_scores(scores, included, *, delta: float = 0.0,
 
 def max_epsilon_lower_bound(num_canaries: int, *, delta: float = 0.0,
                             confidence: float = DEFAULT_CONFIDENCE) -> float:
-  """The largest bound ``m`` canaries can give: every one of ``m`` guesses right."""
+  """The largest bound ``m`` canaries can give: every one of ``m`` guesses right.
+
+  Args:
+    num_canaries: m >= 1.
+    delta: the δ of the claim tested (0: pure ε).
+    confidence: in (0, 1), as for ``epsilon_lower_bound``.
+
+  Returns:
+    ``epsilon_lower_bound`` with ``m`` guesses, all right: no audit with
+    ``m`` canaries can report more.
+  """
   return epsilon_lower_bound(num_canaries=num_canaries, num_guesses=num_canaries,
                              num_correct=num_canaries, delta=delta, confidence=confidence)
 

@@ -69,15 +69,25 @@ class AuditResult:
     confidence: the bound's confidence.
     num_canaries: m.
     delta: the δ of the claim tested.
-    mode, canaries, score, inject: how the audit ran (``inject`` None: the
-      real mechanism); seed: the audit's seed (reproduces the canaries).
+    mode: ``"white-box"`` or ``"black-box"``.
+    canaries: the white-box canary kind (``"dirac"`` / ``"params"``).
+    score: the white-box score (``"sum"`` / ``"likelihood"``).
+    inject: the positive control run (None: the real mechanism).
+    seed: the audit's seed (reproduces the canaries).
     num_included: canaries that were in the training set.
-    num_guesses, num_correct, num_abstentions: the best pair's guesses.
-    k_plus, k_minus: its "in" and "out" guesses; ``guess_pairs_tested``: the
-      number of pairs the confidence was split over (Bonferroni).
-    num_steps: steps trained; noise_multiplier, l2_clip_norm, sampling_prob:
-      the plan's (the ones the claim is computed from).
-    scores, included: per-canary score and true inclusion (not in ``to_dict``).
+    num_guesses: the best pair's guesses made (abstentions excluded).
+    num_correct: of those, the right ones.
+    num_abstentions: canaries not guessed.
+    k_plus: the best pair's "in" guesses.
+    k_minus: the best pair's "out" guesses.
+    guess_pairs_tested: the number of pairs the confidence was split over
+      (Bonferroni).
+    num_steps: steps trained.
+    noise_multiplier: the plan's σ (the claim is computed from it).
+    l2_clip_norm: the plan's C.
+    sampling_prob: the plan's q.
+    scores: per-canary scores (not in ``to_dict``).
+    included: per-canary true inclusion (not in ``to_dict``).
   """
 
   epsilon_lower_bound: float
@@ -106,7 +116,7 @@ class AuditResult:
 
   @property
   def violated(self) -> bool:
-    """True when the audit contradicts the claim: ``epsilon_lower_bound > claimed_epsilon``."""
+    """Whether the audit contradicts the claim (``epsilon_lower_bound > claimed_epsilon``)."""
     return self.epsilon_lower_bound > self.claimed_epsilon
 
   def to_dict(self) -> dict:
@@ -193,6 +203,11 @@ def one_run(private, params, dataset, *, num_canaries: int, mode: str = "white-b
       tightness depends on it.
     inject: None, or a positive control, ``"no-clipping"`` / ``"low-noise"``
       (see the module docstring): the audit's own run is broken on purpose.
+
+  Returns:
+    An ``AuditResult``: ``epsilon_lower_bound`` (at ``confidence``),
+    ``claimed_epsilon`` (the ledger's ε at the plan's δ), ``confidence``,
+    ``num_canaries``, the guesses made and right, and the run's plan numbers.
   """
   _check_private(private)
   m = check.positive_int("num_canaries", num_canaries)

@@ -32,14 +32,17 @@ def test_the_site_builds_strictly(tmp_path):
   assert not re.search(r"WARNING|ERROR|CRITICAL", done.stderr), done.stderr
   pages = {p.relative_to(out).as_posix() for p in out.rglob("*.html")}
   expected = {"index.html", "checks.html", "api/dpfl.html", "api/accounting.html",
-              "api/mf.html", "scaling_study/REPORT.html", "user_level_study.html"}
+              "api/mf.html", "api/audit.html", "api/nnx.html", "scaling_study/REPORT.html", "user_level_study.html"}
   expected |= {f"guides/{p.stem}.html" for p in (ROOT / "docs" / "guides").glob("*.md")}
   assert expected <= pages, expected - pages
   # Every public name is on its package's page, under the package's own name.
   import accounting
   import dpfl
+  import dpfl.audit
   import dpfl.mf
-  for package, page in ((dpfl, "dpfl"), (accounting, "accounting"), (dpfl.mf, "mf")):
+  import dpfl.nnx
+  for package, page in ((dpfl, "dpfl"), (accounting, "accounting"), (dpfl.mf, "mf"),
+                        (dpfl.audit, "audit"), (dpfl.nnx, "nnx")):
     html = (out / "api" / f"{page}.html").read_text(encoding="utf-8")
     missing = [name for name in package.__all__
                if f'id="{package.__name__}.{name}"' not in html]

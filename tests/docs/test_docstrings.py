@@ -3,8 +3,8 @@
 The reference (docs/api/*.md) is generated from these docstrings, so a
 missing ``Args:`` is a missing table on the site. The rules:
 
-* every name in ``dpfl.__all__``, ``accounting.__all__`` and
-  ``dpfl.mf.__all__`` has a docstring of its own;
+* every name in ``dpfl.__all__``, ``accounting.__all__``, ``dpfl.mf.__all__``,
+  ``dpfl.audit.__all__`` and ``dpfl.nnx.__all__`` has a docstring of its own;
 * one that takes arguments has an ``Args:`` section (a class: ``Args:`` or,
   for a dataclass / NamedTuple, ``Attributes:``), and one annotated to return
   something has ``Returns:`` (or ``Yields:``);
@@ -18,9 +18,11 @@ import pytest
 
 import accounting
 import dpfl
+import dpfl.audit
 import dpfl.mf
+import dpfl.nnx
 
-PACKAGES = (dpfl, accounting, dpfl.mf)
+PACKAGES = (dpfl, accounting, dpfl.mf, dpfl.audit, dpfl.nnx)
 # dpfl's functions that release (or build what releases) a noised value.
 DPFL_MECHANISMS = {"clipped_grad", "gaussian_noise", "make_private", "make_private_user_level",
                    "dp_sgd", "clipped_user_updates"}
