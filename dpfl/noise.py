@@ -313,7 +313,9 @@ def privatizer(strategy: NoiseStrategy = IDENTITY, *, noise_multiplier: float,
   ``expected_batch_size`` may be traced scalars (``optax.inject_hyperparams``,
   whose schedules then move them step by step): they are checked when
   concrete; a traced ``l2_clip_norm`` must be the one the step's sum was
-  clipped with (``clipped_grad(..., l2_clip_norm=...)`` takes the same value).
+  clipped with (``clipped_grad(..., l2_clip_norm=...)`` takes the same value:
+  with ``inject_hyperparams``, ``schedule(state.count)``, which this update
+  uses; ``state.hyperparams`` holds the previous step's until it runs).
 
   Adaptive clipping (``adaptive``; ``dpfl.adaptive``): the state carries
   ``C_t`` (``NoiseState.clip_norm``; ``l2_clip_norm`` is ignored), the noise
@@ -362,7 +364,8 @@ def privatizer(strategy: NoiseStrategy = IDENTITY, *, noise_multiplier: float,
   if not _traced(noise_multiplier, l2_clip_norm, expected_batch_size):
     check_noise_scale(stddev=factor * l2_clip_norm, expected_batch_size=expected_batch_size,
                       names=names)
-  draw_key = _rng.init_keys(key)
+  with jax.ensure_compile_time_eval():  # built inside jit by inject_hyperparams' update
+    draw_key = _rng.init_keys(key)
   n, num_buffers = strategy.num_steps, strategy.num_buffers
   solve, carry, store_step_keys = strategy.solve, strategy.carry, strategy.store_step_keys
 

@@ -62,10 +62,8 @@ def test_target_epsilon_raises_the_gradient_noise_and_is_met():
                                    batch_size=100)
   common = dict(privacy_unit="example", sampling=sampling, l2_clip_norm=0.3, delta=DELTA,
                 num_steps=STEPS, target_epsilon=2.0, accountant="rdp")
-  fixed = planning.plan_run(**common)
   adaptive = planning.plan_run(**common, adaptive=AdaptiveClip(0.3, count_noise_stddev=5.0))
-  assert adaptive.noise_multiplier > fixed.noise_multiplier  # the count's share is paid
-  assert adaptive.accounted_noise_multiplier == pytest.approx(fixed.noise_multiplier, rel=2e-3)
+  assert adaptive.noise_multiplier > adaptive.accounted_noise_multiplier  # the count is paid
   assert adaptive.epsilon() <= 2.0
   assert _direct(adaptive.accounted_noise_multiplier, "rdp") == pytest.approx(2.0, rel=5e-3)
   with pytest.raises(ValueError, match="count_noise_stddev=0.1 is too small"):
