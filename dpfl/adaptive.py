@@ -111,3 +111,31 @@ def next_clip_norm(clip_norm: jax.Array, clip_stats: Any, count_key: jax.Array, 
   fraction = noisy / expected_batch_size + 0.5
   step = -adaptive.learning_rate * (fraction - adaptive.target_quantile)
   return (clip_norm * jnp.exp(step)).astype(jnp.float32)
+
+
+def check_options(adaptive: Any) -> AdaptiveClip:
+  """``adaptive`` if it is an ``AdaptiveClip`` with ``count_noise_stddev`` set, else ValueError."""
+  if not isinstance(adaptive, AdaptiveClip) or adaptive.count_noise_stddev is None:
+    raise ValueError(f"adaptive must be an accounting.adaptive.AdaptiveClip with "
+                     f"count_noise_stddev set (AdaptiveClip.resolved), got {adaptive!r}")
+  return adaptive
+
+
+def replay_update(transform: Any, state: Any):
+  """The update ``dpfl.noise.advance`` replays skipped steps with.
+
+  For adaptive clipping it keeps the state's ``clip_norm``: the skipped
+  steps' counts were released with these very noise draws, so a C computed
+  from a replay (on no units) would be a function of that noise alone and
+  reveal the released counts. The saved C is a function of earlier releases
+  only. Other states: ``transform.update``.
+  """
+  if getattr(state, "clip_norm", None) is None:
+    return transform.update
+  kept = state.clip_norm
+
+  def update(updates, s):
+    out, new = transform.update(updates, s, None, clip_stats=NO_UNITS)
+    return out, new._replace(clip_norm=kept)
+
+  return update

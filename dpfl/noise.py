@@ -309,19 +309,13 @@ def privatizer(strategy: NoiseStrategy = IDENTITY, *, noise_multiplier: float,
   one Gaussian mechanism per step, accounted with the sampler's mechanism;
   otherwise ``accounting.MatrixMechanism``.
 
-  Runtime hyper-parameters. ``noise_multiplier``, ``l2_clip_norm`` and
-  ``expected_batch_size`` may be traced scalars (``optax.inject_hyperparams``,
-  whose schedules then move them step by step): they are checked when
-  concrete; a traced ``l2_clip_norm`` must be the one the step's sum was
-  clipped with (``clipped_grad(..., l2_clip_norm=...)`` takes the same value:
-  with ``inject_hyperparams``, ``schedule(state.count)``, which this update
-  uses; ``state.hyperparams`` holds the previous step's until it runs).
-
-  Adaptive clipping (``adaptive``; ``dpfl.adaptive``): the state carries
-  ``C_t`` (``NoiseState.clip_norm``; ``l2_clip_norm`` is ignored), the noise
-  is scaled by it, and ``update(..., clip_stats=aux)`` (the step's
-  ``ClippedGradAux``, clipped to ``C_t``) also releases the noisy count that
-  moves it (``dpfl.adaptive.next_clip_norm``, from a third split of the key).
+  Runtime values: ``noise_multiplier``, ``l2_clip_norm``, ``expected_batch_size``
+  may be traced (``optax.inject_hyperparams`` schedules; clip the step's sum
+  with the value this update uses, ``schedule(state.count)``), checked when
+  concrete; a traced ``noise_multiplier`` <= 0 gives NaN, never less noise.
+  ``adaptive`` (``dpfl.adaptive``): ``C_t`` lives in ``NoiseState.clip_norm``
+  and scales the noise; ``update(..., clip_stats=aux)`` releases the noisy
+  count that moves it (``dpfl.adaptive.next_clip_norm``, a third key split).
 
   Args:
     strategy: a ``NoiseStrategy``; default ``IDENTITY`` (DP-SGD).
@@ -346,12 +340,9 @@ def privatizer(strategy: NoiseStrategy = IDENTITY, *, noise_multiplier: float,
     raise ValueError(f"strategy must be a dpfl.noise.NoiseStrategy, got "
                      f"{type(strategy).__name__}")
   if adaptive is not None:
-    from accounting.adaptive import AdaptiveClip
-    if not isinstance(adaptive, AdaptiveClip) or adaptive.count_noise_stddev is None:
-      raise ValueError(f"adaptive must be an accounting.adaptive.AdaptiveClip with "
-                       f"count_noise_stddev set (AdaptiveClip.resolved), got {adaptive!r}")
-    l2_clip_norm = adaptive.initial
-  if not _traced(noise_multiplier):
+    l2_clip_norm = adaptive_clipping.check_options(adaptive).initial
+  guard = _traced(noise_multiplier)
+  if not guard:
     noise_multiplier = check_noise_multiplier(noise_multiplier)
   if not _traced(l2_clip_norm):
     l2_clip_norm = check.positive("l2_clip_norm", l2_clip_norm)
@@ -400,6 +391,9 @@ def privatizer(strategy: NoiseStrategy = IDENTITY, *, noise_multiplier: float,
     if adaptive is None:
       next_key, step_key = jax.random.split(jax.random.wrap_key_data(key))
       stddev, clip_norm = factor * l2_clip_norm, None
+      if guard:  # a scheduled σ that is not > 0 must not release a noise-free sum
+        ok = jnp.isfinite(noise_multiplier) & (noise_multiplier > 0)
+        stddev = jnp.where(ok, stddev, jnp.nan)
     else:
       # A third, independent key for the count's noise.
       next_key, step_key, count_key = jax.random.split(jax.random.wrap_key_data(key), 3)
@@ -478,17 +472,8 @@ def advance(transform: optax.GradientTransformation, state: NoiseState, params_l
     return state
   zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.result_type(p)), params_like)
 
-  if state.clip_norm is None:
-    update = transform.update
-  else:
-    # Adaptive clipping: the skipped steps' counts were released with these
-    # very noise draws; a C computed from a replay would be a function of
-    # that noise alone (and so reveal the counts). Keep the saved C, a
-    # function of earlier releases only.
-    kept = state.clip_norm
-    no_units = adaptive_clipping.NO_UNITS
-    update = lambda u, s: (lambda out: (out[0], out[1]._replace(clip_norm=kept)))(
-        transform.update(u, s, None, clip_stats=no_units))
+  # Adaptive clipping keeps the saved C (see ``dpfl.adaptive.replay_update``).
+  update = adaptive_clipping.replay_update(transform, state)
 
   @jax.jit
   def skip(state, updates, steps):

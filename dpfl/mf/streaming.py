@@ -395,8 +395,7 @@ def identity_noise(*, num_steps: int, noise_multiplier: float, l2_clip_norm: flo
   """
   strategy = noise.NoiseStrategy(num_steps=check.positive_int("num_steps", num_steps))
   return noise.privatizer(strategy, noise_multiplier=noise_multiplier, l2_clip_norm=l2_clip_norm,
-                     sensitivity=sensitivity, expected_batch_size=expected_batch_size, key=key,
-                     adaptive=adaptive)
+                     sensitivity=sensitivity, expected_batch_size=expected_batch_size, key=key)
 
 
 @_docstring
