@@ -428,8 +428,7 @@ def blt_noise(*, buffer_decay: Sequence[float], output_scale: Sequence[float], n
   strategy = blt_strategy(buffer_decay=buffer_decay, output_scale=output_scale,
                           num_steps=num_steps)
   return noise.privatizer(strategy, noise_multiplier=noise_multiplier, l2_clip_norm=l2_clip_norm,
-                     sensitivity=sensitivity, expected_batch_size=expected_batch_size, key=key,
-                     adaptive=adaptive)
+                     sensitivity=sensitivity, expected_batch_size=expected_batch_size, key=key)
 
 
 @_docstring
@@ -461,8 +460,7 @@ def banded_noise(*, matrix: Any = None, diagonals: Any = None, num_bands: int | 
   """
   strategy = banded_strategy(matrix=matrix, diagonals=diagonals, num_bands=num_bands)
   return noise.privatizer(strategy, noise_multiplier=noise_multiplier, l2_clip_norm=l2_clip_norm,
-                     sensitivity=sensitivity, expected_batch_size=expected_batch_size, key=key,
-                     adaptive=adaptive)
+                     sensitivity=sensitivity, expected_batch_size=expected_batch_size, key=key)
 
 
 @_docstring
