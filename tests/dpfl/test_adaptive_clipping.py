@@ -81,10 +81,13 @@ def test_each_unit_moves_the_sum_by_at_most_that_steps_clip_norm_and_noise_follo
     assert float(jnp.std(noise)) == pytest.approx(2.0 * clip_norm, rel=0.08)
     state = new
   assert len(set(np.round(seen, 4))) == len(seen)  # C moved every step
+  # The ledger accounts the pair (sum, count) as one Gaussian: σ_eff < σ.
+  (entry,) = private.ledger.entries
+  sigma_eff = (2.0 ** -2 + (2 * 1.0) ** -2) ** -0.5
+  assert entry.noise_multiplier == pytest.approx(sigma_eff) and entry.num_steps == 3
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("strategy", [None, "blt"])
+@pytest.mark.parametrize("strategy", [None, pytest.param("blt", marks=pytest.mark.slow)])
 def test_checkpoint_keeps_the_clip_norm(tmp_path, strategy):
   rng = np.random.default_rng(1)
   data = {"v": _vectors(rng, np.exp(rng.normal(size=32)))}
