@@ -321,6 +321,8 @@ def _cmd_calibrate(args) -> dict:
   if not args.json:
     _print_table(f"dpfl calibrate: {_DESCRIPTION[scheme]}", [
         ("target epsilon", args.target_epsilon), ("noise multiplier", sigma),
+        ("count noise stddev", args.count_noise_stddev),
+        ("effective noise multiplier", out.get("effective_noise_multiplier")),
         ("sampling prob", q), ("batch size", out_batch), ("steps", steps),
         ("examples per user", args.examples_per_user), ("privacy unit", args.privacy_unit),
         ("delta", args.delta), ("accountant", _accountant_label(args, disc)),
