@@ -55,6 +55,8 @@ class ClippedGradAux(NamedTuple):
       leading axes ``[examples]`` (or ``[users, examples_per_user]``) in
       front of the shape ``loss_fn`` returned for a batch of one example;
       ``None`` otherwise. Entries of masked examples are unspecified.
+    l2_clip_norm: float32, the clip norm this sum was clipped to (adaptive
+      clipping's noise checks it against the state's C).
   """
 
   grad_norms: jax.Array
@@ -64,6 +66,7 @@ class ClippedGradAux(NamedTuple):
   fraction_clipped: jax.Array
   num_nonfinite: jax.Array
   aux: PyTree = None
+  l2_clip_norm: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -361,6 +364,7 @@ def clipped_sum(
         fraction_clipped=num_clipped / jnp.maximum(num_units, 1).astype(jnp.float32),
         num_nonfinite=jnp.sum(included & ~finite, dtype=jnp.int32),
         aux=aux,
+        l2_clip_norm=jnp.asarray(l2_clip_norm, jnp.float32),
     )
     return total, stats
 

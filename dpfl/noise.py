@@ -397,7 +397,10 @@ def privatizer(strategy: NoiseStrategy = IDENTITY, *, noise_multiplier: float,
     else:
       # A third, independent key for the count's noise.
       next_key, step_key, count_key = jax.random.split(jax.random.wrap_key_data(key), 3)
-      stddev = factor * state.clip_norm
+      # Noise for the larger of the state's C and the C the sum was clipped
+      # to: a sum clipped to anything else is never under-noised.
+      used = getattr(clip_stats, "l2_clip_norm", None)
+      stddev = factor * (state.clip_norm if used is None else jnp.maximum(state.clip_norm, used))
       clip_norm = adaptive_clipping.next_clip_norm(state.clip_norm, clip_stats, count_key, adaptive,
                                  expected_batch_size)
     x = normal_leaves(step_key, leaves)

@@ -358,6 +358,8 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
     grad_fn = make_clipped_grad(loss_fn, l2_clip_norm=l2_clip_norm, has_aux=has_aux,
                                 unit=sampling_unit, microbatch_size=microbatch_size,
                                 method=clip_method)
+  if adaptive is not None:
+    grad_fn = _needs_clip_norm(grad_fn)
   noise_args = dict(noise_multiplier=plan.noise_multiplier, l2_clip_norm=plan.l2_clip_norm,
                     expected_batch_size=sampler.expected_batch_size, key=key,
                     adaptive=plan.adaptive)
@@ -379,6 +381,21 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
     elif jax.process_index() == 0:  # one writer: every process records the same steps
       journal.attach(checkpoint_dir)
   return private
+
+
+def _needs_clip_norm(grad_fn):
+  """Adaptive clipping: ``grad_fn`` that refuses calls without the state's clip norm."""
+
+  def fun(params, batch, *, mask=None, l2_clip_norm=None):
+    if l2_clip_norm is None:
+      raise ValueError(
+          "l2_clip_norm must be given with adaptive clipping: clip with the state's C, "
+          "private.clipped_grad(params, batch, mask=mask, "
+          "l2_clip_norm=dpfl.adaptive.clip_norm(opt_state)), then "
+          "private.optimizer.update(grads, opt_state, params, clip_stats=aux)")
+    return grad_fn(params, batch, mask=mask, l2_clip_norm=l2_clip_norm)
+
+  return dataclasses.replace(grad_fn, fun=fun)
 
 
 def _on_process_0(flag: bool) -> bool:

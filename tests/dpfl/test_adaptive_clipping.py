@@ -180,6 +180,18 @@ def test_bad_uses_are_refused():
     dpfl.gaussian_noise(noise_multiplier=1.0, l2_clip_norm=1.0, expected_batch_size=8,
                         adaptive=dpfl.adaptive_clip(initial=1.0))
   assert adaptive.clip_norm(tx.init({"w": jnp.zeros(3)})) == 1.0
+  # A sum clipped to a larger C than the state's gets noise for that larger C.
+  stats = adaptive.NO_UNITS._replace(num_units=8)
+  big = dict(stats._asdict(), l2_clip_norm=jnp.float32(4.0))
+  stats_big = type("Stats", (), big)()
+  noisy, _ = tx.update({"w": jnp.zeros(DIM)}, tx.init({"w": jnp.zeros(DIM)}),
+                       clip_stats=stats_big)
+  assert float(jnp.std(noisy["w"])) * 8 == pytest.approx(4.0, rel=0.08)
+  private = dpfl.make_private(linear_loss, optax.sgd(0.1), batch_size=8, dataset_size=64,
+                              num_steps=8, noise_multiplier=1.0, delta=1e-5,
+                              l2_clip_norm=dpfl.adaptive_clip(initial=1.0))
+  with pytest.raises(ValueError, match="l2_clip_norm must be given with adaptive clipping"):
+    private.clipped_grad({"w": jnp.zeros(DIM)}, {"v": jnp.zeros((8, DIM))})
 
 
 def test_resume_roll_forward_keeps_the_saved_clip_norm():
