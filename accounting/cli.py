@@ -88,7 +88,29 @@ def _plan(args, scheme: str, sigma: float, q: float, steps: int):
   # The clip norm does not enter ε (noise is relative to it): 1 stands for C.
   return plan.plan_run(privacy_unit=args.privacy_unit, sampling=sampling, l2_clip_norm=1.0,
                        delta=args.delta, num_steps=steps, noise_multiplier=sigma,
-                       accountant=args.accountant)
+                       accountant=args.accountant, adaptive=_adaptive(args))
+
+
+def _adaptive(args):
+  """Adaptive clipping's accounting part (the count noise), or None (fixed C)."""
+  if args.count_noise_stddev is None:
+    return None
+  if not (args.count_noise_stddev > 0 and math.isfinite(args.count_noise_stddev)):
+    raise UsageError(f"--count-noise-stddev must be a number > 0, got "
+                     f"{args.count_noise_stddev:g}")
+  from accounting.adaptive import AdaptiveClip
+  # Only the count noise enters ε; the initial C, quantile and rate do not.
+  return AdaptiveClip(initial=1.0, count_noise_stddev=args.count_noise_stddev)
+
+
+def _adaptive_fields(args, sigma: float) -> dict:
+  """The count noise and the pair's σ_eff, for the output (empty for a fixed C)."""
+  if args.count_noise_stddev is None:
+    return {}
+  from accounting.adaptive import effective_noise_multiplier
+  return {"count_noise_stddev": args.count_noise_stddev,
+          "effective_noise_multiplier": effective_noise_multiplier(
+              sigma, args.count_noise_stddev)}
 
 
 def _maker(args, scheme):
@@ -187,8 +209,11 @@ def _cmd_epsilon(args) -> dict:
          "privacy_unit": args.privacy_unit,
          "sampling_unit": args.sampling_unit or args.privacy_unit,
          "examples_per_user": args.examples_per_user, "scheme": scheme,
-         "discretization": disc, "mechanism": mechanism.to_dict()}
+         "discretization": disc, "mechanism": mechanism.to_dict(),
+         **_adaptive_fields(args, args.noise_multiplier)}
   if args.group_privacy:
+    if args.count_noise_stddev is not None:
+      raise UsageError("--group-privacy does not apply with --count-noise-stddev")
     if scheme != "els":
       raise UsageError("--group-privacy applies to ELS (--privacy-unit user "
                        "--sampling-unit example --examples-per-user K)")
@@ -206,8 +231,10 @@ def _cmd_epsilon(args) -> dict:
   _explain_infinite(out, "group_privacy_epsilon", args)
   if not args.json:
     _print_table(f"dpfl epsilon: {_DESCRIPTION[scheme]}", [
-        ("noise multiplier", args.noise_multiplier), ("sampling prob", q),
-        ("batch size", batch), ("steps", steps),
+        ("noise multiplier", args.noise_multiplier),
+        ("count noise stddev", args.count_noise_stddev),
+        ("effective noise multiplier", out.get("effective_noise_multiplier")),
+        ("sampling prob", q), ("batch size", batch), ("steps", steps),
         ("examples per user", args.examples_per_user), ("privacy unit", args.privacy_unit),
         ("delta", args.delta), ("accountant", _accountant_label(args, disc)),
         ("epsilon", eps), ("group-privacy epsilon", group_eps),
@@ -289,10 +316,13 @@ def _cmd_calibrate(args) -> dict:
          "privacy_unit": args.privacy_unit,
          "sampling_unit": args.sampling_unit or args.privacy_unit,
          "examples_per_user": args.examples_per_user, "scheme": scheme,
-         "discretization": disc, "mechanism": result.mechanism.to_dict()}
+         "discretization": disc, "mechanism": result.mechanism.to_dict(),
+         **_adaptive_fields(args, sigma)}
   if not args.json:
     _print_table(f"dpfl calibrate: {_DESCRIPTION[scheme]}", [
         ("target epsilon", args.target_epsilon), ("noise multiplier", sigma),
+        ("count noise stddev", args.count_noise_stddev),
+        ("effective noise multiplier", out.get("effective_noise_multiplier")),
         ("sampling prob", q), ("batch size", out_batch), ("steps", steps),
         ("examples per user", args.examples_per_user), ("privacy unit", args.privacy_unit),
         ("delta", args.delta), ("accountant", _accountant_label(args, disc)),

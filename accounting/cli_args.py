@@ -17,7 +17,7 @@ _FLAG_OF = {
     "num_steps": "--steps", "delta": "--delta", "examples_per_user": "--examples-per-user",
     "dataset_size": "--dataset-size", "batch_size": "--batch-size", "epochs": "--epochs",
     "target_epsilon": "--target-epsilon", "max_batch_size": "--max-batch-size",
-    "accountant": "--accountant",
+    "accountant": "--accountant", "count_noise_stddev": "--count-noise-stddev",
 }
 
 
@@ -28,6 +28,7 @@ _RANGE_OF = {
     "--examples-per-user": "an integer >= 1", "--dataset-size": "an integer >= 1",
     "--batch-size": "an integer >= 1", "--epochs": "a number > 0",
     "--target-epsilon": "a number in (0, 100]", "--max-batch-size": "an integer >= 1",
+    "--count-noise-stddev": "a number > 0",
 }
 
 
@@ -217,6 +218,11 @@ def _add_common(p: argparse.ArgumentParser, *, calibrate: bool) -> None:
   how.add_argument("--max-batch-size", type=_value("--max-batch-size", integer=True),
                    metavar="M", help="truncate Poisson batches to M examples (accounted "
                                      "exactly; needs --dataset-size)")
+  how.add_argument("--count-noise-stddev", type=_value("--count-noise-stddev"), metavar="SB",
+                   help="adaptive clipping (dpfl.adaptive_clip): the std of the noise on "
+                        "each step's count of unclipped units, > 0; the step is then "
+                        "accounted as one Gaussian with noise multiplier "
+                        "(S^-2 + (2 SB)^-2)^-1/2, S the gradient's")
   p.add_argument("--json", action="store_true",
                  help="print one JSON object as the last line of stdout")
 

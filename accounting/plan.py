@@ -40,6 +40,7 @@ import math
 from typing import Any, Callable
 
 from accounting import accountants
+from accounting import adaptive as adaptive_clipping
 from accounting import calibrate as calib
 from accounting import matrix
 from accounting import mechanisms as mech
@@ -235,6 +236,11 @@ class PrivacyPlan:
     target_epsilon: the budget, or None.
     clip_method: the clipping back-end (does not affect ε).
     local_steps: ULS local steps per user (None: one gradient).
+    adaptive: adaptive (quantile) clipping (``accounting.adaptive.AdaptiveClip``,
+      ``count_noise_stddev`` fixed), or None for a fixed C. With it
+      ``l2_clip_norm`` is the initial C, ``noise_multiplier`` the gradient
+      noise's, and the run is accounted with ``accounted_noise_multiplier``
+      (the pair of the sum and the count as one Gaussian mechanism).
   """
 
   privacy_unit: str
@@ -248,6 +254,7 @@ class PrivacyPlan:
   target_epsilon: float | None = None
   clip_method: str = "auto"
   local_steps: int | None = None
+  adaptive: adaptive_clipping.AdaptiveClip | None = None
 
   def __post_init__(self):
     check.choice("privacy_unit", self.privacy_unit, UNITS)
@@ -278,7 +285,12 @@ class PrivacyPlan:
     """
     steps = self.num_steps if num_steps is None else check.positive_int("num_steps",
                                                                          num_steps)
-    return _mechanism(self, self.noise_multiplier, steps)
+    return _mechanism(self, self.accounted_noise_multiplier, steps)
+
+  @property
+  def accounted_noise_multiplier(self) -> float:
+    """The σ the mechanism is accounted with: σ, or with adaptive clipping σ_eff of the pair."""
+    return _accounted(self, self.noise_multiplier)
 
   def epsilon(self, num_steps: int | None = None, *, delta: float | None = None) -> float:
     """ε of the first ``num_steps`` steps (default: the planned run) at δ (default: the plan's)."""
@@ -300,6 +312,8 @@ class PrivacyPlan:
   def to_dict(self) -> dict[str, Any]:
     out = dataclasses.asdict(self)
     out["noise"]["options"] = dict(self.noise.options)
+    if self.adaptive is None:
+      del out["adaptive"]  # fixed-C plans serialise as before
     return {"format": _FORMAT, "version": _VERSION, **out}
 
   def to_json(self) -> str:
@@ -318,6 +332,7 @@ class PrivacyPlan:
       noise = dict(body["noise"])
       noise["options"] = dict(noise.get("options") or {})
       body["noise"] = NoisePlan(**noise)
+      body["adaptive"] = adaptive_clipping.AdaptiveClip.from_dict(body.get("adaptive"))
       return cls(**body)
     except (KeyError, TypeError) as e:
       raise ValueError(f"not a valid dpfl plan: {e}") from None
@@ -353,12 +368,36 @@ def _check_combination(plan: PrivacyPlan) -> None:
   if noise.is_matrix and not noise.amplified and plan.num_steps > noise.planned_steps:
     raise ValueError(f"num_steps ({plan.num_steps}) exceeds the strategy's planned_steps "
                      f"({noise.planned_steps})")
+  if plan.adaptive is not None:
+    if plan.adaptive.count_noise_stddev is None:
+      raise ValueError("adaptive.count_noise_stddev must be fixed in a plan "
+                       "(AdaptiveClip.resolved(expected_batch_size))")
+    if noise.amplified:
+      raise ValueError("adaptive clipping is not supported with amplified banded MF "
+                       "(cyclic Poisson sampling): its amplified accounting of the count query "
+                       "is not derived; use sampling_scheme='cyclic' or a fixed l2_clip_norm")
+    if plan.l2_clip_norm != plan.adaptive.initial:
+      raise ValueError(f"l2_clip_norm ({plan.l2_clip_norm!r}) must equal the adaptive "
+                       f"clipping's initial C ({plan.adaptive.initial!r})")
   pld_only = (s.scheme == "truncated_poisson"
               or (plan.privacy_unit == "user" and s.unit == "example"))
   if pld_only and plan.accountant != "pld":
     raise ValueError(f"accountant must be 'pld' for this plan ({s.scheme}, "
                      f"{plan.privacy_unit}-level, sampling {s.unit}s): the RDP back end "
                      f"cannot account it; got {plan.accountant!r}")
+
+
+def _count_participations(plan: PrivacyPlan) -> int:
+  """Releases of the count one unit can be in that one Gaussian mechanism covers."""
+  return (plan.noise.max_participations or 1) if plan.noise.is_matrix else 1
+
+
+def _accounted(plan: PrivacyPlan, sigma: float) -> float:
+  """σ as accounted: with adaptive clipping, σ_eff of the (sum, count) pair."""
+  if plan.adaptive is None:
+    return sigma
+  return adaptive_clipping.effective_noise_multiplier(
+      sigma, plan.adaptive.count_noise_stddev, participations=_count_participations(plan))
 
 
 def _mechanism(plan: PrivacyPlan, sigma: float, steps: int) -> mech.Mechanism:
@@ -414,12 +453,27 @@ def compose_after(prior: tuple[mech.Mechanism, ...], run: mech.Mechanism) -> mec
   return mech.Composed(tuple(prior) + (run,)) if prior else run
 
 
+def _check_reachable(probe: PrivacyPlan, prior, target_epsilon: float) -> None:
+  """Refuses a target ε the count query alone already exceeds (no gradient noise helps)."""
+  limit = adaptive_clipping.count_noise_limit(probe.adaptive.count_noise_stddev,
+                                              participations=_count_participations(probe))
+  floor = accountants.epsilon(compose_after(prior, _mechanism(probe, limit, probe.num_steps)),
+                              delta=probe.delta, accountant=probe.accountant)
+  if floor >= target_epsilon:
+    raise ValueError(
+        f"count_noise_stddev={probe.adaptive.count_noise_stddev:g} is too small for "
+        f"target_epsilon={target_epsilon:g}: the noisy count of unclipped units alone spends "
+        f"ε={floor:.4g} over the run whatever the gradient noise; raise count_noise_stddev "
+        f"(2 * count_noise_stddev must well exceed the calibrated noise multiplier)")
+
+
 def plan_run(*, privacy_unit: str, sampling: SamplingPlan, l2_clip_norm: float, delta: float,
              num_steps: int | None = None, epochs: float | None = None,
              noise_multiplier: float | None = None, target_epsilon: float | None = None,
              noise: NoisePlan | Callable[[int], NoisePlan] | None = None,
              accountant: str = "pld", clip_method: str = "auto",
              local_steps: int | None = None,
+             adaptive: adaptive_clipping.AdaptiveClip | None = None,
              prior: tuple[mech.Mechanism, ...] = ()) -> PrivacyPlan:
   """The one planner: validates, turns epochs into steps, calibrates σ.
 
@@ -436,6 +490,9 @@ def plan_run(*, privacy_unit: str, sampling: SamplingPlan, l2_clip_norm: float, 
       ``num_steps -> NoisePlan`` (a matrix factorization is built for the
       run's steps, which are known only here).
     accountant, clip_method, local_steps: as in ``PrivacyPlan``.
+    adaptive: adaptive clipping (``count_noise_stddev`` fixed), or None. With
+      a target ε the calibrated σ is the gradient noise's: the pair's σ_eff
+      meets the target (``accounting.adaptive``).
     prior: mechanisms already in the ledger the run extends.
 
   Returns:
@@ -455,11 +512,15 @@ def plan_run(*, privacy_unit: str, sampling: SamplingPlan, l2_clip_norm: float, 
     noise = noise(num_steps)
   base = dict(privacy_unit=privacy_unit, sampling=sampling, l2_clip_norm=l2_clip_norm,
               noise=noise, delta=delta, num_steps=num_steps, accountant=accountant,
-              target_epsilon=target_epsilon, clip_method=clip_method, local_steps=local_steps)
+              target_epsilon=target_epsilon, clip_method=clip_method, local_steps=local_steps,
+              adaptive=adaptive)
   if target_epsilon is not None:
     probe = PrivacyPlan(noise_multiplier=1.0, **base)  # validates before calibrating
+    if adaptive is not None:
+      _check_reachable(probe, prior, target_epsilon)
     calibration = calib.calibrate_noise_multiplier(
-        lambda sigma: compose_after(prior, _mechanism(probe, sigma, num_steps)),
+        lambda sigma: compose_after(prior, _mechanism(probe, _accounted(probe, sigma),
+                                                      num_steps)),
         target_epsilon=target_epsilon, delta=delta, accountant=accountant)
     noise_multiplier = calibration.value
   plan = PrivacyPlan(noise_multiplier=noise_multiplier, **base)

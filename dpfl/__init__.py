@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "ClippedGradAux": "dpfl.clipping", "ClippedGradFn": "dpfl.clipping",
-    "clipped_grad": "dpfl.clipping",
+    "clipped_grad": "dpfl.clipping", "adaptive_clip": "dpfl.adaptive",
     "GaussianNoiseState": "dpfl.noise", "gaussian_noise": "dpfl.noise", "reseed": "dpfl.noise",
     "PrivateTraining": "dpfl.private_training", "PrivateState": "dpfl.private_training",
     "dp_sgd": "dpfl.privatize", "make_private": "dpfl.privatize",

@@ -255,9 +255,14 @@ def clip_weights(
   """min(1, C/||g||) for included finite units, exactly 0 otherwise.
 
   A zero norm gives C/0 = inf and weight 1; a non-finite norm gives weight
-  0 through the select (never through multiplication by a NaN).
+  0 through the select (never through multiplication by a NaN). ``C`` may
+  be a traced runtime value (adaptive clipping, a schedule): one that is not
+  a finite number > 0 gives every unit weight 0 (the sum is 0, within any
+  sensitivity), never a negative or NaN weight.
   """
   ok = included & jnp.isfinite(norms)
+  if not isinstance(l2_clip_norm, (int, float)):
+    ok = ok & jnp.isfinite(l2_clip_norm) & (l2_clip_norm > 0)
   safe_norms = jnp.where(ok, norms, 1.0)
   return jnp.where(ok, jnp.minimum(1.0, l2_clip_norm / safe_norms), 0.0)
 

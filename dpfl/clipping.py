@@ -55,6 +55,8 @@ class ClippedGradAux(NamedTuple):
       leading axes ``[examples]`` (or ``[users, examples_per_user]``) in
       front of the shape ``loss_fn`` returned for a batch of one example;
       ``None`` otherwise. Entries of masked examples are unspecified.
+    l2_clip_norm: float32, the clip norm this sum was clipped to (adaptive
+      clipping's noise checks it against the state's C).
   """
 
   grad_norms: jax.Array
@@ -64,6 +66,7 @@ class ClippedGradAux(NamedTuple):
   fraction_clipped: jax.Array
   num_nonfinite: jax.Array
   aux: PyTree = None
+  l2_clip_norm: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,9 +95,13 @@ class ClippedGradFn:
   explainer: Callable[..., ghost.ClipReport] | None = None
 
   def __call__(
-      self, params: PyTree, batch: PyTree, *, mask: jax.Array | None = None
+      self, params: PyTree, batch: PyTree, *, mask: jax.Array | None = None,
+      l2_clip_norm: Any = None,
   ) -> tuple[PyTree, ClippedGradAux]:
-    return self.fun(params, batch, mask=mask)
+    """``l2_clip_norm``: this call's clip norm (a float or a scalar array,
+    traced or not: adaptive clipping, a schedule) instead of the built one;
+    the guarantee then holds with it."""
+    return self.fun(params, batch, mask=mask, l2_clip_norm=l2_clip_norm)
 
   def explain(
       self, params: PyTree, batch: PyTree, *, mask: jax.Array | None = None
@@ -203,6 +210,21 @@ def per_unit_loss(loss_fn: LossFn, *, unit: str, has_aux: bool = False):
   return user_loss
 
 
+def runtime_clip_norm(value: Any) -> Any:
+  """A clip norm: a checked float (> 0, finite), or a scalar traced array as is.
+
+  A traced value (inside ``jit``: adaptive clipping's C, a schedule, an
+  ``optax.inject_hyperparams`` value) cannot be checked before it exists;
+  the clipping then gives zero weight to every unit when it is not a finite
+  number > 0, so it can never weaken the bound it states.
+  """
+  if isinstance(value, jax.core.Tracer):
+    if jnp.shape(value) != ():
+      raise ValueError(f"l2_clip_norm must be a scalar, got shape {jnp.shape(value)}")
+    return value
+  return check.positive("l2_clip_norm", value)
+
+
 def clipped_sum(
     *,
     l2_clip_norm: float,
@@ -246,7 +268,9 @@ def clipped_sum(
     rounding of the order of 1e-6 relative.
 
   Args:
-    l2_clip_norm: clip norm C, a finite number > 0.
+    l2_clip_norm: clip norm C, a finite number > 0 (or a traced scalar, see
+      ``runtime_clip_norm``); a call may pass its own (``fn(...,
+      l2_clip_norm=C_t)``: adaptive clipping), and the bound holds with it.
     unit: ``"example"`` (batch leaves ``[examples, ...]``) or ``"user"``
       (``[users, examples_per_user, ...]``).
     unit_loss / unit_update: the unit's loss or update (give one).
@@ -263,9 +287,10 @@ def clipped_sum(
       ``unit_update``, ``method="reweight"`` with a ``unit_update``; when
       called, as :func:`clipped_grad`.
   """
-  # The clip norm is the mechanism's sensitivity: it must be a concrete number
-  # here (a tracer is refused), checked as everywhere else in the project.
-  l2_clip_norm = check.positive("l2_clip_norm", l2_clip_norm)
+  # The clip norm is the mechanism's sensitivity: a concrete one is checked
+  # here as everywhere else; a traced one (built inside jit) is checked when
+  # it is a number (clip_weights zeroes every unit for C <= 0 or non-finite).
+  l2_clip_norm = runtime_clip_norm(l2_clip_norm)
   check.choice("unit", unit, UNITS)
   check.choice("method", method, METHODS)
   microbatch_size = _check_microbatch_size(microbatch_size)
@@ -284,6 +309,7 @@ def clipped_sum(
         f" {', '.join(METHODS)})."
     )
 
+  built_norm = l2_clip_norm
   choices: dict = {}  # auto's choice per signature of (params, one unit)
 
   def resolve(params, units):
@@ -316,7 +342,8 @@ def clipped_sum(
       return ghost.ClipReport(method=chosen)
     return clip_methods.ghost_analysis(unit_loss, params, units).report
 
-  def fun(params, batch, *, mask=None):
+  def fun(params, batch, *, mask=None, l2_clip_norm=None):
+    l2_clip_norm = built_norm if l2_clip_norm is None else runtime_clip_norm(l2_clip_norm)
     shape = batch_unit_shape(batch, unit)
     mask = _check_mask(mask, shape, unit)
     _sharding.refuse_params_on(params, set().union(
@@ -345,6 +372,7 @@ def clipped_sum(
         fraction_clipped=num_clipped / jnp.maximum(num_units, 1).astype(jnp.float32),
         num_nonfinite=jnp.sum(included & ~finite, dtype=jnp.int32),
         aux=aux,
+        l2_clip_norm=jnp.asarray(l2_clip_norm, jnp.float32),
     )
     return total, stats
 

@@ -84,14 +84,19 @@ class FtrlPlan:
     return self.noise.sensitivity
 
   def noise_transform(self, *, noise_multiplier: float, l2_clip_norm: float,
-                      expected_batch_size: float, key: Any = None):
-    """The streaming correlated-noise ``optax`` transform (``dpfl.mf.matrix_noise``)."""
+                      expected_batch_size: float, key: Any = None, adaptive: Any = None):
+    """The streaming correlated-noise ``optax`` transform (``dpfl.mf.matrix_noise``).
+
+    ``adaptive``: adaptive clipping; step t's correlated noise is scaled by
+    that step's C_t (the accounting argument is ``accounting.adaptive``'s).
+    """
     from dpfl.mf import streaming
     return streaming.matrix_noise(self.strategy, noise_multiplier=noise_multiplier,
                                   l2_clip_norm=l2_clip_norm,
                                   expected_batch_size=expected_batch_size,
                                   sensitivity=self.noise.sensitivity,
-                                  num_steps=self.noise.planned_steps, key=key)
+                                  num_steps=self.noise.planned_steps, key=key,
+                                  adaptive=adaptive)
 
 
 def fingerprint(strategy) -> str:

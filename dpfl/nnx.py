@@ -295,10 +295,16 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
     A :class:`PrivateTraining`: ``optimizer``, ``clipped_grad(model, batch,
     mask)``, ``batches(data)``, ``epsilon()``, ``plan``.
 
-  Formal guarantee: ``dpfl.make_private``'s; ``epsilon()`` is the ε of the
+  Privacy guarantee: ``dpfl.make_private``'s; ``epsilon()`` is the ε of the
   same plan (``dpfl epsilon`` prints it).
   """
   run = _make_private(_model_loss_only, optimizer, **kwargs)
+  if getattr(run.plan, "adaptive", None) is not None:
+    # The adaptive C lives in the optimizer state and the noise step needs
+    # the clipped sum's counts (``clip_stats``): not wired through
+    # nnx.Optimizer.update yet, so refused rather than run with a stale C.
+    raise ValueError("l2_clip_norm: dpfl.nnx.make_private takes a fixed clip norm, not "
+                     "dpfl.adaptive_clip(...) (use dpfl.make_private for adaptive clipping)")
   grad = ClippedGradFn(loss_fn=loss_fn, build=run.clipped_grad_for,
                        l2_clip_norm=run.l2_clip_norm, unit=run.sampling_unit, wrt=wrt,
                        method=kwargs.get("clip_method", "auto"))

@@ -76,6 +76,7 @@ import optax
 
 from accounting import validate as check
 from dpfl import _rng, _sharding
+from dpfl import adaptive as adaptive_clipping
 
 # Folded into re-seeded keys: reseeding with key 0 (all-zero key data, the
 # identity of the XOR mix) must still move off the checkpointed key.
@@ -97,12 +98,16 @@ class NoiseState(NamedTuple):
     step_keys: None, or (strategies that regenerate past noise, e.g.
       ``dpfl.mf.dense_noise``) ``[n, *key_shape]`` raw key data of every
       step's noise so far (zeros for future steps).
+    clip_norm: None (a fixed clip norm), or adaptive clipping's float32
+      clip norm ``C_t`` of the next step (``dpfl.adaptive``): the next sum
+      must be clipped to it, and its noise is scaled by it.
   """
 
   key: jax.Array
   count: jax.Array
   buffers: tuple[Any, ...] = ()
   step_keys: jax.Array | None = None
+  clip_norm: jax.Array | None = None
 
 
 # The public name of DP-SGD's noise state (``dpfl.GaussianNoiseState``): the
@@ -277,10 +282,14 @@ def _materialize(xs: list, valid: jax.Array) -> list:
                       lambda xs: [jnp.full_like(x, jnp.nan) for x in xs], xs)
 
 
+def _traced(*values) -> bool:
+  return any(isinstance(v, jax.core.Tracer) for v in values)
+
+
 def privatizer(strategy: NoiseStrategy = IDENTITY, *, noise_multiplier: float,
                l2_clip_norm: float, expected_batch_size: float,
                sensitivity: float | None = None,
-               key: Any = None) -> optax.GradientTransformation:
+               key: Any = None, adaptive: Any = None) -> optax.GradientTransformation:
   """The one noise step of dpfl: ``(clipped_sum + s * x_t) / expected_batch_size``.
 
   ``s = noise_multiplier * l2_clip_norm * sensitivity`` and ``x_t = (C^{-1}
@@ -300,6 +309,14 @@ def privatizer(strategy: NoiseStrategy = IDENTITY, *, noise_multiplier: float,
   one Gaussian mechanism per step, accounted with the sampler's mechanism;
   otherwise ``accounting.MatrixMechanism``.
 
+  Runtime values: ``noise_multiplier``, ``l2_clip_norm``, ``expected_batch_size``
+  may be traced (``optax.inject_hyperparams`` schedules; clip the step's sum
+  with the value this update uses, ``schedule(state.count)``), checked when
+  concrete; a traced ``noise_multiplier`` <= 0 gives NaN, never less noise.
+  ``adaptive`` (``dpfl.adaptive``): ``C_t`` lives in ``NoiseState.clip_norm``
+  and scales the noise; ``update(..., clip_stats=aux)`` releases the noisy
+  count that moves it (``dpfl.adaptive.next_clip_norm``, a third key split).
+
   Args:
     strategy: a ``NoiseStrategy``; default ``IDENTITY`` (DP-SGD).
     noise_multiplier: finite and > 0 (0 is rejected; see "Zero noise" in the
@@ -311,22 +328,35 @@ def privatizer(strategy: NoiseStrategy = IDENTITY, *, noise_multiplier: float,
     key: None (OS entropy each time ``init`` runs), or an ``int`` seed >= 0
       (every bit used) / ``jax.random.key``: the first ``init`` uses it, each
       later one ``jax.random.fold_in(key, n)`` (see the module docstring).
+    adaptive: None (a fixed or scheduled C), or an
+      ``accounting.adaptive.AdaptiveClip`` whose ``count_noise_stddev`` is set.
 
   Returns:
-    An ``optax.GradientTransformation`` whose state is a ``NoiseState``.
+    An ``optax.GradientTransformation`` whose state is a ``NoiseState``
+    (adaptive: an ``optax.GradientTransformationExtraArgs`` taking
+    ``clip_stats``).
   """
   if not isinstance(strategy, NoiseStrategy):
     raise ValueError(f"strategy must be a dpfl.noise.NoiseStrategy, got "
                      f"{type(strategy).__name__}")
-  noise_multiplier = check_noise_multiplier(noise_multiplier)
-  l2_clip_norm = check.positive("l2_clip_norm", l2_clip_norm)
-  stddev, names = noise_multiplier * l2_clip_norm, "noise_multiplier * l2_clip_norm"
+  if adaptive is not None:
+    l2_clip_norm = adaptive_clipping.check_options(adaptive).initial
+  guard = _traced(noise_multiplier)
+  if not guard:
+    noise_multiplier = check_noise_multiplier(noise_multiplier)
+  if not _traced(l2_clip_norm):
+    l2_clip_norm = check.positive("l2_clip_norm", l2_clip_norm)
+  factor, names = noise_multiplier, "noise_multiplier * l2_clip_norm"
   if sensitivity is not None:
     sensitivity = check.positive("sensitivity", sensitivity)
-    stddev, names = stddev * sensitivity, names + " * sensitivity"
-  expected_batch_size = check.positive("expected_batch_size", expected_batch_size)
-  check_noise_scale(stddev=stddev, expected_batch_size=expected_batch_size, names=names)
-  draw_key = _rng.init_keys(key)
+    factor, names = factor * sensitivity, names + " * sensitivity"
+  if not _traced(expected_batch_size):
+    expected_batch_size = check.positive("expected_batch_size", expected_batch_size)
+  if not _traced(noise_multiplier, l2_clip_norm, expected_batch_size):
+    check_noise_scale(stddev=factor * l2_clip_norm, expected_batch_size=expected_batch_size,
+                      names=names)
+  with jax.ensure_compile_time_eval():  # built inside jit by inject_hyperparams' update
+    draw_key = _rng.init_keys(key)
   n, num_buffers = strategy.num_steps, strategy.num_buffers
   solve, carry, store_step_keys = strategy.solve, strategy.carry, strategy.store_step_keys
 
@@ -338,12 +368,16 @@ def privatizer(strategy: NoiseStrategy = IDENTITY, *, noise_multiplier: float,
     step_keys = None
     if store_step_keys:
       step_keys = jnp.zeros((n,) + tuple(jnp.shape(key_data)), jnp.uint32)
+    clip_norm = None if adaptive is None else jnp.asarray(adaptive.initial, jnp.float32)
     return NoiseState(key=key_data, count=jnp.zeros([], jnp.int32), buffers=buffers,
-                      step_keys=step_keys)
+                      step_keys=step_keys, clip_norm=clip_norm)
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, *, clip_stats=None):
     del params
     check_float_leaves(updates)
+    if adaptive is not None and clip_stats is None:
+      raise ValueError("adaptive clipping: update needs clip_stats= the ClippedGradAux of "
+                       "the step's sum, clipped to the state's clip_norm")
     if n is not None:
       count = _concrete_int(state.count)
       if count is not None and count >= n:
@@ -354,7 +388,21 @@ def privatizer(strategy: NoiseStrategy = IDENTITY, *, noise_multiplier: float,
     leaves, treedef = jax.tree.flatten(updates)
     leaves = [jnp.asarray(leaf) for leaf in leaves]
     key = _rng.unshared_key(jnp.asarray(state.key), updates)
-    next_key, step_key = jax.random.split(jax.random.wrap_key_data(key))
+    if adaptive is None:
+      next_key, step_key = jax.random.split(jax.random.wrap_key_data(key))
+      stddev, clip_norm = factor * l2_clip_norm, None
+      if guard:  # a scheduled σ that is not > 0 must not release a noise-free sum
+        ok = jnp.isfinite(noise_multiplier) & (noise_multiplier > 0)
+        stddev = jnp.where(ok, stddev, jnp.nan)
+    else:
+      # A third, independent key for the count's noise.
+      next_key, step_key, count_key = jax.random.split(jax.random.wrap_key_data(key), 3)
+      # Noise for the larger of the state's C and the C the sum was clipped
+      # to: a sum clipped to anything else is never under-noised.
+      used = getattr(clip_stats, "l2_clip_norm", None)
+      stddev = factor * (state.clip_norm if used is None else jnp.maximum(state.clip_norm, used))
+      clip_norm = adaptive_clipping.next_clip_norm(state.clip_norm, clip_stats, count_key, adaptive,
+                                 expected_batch_size)
     x = normal_leaves(step_key, leaves)
     buffers, step_keys, valid = state.buffers, state.step_keys, None
     if solve is not None or num_buffers:
@@ -386,10 +434,12 @@ def privatizer(strategy: NoiseStrategy = IDENTITY, *, noise_multiplier: float,
       out.append(noisy.astype(leaf.dtype))
     new_state = NoiseState(key=jax.random.key_data(next_key),
                            count=optax.safe_increment(state.count), buffers=buffers,
-                           step_keys=step_keys)
+                           step_keys=step_keys, clip_norm=clip_norm)
     return jax.tree.unflatten(treedef, out), new_state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  if adaptive is not None:
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformation(init_fn, lambda u, s, p=None: update_fn(u, s, p))
 
 
 def advance(transform: optax.GradientTransformation, state: NoiseState, params_like: Any,
@@ -425,21 +475,24 @@ def advance(transform: optax.GradientTransformation, state: NoiseState, params_l
     return state
   zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.result_type(p)), params_like)
 
+  # Adaptive clipping keeps the saved C (see ``dpfl.adaptive.replay_update``).
+  update = adaptive_clipping.replay_update(transform, state)
+
   @jax.jit
   def skip(state, updates, steps):
     # Only the state is returned, so XLA drops the output (and for DP-SGD
     # the whole draw): skipping costs the buffers' arithmetic at most.
-    return jax.lax.fori_loop(0, steps, lambda _, s: transform.update(updates, s)[1], state)
+    return jax.lax.fori_loop(0, steps, lambda _, s: update(updates, s)[1], state)
 
   state = skip(state, zeros, num_steps - 1)
   # The last step eagerly: update's count check raises past a finite end
   # (the count only grows, so any earlier step past it means this one is too).
-  return transform.update(zeros, state)[1]
+  return update(zeros, state)[1]
 
 
 def gaussian_noise(*, noise_multiplier: float, l2_clip_norm: float,
-                   expected_batch_size: float,
-                   key: Any = None) -> optax.GradientTransformation:
+                   expected_batch_size: float, key: Any = None,
+                   adaptive: Any = None) -> optax.GradientTransformation:
   """Adds Gaussian noise to a clipped gradient sum and averages it (DP-SGD).
 
   ``update(clipped_sum, state)`` returns, leaf by leaf,
@@ -476,13 +529,14 @@ def gaussian_noise(*, noise_multiplier: float, l2_clip_norm: float,
       replica or scan iteration) ``jax.random.fold_in(key, n)``. In
       multi-process training all processes must hold the same key: pass one
       explicitly (e.g. ``dpfl.shared_secret_seed()``).
+    adaptive: None, or adaptive clipping (see ``privatizer``).
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a
     ``GaussianNoiseState`` (``NoiseState`` with no buffers).
   """
   return privatizer(IDENTITY, noise_multiplier=noise_multiplier, l2_clip_norm=l2_clip_norm,
-                    expected_batch_size=expected_batch_size, key=key)
+                    expected_batch_size=expected_batch_size, key=key, adaptive=adaptive)
 
 
 def reseed(opt_state: Any, *, key: Any = None) -> Any:

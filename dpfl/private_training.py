@@ -38,7 +38,7 @@ import accounting
 from accounting import validate as check
 from accounting.journal import RunJournal, key_digest
 from accounting.plan import PrivacyPlan
-from dpfl import _rng, _sharding, noise, sampling
+from dpfl import _rng, _sharding, adaptive, noise, sampling
 from dpfl.data import UserDataset
 from dpfl.federated import local_slots, shard_users
 
@@ -73,13 +73,39 @@ def recorded_noise(transform: optax.GradientTransformation,
   steps are ordered by their state already (and unordered is cheaper).
   """
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, **extra_args):
     token = io_callback(on_release, jax.ShapeDtypeStruct((), jnp.uint32), state.count,
                         ordered=False)
     state = state._replace(key=jnp.bitwise_xor(jnp.asarray(state.key), token))
-    return transform.update(updates, state, params)
+    return transform.update(updates, state, params, **extra_args)
 
+  if isinstance(transform, optax.GradientTransformationExtraArgs):
+    return optax.GradientTransformationExtraArgs(transform.init, update_fn)
   return optax.GradientTransformation(transform.init, update_fn)
+
+
+def noise_then(noise_transform: optax.GradientTransformation,
+               optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
+  """``optax.chain(noise_transform, optimizer)``, the noise alone taking ``clip_stats``.
+
+  The state is the chain's, ``(noise state, optimizer state)``. Adaptive
+  clipping's noise needs the step's clipping statistics (``clip_stats=``);
+  your optimizer never sees them (it may take extra arguments of its own).
+  """
+  if not isinstance(noise_transform, optax.GradientTransformationExtraArgs):
+    return optax.chain(noise_transform, optimizer)
+
+  def init_fn(params):
+    return (noise_transform.init(params), optimizer.init(params))
+
+  def update_fn(updates, state, params=None, *, clip_stats=None, **extra_args):
+    updates, noise_state = noise_transform.update(updates, state[0], params,
+                                                  clip_stats=clip_stats)
+    updates, opt_state = optax.with_extra_args_support(optimizer).update(
+        updates, state[1], params, **extra_args)
+    return updates, (noise_state, opt_state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 @dataclasses.dataclass(eq=False)
@@ -125,7 +151,13 @@ class PrivateTraining:
 
   @property
   def l2_clip_norm(self) -> float:
+    """C; with adaptive clipping the initial C (the state holds the current one)."""
     return self.plan.l2_clip_norm
+
+  def clip_norm(self, state: PrivateState) -> float:
+    """The clip norm of ``state``'s next step (adaptive: the state's C_t; else the plan's)."""
+    value = adaptive.clip_norm(state.opt_state)
+    return self.plan.l2_clip_norm if value is None else float(jax.device_get(value))
 
   @property
   def delta(self) -> float:
@@ -259,9 +291,12 @@ class PrivateTraining:
 
     def step(state: PrivateState, batch, mask):
       shardings = layout["state"]
-      grads, aux = self.clipped_grad(state.params, batch, mask=mask)
+      clip_norm = adaptive.clip_norm(state.opt_state)
+      grads, aux = self.clipped_grad(state.params, batch, mask=mask, l2_clip_norm=clip_norm)
       grads = _sharding.constrain_tree(grads, shardings.params)
-      updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+      # Adaptive clipping: the noise moves C from the same units' counts.
+      extra = {} if clip_norm is None else {"clip_stats": aux}
+      updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params, **extra)
       params = optax.apply_updates(state.params, updates)
       new = PrivateState(params=params, opt_state=opt_state, sampler_seed=state.sampler_seed,
                          step=state.step + 1)

@@ -35,6 +35,7 @@ import optax
 
 import accounting
 from accounting import plan as planning
+from accounting.adaptive import AdaptiveClip
 from accounting import validate as check
 from accounting.journal import RUN_FILE, RunJournal, key_digest
 from dpfl import _rng, ftrl, noise, sampling
@@ -43,7 +44,8 @@ from dpfl.clipping import clipped_grad as make_clipped_grad
 from dpfl.data import UserDataset
 from dpfl.federated import clipped_user_updates, shared_secret_seed
 # The run object lives in its own module; its names are re-exported here.
-from dpfl.private_training import PrivateState, PrivateTraining, recorded_noise  # noqa: F401
+from dpfl.private_training import (PrivateState, PrivateTraining, noise_then,  # noqa: F401
+                                  recorded_noise)
 
 PRIVACY_UNITS = ("example", "user")
 SAMPLING_UNITS = ("user", "example")
@@ -177,7 +179,11 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
     optimizer: any optax optimizer; it receives the noisy mean gradient (ULS
       with local steps: the noisy mean pseudo-gradient θ − θ_u, so
       ``optax.sgd(1.0)`` is FedAvg).
-    l2_clip_norm: C, per sampling unit (example; user for ULS).
+    l2_clip_norm: C, per sampling unit (example; user for ULS); or
+      ``dpfl.adaptive_clip(...)``: adaptive (quantile) clipping, C in the
+      state, moved each step towards a quantile of the units' norms, the
+      count query accounted with the gradient sum (``dpfl.adaptive``). Not
+      with amplified banded MF (``sampling_scheme="poisson"`` + strategy).
     batch_size: the expected batch (Poisson: q = batch_size / N), or the
       fixed batch (``"shuffle"``, cyclic).
     delta: δ for reporting and calibration.
@@ -247,6 +253,14 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
   """
   check.choice("privacy_unit", privacy_unit, PRIVACY_UNITS)
   check.choice("clip_method", clip_method, CLIP_METHODS)
+  adaptive = l2_clip_norm if isinstance(l2_clip_norm, AdaptiveClip) else None
+  if adaptive is not None:
+    l2_clip_norm = adaptive.initial
+    if strategy is not None and sampling_scheme == "poisson":
+      raise ValueError("l2_clip_norm=dpfl.adaptive_clip(...) is not supported with "
+                       "sampling_scheme='poisson' and a strategy (amplified banded MF): the "
+                       "count query's amplified accounting is not derived; use "
+                       "sampling_scheme='cyclic' or a fixed l2_clip_norm")
   if strategy is not None:
     ftrl.check_strategy(strategy)
     strategy_options = ftrl.check_options(strategy_options)
@@ -324,8 +338,11 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
   mf = None
   if strategy is not None:
     mf = ftrl.plan(strategy, strategy_options, sampling=sampling_plan, num_steps=num_steps)
+  if adaptive is not None:
+    adaptive = adaptive.resolved(sampler.expected_batch_size)
   plan = planning.plan_run(
       privacy_unit=privacy_unit, sampling=sampling_plan, l2_clip_norm=l2_clip_norm,
+      adaptive=adaptive,
       delta=delta, num_steps=num_steps, noise_multiplier=noise_multiplier,
       target_epsilon=target_epsilon, noise=None if mf is None else mf.noise,
       accountant=accountant, clip_method=clip_method,
@@ -333,18 +350,22 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
       prior=() if ledger is None else ledger.entries)
   def clipped_grad_for(loss_fn):
     if privacy_unit == "user" and sampling_unit == "user" and local_steps is not None:
-      return clipped_user_updates(
+      fn = clipped_user_updates(
           loss_fn, l2_clip_norm=l2_clip_norm, local_steps=local_steps,
           local_learning_rate=local_learning_rate, local_optimizer=local_optimizer,
           local_batch_size=local_batch_size, has_aux=has_aux,
           microbatch_size=microbatch_size, method=clip_method)
-    return make_clipped_grad(loss_fn, l2_clip_norm=l2_clip_norm, has_aux=has_aux,
+    else:
+      fn = make_clipped_grad(loss_fn, l2_clip_norm=l2_clip_norm, has_aux=has_aux,
                              unit=sampling_unit, microbatch_size=microbatch_size,
                              method=clip_method)
+    # An adaptive run's C lives in the state: every call must be given it.
+    return fn if adaptive is None else _needs_clip_norm(fn)
 
   grad_fn = clipped_grad_for(loss_fn)
   noise_args = dict(noise_multiplier=plan.noise_multiplier, l2_clip_norm=plan.l2_clip_norm,
-                    expected_batch_size=sampler.expected_batch_size, key=key)
+                    expected_batch_size=sampler.expected_batch_size, key=key,
+                    adaptive=plan.adaptive)
   transform = (noise.gaussian_noise(**noise_args) if mf is None
                else mf.noise_transform(**noise_args))
   journal = RunJournal(plan, prior=() if ledger is None else ledger.entries,
@@ -354,7 +375,7 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
   private = PrivateTraining(plan=plan, clipped_grad=grad_fn, optimizer=optimizer,
                             sampler=sampler, journal=journal, noise_transform=transform,
                             ftrl=mf, mesh=mesh, clipped_grad_for=clipped_grad_for)
-  private.optimizer = optax.chain(recorded_noise(transform, private._on_release), optimizer)
+  private.optimizer = noise_then(recorded_noise(transform, private._on_release), optimizer)
   if checkpoint_dir is not None:
     checkpoint_dir = os.fspath(checkpoint_dir)
     private.checkpoint_dir = checkpoint_dir
@@ -363,6 +384,21 @@ def make_private(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
     elif jax.process_index() == 0:  # one writer: every process records the same steps
       journal.attach(checkpoint_dir)
   return private
+
+
+def _needs_clip_norm(grad_fn):
+  """Adaptive clipping: ``grad_fn`` that refuses calls without the state's clip norm."""
+
+  def fun(params, batch, *, mask=None, l2_clip_norm=None):
+    if l2_clip_norm is None:
+      raise ValueError(
+          "l2_clip_norm must be given with adaptive clipping: clip with the state's C, "
+          "private.clipped_grad(params, batch, mask=mask, "
+          "l2_clip_norm=dpfl.adaptive.clip_norm(opt_state)), then "
+          "private.optimizer.update(grads, opt_state, params, clip_stats=aux)")
+    return grad_fn(params, batch, mask=mask, l2_clip_norm=l2_clip_norm)
+
+  return dataclasses.replace(grad_fn, fun=fun)
 
 
 def _on_process_0(flag: bool) -> bool:

@@ -153,6 +153,12 @@ def _check_private(private) -> None:
     raise ValueError("one_run audits DP-SGD (independent noise); this run is DP-FTRL")
   if private.mesh is not None:
     raise ValueError("one_run runs on one device: make_private without mesh")
+  if getattr(plan, "adaptive", None) is not None:
+    # Canaries are clipped to one fixed C; an adaptive run's C moves, so a
+    # canary clipped to the starting C could exceed a smaller later one and
+    # raise a false alarm.
+    raise ValueError("one_run audits a fixed clip norm; this run uses l2_clip_norm="
+                     "dpfl.adaptive_clip(...): audit it with a fixed l2_clip_norm")
   if private.steps_done:
     raise ValueError(f"private has already recorded {private.steps_done} steps: the audit "
                      "trains the whole planned run, so pass a fresh make_private(...)")

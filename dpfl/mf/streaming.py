@@ -536,7 +536,8 @@ def dense_noise(*, matrix: Any, noise_multiplier: float, l2_clip_norm: float,
 
 def matrix_noise(strategy: Any, *, noise_multiplier: float, l2_clip_norm: float,
                  expected_batch_size: float, sensitivity: float | None = None,
-                 num_steps: int | None = None, key: Any = None) -> optax.GradientTransformation:
+                 num_steps: int | None = None, key: Any = None,
+                 adaptive: Any = None) -> optax.GradientTransformation:
   """The streaming correlated-noise transform for a strategy ``C``.
 
   ``dpfl.noise.privatizer`` with ``noise_strategy(strategy)``: the cheapest
@@ -568,6 +569,7 @@ def matrix_noise(strategy: Any, *, noise_multiplier: float, l2_clip_norm: float,
     num_steps: ``n``; default ``strategy.num_steps`` or the matrix size. Must
       match the strategy's when both are known.
     key: None (OS entropy) or an ``int`` / ``jax.random.key``.
+    adaptive: None, or adaptive clipping (``dpfl.noise.privatizer``'s).
 
   Returns:
     An ``optax.GradientTransformation`` with ``CorrelatedNoiseState``.
@@ -582,4 +584,5 @@ def matrix_noise(strategy: Any, *, noise_multiplier: float, l2_clip_norm: float,
                        "attribute (sens(C) under the run's participation pattern)")
   return noise.privatizer(noise_strategy(strategy, num_steps=num_steps),
                      noise_multiplier=noise_multiplier, l2_clip_norm=l2_clip_norm,
-                     sensitivity=sensitivity, expected_batch_size=expected_batch_size, key=key)
+                     sensitivity=sensitivity, expected_batch_size=expected_batch_size, key=key,
+                     adaptive=adaptive)

@@ -117,6 +117,13 @@ def test_runs_it_cannot_audit_are_refused():
                                accountant="rdp")
   with pytest.raises(ValueError, match="Poisson"):
     one_run(shuffled, builtin.init_params(), builtin.dataset(N), num_canaries=10)
+  adaptive = dpfl.make_private(builtin.loss_fn, optax.sgd(0.1),
+                               l2_clip_norm=dpfl.adaptive_clip(initial=1.0), batch_size=100,
+                               dataset_size=N, num_steps=5, noise_multiplier=1.0, delta=1e-5,
+                               accountant="rdp")
+  with pytest.raises(ValueError, match="adaptive_clip"):
+    one_run(adaptive, builtin.init_params(), builtin.dataset(N), num_canaries=10)
+  assert adaptive.steps_done == 0
 
 
 def test_black_box_runs_and_stays_below_its_claim():

@@ -178,6 +178,12 @@ def _private_args(**extra):
               noise_multiplier=2.0, accountant="rdp", max_batch_size=40, **extra)
 
 
+def test_adaptive_clipping_is_refused_for_nnx():
+  with pytest.raises(ValueError, match="l2_clip_norm.*adaptive_clip"):
+    dpnnx.make_private(_loss, optax.sgd(0.1),
+                       **dict(_private_args(), l2_clip_norm=dpfl.adaptive_clip(initial=1.0)))
+
+
 @pytest.mark.slow  # the README's NNX diff runs this loop in the default suite
 def test_nnx_optimizer_loop_has_the_plan_and_epsilon_of_make_private():
   rng = np.random.default_rng(0)
