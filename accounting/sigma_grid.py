@@ -7,28 +7,39 @@ sampling (``PoissonDpSgd(σ, q, T)``); ``dpfl.scaling.sigma_grid`` loads the
 result (numpy only) and answers by interpolation. Building is accounting
 work and stays here (no JAX).
 
-**How a node is made (one PLD chain per (q, σ)).** For a sampling rate q and
-a noise σ, dp-accounting's one-step PLD of the Poisson-subsampled Gaussian
-(pessimistic, connect-the-dots, exactly as ``accounting.epsilon`` builds it)
-is composed with itself by repeated squaring: T = 1, 2, 4, …, 2^K (every T of
-the axis) for the price of K compositions, each δ of the axis read off every
-level. The tail mass dropped per composition is 2^-K of ``accounting``'s
-self-composition bound, so the ε read off level K carries the same slack.
-σ runs over a geometric ladder (ratio ``LADDER_RATIO``) per q; a node
-(ε, δ, T) takes the two ladder σ whose ε bracket the target and
-interpolates log σ linearly in log ε between them. ε(σ) is decreasing and
-convex in (log σ, log ε) (a sum of exponentials of -log σ for the Gaussian;
-checked at build time), so the chord crosses the target at or above the
-exact σ: conservative. ``NODE_MARGIN`` covers the Δ of the chain against the
-Δ ``accounting.calibrate_noise_multiplier`` settles on. Every node records
-which accountant made it (``"accountant_used"``: 0 PLD chain; 1 RDP; 2 the
-ladder's lowest σ, ``SIGMA_FLOOR``, already meets the target: a bound).
+**How a node is made.** Per sampling rate q, two ladders of σ:
 
-**RDP where PLD cannot reach.** Where the chain's PLD stops answering (its
-composed width beyond ``accounting``'s limits, or a target its pessimistic
-rounding cannot reach), the node is ``accounting.calibrate_noise_multiplier``
-with ``accountant="rdp"``: a valid upper bound on the σ the mechanism needs,
-looser than PLD.
+* *PLD, T <= 2^PLD_LEVELS.* For each σ of a geometric ladder (ratio
+  ``LADDER_RATIO``), dp-accounting's one-step PLD of the Poisson-subsampled
+  Gaussian (pessimistic, connect-the-dots, built as ``accounting.epsilon``
+  builds it, Δ = ``MIN_DISCRETIZATION`` or accounting's floor) is composed
+  with itself by repeated squaring: T = 1, 2, 4, …, 2^PLD_LEVELS for the price
+  of that many compositions, every δ of the axis read off every level. The
+  tail mass dropped per composition is 2^-levels of ``accounting``'s
+  self-composition bound (it is moved to infinite loss: pessimistic). A chain
+  stops once ε exceeds the largest target or its PLD outgrows
+  ``MAX_CHAIN_POINTS``.
+* *RDP, every T.* dp-accounting's RDP of the subsampled Gaussian (its orders
+  plus ``EXTRA_RDP_ORDERS``, which tiny ε at tiny q need) scales linearly in
+  T, so one vector per σ answers every T; its RDP-to-DP conversion is
+  dp-accounting's ``compute_epsilon`` evaluated on arrays. Ladder ratio
+  ``RDP_LADDER_RATIO``.
+
+A node (ε, δ, T) takes the two ladder σ whose ε bracket the target and, where
+log ε is convex in log σ around them (checked on the four nearest ladder
+points), the σ where the chord between them in (log σ, log ε) crosses the
+target: for a convex decreasing curve that is at or above the exact crossing
+(conservative). Elsewhere it takes the feasible (upper) ladder σ. PLD nodes
+are multiplied by ``NODE_MARGIN`` (the chain's Δ and tail bound against the Δ
+``accounting.calibrate_noise_multiplier`` settles on). A node is PLD where a
+PLD chain reaches it (T <= 2^PLD_LEVELS and σ not too small for a chain),
+else RDP: an upper bound on the needed σ, looser than PLD at small q.
+``"accountant_used"`` records it per node: 0 PLD; 1 RDP; 2 the ladder's lowest
+σ (``SIGMA_FLOOR``) already meets the target (a bound, not tight).
+
+The resolution this buys is stated in the grid (``"resolution"``) and
+measured against ``accounting.calibrate_noise_multiplier`` at random points at
+build time (``"validation"``).
 
 **Cache.** The grid shipped with dpfl (``dpfl/scaling/data/sigma_grid.json``)
 is the cache for the default axes. ``cached_grid(**axes)`` returns the shipped
@@ -249,7 +260,8 @@ def convexity_excess(sigmas, eps) -> float:
     y = np.log(eps)
   x = np.log(sigmas)[:, None, None]
   w = (x[1:-1] - x[:-2]) / (x[2:] - x[:-2])
-  mid = y[1:-1] - ((1 - w) * y[:-2] + w * y[2:])
+  with np.errstate(invalid="ignore"):
+    mid = y[1:-1] - ((1 - w) * y[:-2] + w * y[2:])
   good = np.isfinite(mid) & (y[2:] > np.log(1e-3))
   return float(mid[good].max()) if good.any() else 0.0
 
@@ -270,9 +282,12 @@ def _column(args):
   rdp, rdp_code = _nodes_from_ladder(rdp_sigmas, rdp_eps, epsilons)
   out = np.where(rdp_code == 1, np.inf, rdp)
   out_code = np.where(rdp_code == 2, 2, 1).astype(np.int8)
-  use_pld = code[..., :] != 1
-  out[..., :pld_levels + 1] = np.where(use_pld, np.where(code == 0, pld * NODE_MARGIN, pld),
-                                       out[..., :pld_levels + 1])
+  # Both are upper bounds on the needed σ: the smaller wins (PLD unless its
+  # chain was cut short or its ladder is coarser than RDP's bound there).
+  pld = np.where(code == 1, np.inf, np.where(code == 0, pld * NODE_MARGIN, pld))
+  head = out[..., :pld_levels + 1]
+  use_pld = pld <= head
+  out[..., :pld_levels + 1] = np.where(use_pld, pld, head)
   out_code[..., :pld_levels + 1] = np.where(use_pld, code, out_code[..., :pld_levels + 1])
   excess = max(convexity_excess(sigmas, eps), convexity_excess(rdp_sigmas, rdp_eps))
   return (out, out_code, time.perf_counter() - start, excess,

@@ -61,7 +61,9 @@ def effective_nodes(grid: dict) -> tuple[np.ndarray, np.ndarray]:
     neighbours along an axis by d > ``CONVEXITY_TOL`` (log σ locally
     concave, where interpolation could fall below σ), the node and its two
     neighbours along that axis are raised by 2d: the interpolation error of
-    a smooth function over a cell is of the order of that deviation.
+    a smooth function over a cell is of the order of that deviation. Only
+    where one accountant made the three nodes (a PLD node next to an RDP
+    node is a change of bound, not a bend of σ).
   * **Monotone envelope.** Running maxima towards larger T, larger q,
     smaller ε and smaller δ. Raising a node keeps it an upper bound; the
     envelope makes every query monotone in every argument.
@@ -71,6 +73,8 @@ def effective_nodes(grid: dict) -> tuple[np.ndarray, np.ndarray]:
   """
   ax = grid["axes"]
   raw = np.log(np.asarray(grid["noise_multiplier"], float))
+  codes = grid.get("accountant_used")
+  codes = None if codes is None else np.asarray(codes, np.int8)
   lift = np.zeros_like(raw)
   coords = coordinates(ax["epsilon"], ax["steps"], ax["sampling_prob"],
                         float(grid.get("epsilon_power", EPSILON_POWER)))
@@ -80,6 +84,13 @@ def effective_nodes(grid: dict) -> tuple[np.ndarray, np.ndarray]:
     y = np.moveaxis(raw, axis, -1)
     w = (x[1:-1] - x[:-2]) / (x[2:] - x[:-2])
     deviation = y[..., 1:-1] - ((1 - w) * y[..., :-2] + w * y[..., 2:])   # > 0: concave
+    # Only where one accountant made all three nodes: a step between PLD and
+    # RDP nodes is a change of bound, not a bend of σ (the chord between two
+    # upper bounds of a convex function stays one).
+    if codes is not None:
+      c = np.moveaxis(codes, axis, -1)
+      same = (c[..., 1:-1] == c[..., :-2]) & (c[..., 1:-1] == c[..., 2:])
+      deviation = np.where(same, deviation, 0.0)
     bad = np.zeros_like(y)
     bad[..., 1:-1] = np.where(deviation > CONVEXITY_TOL, deviation, 0.0)
     spread = bad.copy()
