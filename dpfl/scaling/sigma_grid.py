@@ -12,13 +12,24 @@ the range (nothing is clamped or extrapolated); build a wider grid with
 ``accounting.sigma_grid.cached_grid(...)`` (cached under
 ``$XDG_CACHE_HOME/dpfl``) and pass it as ``grid=``.
 
-**Resolution.** The returned σ is never below the σ
-``accounting.calibrate_noise_multiplier`` (PLD, the project's default
-accountant) finds for the point, and at most ``RESOLUTION`` above
-max(that σ, the grid's σ floor ``SIGMA_FLOOR``) for δ on an axis node (a δ
-between nodes takes the smaller node: up to one decade of δ more noise).
-Measured at random points at build time (``grid["validation"]``) and checked
-in ``tests/dpfl/scaling/test_sigma_grid.py`` (including the range's corners).
+**Resolution** (stated in the grid file, ``grid["resolution"]``).
+``accountant(...)`` says which accountant made a query's nodes.
+
+* *PLD-made* (most queries with T <= 1024): σ >= the σ
+  ``accounting.calibrate_noise_multiplier`` (PLD, the project's default
+  accountant) finds for the point, and <= ``RESOLUTION`` x max(that σ,
+  ``SIGMA_FLOOR``) for δ on an axis node (a δ between nodes takes the smaller
+  node: up to one decade of δ more noise). Coarse: the shipped build's PLD
+  ladder steps σ by 1.4 and q by decades.
+* *RDP-made* (T > 1024, and wherever RDP's bound was the smaller one): σ is
+  certified by dp-accounting's RDP accountant, an upper bound on the σ the
+  mechanism needs. Measured against PLD's calibration it ranges from below it
+  (long runs, where PLD's pessimistic discretisation dominates: PLD then
+  reports more than ε for this σ) to several times above it (tiny q).
+
+Both are measured at random points at build time (``grid["validation"]``) and
+checked in ``tests/dpfl/scaling/test_sigma_grid.py`` (including the range's
+corners, ``-m slow``).
 
 Rebuild: ``python -m dpfl.scaling.sigma_grid OUT.json`` (= ``python -m
 accounting.sigma_grid OUT.json``); the build time and command are recorded in
