@@ -378,7 +378,7 @@ def grid_from_columns(columns, *, epsilons, step_levels, sampling_probs, deltas,
           "0.1% bracket) and <= factor x max(that σ, sigma_floor), for δ on an axis node "
           "(a δ between nodes takes the smaller node's σ). Where RDP made them "
           "(accountant_used 1): σ is certified by RDP, an upper bound on the needed σ; "
-          "grid_over_pld in validation measures its distance to the PLD calibration")},
+          "validation's \"rdp\" summary measures its distance to the PLD calibration")},
       "sigma_floor": SIGMA_FLOOR, "ladder_ratio": float(ladder_ratio),
       "node_margin": NODE_MARGIN, "min_discretization": MIN_DISCRETIZATION,
       "interpolation_margin": INTERPOLATION_MARGIN, "epsilon_power": EPSILON_POWER,

@@ -169,7 +169,7 @@ def test_plan_cli_json(plan_cmd, capsys):
     (["--compute", "abc"], "--compute"),
     (["--compute", "10"], "--compute"),
     (["--target-epsilon", "0"], "--target-epsilon"),
-    (["--target-epsilon", "100"], "--target-epsilon"),
+    (["--target-epsilon", "200"], "--target-epsilon"),  # above the σ grid's 2^7
     (["--delta", "1.5"], "--delta"),
     (["--delta", "1e-14"], "--delta"),
     (["--users", "0"], "--users"),
