@@ -197,8 +197,10 @@ def calibrate_noise_multiplier(make_mechanism: Callable[[float], Mechanism], *,
     sigma = _smallest_feasible(gap, *bracket(gap, 1.0), rtol)
   else:
     # Stage 1: coarse grid (pessimistic: σ1 is feasible on every finer grid).
-    coarse = gap_at(max(COARSE_DISCRETIZATION, final_disc) if final_disc != "auto"
-                    else 2 * accountants.AUTO_START_DISCRETIZATION)
+    # Its Δ stays below the target: pessimistic rounding puts ε at >= Δ
+    # whatever σ, so a Δ above ε (1e-2 against ε = 2^-7) reaches no σ at all.
+    coarse = gap_at(max(min(COARSE_DISCRETIZATION, target_epsilon / 4), final_disc)
+                    if final_disc != "auto" else 2 * accountants.AUTO_START_DISCRETIZATION)
     sigma1 = _smallest_feasible(coarse, *bracket(coarse, 1.0), 0.02)
     if discretization is None and final_disc != "auto":
       final_disc = _converged_discretization(eps, make_mechanism(sigma1), final_disc)

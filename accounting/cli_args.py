@@ -27,7 +27,7 @@ _RANGE_OF = {
     "--steps": "an integer in [1, 100000000]", "--delta": "a number in (0, 1)",
     "--examples-per-user": "an integer >= 1", "--dataset-size": "an integer >= 1",
     "--batch-size": "an integer >= 1", "--epochs": "a number > 0",
-    "--target-epsilon": "a number in (0, 100]", "--max-batch-size": "an integer >= 1",
+    "--target-epsilon": "a number in (0, 128]", "--max-batch-size": "an integer >= 1",
     "--count-noise-stddev": "a number > 0",
 }
 
@@ -271,7 +271,7 @@ def build_parser(extra_commands: dict | None = None,
                        "multiplier,\nthe steps (or epochs), or the sampling rate (or batch "
                        "size).", usage=_CALIBRATE_USAGE, epilog=_CALIBRATE_EXAMPLES)
   cal.add_argument("--target-epsilon", type=_value("--target-epsilon"), required=True, metavar="E",
-                   help="the ε budget, in (0, 100]")
+                   help="the ε budget, in (0, 128]")
   _add_common(cal, calibrate=True)
   for name, (help_text, module_name) in extra_commands.items():
     p = sub.add_parser(name, help=help_text, description=help_text)

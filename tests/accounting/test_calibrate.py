@@ -1,5 +1,6 @@
 """Calibration: never over budget, tight, round-trips with epsilon."""
 
+import math
 import dp_accounting as dpa
 import pytest
 from dp_accounting import dp_event as dpe
@@ -139,3 +140,25 @@ def test_step_calibration_refines_the_grid_too():
   c = A.calibrate_num_steps(mech, target_epsilon=0.5, delta=1e-6, max_steps=200_000)
   assert c.value > 90_000  # ~100k: the fixed 1e-3 grid allowed far fewer steps
   assert A.epsilon(mech(c.value), delta=1e-6, discretization=1e-5) <= 0.5
+
+
+def _analytic_gaussian_sigma(epsilon, delta):
+  """Balle & Wang 2018: the least σ of the Gaussian mechanism (sensitivity 1) meeting (ε, δ)."""
+  from scipy import optimize, stats
+
+  def gap(sigma):
+    a = 1 / (2 * sigma)
+    return (stats.norm.cdf(a - epsilon * sigma)
+            - math.exp(epsilon) * stats.norm.cdf(-a - epsilon * sigma) - delta)
+  return optimize.brentq(gap, 1e-2, 1e6, xtol=1e-12, rtol=1e-12)
+
+
+def test_targets_below_the_coarse_grid_are_reached():
+  # Was: "not reachable with noise_multiplier <= 1e+06" for any ε below the
+  # coarse stage's Δ = 1e-2 (its pessimistic rounding keeps ε >= Δ).
+  eps, delta = 2.0 ** -7, 1e-12
+  got = A.calibrate_noise_multiplier(lambda s: A.PoissonDpSgd(s, 1.0, 1), target_epsilon=eps,
+                                     delta=delta)
+  exact = _analytic_gaussian_sigma(eps, delta)
+  assert exact <= got.value <= exact * 1.01
+  assert got.epsilon <= eps

@@ -189,14 +189,14 @@ def test_calibration_targets_above_the_maximum_are_refused(capsys):
   code, _, err = _cli(capsys, "calibrate", "--target-epsilon", "1e9", "--sampling-prob", "0.01",
                       "--steps", "1000", "--delta", "1e-5")
   assert code == 2 and len(err.strip().splitlines()) == 1, err
-  assert "--target-epsilon must be in (0, 100]" in err
+  assert "--target-epsilon must be in (0, 128]" in err
   for calibrate in (A.calibrate_noise_multiplier, A.calibrate_num_steps,
                     A.calibrate_sampling_prob):
-    with pytest.raises(ValueError, match=r"target_epsilon must be in \(0, 100\]"):
+    with pytest.raises(ValueError, match=r"target_epsilon must be in \(0, 128\]"):
       calibrate(lambda x: A.PoissonDpSgd(1.0, 0.01, 10), target_epsilon=1e9, delta=1e-5)
 
 
-@pytest.mark.slow  # ~10-20 s: ε = 100 needs σ ~ 0.1, a wide PLD grid
+@pytest.mark.slow  # ~10-20 s: ε = 128 needs σ ~ 0.1, a wide PLD grid
 def test_calibration_at_the_maximum_target_meets_it():
   from accounting import calibrate
   result = A.calibrate_noise_multiplier(lambda s: A.PoissonDpSgd(s, 0.01, 1000),

@@ -68,7 +68,7 @@ def test_epochs_beyond_the_accountable_range_are_refused():
 def test_target_epsilon_beyond_the_calibrated_range_is_refused(privacy_unit):
   # target_epsilon=1e6 calibrated for 278 s before.
   start = time.monotonic()
-  with pytest.raises(ValueError, match=r"^target_epsilon must be in \(0, 100\], got 1000000"):
+  with pytest.raises(ValueError, match=r"^target_epsilon must be in \(0, 128\], got 1000000"):
     dpfl.make_private(loss_fn, optax.sgd(0.1), target_epsilon=1e6, num_steps=100,
                       privacy_unit=privacy_unit, **BASE)
   assert time.monotonic() - start < 30
@@ -216,7 +216,7 @@ CASES = [
     (_make_private, "num_steps", 3, 0, r"an integer in \[1, \d+\]"),
     (_make_private, "delta", 1e-5, 1, r"in \(0, 1\)"),
     (_make_private, "noise_multiplier", 1, -1, r"a finite number > 0"),
-    (_make_private, "target_epsilon", 8, 0, r"in \(0, 100\]"),
+    (_make_private, "target_epsilon", 8, 0, r"in \(0, 128\]"),
     (_make_private, "l2_clip_norm", 1, 0, r"a finite number > 0"),
     (_make_private, "epochs", 1, 0, r"a finite number > 0"),
     (_make_private_user, "dataset_size", 1000, 0, r"an integer >= 1"),
