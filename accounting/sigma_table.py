@@ -200,3 +200,47 @@ def require_inside(table: _Table, eps, t, q, d) -> None:
           f"{name}={value[out].flat[0]:g} is outside the σ grid's range [{axis[0]:g}, "
           f"{axis[-1]:g}]; build a grid that covers it with accounting.sigma_grid.cached_grid "
           "(or `python -m accounting.sigma_grid`) and pass it as grid=")
+
+
+class Combined:
+  """Two grids as one: the wide grid, tightened by a finer one wherever that one is a valid bound.
+
+  Both grids' σ are upper bounds on the σ the mechanism needs, so their
+  minimum is too. The fine grid covers a smaller box; a query outside it still
+  has a valid fine bound after moving it *towards more noise*, since σ falls
+  with ε and δ and rises with T and q: ε above the box is read at the box's
+  largest ε, δ above it at its largest δ, T below it at its fewest steps, q
+  below it at its smallest q. Beyond the box the other way (ε or δ below it, T
+  above it) only the wide grid answers. The result stays monotone in every
+  argument: where the fine bound drops out, σ can only rise, which is the
+  direction σ moves there anyway.
+  """
+
+  def __init__(self, wide: _Table, fine: _Table):
+    self.wide, self.fine = wide, fine
+    self.eps, self.steps, self.q, self.delta = wide.eps, wide.steps, wide.q, wide.delta
+
+  def inside(self, eps, steps, q, delta):
+    return self.wide.inside(eps, steps, q, delta)
+
+  def _fine(self, eps, steps, q, delta):
+    f = self.fine
+    usable = (eps >= f.eps[0]) & (steps <= f.steps[-1]) & (delta >= f.delta[0])
+    at = (np.minimum(eps, f.eps[-1]), np.maximum(steps, f.steps[0]),
+          np.clip(q, f.q[0], f.q[-1]), np.minimum(delta, f.delta[-1]))
+    at = [np.where(usable, a, lo) for a, lo in zip(at, (f.eps[-1], f.steps[0], f.q[0],
+                                                         f.delta[-1]))]
+    return usable, f.interpolate(*at)
+
+  def interpolate(self, eps, steps, q, delta):
+    """log σ: the smaller of the two grids' bounds (the fine one where it is valid)."""
+    wide = self.wide.interpolate(eps, steps, q, delta)
+    usable, fine = self._fine(eps, steps, q, delta)
+    return np.where(usable, np.minimum(wide, fine), wide)
+
+  def accountant_codes(self, eps, steps, q, delta):
+    """0 (PLD) where the fine grid's PLD bound is the answer, else the wide grid's code."""
+    usable, fine = self._fine(eps, steps, q, delta)
+    wide = self.wide.interpolate(eps, steps, q, delta)
+    codes = self.wide.accountant_codes(eps, steps, q, delta)
+    return np.where(usable & (fine < wide), 0, codes).astype(np.int8)

@@ -197,7 +197,9 @@ def format_table(result: dict) -> str:
           ("batch size", f"{r['batch_size']} (q = {r['sampling_prob']:.4g})"),
           ("steps", f"{r['steps']} ({r['epochs']:.3g} epochs, {r['tokens']:,} tokens)"),
           ("noise multiplier", f"{r['noise_multiplier']:.4g}"
-           + ("  (upper bound: q or δ outside the σ grid)" if r["sigma_bound"] else "")),
+           + ("  (upper bound: q or δ outside the σ grid)" if r["sigma_bound"] else "")
+           + ("  (certified by RDP: train with accountant='rdp')"
+              if r.get("sigma_accountant") == "rdp" else "")),
           ("noise-batch ratio", f"{r['noise_batch_ratio']:.4g}"),
           ("predicted loss", f"{r['predicted_loss']:.4f}"),
           ("compute used", _fmt_flops(r["compute"])

@@ -273,6 +273,7 @@ def candidates(*, compute: float, epsilon: float, delta: float, users: int,
           "epochs": epochs, "noise_multiplier": sigma, "noise_batch_ratio": ratio,
           "predicted_loss": loss, "outside": outside, "inside": inside,
           "sigma_bound": (q < q_floor) | (delta_used != delta), "law": law,
+          "sigma_table": table,
           "support": support, "continuous_sizes": models is None,
           "ladder_below_support": below_support, "max_epochs_used": max_epochs,
           "seq_len": int(seq_len), "delta_used": delta_used, "q_floor": q_floor,
@@ -554,6 +555,12 @@ def _choose(c: dict, *, compute: float, epsilon: float, delta: float, users: int
       "data_limited": data_limited,
       "sigma_bound": bool(c["sigma_bound"][best]),
       "sigma_source": "grid",
+      # The accountant whose bound made this σ: with "rdp", train with
+      # make_private(..., accountant="rdp") so the ledger proves the target
+      # (PLD's own bound can be looser at millions of steps).
+      "sigma_accountant": str(_sigma_grid.accountant(
+          float(epsilon), out["steps"], max(out["sampling_prob"], c["q_floor"]),
+          c["delta_used"], grid=c["sigma_table"])),
       "candidates": int(len(idx)), "max_steps": c["max_steps"],
       "law": {"placeholder": bool(law_.get("placeholder", False)),
               "description": law_.get("description", ""),

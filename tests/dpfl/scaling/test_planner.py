@@ -97,10 +97,13 @@ def grid_index(values, grid):
 
 def test_plan_respects_budget_and_support_and_reports_consistent_fields():
   s = fit.support(law())
-  for compute, eps in ((1e18, 8.0), (1e19, 2.0)):
+  for compute, eps in ((1e18, 8.0), (3e18, 2.0)):
     p = plan(compute=compute, epsilon=eps)
     assert p["extrapolated"] == [] and p["at_support_corner"] == []
     assert p["support"] == s
+    # The accountant whose bound made σ (so the run's ledger can prove the target).
+    assert p["sigma_accountant"] == str(sigma_grid.accountant(
+        eps, p["steps"], p["sampling_prob"], 1e-10)) and p["sigma_accountant"] in ("pld", "rdp")
     assert s["params"][0] < p["params"] < s["params"][1]     # a continuous size, not a model
     assert p["model"] == min(fit.model_params(law()), key=lambda m: abs(math.log(
         fit.model_params(law())[m] / p["params"])))
@@ -127,11 +130,11 @@ def test_plan_is_the_argmin_of_a_brute_force_enumeration():
 
 
 def test_smallest_compute_within_one_percent_is_a_downward_scan():
-  p = plan(compute=1e19, epsilon=2.0)
+  p = plan(compute=3e18, epsilon=2.0)
   small = p["smallest_compute_within_1pct"]
   assert small["predicted_loss"] <= p["predicted_loss"] * 1.01
   assert small["compute"] <= p["compute_budget"]
-  cands = candidate_set(law(), compute=1e19, epsilon=2.0, delta=1e-10, users=USERS, **FAST)
+  cands = candidate_set(law(), compute=3e18, epsilon=2.0, delta=1e-10, users=USERS, **FAST)
   losses = fit.predict(law(), cands[:, 0], cands[:, 2], cands[:, 3])
   cost = 6 * cands[:, 0] * cands[:, 1] * cands[:, 2] * SEQ
   cheaper = cost < small["compute"] * (1 - 1e-9)
@@ -139,7 +142,7 @@ def test_smallest_compute_within_one_percent_is_a_downward_scan():
 
 
 def test_configs_within_two_percent():
-  p = plan(compute=1e19, epsilon=2.0)
+  p = plan(compute=3e18, epsilon=2.0)
   configs = p["configs_within_2pct"]
   assert configs[0]["predicted_loss"] == p["predicted_loss"]
   assert all(c["predicted_loss"] <= p["predicted_loss"] * 1.02 for c in configs)
@@ -234,7 +237,7 @@ def round_trip(lw, budgets, axes, models):
 
 
 def test_synthetic_law_round_trip():
-  round_trip(law(), [(1e18, 8.0), (1e19, 2.0)], FAST, SMALL_MODELS)
+  round_trip(law(), [(1e18, 8.0), (3e18, 2.0)], FAST, SMALL_MODELS)
 
 
 @pytest.mark.slow
@@ -244,7 +247,7 @@ def test_synthetic_law_round_trip_at_the_papers_scale():
   steps = tuple(int(round(125 * 2 ** (k / 2))) for k in range(21))
   lw = fitted(models=known.MODELS, steps=steps, ratios=known.RATIOS)
   axes = {"steps_per_octave": 16, "model_sizes": 100}
-  round_trip(lw, [(1e17, 1.0), (1e17, 8.0), (1e18, 1.0), (1e18, 8.0), (1e19, 1.0), (1e19, 8.0)],
+  round_trip(lw, [(1e17, 1.0), (1e17, 8.0), (1e18, 1.0), (1e18, 8.0), (3e18, 1.0), (3e18, 8.0), (1e19, 1.0)],
              axes, known.MODELS)
 
 

@@ -239,3 +239,43 @@ def test_small_grid_build_and_cache(tmp_path, monkeypatch):
   # A point outside the shipped grid's δ range, answered by the cached grid.
   assert float(sigma_grid.noise_multiplier(4.0, 5, 0.5, 1e-5, grid=path)) >= calibrated(
       4.0, 5, 0.5, 1e-5) / (1 + RTOL)
+
+
+# --- the default table: the wide grid tightened by the finer one --------------------------
+
+def test_the_default_table_is_the_wide_grid_tightened_and_still_monotone():
+  """min(wide, fine at a point moved towards more noise) never exceeds the wide grid, and
+  stays monotone across the fine box's edges (ε 16, T 1e5, q 1e-4, δ 1e-5 / 1e-10)."""
+  wide = sigma_grid._as_table(sigma_grid.shipped_path())
+  rng = np.random.default_rng(0)
+  n = 400
+  eps = np.exp(rng.uniform(math.log(2 ** -7), math.log(2 ** 7), n))
+  t = np.round(np.exp(rng.uniform(0, math.log(1e7), n)))
+  q = np.exp(rng.uniform(math.log(1e-10), 0, n))
+  d = 10 ** rng.uniform(-12, -5, n)
+  combined = sigma_grid.noise_multiplier(eps, t, q, d)
+  assert np.all(combined <= sigma_grid.noise_multiplier(eps, t, q, d, grid=wide) * (1 + 1e-12))
+  # Monotone along each axis, through the fine box's edges.
+  for axis, values, rising in ((0, np.geomspace(0.3, 40, 60), False),
+                               (1, np.round(np.geomspace(5, 3e5, 60)), True),
+                               (2, np.geomspace(3e-6, 0.5, 60), True),
+                               (3, np.geomspace(1e-12, 1e-5, 60), False)):
+    point = [4.0, 1000.0, 1e-3, 1e-8]
+    args = [np.full(60, v) for v in point]
+    args[axis] = values
+    sigma = sigma_grid.noise_multiplier(*args)
+    steps = np.diff(sigma)
+    assert np.all(steps >= -1e-12 * sigma[1:]) if rising else np.all(steps <= 1e-12 * sigma[1:])
+
+
+@pytest.mark.parametrize("eps, steps, q, delta", [
+    (4.0, 200, 0.00512, 1e-6),      # inside the fine box (the README's plan)
+    (64.0, 50, 0.01, 1e-6),         # ε above it: read at ε = 16
+    (2.0, 5, 3e-5, 1e-6),           # T and q below it: read at T = 10, q = 1e-4
+])
+def test_the_default_table_is_at_or_above_the_pld_calibration_and_tight(eps, steps, q, delta):
+  exact = calibrated(eps, steps, q, delta)
+  got = float(sigma_grid.noise_multiplier(eps, steps, q, delta))
+  assert got >= exact * (1 - RTOL), (got, exact)
+  if eps <= 16 and steps >= 10 and q >= 1e-4:  # inside the fine box: its resolution
+    assert got <= exact * 1.02 and sigma_grid.accountant(eps, steps, q, delta) == "pld"
