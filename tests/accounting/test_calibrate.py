@@ -135,6 +135,7 @@ def test_long_runs_refine_the_grid_instead_of_inflating_sigma():
   assert c.value < rdp.value
 
 
+@pytest.mark.slow  # ~25 s; test_long_runs_refine_the_grid_instead_of_inflating_sigma keeps the fast check
 def test_step_calibration_refines_the_grid_too():
   mech = lambda t: A.PoissonDpSgd(noise_multiplier=2.65, sampling_prob=0.001, num_steps=t)
   c = A.calibrate_num_steps(mech, target_epsilon=0.5, delta=1e-6, max_steps=200_000)

@@ -114,6 +114,7 @@ def test_measured_nonprivate_frontier_respects_compute(report):
   assert got[2]["steps"] == 100
 
 
+@pytest.mark.slow  # ~50 s: sweep, fit and plan are each covered by tests/dpfl/scaling
 def test_quick_study_end_to_end(study, tmp_path, capsys, monkeypatch):
   """`--quick` (the CI pipeline check): sweep, speed, fit, plan and a report with plots.
 

@@ -35,7 +35,7 @@ CHEAP_COMMANDS = ("epsilon", "calibrate", "plan")
 # models); they run with `-m slow`, which .ci/run also runs for tests/docs.
 # Lines in a row that make a copy (three are idiom: init, loop, step).
 COPY_RUN = 5
-SLOW_GUIDES = {"optax", "flax_linen", "clipping", "multi_device"}
+SLOW_GUIDES = {"optax", "flax_linen", "clipping", "multi_device", "flax_nnx"}
 
 
 def _guide_params():

@@ -16,6 +16,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 
 _CHILD = textwrap.dedent(
     """
@@ -116,6 +117,7 @@ _CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # ~20 s; sharded ULS also runs in test_param_sharding's and test_multiprocess's default subsets
 def test_one_and_four_devices_agree():
   env = dict(os.environ)
   env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"

@@ -89,6 +89,7 @@ def _close(got, want, what):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale, err_msg=what)
 
 
+@pytest.mark.slow  # ~15 s of compiling in a 4-device child
 def test_four_device_plain_step_is_the_one_device_step():
   (one, four) = (_child({"step": True})["step"][k] for k in ("1", "4"))
   assert one[0] > 1 and np.max(np.abs(one[1])) > 1e-4  # a real loss and gradient
