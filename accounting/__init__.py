@@ -6,6 +6,7 @@ calibration, the write-ahead journal of a run, and a ledger. Importing this pack
 dp-accounting; computing a number does.
 """
 
+from accounting.adaptive import AdaptiveClip
 from accounting.accountants import delta, epsilon, epsilon_and_discretization, epsilons
 from accounting.calibrate import (Calibration, calibrate_batch_size, calibrate_noise_multiplier,
                                   calibrate_num_steps, calibrate_sampling_prob)
@@ -20,7 +21,7 @@ from accounting.plan import (BudgetExhaustedError, NoisePlan, PrivacyPlan, Sampl
                              plan_run)
 
 __all__ = [
-    "AmplifiedBandedMatrixMechanism", "MatrixMechanism", "UserMatrixMechanism", "Calibration", "Composed", "ElsDpSgd", "Ledger", "Mechanism", "PoissonDpSgd",
+    "AdaptiveClip", "AmplifiedBandedMatrixMechanism", "MatrixMechanism", "UserMatrixMechanism", "Calibration", "Composed", "ElsDpSgd", "Ledger", "Mechanism", "PoissonDpSgd",
     "ShuffledDpSgd", "TruncatedPoissonDpSgd", "UlsDpSgd", "calibrate_batch_size",
     "calibrate_noise_multiplier", "calibrate_num_steps", "calibrate_sampling_prob", "delta",
     "epsilon", "epsilon_and_discretization", "epsilons", "from_dict", "group_privacy",

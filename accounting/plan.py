@@ -289,7 +289,7 @@ class PrivacyPlan:
 
   @property
   def accounted_noise_multiplier(self) -> float:
-    """The σ the mechanism is accounted with: σ, or with adaptive clipping σ_eff of the pair."""
+    """The noise multiplier the mechanism is accounted with; with adaptive clipping, the pair's σ_eff."""
     return _accounted(self, self.noise_multiplier)
 
   def epsilon(self, num_steps: int | None = None, *, delta: float | None = None) -> float:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import numpy as np
 from jax.experimental.shard_alike import shard_alike
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
@@ -205,3 +206,29 @@ def alike(x: jax.Array, like: Any) -> jax.Array:
       and leaf_sharding(like) is None and jax.numpy.shape(x) == jax.numpy.shape(like)):
     return shard_alike(x, like)[0]
   return x
+
+
+def global_arrays(tree, mesh=None):
+  """``tree`` with its process-local arrays made global: replicated over the run's mesh.
+
+  In a multi-process run, state built eagerly (e.g. an optimizer's step
+  count) lives on each process's own device; orbax saves only global arrays.
+  Every process runs the same program, so those values agree and the array
+  is one replicated global array. The mesh is ``mesh``, else the mesh of the
+  first leaf sharded on one; on one process (or with no mesh) ``tree`` as is.
+  """
+  leaves = jax.tree.leaves(tree)
+  if mesh is None:
+    mesh = next((leaf.sharding.mesh for leaf in leaves
+                 if isinstance(getattr(leaf, "sharding", None), NamedSharding)), None)
+  if jax.process_count() == 1 or mesh is None:
+    return tree
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def put(leaf):
+    if not isinstance(leaf, jax.Array) or not leaf.is_fully_addressable:
+      return leaf
+    host = np.asarray(leaf)
+    return jax.make_array_from_callback(host.shape, replicated, lambda index: host[index])
+
+  return jax.tree.map(put, tree)

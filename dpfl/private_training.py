@@ -32,7 +32,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.experimental import io_callback
-from jax.sharding import NamedSharding, PartitionSpec
 
 import accounting
 from accounting import validate as check
@@ -433,7 +432,7 @@ class PrivateTraining:
       # The same step again (e.g. a second init): the newest state of that
       # step is the one whose noise key the run goes on with.
       manager.delete(step)
-    manager.save(step, args=ocp.args.StandardSave(global_arrays(state, self.mesh)), force=True)
+    manager.save(step, args=ocp.args.StandardSave(_sharding.global_arrays(state, self.mesh)), force=True)
     manager.wait_until_finished()
 
   def restore(self, directory: str | os.PathLike, params, *, key: Any = None) -> PrivateState:
@@ -563,32 +562,6 @@ class PrivateTraining:
     ``save`` / ``restore`` do this for you. See ``dpfl.noise.reseed``.
     """
     return noise.reseed(opt_state, key=key)
-
-
-def global_arrays(tree, mesh=None):
-  """``tree`` with its process-local arrays made global: replicated over the run's mesh.
-
-  In a multi-process run, state built eagerly (e.g. an optimizer's step
-  count) lives on each process's own device; orbax saves only global arrays.
-  Every process runs the same program, so those values agree and the array
-  is one replicated global array. The mesh is ``mesh``, else the mesh of the
-  first leaf sharded on one; on one process (or with no mesh) ``tree`` as is.
-  """
-  leaves = jax.tree.leaves(tree)
-  if mesh is None:
-    mesh = next((leaf.sharding.mesh for leaf in leaves
-                 if isinstance(getattr(leaf, "sharding", None), NamedSharding)), None)
-  if jax.process_count() == 1 or mesh is None:
-    return tree
-  replicated = NamedSharding(mesh, PartitionSpec())
-
-  def put(leaf):
-    if not isinstance(leaf, jax.Array) or not leaf.is_fully_addressable:
-      return leaf
-    host = np.asarray(leaf)
-    return jax.make_array_from_callback(host.shape, replicated, lambda index: host[index])
-
-  return jax.tree.map(put, tree)
 
 
 def plan_difference(saved: PrivacyPlan, new: PrivacyPlan) -> str:
