@@ -334,7 +334,7 @@ def read_points_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
   if missing:
     raise ValueError(f"{path}:{header_line}: missing column(s) {', '.join(missing)}; the "
                      f"columns are exactly {','.join(POINT_COLUMNS)}")
-  rows, params_of = [], {}
+  rows, params_of, first_line = [], {}, {}
   for cells in reader:
     line = reader.line_num
     if not any(cell.strip() for cell in cells):
@@ -352,10 +352,22 @@ def read_points_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
       raise ValueError(f"{path}:{line}: column 'params': model {row['model']!r} has params "
                        f"{row['params']} here and {seen[0]} on line {seen[1]} (one name, "
                        "one size)")
+    key = point_key(row)
+    if key in first_line:
+      raise ValueError(f"{path}:{line}: the point (model {row['model']!r}, learning_rate "
+                       f"{row['learning_rate']:g}, noise_batch_ratio "
+                       f"{row['noise_batch_ratio']:g}, steps {row['steps']}) is also on line "
+                       f"{first_line[key]} (one row per evaluated point)")
+    first_line[key] = line
     rows.append({c: row[c] for c in POINT_COLUMNS})
   if not rows:
     raise ValueError(f"{path}: no rows after the header (one row per evaluated point)")
   return rows
+
+
+def point_key(row: dict[str, Any]) -> tuple:
+  """What identifies an evaluated point: (model, learning_rate, noise_batch_ratio, steps)."""
+  return (row["model"], row["learning_rate"], row["noise_batch_ratio"], row["steps"])
 
 
 # --- several files ---------------------------------------------------------------
@@ -368,17 +380,31 @@ def read_inputs(paths) -> list[dict[str, Any]]:
   shard of ``dpfl sweep --shard I/N``. Sweep rows are merged by ``run_id``:
   a run found again (in the same or another file) is kept once if the rows
   are equal, and is a ValueError naming both files otherwise (two different
-  results for one configuration: merge the right shards, or rerun).
+  results for one configuration: merge the right shards, or rerun). Point
+  rows are merged the same way by ``point_key`` (within one CSV file a
+  repeated point is already an error).
 
   Returns:
-    The rows in file order (a repeated run at its first occurrence): point
+    The rows in file order (a repeated run or point at its first occurrence): point
     rows from CSV files, sweep rows from the others, possibly mixed.
   """
   rows, where = [], {}
   for path in paths:
     path = os.fspath(path)
     if path.lower().endswith(".csv"):
-      rows.extend(read_points_csv(path))
+      for row in read_points_csv(path):
+        key = ("point", point_key(row))
+        if key in where:
+          first_path, first = where[key]
+          if first != row:
+            raise ValueError(
+                f"{first_path} and {path} give the point (model {row['model']!r}, "
+                f"learning_rate {row['learning_rate']:g}, noise_batch_ratio "
+                f"{row['noise_batch_ratio']:g}, steps {row['steps']}) different results "
+                f"({first['loss']:g} vs {row['loss']:g}); keep one of them")
+          continue
+        where[key] = (path, row)
+        rows.append(row)
       continue
     for row in read_results(path):
       rid = row.get("run_id")

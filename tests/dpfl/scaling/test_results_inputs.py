@@ -117,8 +117,9 @@ def test_fit_passes_point_rows_and_support_flags(tmp_path, dpfl_main, capsys, mo
   assert dpfl_main(["fit", "--results", str(a), str(b), "--results", str(a),
                     "--out", str(tmp_path / "law.json"), "--json"]) == 0
   out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-  assert out["points"] == 3 and out["runs"] == 0 and out["files"] == 3
-  assert [r["steps"] for r in seen["rows"]] == [10, 20, 10] and seen["seq_len"] is None
+  # a.csv given twice: its points are kept once (a fit must not weigh a point twice).
+  assert out["points"] == 2 and out["runs"] == 0 and out["files"] == 3
+  assert [r["steps"] for r in seen["rows"]] == [10, 20] and seen["seq_len"] is None
   assert seen["source"] == "a.csv, b.CSV, a.csv"
 
 
@@ -238,3 +239,23 @@ def test_the_shipped_law_is_rebuilt_by_the_cli(tmp_path, dpfl_main, capsys):
   assert "support: params [4.948e+04, 2.155e+05], steps [20, 200]" in capsys.readouterr().out
   got, shipped = fit.load_law(out), fit.load_law()
   assert got["models"] == shipped["models"] and fit.support(got) == fit.support(shipped)
+
+
+def test_a_point_is_one_row_and_one_loss(tmp_path, dpfl_main, capsys):
+  """A repeated point in one table, or a contradicting one in another, is refused; the
+  same table given twice counts each point once (a fit must not weigh a point twice)."""
+  good = HEADER + "\n" + GOOD + "\n"
+  twice = _write(tmp_path, good + GOOD + "\n", name="twice.csv")
+  with pytest.raises(ValueError, match=r"twice\.csv:3: the point .* is also on line 2"):
+    results.read_points_csv(twice)
+  a = _write(tmp_path, good, name="a.csv")
+  model, params, lr, steps, ratio, loss = GOOD.split(",")
+  other = _write(tmp_path, HEADER + "\n" + ",".join([model, params, lr, steps, ratio,
+                                                     str(float(loss) + 1)]) + "\n",
+                 name="b.csv")
+  with pytest.raises(ValueError, match=r"a\.csv and .*b\.csv give the point .* different"):
+    results.read_inputs([a, other])
+  assert results.read_inputs([a, a]) == results.read_points_csv(a)
+  assert dpfl_main(["fit", "--results", str(twice), "--out", str(tmp_path / "law.json")]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "twice.csv:3" in err[0], err

@@ -277,5 +277,5 @@ def test_the_default_table_is_at_or_above_the_pld_calibration_and_tight(eps, ste
   exact = calibrated(eps, steps, q, delta)
   got = float(sigma_grid.noise_multiplier(eps, steps, q, delta))
   assert got >= exact * (1 - RTOL), (got, exact)
-  if eps <= 16 and steps >= 10 and q >= 1e-4:  # inside the fine box: its resolution
-    assert got <= exact * 1.02 and sigma_grid.accountant(eps, steps, q, delta) == "pld"
+  if eps <= 16 and steps >= 10 and q >= 1e-4:  # inside the fine box: its stated resolution
+    assert got <= exact * 1.15 and sigma_grid.accountant(eps, steps, q, delta) == "pld"
